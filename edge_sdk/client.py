@@ -1,0 +1,120 @@
+"""The public entry point an app embeds: ``EdgeClient``.
+
+>>> from edge_sdk import EdgeClient
+>>> with EdgeClient(verifier_url="http://127.0.0.1:8000", mode="vanilla", draft_k=4) as client:
+...     result = client.generate("def fibonacci(n):", max_new_tokens=64)
+...     print(result.text, result.stats.summary())
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .drafter import Drafter, LlamaCppDrafter
+from .engine import Engine, GenerationResult, TokenEvent
+from .errors import ConfigError
+from .policies import MODES, make_policy
+from .stats import GenerationStats
+from .transport import HttpVerifier, Verifier
+
+
+def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None = None) -> Path:
+    from pipesd_models import PairUnavailable, pair_paths
+
+    if draft_model is not None:
+        path = Path(draft_model)
+    else:
+        try:
+            path = pair_paths(pair)[0]
+        except PairUnavailable as exc:
+            raise ConfigError(str(exc)) from None
+    if not path.is_file():
+        raise ConfigError(f"draft model file not found: {path}")
+    return path
+
+
+class Generation:
+    """A generation in progress: iterate it for ``TokenEvent``s; ``result`` once it is done."""
+
+    def __init__(self, events: Iterator[TokenEvent], prompt: list[int], stats: GenerationStats):
+        self._events, self._prompt, self.stats = events, prompt, stats
+        self._seen: list[TokenEvent] = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        for event in self._events:
+            self._seen.append(event)
+            yield event
+        self._done = True
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._done:
+            for _ in self:
+                pass
+        tokens = [e.token for e in self._seen if e.token is not None]
+        return GenerationResult("".join(e.text for e in self._seen), tokens, self._prompt, self.stats, self._seen)
+
+
+class EdgeClient:
+    """Generate text on the device with a draft model, verified by a cloud target.
+
+    Args:
+        verifier_url: base URL of a ``pipesd-verifier``; needed by every mode but ``edge_only``.
+        pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
+        draft_model: path of a GGUF draft model instead of the pair's.
+        mode: "vanilla" (speculative, fixed draft length), "cloud_only" or "edge_only".
+        draft_k: draft length of the vanilla mode.
+        threads: draft compute threads (default: available cores, at most 4).
+        n_ctx: draft context length (default: the model's trained context).
+        verifier: a ``Verifier`` implementation to use instead of HTTP (tests, emulated links).
+    """
+
+    def __init__(self, verifier_url: str | None = None, *, pair: str = "embedded",
+                 draft_model: str | Path | None = None, mode: str = "vanilla", draft_k: int = 4,
+                 threads: int | None = None, n_ctx: int | None = None, connect_timeout: float = 5.0,
+                 read_timeout: float = 60.0, verifier: Verifier | None = None, drafter: Drafter | None = None):
+        make_policy(mode, draft_k)  # validate early
+        self.mode, self.draft_k = mode, draft_k
+        self.drafter = drafter or LlamaCppDrafter(resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
+        if verifier is None and verifier_url:
+            verifier = HttpVerifier(verifier_url, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self.verifier = verifier
+        self.engine = Engine(self.drafter, verifier)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.drafter.tokenize(text, add_bos=True)
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
+               mode: str | None = None, draft_k: int | None = None) -> Generation:
+        """Start a generation; iterate the result for tokens as they are committed."""
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        policy = make_policy(mode, draft_k or self.draft_k)
+        if policy.uses_cloud and self.verifier is None:
+            raise ConfigError(f"mode {mode!r} needs a verifier: pass verifier_url=...")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(stop, str):
+            stop = [stop]
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if any(not 0 <= t < self.drafter.vocab_size for t in ids):
+            raise ConfigError(f"prompt token ids must lie in [0, {self.drafter.vocab_size})")
+        stats = GenerationStats(mode=policy.name)
+        return Generation(self.engine.run(ids, policy, max_new_tokens, stop, stats), ids, stats)
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+        """Generate to the end and return text, token ids and statistics (same arguments as ``stream``)."""
+        return self.stream(prompt, **kwargs).result
+
+    def close(self) -> None:
+        if isinstance(self.verifier, HttpVerifier):
+            self.verifier.close()
+
+    def __enter__(self) -> "EdgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

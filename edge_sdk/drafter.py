@@ -1,0 +1,137 @@
+"""Draft models on the device, behind one small protocol.
+
+A drafter holds a token context. ``set_context`` moves it to a new committed
+sequence (keeping the longest common prefix in the KV cache: that is the rollback),
+``next_token`` proposes the next token with its confidence and appends it. The
+engine never sees KV caches or logits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DraftToken:
+    """One drafted token and the draft model's confidence in it."""
+
+    token: int
+    p_max: float     # max probability of the draft's next-token distribution: P(d_n) for the trigger
+    p_token: float   # probability of the chosen token (equals p_max when greedy)
+
+
+class Drafter(Protocol):
+    vocab_size: int
+    vocab_tokens: list[str]
+    eos_token_ids: frozenset[int]
+    max_context: int
+    threads: int
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def set_context(self, tokens: Sequence[int]) -> None:
+        """Make `tokens` the context, reusing the cached common prefix (rollback)."""
+
+    def next_token(self) -> DraftToken:
+        """Greedy next token after the context; appended to the context."""
+
+    def __len__(self) -> int: ...
+
+
+def softmax_confidence(logits: np.ndarray) -> tuple[int, float]:
+    """(argmax, max probability) of a logits row, computed stably."""
+    best = int(logits.argmax())
+    p_max = 1.0 / float(np.exp(logits - logits[best]).sum())
+    return best, p_max
+
+
+def _piece(llama_cpp, vocab, token: int) -> bytes:
+    """The bytes a token stands for (control tokens such as EOS render as nothing)."""
+    import ctypes
+
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
+
+
+class LlamaCppDrafter:
+    """llama-cpp-python drafter: ``logits_all=False``, last row read with ``llama_get_logits_ith``.
+
+    The logical context may run one token ahead of what llama.cpp has evaluated (the
+    newest drafted token is only evaluated when the next one is asked for), so a round
+    of k drafted tokens costs k - 1 evaluations plus the resync after NAV.
+    """
+
+    def __init__(self, model_path: str | Path, *, n_ctx: int | None = None, threads: int | None = None):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        self._llama_cpp = llama_cpp
+        meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
+        trained = int(meta[f"{meta['general.architecture']}.context_length"])
+        self.max_context = min(n_ctx or trained, trained)
+        self.threads = threads or min(4, len(os.sched_getaffinity(0)))
+        self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, n_batch=min(512, self.max_context),
+                         logits_all=False, n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        self.vocab_size = self.llm.n_vocab()
+        self.vocab_tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
+                             for i in range(self.vocab_size)]
+        self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        self._pieces = [_piece(llama_cpp, vocab, i) for i in range(self.vocab_size)]
+        self._tokens: list[int] = []      # logical context
+        self._logits_at = -1              # context length the current logits row belongs to
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def set_context(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.max_context:
+            raise ValueError(f"context of {len(tokens)} tokens exceeds the draft's {self.max_context}")
+        evaluated = self.llm.n_tokens
+        n = min(evaluated, len(tokens))
+        same = np.asarray(self.llm.input_ids[:n]) == np.asarray(tokens[:n], dtype=np.intc)
+        keep = n if same.all() else int(np.argmin(same))
+        if keep < evaluated:
+            self.llm.n_tokens = keep   # llama-cpp-python removes the tail from the KV cache on the next eval
+            self._logits_at = -1       # the logits row belonged to the removed tail
+        self._tokens = list(tokens)
+
+    def _logits(self) -> np.ndarray:
+        """Logits after the whole logical context, evaluating what is missing."""
+        n = len(self._tokens)
+        if self._logits_at != n:
+            start = self.llm.n_tokens
+            if start >= n:                # all cached, but the logits row is stale: redo the last token
+                start = n - 1
+                self.llm.n_tokens = start
+            self.llm.eval(self._tokens[start:n])
+            self._logits_at = n
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+
+    def next_token(self) -> DraftToken:
+        if not self._tokens:
+            raise ValueError("the draft context is empty: a prompt needs at least one token")
+        if len(self._tokens) >= self.max_context:
+            raise ValueError(f"the draft's context of {self.max_context} tokens is full")
+        token, p_max = softmax_confidence(self._logits())
+        self._tokens.append(token)
+        return DraftToken(token, p_max, p_max)

@@ -1,0 +1,1 @@
+"""Energy measurement harness (meters, runs, reports). Filled in by the energy issue."""

@@ -1,0 +1,139 @@
+"""Message schemas of the edge <-> verifier protocol.
+
+Token ids travel as packed little-endian uint32 (4 bytes a token, no per-item
+msgpack overhead). Every ``from_dict`` validates types and ranges and raises
+``WireError(MALFORMED)`` on anything unexpected, so handlers only see clean values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ErrorCode, WireError
+
+PROTOCOL_VERSION = 1
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype="<u4").tobytes()
+
+
+def unpack_tokens(data: Any, field: str) -> tuple[int, ...]:
+    if not isinstance(data, (bytes, bytearray)) or len(data) % 4:
+        raise WireError(ErrorCode.MALFORMED, f"'{field}' must be packed little-endian uint32 bytes")
+    return tuple(np.frombuffer(data, dtype="<u4").tolist())
+
+
+def vocab_fingerprint(tokens: Sequence[str]) -> str:
+    """Identity of a vocabulary: the ordered token strings, hashed. Equal fingerprints = same ids."""
+    return hashlib.sha256(json.dumps(list(tokens), ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def _field(d: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in d:
+        if default is ...:
+            raise WireError(ErrorCode.MALFORMED, f"missing field '{name}'")
+        return default
+    value = d[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(ErrorCode.MALFORMED, f"field '{name}' has the wrong type")
+    return value
+
+
+def _count(d: dict, name: str) -> int:
+    value = _field(d, name, int)
+    if value < 0:
+        raise WireError(ErrorCode.MALFORMED, f"field '{name}' must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    """Edge -> verifier: start a session for a draft with this vocabulary."""
+
+    vocab_fingerprint: str
+    vocab_size: int
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict:
+        return {"v": self.version, "vocab_fingerprint": self.vocab_fingerprint, "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OpenSession":
+        return cls(_field(d, "vocab_fingerprint", str), _count(d, "vocab_size"), _field(d, "v", int))
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """Verifier -> edge: the session id and what the target accepts."""
+
+    session_id: str
+    model: str
+    vocab_fingerprint: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_draft: int
+    max_context: int
+
+    def to_dict(self) -> dict:
+        return {"session_id": self.session_id, "model": self.model, "vocab_fingerprint": self.vocab_fingerprint,
+                "vocab_size": self.vocab_size, "eos": pack_tokens(self.eos_token_ids),
+                "max_draft": self.max_draft, "max_context": self.max_context}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SessionOpened":
+        return cls(_field(d, "session_id", str), _field(d, "model", str), _field(d, "vocab_fingerprint", str),
+                   _count(d, "vocab_size"), unpack_tokens(_field(d, "eos", bytes), "eos"),
+                   _count(d, "max_draft"), _count(d, "max_context"))
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """Edge -> verifier: one NAV round.
+
+    ``base_len`` is how many committed tokens the edge believes the verifier holds;
+    ``append`` are committed tokens the verifier has not seen yet (the prompt, or a
+    whole prefix after a resync); ``draft`` are the tokens to verify. Sending an
+    empty draft asks the target for its next token alone (cloud-only decoding).
+    """
+
+    base_len: int
+    append: tuple[int, ...]
+    draft: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"base_len": self.base_len, "append": pack_tokens(self.append), "draft": pack_tokens(self.draft)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VerifyRequest":
+        return cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
+                   unpack_tokens(_field(d, "draft", bytes), "draft"))
+
+
+@dataclass(frozen=True)
+class VerifyResponse:
+    """Verifier -> edge: how many draft tokens the target accepted and its own next token.
+
+    ``token`` is the correction at the first rejected position, or the bonus token
+    after the last draft token when all were accepted. ``committed_len`` is the
+    verifier's committed length after this round (base + append + accepted + 1).
+    """
+
+    accepted: int
+    token: int
+    committed_len: int
+    verify_ms: float
+
+    def to_dict(self) -> dict:
+        return {"accepted": self.accepted, "token": self.token, "committed_len": self.committed_len,
+                "verify_ms": self.verify_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VerifyResponse":
+        return cls(_count(d, "accepted"), _count(d, "token"), _count(d, "committed_len"),
+                   float(_field(d, "verify_ms", (int, float))))
