@@ -83,11 +83,16 @@ class EdgeClient:
         self.verifier = verifier
         self.engine = Engine(self.drafter, verifier)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.drafter.tokenize(text, add_bos=True)
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
+        """Token ids of a prompt (with BOS where the model wants one).
+
+        ``parse_special`` turns control-token text (e.g. a chat template's <|im_start|>)
+        into control tokens; leave it off for untrusted text.
+        """
+        return self.drafter.tokenize(text, add_bos=True, special=parse_special)
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
-               mode: str | None = None, draft_k: int | None = None) -> Generation:
+               mode: str | None = None, draft_k: int | None = None, parse_special: bool = False) -> Generation:
         """Start a generation; iterate the result for tokens as they are committed."""
         mode = mode or self.mode
         if mode not in MODES:
@@ -99,7 +104,7 @@ class EdgeClient:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if isinstance(stop, str):
             stop = [stop]
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.tokenize(prompt, parse_special) if isinstance(prompt, str) else [int(t) for t in prompt]
         if any(not 0 <= t < self.drafter.vocab_size for t in ids):
             raise ConfigError(f"prompt token ids must lie in [0, {self.drafter.vocab_size})")
         stats = GenerationStats(mode=policy.name)

@@ -32,7 +32,8 @@ class Drafter(Protocol):
     max_context: int
     threads: int
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text`; `special` parses control-token text such as <|im_start|>."""
 
     def token_bytes(self, token: int) -> bytes: ...
 
@@ -90,11 +91,15 @@ class LlamaCppDrafter:
                              for i in range(self.vocab_size)]
         self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i))
         self._pieces = [_piece(llama_cpp, vocab, i) for i in range(self.vocab_size)]
+        # Warm up: llama.cpp allocates its compute buffers on the first decode (hundreds of ms),
+        # which would otherwise land in the first request's time to first token.
+        self.llm.eval([0])
+        self.llm.n_tokens = 0
         self._tokens: list[int] = []      # logical context
         self._logits_at = -1              # context length the current logits row belongs to
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]

@@ -17,7 +17,7 @@ from privacy import OpenSession, VerifyRequest, VerifyResponse
 from privacy.messages import vocab_fingerprint
 
 from .drafter import Drafter, DraftToken
-from .errors import PromptTooLongError, VerifierError, VerifierUnavailable
+from .errors import PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
 from .policies import Policy
 from .stats import GenerationStats
 from .text import TextAssembler
@@ -174,6 +174,10 @@ class Engine:
         stats.network_s += time.perf_counter() - t
         stats.bytes_up += self.verifier.bytes_sent - up
         stats.bytes_down += self.verifier.bytes_received - down
+        if opened.vocab_fingerprint != self.fingerprint:  # the verifier should have refused already
+            self.session_id = opened.session_id
+            self._close_session()
+            raise VocabMismatchError(409, "vocab_mismatch", f"the target {opened.model!r} uses another vocabulary")
         self.session_id = opened.session_id
         self.max_draft = opened.max_draft
         self.max_context = min(self.drafter.max_context, opened.max_context)

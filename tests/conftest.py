@@ -1,0 +1,48 @@
+"""Shared fixtures: one real verifier process per test session, real models, loopback only."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_verifier import LocalVerifier
+from edge_sdk import EdgeClient
+
+# Code-like prompts in the style of the embedded pair's training text (CPython sources),
+# plus a few that are not code at all.
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n        return ",
+    "for i in range(10):\n",
+    'if __name__ == "__main__":\n',
+    "def read_file(path):\n    with open(path) as f:\n",
+    "try:\n    import threading\nexcept ImportError:\n",
+    '        raise ValueError("',
+    '"""Utilities for',
+    "def _check_arg(name, value):\n    if not isinstance(value, int):\n",
+    "        return self._",
+    "from collections import",
+    "# Copyright (C) 2001",
+    "class Error(Exception):\n",
+    "    @property\n    def name(self):\n",
+    "def main(argv=None):\n    parser = argparse.",
+    "        for key, value in",
+    "    def close(self):\n        if self.",
+    "__all__ = [",
+    "def encode(s, encoding='utf-8'):\n",
+    "The quick brown fox",
+]
+
+
+@pytest.fixture(scope="session")
+def verifier():
+    """The embedded target served by a real uvicorn process on 127.0.0.1 (random port)."""
+    with LocalVerifier(model="embedded", threads=1) as v:
+        yield v
+
+
+@pytest.fixture(scope="session")
+def client(verifier):
+    with EdgeClient(verifier.url, threads=1) as c:
+        yield c

@@ -1,0 +1,101 @@
+"""Draft and target backends on the embedded pair: cross-runtime parity and rollback exactness."""
+
+import numpy as np
+import pytest
+
+import pipesd_models
+from cloud_verifier.target import LlamaCppTarget, TorchTarget
+from edge_sdk import LlamaCppDrafter
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def drafter():
+    return LlamaCppDrafter(pipesd_models.draft_path(), threads=1)
+
+
+@pytest.fixture(scope="module")
+def sequences(drafter):
+    """Prompts extended with the draft's own greedy continuation: realistic token sequences."""
+    seqs = []
+    for p in PROMPTS[:6]:
+        drafter.set_context(drafter.tokenize(p))
+        for _ in range(24):
+            drafter.next_token()
+        seqs.append(list(drafter._tokens))
+    return seqs
+
+
+@pytest.fixture(scope="module", params=["draft", "target"])
+def model_pair(request):
+    """The same GGUF file on both runtimes: (llama.cpp target, torch target)."""
+    path = pipesd_models.draft_path() if request.param == "draft" else pipesd_models.target_path()
+    return request.param, LlamaCppTarget(path, threads=1), TorchTarget(path, threads=1)
+
+
+def test_llamacpp_and_torch_agree(model_pair, sequences):
+    name, lcpp, torch_t = model_pair
+    worst = 0.0
+    for seq in sequences:
+        a = lcpp.logits(lcpp.new_state(), seq, first_row=0)
+        b = torch_t.logits(torch_t.new_state(), seq, first_row=0)
+        assert a.shape == b.shape == (len(seq), torch_t.vocab_size)
+        assert (a.argmax(-1) == b.argmax(-1)).all(), f"{name}: argmax differs between llama.cpp and torch"
+        worst = max(worst, float(np.abs(a - b).max()))
+    assert worst < 0.05, f"{name}: max |logit diff| {worst}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "llamacpp"])
+def test_target_rollback_is_exact(backend, sequences):
+    cls = TorchTarget if backend == "torch" else LlamaCppTarget
+    target = cls(pipesd_models.target_path(), threads=1)
+    seq = sequences[0]
+    state = target.new_state()
+    target.logits(state, seq, first_row=len(seq) - 1)        # cache covers the whole sequence
+    target.rollback(state, 10)                                 # NAV rejected everything after 10
+    assert state.tokens == seq[:10]
+    diverged = seq[:10] + [seq[12], seq[11], seq[13]]         # a different continuation
+    after = target.logits(state, diverged, first_row=9)
+    fresh = target.logits(target.new_state(), diverged, first_row=9)
+    assert np.allclose(after, fresh, atol=1e-3)
+    assert (after.argmax(-1) == fresh.argmax(-1)).all()
+
+
+def test_target_reuses_cache_for_common_prefix(sequences):
+    target = TorchTarget(pipesd_models.target_path(), threads=1)
+    seq = sequences[1]
+    state = target.new_state()
+    target.logits(state, seq[:20], first_row=19)
+    cache = state.cache
+    target.logits(state, seq[:25], first_row=19)
+    assert state.cache is cache and state.tokens == seq[:25] and cache.get_seq_length() == 25
+
+
+def test_drafter_rollback_is_exact(drafter, sequences):
+    seq = sequences[2]
+    for cut in (len(seq) - 1, 15, 8):
+        drafter.set_context(seq)               # cache holds the whole sequence
+        drafter.next_token()
+        drafter.next_token()
+        drafter.set_context(seq[:cut])         # roll back into the middle
+        a = drafter.next_token()
+        fresh = LlamaCppDrafter(pipesd_models.draft_path(), threads=1)   # evaluates from scratch
+        fresh.set_context(seq[:cut])
+        b = fresh.next_token()
+        assert a.token == b.token
+        assert abs(a.p_max - b.p_max) < 1e-3
+        assert len(drafter) == cut + 1
+
+
+def test_drafter_reports_confidence(drafter):
+    drafter.set_context(drafter.tokenize("def main():\n"))
+    d = drafter.next_token()
+    assert 0.0 < d.p_max <= 1.0 and d.p_token == d.p_max
+    assert 0 <= d.token < drafter.vocab_size
+
+
+def test_drafter_and_target_share_vocabulary(drafter):
+    target = TorchTarget(pipesd_models.target_path(), threads=1)
+    assert drafter.vocab_tokens == target.vocab_tokens
+    assert set(target.eos_token_ids) <= drafter.eos_token_ids

@@ -1,0 +1,95 @@
+"""The public client API against the real verifier: budgets, stops, errors, stats, resync."""
+
+import httpx
+import pytest
+
+from edge_sdk import ConfigError, EdgeClient, PromptTooLongError, VerifierUnavailable
+
+from .conftest import PROMPTS
+
+
+def test_edge_only_needs_no_verifier():
+    with EdgeClient(mode="edge_only", threads=1) as c:
+        r = c.generate(PROMPTS[0], max_new_tokens=12)
+    assert len(r.tokens) == 12 and r.stats.nav_rounds == 0 and r.stats.bytes_up == 0
+    assert r.text and not any(e.verified for e in r.events)
+
+
+@pytest.mark.parametrize("mode", ["cloud_only", "vanilla"])
+def test_cloud_modes_need_a_verifier(mode):
+    with EdgeClient(mode="edge_only", threads=1) as c, pytest.raises(ConfigError, match="needs a verifier"):
+        c.generate("x", mode=mode)
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "fastest"}, {"mode": "vanilla", "draft_k": 0}])
+def test_bad_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        EdgeClient(**kwargs)
+
+
+def test_bad_request_arguments(client):
+    with pytest.raises(ConfigError):
+        client.generate("x", max_new_tokens=0)
+    with pytest.raises(ConfigError):
+        client.generate([0, 10**6])
+    with pytest.raises(PromptTooLongError):
+        client.generate([0] * 5000)
+
+
+@pytest.mark.parametrize("mode", ["cloud_only", "vanilla", "edge_only"])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_max_new_tokens_is_exact(client, mode, n):
+    r = client.generate(PROMPTS[4], max_new_tokens=n, mode=mode, draft_k=4)
+    assert len(r.tokens) == n and r.stats.output_tokens == n and r.stats.finish_reason == "length"
+
+
+def test_prompt_as_token_ids(client):
+    ids = client.tokenize(PROMPTS[1])
+    assert ids[0] == 0  # BOS
+    assert client.generate(ids, max_new_tokens=16).tokens == client.generate(PROMPTS[1], max_new_tokens=16).tokens
+
+
+@pytest.mark.parametrize("mode", ["cloud_only", "vanilla"])
+def test_stop_sequence(client, mode):
+    full = client.generate(PROMPTS[6], max_new_tokens=48, mode="cloud_only")
+    # A stop sequence taken from the middle of the reference text, wherever it falls in a NAV round.
+    cut = len(client.generate(PROMPTS[6], max_new_tokens=10, mode="cloud_only").text)
+    stop = full.text[cut: cut + 3]
+    assert len(stop) == 3
+    r = client.generate(PROMPTS[6], max_new_tokens=48, mode=mode, stop=[stop])
+    assert r.stats.finish_reason == "stop"
+    assert r.text == full.text[: full.text.index(stop)]
+    assert r.tokens == full.tokens[: len(r.tokens)] and len(r.tokens) < len(full.tokens)
+
+
+def test_stats_are_consistent(client):
+    r = client.generate(PROMPTS[2], max_new_tokens=40, mode="vanilla", draft_k=4)
+    s = r.stats
+    assert s.output_tokens == len(r.tokens) == 40
+    assert s.prompt_tokens == len(r.prompt_tokens)
+    assert 0 < s.nav_rounds <= 40 and s.draft_n <= 4 * s.nav_rounds
+    assert 0 <= s.draft_n_accepted <= s.draft_n
+    assert s.mean_acceptance_length == pytest.approx(1 + s.draft_n_accepted / s.nav_rounds)
+    assert s.output_tokens == s.draft_n_accepted + s.nav_rounds  # each round commits accepted + 1
+    assert 0 <= s.rollback_rate <= 1 and 0 <= s.acceptance_rate <= 1
+    assert 0 < s.ttft_s <= s.total_s and s.tpt_ms > 0
+    assert s.bytes_up > 0 and s.bytes_down > 0 and s.verify_s > 0 and s.draft_s > 0
+    assert s.to_dict()["tpt_ms"] == s.tpt_ms and "acceptance=" in s.summary()
+
+
+def test_lost_session_is_resynced_transparently(client, verifier):
+    reference = client.generate(PROMPTS[3], max_new_tokens=40, mode="cloud_only").tokens
+    gen = client.stream(PROMPTS[3], max_new_tokens=40, mode="vanilla", draft_k=4)
+    events = iter(gen)
+    first = [next(events).token for _ in range(5)]
+    # The verifier forgets the session (as after an eviction or a restart).
+    assert httpx.delete(f"{verifier.url}/v1/sessions/{client.engine.session_id}").status_code == 204
+    rest = [e.token for e in events if e.token is not None]
+    assert first + rest == reference
+    assert gen.stats.resyncs == 1
+
+
+def test_unreachable_verifier_is_a_typed_error():
+    with EdgeClient("http://127.0.0.1:9", threads=1, connect_timeout=1.0) as c:
+        with pytest.raises(VerifierUnavailable):
+            c.generate("x", max_new_tokens=4)

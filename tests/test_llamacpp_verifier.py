@@ -1,0 +1,21 @@
+"""The verifier's second target backend (llama.cpp) is lossless too."""
+
+import pytest
+
+from cloud_verifier import LocalVerifier
+from edge_sdk import EdgeClient
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def lcpp_client():
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1) as v, EdgeClient(v.url, threads=1) as c:
+        yield c
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_vanilla_equals_llamacpp_target_greedy(lcpp_client, k):
+    for prompt in PROMPTS[:6]:
+        ref = lcpp_client.generate(prompt, max_new_tokens=32, mode="cloud_only").tokens
+        assert lcpp_client.generate(prompt, max_new_tokens=32, mode="vanilla", draft_k=k).tokens == ref
