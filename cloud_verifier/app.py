@@ -1,9 +1,11 @@
-"""FastAPI surface of the verifier: msgpack bodies in and out, JSON errors with a typed code.
+"""FastAPI surface of the verifier.
 
-Model work runs on a single worker thread (the target is not re-entrant and the
-machine's cores belong to one forward pass at a time); the event loop only parses,
-validates and routes. Errors from bad input are 4xx with a machine-readable code,
-never a 500 or a traceback.
+Two session endpoints: ``/v1/handshake`` (plain msgpack, the key exchange) and
+``/v1/frames`` (sealed frames: everything else). Model work runs on one worker
+thread (the target is not re-entrant; the cores belong to one forward pass at a
+time); the event loop only bounds, routes and counts. Failures before a frame is
+authenticated are answered in plain JSON with a code and no detail; failures after
+it travel sealed. Bad input is never a 500.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -19,65 +22,83 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privacy import ErrorCode, OpenSession, VerifyRequest, WireError, decode, encode
+from privacy import ErrorCode, StaticKey, WireError, decode, encode
 from privacy.codec import DecodeLimits
 
+from .metrics import Metrics
 from .service import VerifierService
 from .settings import VerifierSettings
 from .target import Target
 
 log = logging.getLogger("cloud_verifier")
 MSGPACK = "application/msgpack"
-ACCEPTED_TYPES = {MSGPACK, "application/x-msgpack"}
+FRAME = "application/x-pipesd-frame"
+HANDSHAKE_LIMITS = DecodeLimits(max_body_bytes=1024, max_bin_bytes=64, max_str_bytes=64, max_array_len=8,
+                                max_map_len=8)
 
 
-def _error(code: ErrorCode, message: str, **details) -> JSONResponse:
-    return JSONResponse(WireError(code, message, **details).to_dict(), status_code=code.http_status)
+def _error(code: ErrorCode, message: str, headers: dict | None = None, **details) -> JSONResponse:
+    return JSONResponse(WireError(code, message, **details).to_dict(), status_code=code.http_status, headers=headers)
 
 
 class VerifierApp:
-    """Owns the service, the model worker thread and the readiness flag."""
+    """Owns the service, the model worker thread, the in-flight bound and the readiness flag."""
 
-    def __init__(self, load_target: Callable[[], Target], settings: VerifierSettings):
+    def __init__(self, load_target: Callable[[], Target], settings: VerifierSettings, static_key: StaticKey | None,
+                 psk: bytes | None):
         self.settings = settings
-        self.limits = DecodeLimits(max_body_bytes=settings.max_body_bytes, max_bin_bytes=settings.max_body_bytes)
+        self.metrics = Metrics()
         self.service: VerifierService | None = None
         self.load_error: str | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
-        self._load_target = load_target
+        self.in_flight = 0
+        self._load = lambda: VerifierService(load_target(), settings, static_key=static_key, psk=psk,
+                                             metrics=self.metrics)
 
     def load(self) -> None:
         try:
-            self.service = VerifierService(self._load_target(), self.settings)
+            self.service = self._load()
             log.info("target %s ready", self.service.target.name)
         except Exception as exc:  # reported by /health/ready, not swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the target failed")
 
     async def run(self, fn, *args):
+        """Run `fn` on the model worker, refusing work beyond the in-flight bound (429)."""
         if self.service is None:
             raise WireError(ErrorCode.NOT_READY, self.load_error or "the target model is still loading")
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        if self.in_flight >= self.settings.max_in_flight:
+            raise WireError(ErrorCode.OVERLOADED, "too many requests in flight; retry later")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.set(self.in_flight)
 
-    async def body(self, request: Request) -> dict:
+    async def body(self, request: Request, content_type: str, limit: int) -> bytes:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in ACCEPTED_TYPES:
-            raise WireError(ErrorCode.UNSUPPORTED_MEDIA, f"send bodies as {MSGPACK}")
-        limit = self.settings.max_body_bytes
+        if ctype != content_type:
+            raise WireError(ErrorCode.UNSUPPORTED_MEDIA, f"send this endpoint {content_type}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {limit} bytes", max_body_bytes=limit)
+            raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {limit} bytes", limit=limit)
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
             if len(data) > limit:
-                raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {limit} bytes", max_body_bytes=limit)
-        return decode(bytes(data), self.limits)
+                raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {limit} bytes", limit=limit)
+        return bytes(data)
 
 
-def create_app(load_target: Callable[[], Target], settings: VerifierSettings | None = None) -> FastAPI:
+def create_app(load_target: Callable[[], Target], settings: VerifierSettings | None = None, *,
+               static_key: StaticKey | None = None, psk: bytes | None = None) -> FastAPI:
     """Build the ASGI app; the target is loaded in the background so liveness answers at once."""
-    state = VerifierApp(load_target, settings or VerifierSettings())
+    settings = settings or VerifierSettings()
+    if static_key is None and psk is None:
+        raise ValueError("create_app needs static_key (edges pin its public half) or psk")
+    state = VerifierApp(load_target, settings, static_key, psk)
 
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load, name="load-target", daemon=True).start()
@@ -87,9 +108,20 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     app = FastAPI(title="PipeSD verifier", lifespan=lifespan)
     app.state.verifier = state
 
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        state.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError):
-        return JSONResponse(exc.to_dict(), status_code=exc.code.http_status)
+        state.metrics.rejections.labels(exc.code.value).inc()
+        headers = {"Retry-After": str(settings.retry_after_s)} if exc.code is ErrorCode.OVERLOADED else None
+        return JSONResponse(exc.to_dict(), status_code=exc.code.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -115,25 +147,26 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
             return _error(ErrorCode.NOT_READY, state.load_error or "the target model is still loading")
         return {"status": "ready", "model": state.service.target.name}
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/info")
     async def info():
         return await state.run(lambda: state.service.info())
 
-    @app.post("/v1/sessions")
-    async def open_session(request: Request):
-        req = OpenSession.from_dict(await state.body(request))
-        opened = await state.run(lambda: state.service.open_session(req))
-        return Response(encode(opened.to_dict()), media_type=MSGPACK)
+    @app.post("/v1/handshake")
+    async def handshake(request: Request):
+        hello = decode(await state.body(request, MSGPACK, HANDSHAKE_LIMITS.max_body_bytes), HANDSHAKE_LIMITS)
+        return Response(encode(await state.run(lambda: state.service.handshake(hello))), media_type=MSGPACK)
 
-    @app.post("/v1/sessions/{session_id}/verify")
-    async def verify(session_id: str, request: Request):
-        req = VerifyRequest.from_dict(await state.body(request))
-        result = await state.run(lambda: state.service.verify(session_id, req))
-        return Response(encode(result.to_dict()), media_type=MSGPACK)
-
-    @app.delete("/v1/sessions/{session_id}")
-    async def close_session(session_id: str):
-        await state.run(lambda: state.service.close_session(session_id))
-        return Response(status_code=204)
+    @app.post("/v1/frames")
+    async def frames(request: Request):
+        frame = await state.body(request, FRAME, settings.max_frame_bytes)
+        status, reply = await state.run(lambda: state.service.handle_frame(frame))
+        return Response(reply, status_code=status, media_type=FRAME)
 
     return app
+
+
+KNOWN_PATHS = {"/v1/handshake", "/v1/frames", "/v1/info", "/metrics", "/health/live", "/health/ready"}

@@ -1,7 +1,13 @@
-"""pipesd-verifier: serve a target model over HTTP (uvicorn).
+"""pipesd-verifier: serve a target model over HTTP (uvicorn), sealed sessions only.
 
-With --port 0 the verifier binds a free port and prints the URL it listens on,
-so a launcher (``LocalVerifier``) can read it from the first line of stdout.
+    pipesd-verifier --generate-key verifier.key        # write a key pair, print the public key, exit
+    pipesd-verifier --key-file verifier.key --port 8000
+    pipesd-verifier --psk-file shared.psk              # pre-shared key instead of a key pair
+
+Without --key-file or --psk-file a fresh key pair is made for this run only. The
+public key is printed at start; edges pin it (EdgeClient(verifier_key=...)). With
+--port 0 the verifier binds a free port and prints the URL it listens on, so a
+launcher (``LocalVerifier``) can read both lines from stdout.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from .settings import VerifierSettings
 
 LISTENING = "pipesd-verifier listening on"
+PUBLIC_KEY = "pipesd-verifier public key:"
 
 
 def resolve_target(model: str) -> Path:
@@ -23,7 +30,8 @@ def resolve_target(model: str) -> Path:
     return pair_paths(model)[1] if model in PAIRS else Path(model)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    d = VerifierSettings()
     ap = argparse.ArgumentParser(prog="pipesd-verifier", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded",
@@ -32,11 +40,29 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port and prints it")
     ap.add_argument("--threads", type=int, default=None, help="compute threads of the target")
-    ap.add_argument("--max-draft", type=int, default=VerifierSettings.max_draft)
-    ap.add_argument("--max-sessions", type=int, default=VerifierSettings.max_sessions)
+    ap.add_argument("--key-file", type=Path, help="the verifier's X25519 private key (base64)")
+    ap.add_argument("--psk-file", type=Path, help="a pre-shared key file (>= 32 bytes)")
+    ap.add_argument("--generate-key", type=Path, metavar="PATH", help="write a new key pair to PATH and exit")
+    ap.add_argument("--max-draft", type=int, default=d.max_draft)
+    ap.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    ap.add_argument("--max-cached-tokens", type=int, default=d.max_cached_tokens)
+    ap.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
     ap.add_argument("--max-context", type=int, default=None)
+    ap.add_argument("--session-ttl", type=float, default=d.session_ttl_s)
+    ap.add_argument("--rekey-interval", type=int, default=d.rekey_interval)
     ap.add_argument("--log-level", default="warning")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from privacy import StaticKey
+
+    if args.generate_key:
+        key = StaticKey.generate()
+        key.save(args.generate_key)
+        print(f"{PUBLIC_KEY} {key.public_b64}")
+        return 0
 
     import uvicorn
 
@@ -48,15 +74,25 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         path = resolve_target(args.model)
-    except PairUnavailable as exc:
+        static_key = StaticKey.load(args.key_file) if args.key_file else None
+        psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+    except (PairUnavailable, OSError, ValueError) as exc:
         print(f"pipesd-verifier: {exc}", file=sys.stderr)
         return 2
+    if psk is not None and len(psk) < 32:
+        print("pipesd-verifier: the pre-shared key needs at least 32 bytes", file=sys.stderr)
+        return 2
+    if static_key is None and psk is None:
+        static_key = StaticKey.generate()
     if not path.exists():
         print(f"pipesd-verifier: model not found: {path}", file=sys.stderr)
         return 2
     settings = VerifierSettings(max_draft=args.max_draft, max_sessions=args.max_sessions,
-                                max_context=args.max_context)
-    app = create_app(lambda: load_target(path, args.backend, threads=args.threads), settings)
+                                max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
+                                max_context=args.max_context, session_ttl_s=args.session_ttl,
+                                rekey_interval=args.rekey_interval)
+    app = create_app(lambda: load_target(path, args.backend, threads=args.threads), settings,
+                     static_key=static_key, psk=psk)
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
     # TCP, and without it Nagle + delayed ACKs add ~40 ms to every response on loopback.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
@@ -64,6 +100,8 @@ def main(argv=None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     host, port = sock.getsockname()[:2]
+    if static_key is not None:
+        print(f"{PUBLIC_KEY} {static_key.public_b64}", flush=True)
     print(f"{LISTENING} http://{host}:{port}", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])

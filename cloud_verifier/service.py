@@ -1,112 +1,178 @@
-"""The verifier's core: sessions and NAV rounds, independent of HTTP.
+"""The verifier's core: sealed sessions and NAV rounds, independent of HTTP.
 
-Sessions are a cache: each holds the committed tokens and the target's KV cache for
-them. A request that disagrees with what the session holds gets RESYNC and the edge
-resends its prefix; the KV cache keeps the common prefix, so a resync costs little.
+Sessions are a cache, not state. Each holds a channel (keys from the handshake), the
+committed tokens and the target's KV cache for them. A request names the committed
+length and the hash of the committed prefix; a session that holds anything else (or
+no session at all: restart, eviction, another replica) makes the edge resend its
+prefix, and the KV cache keeps whatever common prefix it has, so that costs little.
+Nothing here is written to disk, and no token content is logged.
 """
 
 from __future__ import annotations
 
-import secrets
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from privacy import ErrorCode, OpenSession, SessionOpened, VerifyRequest, VerifyResponse, WireError
+from privacy import (
+    ChannelLimits,
+    ErrorCode,
+    FrameType,
+    OpenSession,
+    SecureChannel,
+    SessionOpened,
+    StaticKey,
+    VerifyRequest,
+    VerifyResponse,
+    WireError,
+    parse_header,
+    prefix_hash,
+    server_handshake,
+)
 from privacy.messages import vocab_fingerprint
 
+from .metrics import Metrics
 from .nav import greedy_accept
 from .settings import VerifierSettings
 from .target import Target, TargetState
 
+log = logging.getLogger("cloud_verifier")
+
 
 @dataclass
 class Session:
-    state: TargetState
+    channel: SecureChannel
+    state: TargetState | None = None          # set once the edge's OPEN is accepted
     committed: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class ServiceCounters:
-    sessions_opened: int = 0
-    nav_rounds: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    resyncs: int = 0
 
 
 class VerifierService:
     """Not thread-safe: the HTTP layer runs every call on one model worker thread."""
 
-    def __init__(self, target: Target, settings: VerifierSettings | None = None):
+    def __init__(self, target: Target, settings: VerifierSettings | None = None, *,
+                 static_key: StaticKey | None = None, psk: bytes | None = None, metrics: Metrics | None = None):
+        if static_key is None and psk is None:
+            raise ValueError("the verifier needs a static key or a pre-shared key")
         self.target = target
-        self.settings = settings or VerifierSettings()
-        self.max_context = min(target.max_context, self.settings.max_context or target.max_context)
+        self.settings = s = settings or VerifierSettings()
+        self.static_key, self.psk = static_key, psk
+        self.metrics = metrics or Metrics()
+        self.limits = ChannelLimits(max_frame_bytes=s.max_frame_bytes, max_body_bytes=s.max_body_bytes,
+                                    replay_window=s.replay_window, rekey_interval=s.rekey_interval)
+        self.max_context = min(target.max_context, s.max_context or target.max_context)
         self.fingerprint = vocab_fingerprint(target.vocab_tokens)
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.counters = ServiceCounters()
+        self.sessions: OrderedDict[bytes, Session] = OrderedDict()
 
     def info(self) -> dict:
         return {"model": self.target.name, "vocab_size": self.target.vocab_size,
                 "vocab_fingerprint": self.fingerprint, "max_draft": self.settings.max_draft,
-                "max_context": self.max_context, "sessions": len(self.sessions)}
+                "max_context": self.max_context, "sessions": len(self.sessions),
+                "public_key": self.static_key.public_b64 if self.static_key else None}
 
-    # -- sessions ---------------------------------------------------------
-    def open_session(self, req: OpenSession) -> SessionOpened:
+    # -- handshake and frames ---------------------------------------------------------
+    def handshake(self, hello: dict) -> dict:
+        reply, channel = server_handshake(hello, static=self.static_key, psk=self.psk, limits=self.limits)
+        self._evict(incoming=1)
+        self.sessions[channel.session_id] = Session(channel)
+        self.metrics.sessions_opened.inc()
+        self._gauges()
+        return reply
+
+    def handle_frame(self, frame: bytes) -> tuple[int, bytes]:
+        """(HTTP status, sealed reply). Raises WireError before authentication (answered in plain text)."""
+        header = parse_header(frame, self.limits)
+        self._expire()
+        session = self.sessions.get(header.session_id)
+        if session is None:
+            raise WireError(ErrorCode.UNAUTHENTICATED, "unknown session: handshake again")
+        header, body = session.channel.open(frame)
+        self.sessions.move_to_end(header.session_id)
+        session.last_used = time.monotonic()
+        try:
+            if header.type == FrameType.OPEN:
+                reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
+            elif header.type == FrameType.VERIFY:
+                reply_type, reply = FrameType.RESULT, self._verify(session, VerifyRequest.from_dict(body)).to_dict()
+            elif header.type == FrameType.CLOSE:
+                del self.sessions[header.session_id]
+                reply_type, reply = FrameType.CLOSED, {}
+            else:
+                raise WireError(ErrorCode.BAD_FRAME, "this frame type is not accepted by the verifier")
+            status = 200
+        except WireError as exc:
+            self.metrics.rejections.labels(exc.code.value).inc()
+            status, reply_type, reply = exc.code.http_status, FrameType.ERROR, exc.to_dict()
+        finally:
+            self._gauges()
+        return status, session.channel.seal(reply_type, reply, ack=header.seq)
+
+    # -- sessions ---------------------------------------------------------------------
+    def _open(self, session: Session, req: OpenSession) -> SessionOpened:
         if req.vocab_fingerprint != self.fingerprint or req.vocab_size != self.target.vocab_size:
             raise WireError(ErrorCode.VOCAB_MISMATCH,
                             f"the draft's vocabulary (size {req.vocab_size}) differs from the target's "
                             f"(size {self.target.vocab_size}, model {self.target.name}): token ids would not mean "
                             "the same text", target_fingerprint=self.fingerprint)
-        self._expire()
-        while len(self.sessions) >= self.settings.max_sessions:
-            self.sessions.popitem(last=False)
-        session_id = secrets.token_hex(16)
-        self.sessions[session_id] = Session(state=self.target.new_state())
-        self.counters.sessions_opened += 1
-        return SessionOpened(session_id, self.target.name, self.fingerprint, self.target.vocab_size,
-                             self.target.eos_token_ids, self.settings.max_draft, self.max_context)
-
-    def close_session(self, session_id: str) -> None:
-        if self.sessions.pop(session_id, None) is None:
-            raise WireError(ErrorCode.UNKNOWN_SESSION, "no such session on this verifier")
-
-    def _session(self, session_id: str) -> Session:
-        self._expire()
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise WireError(ErrorCode.UNKNOWN_SESSION, "no such session on this verifier (expired, evicted or "
-                            "never opened): open a new one")
-        self.sessions.move_to_end(session_id)
-        session.last_used = time.monotonic()
-        return session
+        if session.state is None:
+            session.state = self.target.new_state()
+        return SessionOpened(session.channel.session_id.hex(), self.target.name, self.fingerprint,
+                             self.target.vocab_size, self.target.eos_token_ids, self.settings.max_draft,
+                             self.max_context)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.settings.session_ttl_s
         for sid in [sid for sid, s in self.sessions.items() if s.last_used < cutoff]:
             del self.sessions[sid]
+            self.metrics.evictions.labels("ttl").inc()
 
-    # -- NAV ----------------------------------------------------------------
-    def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse:
-        session = self._session(session_id)
+    def _cached_tokens(self) -> int:
+        return sum(len(s.state.tokens) for s in self.sessions.values() if s.state is not None)
+
+    def _evict(self, incoming: int = 0, keep: bytes | None = None) -> None:
+        """LRU eviction down to the session-count and cached-token bounds (never the session in use)."""
+        while len(self.sessions) + incoming > self.settings.max_sessions:
+            sid = next(iter(self.sessions))
+            del self.sessions[sid]
+            self.metrics.evictions.labels("sessions").inc()
+        while self._cached_tokens() > self.settings.max_cached_tokens:
+            victim = next((sid for sid in self.sessions if sid != keep), None)
+            if victim is None:
+                break
+            del self.sessions[victim]
+            self.metrics.evictions.labels("memory").inc()
+
+    def _gauges(self) -> None:
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.cached_tokens.set(self._cached_tokens())
+
+    # -- NAV ------------------------------------------------------------------------
+    def _verify(self, session: Session, req: VerifyRequest) -> VerifyResponse:
+        if session.state is None:
+            raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
         self._check(session, req)
         t0 = time.perf_counter()
-        committed = (session.committed[: req.base_len] if req.base_len else []) + list(req.append)
+        committed = session.committed[: req.base_len] + list(req.append)
         logits = self.target.logits(session.state, committed + list(req.draft), first_row=len(committed) - 1)
         accepted, token = greedy_accept(req.draft, logits)
         # Rollback: the cache keeps the committed prefix and the accepted draft tokens; the
         # target's own token is fed at the start of the next round.
         self.target.rollback(session.state, len(committed) + accepted)
         session.committed = committed + list(req.draft[:accepted]) + [token]
-        c = self.counters
-        c.nav_rounds, c.draft_tokens, c.accepted_tokens = c.nav_rounds + 1, c.draft_tokens + len(req.draft), \
-            c.accepted_tokens + accepted
-        return VerifyResponse(accepted, token, len(session.committed), (time.perf_counter() - t0) * 1e3)
+        elapsed = time.perf_counter() - t0
+        m = self.metrics
+        m.nav_rounds.inc()
+        m.draft_tokens.inc(len(req.draft))
+        m.accepted_tokens.inc(accepted)
+        m.nav_seconds.observe(elapsed)
+        self._evict(keep=session.channel.session_id)
+        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3)
 
     def _check(self, session: Session, req: VerifyRequest) -> None:
-        if req.base_len not in (0, len(session.committed)):
-            self.counters.resyncs += 1
+        if req.base_len and (req.base_len != len(session.committed)
+                             or req.prefix_hash != prefix_hash(session.committed)):
+            self.metrics.resyncs.inc()
             raise WireError(ErrorCode.RESYNC, "the verifier holds a different committed prefix: resend it from 0",
                             committed_len=len(session.committed))
         if req.base_len + len(req.append) == 0:
@@ -115,6 +181,10 @@ class VerifierService:
             raise WireError(ErrorCode.DRAFT_TOO_LONG,
                             f"{len(req.draft)} draft tokens exceed the limit of {self.settings.max_draft}",
                             max_draft=self.settings.max_draft)
+        if len(req.append) > self.settings.max_append:
+            raise WireError(ErrorCode.BATCH_TOO_LARGE,
+                            f"{len(req.append)} prefix tokens in one frame exceed {self.settings.max_append}",
+                            max_append=self.settings.max_append)
         total = req.base_len + len(req.append) + len(req.draft)
         if total + 1 > self.max_context:
             raise WireError(ErrorCode.CONTEXT_OVERFLOW,

@@ -61,7 +61,12 @@ class EdgeClient:
     """Generate text on the device with a draft model, verified by a cloud target.
 
     Args:
-        verifier_url: base URL of a ``pipesd-verifier``; needed by every mode but ``edge_only``.
+        verifier_url: base URL of a ``pipesd-verifier`` (or a list of replica URLs to fail over
+            across); needed by every mode but ``edge_only``.
+        verifier_key: the verifier's public key (base64, printed by ``pipesd-verifier``), pinned:
+            a verifier without the matching private key fails the handshake.
+        psk: a pre-shared key (>= 32 bytes) instead of a pinned public key.
+        local_only: never contact the cloud: every request runs on the device (edge_only).
         pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
         draft_model: path of a GGUF draft model instead of the pair's.
         mode: "vanilla" (speculative, fixed draft length), "cloud_only" or "edge_only".
@@ -71,16 +76,18 @@ class EdgeClient:
         verifier: a ``Verifier`` implementation to use instead of HTTP (tests, emulated links).
     """
 
-    def __init__(self, verifier_url: str | None = None, *, pair: str = "embedded",
-                 draft_model: str | Path | None = None, mode: str = "vanilla", draft_k: int = 4,
-                 threads: int | None = None, n_ctx: int | None = None, connect_timeout: float = 5.0,
-                 read_timeout: float = 60.0, verifier: Verifier | None = None, drafter: Drafter | None = None):
+    def __init__(self, verifier_url: str | Sequence[str] | None = None, *, verifier_key: str | bytes | None = None,
+                 psk: str | bytes | None = None, pair: str = "embedded", draft_model: str | Path | None = None,
+                 mode: str = "vanilla", draft_k: int = 4, threads: int | None = None, n_ctx: int | None = None,
+                 connect_timeout: float = 5.0, read_timeout: float = 60.0, local_only: bool = False,
+                 verifier: Verifier | None = None, drafter: Drafter | None = None):
         make_policy(mode, draft_k)  # validate early
-        self.mode, self.draft_k = mode, draft_k
+        self.mode, self.draft_k, self.local_only = mode, draft_k, local_only
+        if verifier is None and verifier_url and not local_only:
+            verifier = HttpVerifier(verifier_url, verifier_key=verifier_key, psk=psk,
+                                    connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self.verifier = None if local_only else verifier
         self.drafter = drafter or LlamaCppDrafter(resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
-        if verifier is None and verifier_url:
-            verifier = HttpVerifier(verifier_url, connect_timeout=connect_timeout, read_timeout=read_timeout)
-        self.verifier = verifier
         self.engine = Engine(self.drafter, verifier)
 
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
@@ -92,9 +99,14 @@ class EdgeClient:
         return self.drafter.tokenize(text, add_bos=True, special=parse_special)
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
-               mode: str | None = None, draft_k: int | None = None, parse_special: bool = False) -> Generation:
-        """Start a generation; iterate the result for tokens as they are committed."""
-        mode = mode or self.mode
+               mode: str | None = None, draft_k: int | None = None, parse_special: bool = False,
+               private: bool = False) -> Generation:
+        """Start a generation; iterate the result for tokens as they are committed.
+
+        ``private=True`` (or a client made with ``local_only=True``) keeps the request on the
+        device: it runs edge_only and opens no connection, whatever the mode.
+        """
+        mode = "edge_only" if (private or self.local_only) else (mode or self.mode)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         policy = make_policy(mode, draft_k or self.draft_k)
@@ -115,7 +127,7 @@ class EdgeClient:
         return self.stream(prompt, **kwargs).result
 
     def close(self) -> None:
-        if isinstance(self.verifier, HttpVerifier):
+        if self.verifier is not None:
             self.verifier.close()
 
     def __enter__(self) -> "EdgeClient":

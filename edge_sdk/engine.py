@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from privacy import OpenSession, VerifyRequest, VerifyResponse
+from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, prefix_hash
 from privacy.messages import vocab_fingerprint
 
 from .drafter import Drafter, DraftToken
-from .errors import PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
+from .errors import PromptTooLongError, VerifierError, VocabMismatchError
 from .policies import Policy
 from .stats import GenerationStats
 from .text import TextAssembler
@@ -82,7 +82,7 @@ class Engine:
         self.drafter = drafter
         self.verifier = verifier
         self.fingerprint = vocab_fingerprint(drafter.vocab_tokens)
-        self.session_id: str | None = None
+        self.session: SessionOpened | None = None   # kept across generations: its KV cache is reused
         self.max_draft = 64
         self.max_context = drafter.max_context
 
@@ -92,7 +92,7 @@ class Engine:
         stats = stats or GenerationStats(mode=policy.name)
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
-        if policy.uses_cloud:
+        if policy.uses_cloud and self.session is None:
             self._open_session(stats)
         room = self.max_context - len(prompt)
         if room < 1 or not prompt:
@@ -128,8 +128,6 @@ class Engine:
             yield TokenEvent(None, tail, policy.uses_cloud)
         stats.total_s = time.perf_counter() - t0
         stats.finish_reason = out.finish_reason
-        if policy.uses_cloud:
-            self._close_session()
 
     def _draft(self, tokens: list[int], cap: int, policy: Policy, stats: GenerationStats) -> list[DraftToken]:
         t = time.perf_counter()
@@ -150,7 +148,8 @@ class Engine:
             up, down = self.verifier.bytes_sent, self.verifier.bytes_received
             t = time.perf_counter()
             try:
-                resp = self.verifier.verify(self.session_id, VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft)))
+                resp = self.verifier.verify(VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
+                                                          prefix_hash(tokens[:synced]) if synced else b""))
             except VerifierError as exc:
                 if attempt or exc.code not in ("resync", "unknown_session"):
                     raise
@@ -175,20 +174,10 @@ class Engine:
         stats.bytes_up += self.verifier.bytes_sent - up
         stats.bytes_down += self.verifier.bytes_received - down
         if opened.vocab_fingerprint != self.fingerprint:  # the verifier should have refused already
-            self.session_id = opened.session_id
-            self._close_session()
             raise VocabMismatchError(409, "vocab_mismatch", f"the target {opened.model!r} uses another vocabulary")
-        self.session_id = opened.session_id
+        self.session = opened
         self.max_draft = opened.max_draft
         self.max_context = min(self.drafter.max_context, opened.max_context)
-
-    def _close_session(self) -> None:
-        """Free the verifier's KV cache for this generation; a failure here loses nothing."""
-        try:
-            self.verifier.close_session(self.session_id)
-        except (VerifierError, VerifierUnavailable):
-            pass
-        self.session_id = None
 
     @staticmethod
     def _count_round(stats: GenerationStats, drafted: int, accepted: int) -> None:

@@ -1,78 +1,175 @@
-"""How the edge reaches the verifier: a small protocol and its HTTP implementation.
+"""How the edge reaches the verifier: a small protocol and its sealed-HTTP implementation.
 
-The engine only calls ``open_session`` / ``verify`` / ``close_session``; a test or a
-benchmark can put an emulated link or an in-process verifier behind the same calls.
+The engine only calls ``open_session`` / ``verify`` / ``close``; a test or a benchmark
+can put an emulated link or an in-process verifier behind the same calls. Session
+identity, keys and replica failover stay inside the transport: when a session is lost
+(verifier restart, eviction, another replica) the transport raises ``VerifierError``
+with code ``unknown_session`` and the engine opens a new one and resends its prefix.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import base64
+import binascii
+from typing import Protocol, Sequence
 
 import httpx
 
-from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, decode, encode
+from privacy import (
+    ChannelLimits,
+    ClientHandshake,
+    FrameType,
+    HandshakeError,
+    OpenSession,
+    SecureChannel,
+    SessionOpened,
+    VerifyRequest,
+    VerifyResponse,
+    WireError,
+    decode,
+    encode,
+    parse_header,
+)
 
-from .errors import VerifierError, VerifierUnavailable, VocabMismatchError
+from .errors import ConfigError, VerifierError, VerifierUnavailable, VocabMismatchError
 
 MSGPACK = "application/msgpack"
+FRAME = "application/x-pipesd-frame"
 
 
 class Verifier(Protocol):
-    bytes_sent: int       # request bodies, cumulative
+    bytes_sent: int       # request bodies (frames), cumulative
     bytes_received: int   # response bodies, cumulative
 
-    def open_session(self, req: OpenSession) -> SessionOpened: ...
+    def open_session(self, req: OpenSession) -> SessionOpened:
+        """Start (or restart) a session: key exchange, then the vocabulary check."""
 
-    def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse: ...
+    def verify(self, req: VerifyRequest) -> VerifyResponse:
+        """One NAV round in the current session."""
 
-    def close_session(self, session_id: str) -> None: ...
+    def close(self) -> None:
+        """End the session and release connections."""
+
+
+def parse_key(value: str | bytes, size: int | None, what: str) -> bytes:
+    if isinstance(value, bytes):
+        raw = value
+    else:
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{what} must be base64") from None
+    if size is not None and len(raw) != size:
+        raise ConfigError(f"{what} must be {size} bytes, got {len(raw)}")
+    return raw
 
 
 class HttpVerifier:
-    """msgpack over HTTP/1.1 keep-alive (httpx). Counts body bytes in each direction."""
+    """Sealed frames over HTTP/1.1 keep-alive (httpx), with failover across replica URLs.
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, read_timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers={"content-type": MSGPACK, "accept": MSGPACK},
-                                  timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+    Exactly one of ``verifier_key`` (the verifier's X25519 public key, base64 or 32 raw
+    bytes, as ``pipesd-verifier`` prints it) or ``psk`` (a pre-shared key, >= 32 bytes).
+    """
+
+    def __init__(self, urls: str | Sequence[str], *, verifier_key: str | bytes | None = None,
+                 psk: str | bytes | None = None, connect_timeout: float = 5.0, read_timeout: float = 60.0,
+                 limits: ChannelLimits = ChannelLimits()):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ConfigError("give at least one verifier URL")
+        if (verifier_key is None) == (psk is None):
+            raise ConfigError("pin the verifier's public key (verifier_key=..., printed by pipesd-verifier) "
+                              "or give a pre-shared key (psk=...)")
+        self._server_key = parse_key(verifier_key, 32, "verifier_key") if verifier_key is not None else None
+        self._psk = (psk.encode() if isinstance(psk, str) else psk) if psk is not None else None
+        if self._psk is not None and len(self._psk) < 32:
+            raise ConfigError("a pre-shared key needs at least 32 bytes")
+        self.limits = limits
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._current = 0
+        self._http = httpx.Client(base_url=self.urls[0], timeout=self._timeout)
+        self._channel: SecureChannel | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict | None:
-        data = encode(body) if body is not None else None
-        try:
-            resp = self._http.request(method, path, content=data)
-        except httpx.HTTPError as exc:
-            raise VerifierUnavailable(f"cannot reach the verifier at {self.url}: {type(exc).__name__}: {exc}") from exc
-        self.bytes_sent += len(data or b"")
-        self.bytes_received += len(resp.content)
-        if resp.status_code >= 400:
-            raise _error_from(resp)
-        if resp.status_code == 204:
-            return None
-        try:
-            return decode(resp.content)
-        except Exception as exc:
-            raise VerifierUnavailable(f"unreadable response from the verifier: {exc}") from exc
+    @property
+    def url(self) -> str:
+        return self.urls[self._current]
 
+    # -- the protocol ---------------------------------------------------------------------
     def open_session(self, req: OpenSession) -> SessionOpened:
-        return SessionOpened.from_dict(self._call("POST", "/v1/sessions", req.to_dict()))
+        self._channel = None
+        hs = ClientHandshake(server_public=self._server_key, psk=self._psk)
+        resp = self._post("/v1/handshake", encode(hs.hello()), MSGPACK)
+        if resp.status_code != 200:
+            raise _plain_error(resp)
+        try:
+            self._channel = hs.finish(decode(resp.content), self.limits)
+        except (HandshakeError, WireError) as exc:
+            raise VerifierError(resp.status_code, "handshake_failed", str(exc)) from None
+        return SessionOpened.from_dict(self._exchange(FrameType.OPEN, req.to_dict(), FrameType.OPENED))
 
-    def verify(self, session_id: str, req: VerifyRequest) -> VerifyResponse:
-        return VerifyResponse.from_dict(self._call("POST", f"/v1/sessions/{session_id}/verify", req.to_dict()))
-
-    def close_session(self, session_id: str) -> None:
-        self._call("DELETE", f"/v1/sessions/{session_id}")
+    def verify(self, req: VerifyRequest) -> VerifyResponse:
+        return VerifyResponse.from_dict(self._exchange(FrameType.VERIFY, req.to_dict(), FrameType.RESULT))
 
     def close(self) -> None:
+        if self._channel is not None:
+            try:
+                self._exchange(FrameType.CLOSE, {}, FrameType.CLOSED)
+            except (VerifierError, VerifierUnavailable):
+                pass
+            self._channel = None
         self._http.close()
 
+    # -- frames ---------------------------------------------------------------------------
+    def _exchange(self, ftype: FrameType, body: dict, expect: FrameType) -> dict:
+        channel = self._channel
+        if channel is None:
+            raise VerifierError(401, "unknown_session", "no session with the verifier: open one")
+        frame = channel.seal(ftype, body)
+        resp = self._post("/v1/frames", frame, FRAME)
+        if not resp.headers.get("content-type", "").startswith(FRAME):
+            if resp.status_code == 401:   # the verifier does not know this session (restart, eviction)
+                self._channel = None
+                raise VerifierError(401, "unknown_session", "the verifier lost the session")
+            raise _plain_error(resp)
+        try:
+            header, msg = channel.open(resp.content)
+        except WireError as exc:
+            raise VerifierUnavailable(f"the verifier's reply failed authentication ({exc.code.value})") from None
+        if header.ack != parse_header(frame).seq:
+            raise VerifierUnavailable("the verifier's reply answers another request")
+        if header.type == FrameType.ERROR:
+            err = dict(msg.get("error", {}))
+            code, message = str(err.pop("code", "error")), str(err.pop("message", ""))
+            cls = VocabMismatchError if code == "vocab_mismatch" else VerifierError
+            raise cls(resp.status_code, code, message, err)
+        if header.type != expect:
+            raise VerifierUnavailable(f"unexpected reply frame type {header.type}")
+        return msg
 
-def _error_from(resp: httpx.Response) -> VerifierError:
+    def _post(self, path: str, content: bytes, ctype: str) -> httpx.Response:
+        """POST to the current replica; on a connection failure move to the next one (session lost)."""
+        try:
+            resp = self._http.post(path, content=content, headers={"content-type": ctype})
+        except httpx.HTTPError as exc:
+            if len(self.urls) > 1:
+                self._current = (self._current + 1) % len(self.urls)
+                self._http.close()
+                self._http = httpx.Client(base_url=self.url, timeout=self._timeout)
+                self._channel = None
+                raise VerifierError(503, "unknown_session", f"replica unreachable ({type(exc).__name__}); "
+                                    f"moved to {self.url}") from exc
+            raise VerifierUnavailable(f"cannot reach the verifier at {self.url}: {type(exc).__name__}: {exc}") from exc
+        self.bytes_sent += len(content)
+        self.bytes_received += len(resp.content)
+        return resp
+
+
+def _plain_error(resp: httpx.Response) -> VerifierError:
     try:
         err = resp.json()["error"]
         code, message = str(err.pop("code")), str(err.pop("message", ""))
     except Exception:
         code, message, err = "http_error", resp.text[:200], {}
-    cls = VocabMismatchError if code == "vocab_mismatch" else VerifierError
-    return cls(resp.status_code, code, message, err)
+    return VerifierError(resp.status_code, code, message, err)

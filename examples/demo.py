@@ -45,7 +45,8 @@ def main() -> None:
     print(f"starting the verifier ({args.pair} target) on loopback ...", flush=True)
     with LocalVerifier(model=args.pair, threads=1) as verifier:
         print(f"verifier ready at {verifier.url}\n")
-        with EdgeClient(verifier.url, pair=args.pair, mode=args.mode, draft_k=args.draft_k, threads=1) as client:
+        with EdgeClient(verifier.url, verifier_key=verifier.public_key, pair=args.pair, mode=args.mode,
+                        draft_k=args.draft_k, threads=1) as client:
             for prompt in prompts:
                 for mode in modes:
                     result = client.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode,

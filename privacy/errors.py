@@ -18,6 +18,12 @@ class ErrorCode(str, Enum):
     PAYLOAD_TOO_LARGE = "payload_too_large"  # body bigger than the verifier's limit
     UNSUPPORTED_MEDIA = "unsupported_media"  # wrong content type
     NOT_READY = "not_ready"                  # model still loading
+    BAD_FRAME = "bad_frame"                  # frame header or layout invalid (before authentication)
+    UNAUTHENTICATED = "unauthenticated"      # unknown session or failed tag: handshake again
+    REPLAY = "replay"                        # a frame sequence number seen before or too old
+    HANDSHAKE_FAILED = "handshake_failed"    # the key exchange could not complete
+    OVERLOADED = "overloaded"                # too many requests in flight: retry after a delay
+    BATCH_TOO_LARGE = "batch_too_large"      # more tokens in one frame than allowed
     INTERNAL = "internal"                    # a fault of the verifier, never of the input
 
     @property
@@ -36,6 +42,12 @@ _STATUS = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_MEDIA: 415,
     ErrorCode.NOT_READY: 503,
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.REPLAY: 403,
+    ErrorCode.HANDSHAKE_FAILED: 400,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.BATCH_TOO_LARGE: 422,
     ErrorCode.INTERNAL: 500,
 }
 

@@ -29,6 +29,11 @@ def unpack_tokens(data: Any, field: str) -> tuple[int, ...]:
     return tuple(np.frombuffer(data, dtype="<u4").tolist())
 
 
+def prefix_hash(tokens: Sequence[int]) -> bytes:
+    """BLAKE2b-128 of the packed token ids: names a committed prefix without sending it."""
+    return hashlib.blake2b(pack_tokens(tokens), digest_size=16).digest()
+
+
 def vocab_fingerprint(tokens: Sequence[str]) -> str:
     """Identity of a vocabulary: the ordered token strings, hashed. Equal fingerprints = same ids."""
     return hashlib.sha256(json.dumps(list(tokens), ensure_ascii=False).encode()).hexdigest()[:32]
@@ -96,23 +101,30 @@ class SessionOpened:
 class VerifyRequest:
     """Edge -> verifier: one NAV round.
 
-    ``base_len`` is how many committed tokens the edge believes the verifier holds;
-    ``append`` are committed tokens the verifier has not seen yet (the prompt, or a
-    whole prefix after a resync); ``draft`` are the tokens to verify. Sending an
-    empty draft asks the target for its next token alone (cloud-only decoding).
+    ``base_len`` is how many committed tokens the edge believes the verifier holds and
+    ``prefix_hash`` their hash (``prefix_hash(committed[:base_len])``, empty when 0);
+    a verifier holding anything else answers RESYNC. ``append`` are committed tokens
+    the verifier has not seen yet (the prompt, or the whole prefix after a resync);
+    ``draft`` are the tokens to verify. An empty draft asks the target for its next
+    token alone (cloud-only decoding).
     """
 
     base_len: int
     append: tuple[int, ...]
     draft: tuple[int, ...]
+    prefix_hash: bytes = b""
 
     def to_dict(self) -> dict:
-        return {"base_len": self.base_len, "append": pack_tokens(self.append), "draft": pack_tokens(self.draft)}
+        return {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
+                "draft": pack_tokens(self.draft)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifyRequest":
-        return cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
-                   unpack_tokens(_field(d, "draft", bytes), "draft"))
+        req = cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
+                  unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""))
+        if len(req.prefix_hash) != (16 if req.base_len else 0):
+            raise WireError(ErrorCode.MALFORMED, "'prefix_hash' must be 16 bytes when base_len > 0, else empty")
+        return req
 
 
 @dataclass(frozen=True)

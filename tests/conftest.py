@@ -44,5 +44,5 @@ def verifier():
 
 @pytest.fixture(scope="session")
 def client(verifier):
-    with EdgeClient(verifier.url, threads=1) as c:
+    with EdgeClient(verifier.url, verifier_key=verifier.public_key, threads=1) as c:
         yield c

@@ -1,9 +1,9 @@
 """The public client API against the real verifier: budgets, stops, errors, stats, resync."""
 
-import httpx
 import pytest
 
-from edge_sdk import ConfigError, EdgeClient, PromptTooLongError, VerifierUnavailable
+from edge_sdk import ConfigError, EdgeClient, PromptTooLongError, VerifierError, VerifierUnavailable
+from privacy import StaticKey
 
 from .conftest import PROMPTS
 
@@ -77,19 +77,20 @@ def test_stats_are_consistent(client):
     assert s.to_dict()["tpt_ms"] == s.tpt_ms and "acceptance=" in s.summary()
 
 
-def test_lost_session_is_resynced_transparently(client, verifier):
-    reference = client.generate(PROMPTS[3], max_new_tokens=40, mode="cloud_only").tokens
-    gen = client.stream(PROMPTS[3], max_new_tokens=40, mode="vanilla", draft_k=4)
-    events = iter(gen)
-    first = [next(events).token for _ in range(5)]
-    # The verifier forgets the session (as after an eviction or a restart).
-    assert httpx.delete(f"{verifier.url}/v1/sessions/{client.engine.session_id}").status_code == 204
-    rest = [e.token for e in events if e.token is not None]
-    assert first + rest == reference
-    assert gen.stats.resyncs == 1
-
-
 def test_unreachable_verifier_is_a_typed_error():
-    with EdgeClient("http://127.0.0.1:9", threads=1, connect_timeout=1.0) as c:
+    with EdgeClient("http://127.0.0.1:9", verifier_key=StaticKey.generate().public_b64, threads=1,
+                    connect_timeout=1.0) as c:
         with pytest.raises(VerifierUnavailable):
             c.generate("x", max_new_tokens=4)
+
+
+def test_cloud_client_needs_a_pinned_key_or_psk(verifier):
+    with pytest.raises(ConfigError, match="pin the verifier"):
+        EdgeClient(verifier.url, threads=1)
+
+
+def test_wrong_pinned_key_fails_the_handshake(verifier):
+    with EdgeClient(verifier.url, verifier_key=StaticKey.generate().public_b64, threads=1) as c:
+        with pytest.raises(VerifierError) as err:
+            c.generate("x", max_new_tokens=2)
+    assert err.value.code == "handshake_failed" and "pinned key" in err.value.message

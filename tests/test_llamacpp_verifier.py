@@ -10,7 +10,8 @@ from .conftest import PROMPTS
 
 @pytest.fixture(scope="module")
 def lcpp_client():
-    with LocalVerifier(model="embedded", backend="llamacpp", threads=1) as v, EdgeClient(v.url, threads=1) as c:
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1) as v, \
+            EdgeClient(v.url, verifier_key=v.public_key, threads=1) as c:
         yield c
 
 

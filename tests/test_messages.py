@@ -23,7 +23,7 @@ from privacy import (
     OpenSession("ab" * 16, 2048),
     SessionOpened("s1", "target", "ab" * 16, 2048, (0, 2), 64, 512),
     VerifyRequest(0, (0, 11, 2047), (5, 6, 7)),
-    VerifyRequest(12, (), ()),
+    VerifyRequest(12, (), (), b"h" * 16),
     VerifyResponse(3, 17, 20, 4.25),
 ])
 def test_round_trip(msg):
@@ -36,9 +36,10 @@ def test_tokens_travel_as_packed_little_endian_uint32():
 
 
 def test_greedy_request_is_small():
-    # 4 bytes a draft token plus a fixed envelope: no probabilities travel when greedy.
-    body = encode(VerifyRequest(100, (), tuple(range(8))).to_dict())
-    assert len(body) <= 8 * 4 + 40
+    # 4 bytes a draft token plus a fixed envelope (field names, the 16-byte prefix hash):
+    # no probabilities travel when greedy.
+    body = encode(VerifyRequest(100, (), tuple(range(8)), b"h" * 16).to_dict())
+    assert len(body) <= 8 * 4 + 64
 
 
 def test_fingerprint_depends_on_order_and_content():
@@ -75,6 +76,7 @@ def test_bin_field_limit_is_applied_before_allocation():
     {"base_len": 0, "append": b"\x00\x00\x00", "draft": b""},  # not a multiple of 4 bytes
     {"base_len": 0, "append": [1, 2], "draft": b""},      # tokens as a list
     {"base_len": "0", "append": b"", "draft": b""},       # wrong type
+    {"base_len": 3, "append": b"", "draft": b""},         # a prefix length without its hash
 ])
 def test_verify_request_validation(fields):
     with pytest.raises(WireError) as err:

@@ -49,7 +49,8 @@ def test_builder_smoke_run_exports_matching_gguf(smoke_build):
 
 def test_vocab_mismatch_is_refused(smoke_build, verifier):
     """A draft with another tokenizer (the smoke build's 300-token vocabulary) must not talk to this target."""
-    with EdgeClient(verifier.url, draft_model=smoke_build / pipesd_models.DRAFT_FILE, threads=1) as c:
+    with EdgeClient(verifier.url, verifier_key=verifier.public_key, draft_model=smoke_build / pipesd_models.DRAFT_FILE,
+                    threads=1) as c:
         with pytest.raises(VocabMismatchError) as err:
             c.generate("def f():", max_new_tokens=4)
     assert err.value.status == 409 and err.value.code == "vocab_mismatch"

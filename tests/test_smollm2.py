@@ -21,7 +21,8 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that add
 
 @pytest.fixture(scope="module")
 def smol():
-    with LocalVerifier(model="smollm2", threads=1) as v, EdgeClient(v.url, pair="smollm2", threads=1) as c:
+    with LocalVerifier(model="smollm2", threads=1) as v, \
+            EdgeClient(v.url, verifier_key=v.public_key, pair="smollm2", threads=1) as c:
         yield c
 
 

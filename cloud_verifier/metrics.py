@@ -1,0 +1,31 @@
+"""Prometheus metrics of one verifier (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pipesd_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.nav_rounds = Counter("pipesd_nav_rounds", "NAV rounds run", registry=r)
+        self.draft_tokens = Counter("pipesd_draft_tokens", "draft tokens verified", registry=r)
+        self.accepted_tokens = Counter("pipesd_accepted_tokens", "draft tokens accepted", registry=r)
+        self.resyncs = Counter("pipesd_resyncs", "rounds answered with resync", registry=r)
+        self.rejections = Counter("pipesd_rejections", "requests refused, by error code", ["cause"], registry=r)
+        self.sessions_opened = Counter("pipesd_sessions_opened", "handshakes completed", registry=r)
+        self.evictions = Counter("pipesd_session_evictions", "sessions evicted", ["reason"], registry=r)
+        self.nav_seconds = Histogram("pipesd_nav_seconds", "target compute per NAV round", buckets=LATENCY_BUCKETS,
+                                     registry=r)
+        self.request_seconds = Histogram("pipesd_request_seconds", "request latency inside the verifier",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sessions = Gauge("pipesd_sessions", "sessions held", registry=r)
+        self.cached_tokens = Gauge("pipesd_cached_tokens", "KV-cached tokens over all sessions", registry=r)
+        self.in_flight = Gauge("pipesd_in_flight", "requests queued or running", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

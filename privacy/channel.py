@@ -1,0 +1,329 @@
+"""The sealed channel: an authenticated X25519 handshake, then AEAD frames with replay protection.
+
+Spec and test vectors: docs/wire-format.md. In short:
+
+* Handshake (one round trip, Noise-NK-like). The edge sends an ephemeral X25519 key;
+  the verifier answers with its own ephemeral key, a session id and a confirmation
+  MAC. Keys = HKDF-SHA256 over DH(e_edge, s_verifier) || DH(e_edge, e_verifier)
+  (or PSK || DH(e_edge, e_verifier) with a pre-shared key), salted with the hash of
+  the transcript. Only the holder of the pinned static key can produce the MAC, so an
+  edge pinning the wrong key fails at once; the ephemeral-ephemeral DH gives forward
+  secrecy.
+* Frames. A 37-byte header (magic, version, type, flags, session id, sequence number,
+  acknowledged sequence number) is the AEAD's associated data; the body is msgpack,
+  zstd-compressed when that pays (flag bit 0), sealed with ChaCha20-Poly1305 under the
+  sender's direction key. The nonce is the direction (4 bytes) and the sequence number
+  (8 bytes): never random, never reused. Keys are ratcheted every ``rekey_interval``
+  frames; a sliding window rejects repeated and stale sequence numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.exceptions import InvalidTag
+
+from .codec import DecodeLimits, decode, encode
+from .compression import decompress, maybe_compress
+from .errors import ErrorCode, WireError
+
+MAGIC = b"PS"
+VERSION = 1
+HEADER = struct.Struct(">2sBBB16sQQ")   # magic, version, type, flags, session id, seq, ack
+HEADER_BYTES = HEADER.size              # 37
+TAG_BYTES = 16
+FLAG_ZSTD = 0x01
+KNOWN_FLAGS = FLAG_ZSTD
+PROTOCOL_LABEL = b"PipeSD/1"
+C2S, S2C = b"c2s\x00", b"s2c\x00"      # direction prefixes of the nonce
+
+
+class FrameType(IntEnum):
+    OPEN = 1       # edge -> verifier: OpenSession
+    OPENED = 2     # verifier -> edge: SessionOpened
+    VERIFY = 3     # edge -> verifier: VerifyRequest (a NAV round)
+    RESULT = 4     # verifier -> edge: VerifyResponse
+    ERROR = 5      # verifier -> edge: {"error": {...}} for failures after authentication
+    CLOSE = 6      # edge -> verifier: end the session
+    CLOSED = 7     # verifier -> edge
+
+
+@dataclass(frozen=True)
+class ChannelLimits:
+    max_frame_bytes: int = 1 << 20     # whole frame on the wire (413 beyond)
+    max_body_bytes: int = 1 << 20      # body after decompression
+    replay_window: int = 1024          # sequence numbers remembered behind the highest seen
+    rekey_interval: int = 1 << 16      # frames per key epoch
+
+
+@dataclass(frozen=True)
+class Header:
+    type: int
+    flags: int
+    session_id: bytes
+    seq: int
+    ack: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, self.type, self.flags, self.session_id, self.seq, self.ack)
+
+
+def parse_header(frame: bytes, limits: ChannelLimits = ChannelLimits()) -> Header:
+    """Check the frame's layout (before any key is involved) and return its header."""
+    if len(frame) > limits.max_frame_bytes:
+        raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, "frame exceeds the size limit")
+    if len(frame) < HEADER_BYTES + TAG_BYTES:
+        raise WireError(ErrorCode.BAD_FRAME, "frame too short")
+    magic, version, ftype, flags, sid, seq, ack = HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise WireError(ErrorCode.BAD_FRAME, "not a PipeSD frame")
+    if version != VERSION:
+        raise WireError(ErrorCode.BAD_FRAME, f"unsupported frame version {version}")
+    if ftype not in FrameType._value2member_map_ or flags & ~KNOWN_FLAGS:
+        raise WireError(ErrorCode.BAD_FRAME, "unknown frame type or flags")
+    return Header(ftype, flags, sid, seq, ack)
+
+
+class ReplayWindow:
+    """Accepts each sequence number once, within `size` of the highest accepted (as in IPsec/WireGuard)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.highest = 0
+        self.bits = 0   # bit i set = highest - i accepted
+
+    def check(self, seq: int) -> bool:
+        if seq == 0:
+            return False
+        if seq > self.highest:
+            return True
+        offset = self.highest - seq
+        return offset < self.size and not (self.bits >> offset) & 1
+
+    def accept(self, seq: int) -> None:
+        if seq > self.highest:
+            shift = seq - self.highest
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1)
+            self.highest = seq
+        else:
+            self.bits |= 1 << (self.highest - seq)
+
+
+def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+class _KeyChain:
+    """Direction key for each epoch: key[e+1] = HKDF(key[e], info="rekey")."""
+
+    def __init__(self, key: bytes, interval: int):
+        self.interval = interval
+        self._keys = {0: key}
+
+    def aead(self, seq: int) -> ChaCha20Poly1305:
+        epoch = seq // self.interval
+        newest = max(self._keys)
+        while newest < epoch:
+            self._keys[newest + 1] = _hkdf(self._keys[newest], b"", PROTOCOL_LABEL + b" rekey", 32)
+            newest += 1
+        for old in [e for e in self._keys if e < epoch - 1]:   # keep one epoch back for reordering
+            del self._keys[old]
+        if epoch not in self._keys:
+            raise WireError(ErrorCode.REPLAY, "frame from an expired key epoch")
+        return ChaCha20Poly1305(self._keys[epoch])
+
+
+class SecureChannel:
+    """One side of an established session: seals outgoing frames and opens incoming ones."""
+
+    def __init__(self, session_id: bytes, send_key: bytes, recv_key: bytes, is_client: bool,
+                 limits: ChannelLimits = ChannelLimits()):
+        self.session_id = session_id
+        self.limits = limits
+        self._send = _KeyChain(send_key, limits.rekey_interval)
+        self._recv = _KeyChain(recv_key, limits.rekey_interval)
+        self._send_dir, self._recv_dir = (C2S, S2C) if is_client else (S2C, C2S)
+        self._seq = 0
+        self._window = ReplayWindow(limits.replay_window)
+        self._lock = threading.Lock()
+        self._body_limits = DecodeLimits(max_body_bytes=limits.max_body_bytes, max_bin_bytes=limits.max_body_bytes)
+
+    def seal(self, ftype: FrameType, message: dict, ack: int = 0, compress: bool = True) -> bytes:
+        body = encode(message)
+        zstd, body = maybe_compress(body) if compress else (False, body)
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            aead = self._send.aead(seq)
+        header = Header(int(ftype), FLAG_ZSTD if zstd else 0, self.session_id, seq, ack).pack()
+        return header + aead.encrypt(self._send_dir + struct.pack(">Q", seq), body, header)
+
+    def open(self, frame: bytes) -> tuple[Header, dict]:
+        """Authenticate, replay-check, decompress and decode one frame."""
+        header = parse_header(frame, self.limits)
+        if not hmac.compare_digest(header.session_id, self.session_id):
+            raise WireError(ErrorCode.UNAUTHENTICATED, "frame does not belong to this session")
+        with self._lock:
+            if not self._window.check(header.seq):
+                raise WireError(ErrorCode.REPLAY, "repeated or stale frame")
+            aead = self._recv.aead(header.seq)
+            try:
+                body = aead.decrypt(self._recv_dir + struct.pack(">Q", header.seq), frame[HEADER_BYTES:],
+                                    frame[:HEADER_BYTES])
+            except InvalidTag:
+                raise WireError(ErrorCode.UNAUTHENTICATED, "frame failed authentication") from None
+            self._window.accept(header.seq)   # only authenticated frames move the window
+        if header.flags & FLAG_ZSTD:
+            body = decompress(body, self.limits.max_body_bytes)
+        return header, decode(body, self._body_limits)
+
+
+# -- keys -------------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, TypeError):
+        raise ValueError(f"{what} is not valid base64") from None
+    if len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
+    return raw
+
+
+class StaticKey:
+    """The verifier's long-term X25519 key. Edges pin its public half."""
+
+    def __init__(self, private: X25519PrivateKey):
+        self.private = private
+        self.public_bytes = private.public_key().public_bytes_raw()
+
+    @classmethod
+    def generate(cls) -> "StaticKey":
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> "StaticKey":
+        return cls(X25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StaticKey":
+        return cls.from_private_bytes(unb64(Path(path).read_text(), 32, f"key file {path}"))
+
+    def save(self, path: str | Path) -> None:
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(b64(self.private.private_bytes_raw()) + "\n")
+
+    @property
+    def public_b64(self) -> str:
+        return b64(self.public_bytes)
+
+
+# -- handshake ----------------------------------------------------------------------------
+# ClientHello {v, e (32 B), r (16 B), psk_id (str, PSK mode only)}
+# ServerHello {e (32 B), sid (16 B), confirm (32 B)}
+PSK_MIN_BYTES = 32
+
+
+def _derive(transcript: bytes, ikm: bytes) -> tuple[bytes, bytes, bytes]:
+    okm = _hkdf(ikm, hashlib.sha256(transcript).digest(), PROTOCOL_LABEL + b" keys", 96)
+    return okm[:32], okm[32:64], okm[64:]
+
+
+def _transcript(server_id: bytes, client_e: bytes, client_r: bytes, server_e: bytes, sid: bytes) -> bytes:
+    return PROTOCOL_LABEL + b" handshake" + server_id + client_e + client_r + server_e + sid
+
+
+def _psk_id(psk: bytes) -> bytes:
+    return hashlib.sha256(PROTOCOL_LABEL + b" psk id" + psk).digest()
+
+
+class ClientHandshake:
+    """Edge side. Pin the verifier's public key (32 raw bytes), or share a PSK (>= 32 bytes)."""
+
+    def __init__(self, *, server_public: bytes | None = None, psk: bytes | None = None,
+                 ephemeral: X25519PrivateKey | None = None, random: bytes | None = None):
+        if (server_public is None) == (psk is None):
+            raise ValueError("give exactly one of server_public (pinned verifier key) or psk")
+        if psk is not None and len(psk) < PSK_MIN_BYTES:
+            raise ValueError(f"a pre-shared key needs at least {PSK_MIN_BYTES} bytes")
+        self.server_public, self.psk = server_public, psk
+        self._e = ephemeral or X25519PrivateKey.generate()
+        self._r = random or os.urandom(16)
+        self.e_public = self._e.public_key().public_bytes_raw()
+
+    def hello(self) -> dict:
+        msg = {"v": VERSION, "e": self.e_public, "r": self._r}
+        if self.psk is not None:
+            msg["psk_id"] = _psk_id(self.psk)
+        return msg
+
+    def finish(self, reply: dict, limits: ChannelLimits = ChannelLimits()) -> SecureChannel:
+        try:
+            server_e, sid, confirm = bytes(reply["e"]), bytes(reply["sid"]), bytes(reply["confirm"])
+            peer_e = X25519PublicKey.from_public_bytes(server_e)
+        except (KeyError, TypeError, ValueError):
+            raise HandshakeError("the verifier's handshake reply is malformed") from None
+        if len(sid) != 16:
+            raise HandshakeError("the verifier's handshake reply is malformed")
+        if self.psk is not None:
+            server_id, ikm = _psk_id(self.psk), self.psk + self._e.exchange(peer_e)
+        else:
+            static = X25519PublicKey.from_public_bytes(self.server_public)
+            server_id, ikm = self.server_public, self._e.exchange(static) + self._e.exchange(peer_e)
+        transcript = _transcript(server_id, self.e_public, self._r, server_e, sid)
+        c2s, s2c, k_confirm = _derive(transcript, ikm)
+        expected = hmac.new(k_confirm, transcript, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, confirm):
+            raise HandshakeError("the verifier could not prove it holds the pinned key (or the pre-shared key): "
+                                 "check the verifier public key / PSK configured on the edge")
+        return SecureChannel(sid, c2s, s2c, is_client=True, limits=limits)
+
+
+class HandshakeError(Exception):
+    """The key exchange failed: wrong pinned key or PSK, or a malformed reply."""
+
+
+def server_handshake(hello: dict, *, static: StaticKey | None, psk: bytes | None,
+                     limits: ChannelLimits = ChannelLimits(), ephemeral: X25519PrivateKey | None = None,
+                     session_id: bytes | None = None) -> tuple[dict, SecureChannel]:
+    """Verifier side: answer a ClientHello; returns (ServerHello, channel)."""
+    try:
+        if hello.get("v") != VERSION:
+            raise ValueError
+        client_e, client_r = bytes(hello["e"]), bytes(hello["r"])
+        peer_e = X25519PublicKey.from_public_bytes(client_e)
+        if len(client_r) != 16:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise WireError(ErrorCode.HANDSHAKE_FAILED, "malformed client hello") from None
+    e = ephemeral or X25519PrivateKey.generate()
+    server_e = e.public_key().public_bytes_raw()
+    sid = session_id or os.urandom(16)
+    if "psk_id" in hello:
+        if psk is None or not hmac.compare_digest(bytes(hello["psk_id"]), _psk_id(psk)):
+            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
+        server_id, ikm = _psk_id(psk), psk + e.exchange(peer_e)
+    else:
+        if static is None:
+            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
+        server_id, ikm = static.public_bytes, static.private.exchange(peer_e) + e.exchange(peer_e)
+    transcript = _transcript(server_id, client_e, client_r, server_e, sid)
+    c2s, s2c, k_confirm = _derive(transcript, ikm)
+    reply = {"e": server_e, "sid": sid, "confirm": hmac.new(k_confirm, transcript, hashlib.sha256).digest()}
+    return reply, SecureChannel(sid, s2c, c2s, is_client=False, limits=limits)
