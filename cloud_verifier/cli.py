@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-cached-tokens", type=int, default=d.max_cached_tokens)
     ap.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
     ap.add_argument("--max-context", type=int, default=None)
+    ap.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
+    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     ap.add_argument("--session-ttl", type=float, default=d.session_ttl_s)
     ap.add_argument("--rekey-interval", type=int, default=d.rekey_interval)
     ap.add_argument("--log-level", default="warning")
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     settings = VerifierSettings(max_draft=args.max_draft, max_sessions=args.max_sessions,
                                 max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
                                 max_context=args.max_context, session_ttl_s=args.session_ttl,
+                                max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
                                 rekey_interval=args.rekey_interval)
     app = create_app(lambda: load_target(path, args.backend, threads=args.threads), settings,
                      static_key=static_key, psk=psk)

@@ -1,6 +1,6 @@
 """pipesd: the edge command line.
 
-    pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --mode vanilla -k 4
+    pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> -k 4
     pipesd generate "import os" --mode edge_only          # no cloud at all
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .client import EdgeClient
 from .errors import PipeSDError
@@ -16,8 +17,10 @@ from .policies import MODES
 
 
 def _generate(args) -> int:
-    client = EdgeClient(args.verifier, pair=args.pair, draft_model=args.draft_model, mode=args.mode,
-                        draft_k=args.k, threads=args.threads)
+    psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+    client = EdgeClient(args.verifier, verifier_key=args.verifier_key, psk=psk, pair=args.pair,
+                        draft_model=args.draft_model, mode=args.mode, draft_k=args.k, threads=args.threads,
+                        local_only=args.local_only)
     with client:
         gen = client.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                             parse_special=args.parse_special)
@@ -39,6 +42,9 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text for one prompt")
     g.add_argument("prompt")
     g.add_argument("--verifier", help="verifier base URL (not needed for --mode edge_only)")
+    g.add_argument("--verifier-key", help="the verifier's public key (base64, printed by pipesd-verifier)")
+    g.add_argument("--psk-file", type=Path, help="pre-shared key file instead of --verifier-key")
+    g.add_argument("--local-only", action="store_true", help="never contact the cloud (private request)")
     g.add_argument("--mode", choices=MODES, default="vanilla")
     g.add_argument("-k", type=int, default=4, help="draft length (vanilla)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -52,7 +58,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except PipeSDError as exc:
+    except (PipeSDError, OSError) as exc:
         print(f"pipesd: {exc}", file=sys.stderr)
         return 2
 

@@ -126,23 +126,32 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
 
 
 class _KeyChain:
-    """Direction key for each epoch: key[e+1] = HKDF(key[e], info="rekey")."""
+    """Direction key for each epoch: key[e+1] = HKDF(key[e], info="rekey").
+
+    A receiver derives at most one epoch ahead of the newest it has authenticated, and only
+    keeps a derived key once a frame under it authenticates: a forged sequence number can
+    neither make it hash for ever nor move its keys forward.
+    """
 
     def __init__(self, key: bytes, interval: int):
         self.interval = interval
         self._keys = {0: key}
 
-    def aead(self, seq: int) -> ChaCha20Poly1305:
+    def key_for(self, seq: int) -> bytes | None:
         epoch = seq // self.interval
+        if epoch in self._keys:
+            return self._keys[epoch]
         newest = max(self._keys)
-        while newest < epoch:
-            self._keys[newest + 1] = _hkdf(self._keys[newest], b"", PROTOCOL_LABEL + b" rekey", 32)
-            newest += 1
-        for old in [e for e in self._keys if e < epoch - 1]:   # keep one epoch back for reordering
+        if epoch == newest + 1:
+            return _hkdf(self._keys[newest], b"", PROTOCOL_LABEL + b" rekey", 32)
+        return None   # older than the previous epoch, or more than one epoch ahead
+
+    def commit(self, seq: int, key: bytes) -> None:
+        """Remember the key that `seq` used; keep only its epoch and the one before."""
+        epoch = seq // self.interval
+        self._keys[epoch] = key
+        for old in [e for e in self._keys if e < epoch - 1]:
             del self._keys[old]
-        if epoch not in self._keys:
-            raise WireError(ErrorCode.REPLAY, "frame from an expired key epoch")
-        return ChaCha20Poly1305(self._keys[epoch])
 
 
 class SecureChannel:
@@ -161,14 +170,18 @@ class SecureChannel:
         self._body_limits = DecodeLimits(max_body_bytes=limits.max_body_bytes, max_bin_bytes=limits.max_body_bytes)
 
     def seal(self, ftype: FrameType, message: dict, ack: int = 0, compress: bool = True) -> bytes:
-        body = encode(message)
-        zstd, body = maybe_compress(body) if compress else (False, body)
+        zstd, body = maybe_compress(encode(message)) if compress else (False, encode(message))
+        return self.seal_bytes(ftype, body, FLAG_ZSTD if zstd else 0, ack)
+
+    def seal_bytes(self, ftype: int, body: bytes, flags: int = 0, ack: int = 0) -> bytes:
+        """Seal an already-encoded body under the next sequence number."""
         with self._lock:
             self._seq += 1
             seq = self._seq
-            aead = self._send.aead(seq)
-        header = Header(int(ftype), FLAG_ZSTD if zstd else 0, self.session_id, seq, ack).pack()
-        return header + aead.encrypt(self._send_dir + struct.pack(">Q", seq), body, header)
+            key = self._send.key_for(seq)
+            self._send.commit(seq, key)
+        header = Header(int(ftype), flags, self.session_id, seq, ack).pack()
+        return header + ChaCha20Poly1305(key).encrypt(self._send_dir + struct.pack(">Q", seq), body, header)
 
     def open(self, frame: bytes) -> tuple[Header, dict]:
         """Authenticate, replay-check, decompress and decode one frame."""
@@ -178,13 +191,17 @@ class SecureChannel:
         with self._lock:
             if not self._window.check(header.seq):
                 raise WireError(ErrorCode.REPLAY, "repeated or stale frame")
-            aead = self._recv.aead(header.seq)
+            key = self._recv.key_for(header.seq)
+            if key is None:
+                raise WireError(ErrorCode.UNAUTHENTICATED, "frame failed authentication")
             try:
-                body = aead.decrypt(self._recv_dir + struct.pack(">Q", header.seq), frame[HEADER_BYTES:],
-                                    frame[:HEADER_BYTES])
+                body = ChaCha20Poly1305(key).decrypt(self._recv_dir + struct.pack(">Q", header.seq),
+                                                     frame[HEADER_BYTES:], frame[:HEADER_BYTES])
             except InvalidTag:
                 raise WireError(ErrorCode.UNAUTHENTICATED, "frame failed authentication") from None
-            self._window.accept(header.seq)   # only authenticated frames move the window
+            # Only authenticated frames move the window and the key epoch.
+            self._window.accept(header.seq)
+            self._recv.commit(header.seq, key)
         if header.flags & FLAG_ZSTD:
             body = decompress(body, self.limits.max_body_bytes)
         return header, decode(body, self._body_limits)

@@ -1,0 +1,47 @@
+"""Sessions are a cache: a verifier restart or a move to another replica mid-generation changes nothing.
+
+The generation is paused between two committed tokens (the stream is lazy), the verifier is
+killed, and the stream resumes: the edge handshakes again, resends its prefix, and the
+greedy output stays token-identical to an undisturbed run.
+"""
+
+import pytest
+
+from cloud_verifier import LocalVerifier
+from edge_sdk import EdgeClient
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def primary():
+    with LocalVerifier(model="embedded", threads=1) as v:
+        yield v
+
+
+@pytest.mark.parametrize("pause_after", [1, 9])
+def test_restart_mid_generation(primary, pause_after):
+    with EdgeClient(primary.url, verifier_key=primary.public_key, threads=1) as client:
+        reference = client.generate(PROMPTS[5], max_new_tokens=40, mode="cloud_only").tokens
+        gen = client.stream(PROMPTS[5], max_new_tokens=40, mode="vanilla", draft_k=4)
+        events = iter(gen)
+        head = [next(events).token for _ in range(pause_after)]
+        primary.restart()                      # SIGKILL, then a fresh process on the same port and key
+        tail = [e.token for e in events if e.token is not None]
+    assert head + tail == reference
+    assert gen.stats.resyncs >= 1
+
+
+def test_failover_to_a_second_replica(primary):
+    with primary.replica() as second:
+        with EdgeClient([primary.url, second.url], verifier_key=primary.public_key, threads=1) as client:
+            reference = client.generate(PROMPTS[8], max_new_tokens=40, mode="cloud_only").tokens
+            gen = client.stream(PROMPTS[8], max_new_tokens=40, mode="vanilla", draft_k=4)
+            events = iter(gen)
+            head = [next(events).token for _ in range(6)]
+            primary.kill()                     # the edge moves to the replica, which has never seen it
+            tail = [e.token for e in events if e.token is not None]
+            assert client.verifier.url == second.url
+        primary.start()                        # leave the module fixture as it was
+    assert head + tail == reference
+    assert gen.stats.resyncs >= 1

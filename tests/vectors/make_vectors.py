@@ -1,0 +1,58 @@
+"""Regenerate wire_v1.json: fixed keys -> exact handshake and frame bytes (docs/wire-format.md).
+
+    python -m tests.vectors.make_vectors > tests/vectors/wire_v1.json
+
+Only when the wire format changes on purpose (and then the protocol version too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privacy import ChannelLimits, ClientHandshake, FrameType, StaticKey, encode, pack_tokens, server_handshake
+
+
+def fixed(label: str, n: int = 32) -> bytes:
+    return hashlib.sha256(b"pipesd test vector " + label.encode()).digest()[:n]
+
+
+def build() -> dict:
+    static = StaticKey.from_private_bytes(fixed("verifier static"))
+    client = ClientHandshake(server_public=static.public_bytes,
+                             ephemeral=X25519PrivateKey.from_private_bytes(fixed("edge ephemeral")),
+                             random=fixed("edge random", 16))
+    hello = client.hello()
+    limits = ChannelLimits(rekey_interval=4)   # small, so the vectors cross a key epoch
+    reply, server = server_handshake(hello, static=static, psk=None, limits=limits,
+                                     ephemeral=X25519PrivateKey.from_private_bytes(fixed("verifier ephemeral")),
+                                     session_id=fixed("session id", 16))
+    edge = client.finish(reply, limits)
+    frames = []
+    verify = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens([0, 1, 2]), "draft": pack_tokens([3, 4])}
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, verify, compress=False), verify))
+    result = {"accepted": 1, "token": 9, "committed_len": 5, "verify_ms": 1.5}
+    frames.append(("s2c", server.seal(FrameType.RESULT, result, ack=1, compress=False), result))
+    for seq in range(2, 6):      # seq 4 and 5 use the epoch-1 key
+        body = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens(list(range(seq))), "draft": b""}
+        frames.append(("c2s", edge.seal(FrameType.VERIFY, body, compress=False), body))
+    big = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens([7] * 300), "draft": b""}
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, big), big))   # zstd: decode-only vector
+    return {
+        "description": "PipeSD wire format v1: fixed keys -> exact bytes (hex). See docs/wire-format.md.",
+        "rekey_interval": limits.rekey_interval,
+        "verifier_static_private": static.private.private_bytes_raw().hex(),
+        "verifier_static_public": static.public_bytes.hex(),
+        "edge_ephemeral_private": fixed("edge ephemeral").hex(),
+        "verifier_ephemeral_private": fixed("verifier ephemeral").hex(),
+        "client_hello": encode(hello).hex(),
+        "server_hello": encode(reply).hex(),
+        "frames": [{"direction": d, "frame": f.hex(), "body_msgpack": encode(b).hex(),
+                    "exact": not (f[4] & 1)} for d, f, b in frames],
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(build(), indent=2))
