@@ -236,3 +236,21 @@ def test_overload_answers_429_with_retry_after():
         assert 200 in statuses and 429 in statuses, statuses
         assert set(statuses) <= {200, 429} and all(r == "1" for r in retry_after)
         assert http.get("/health/ready").status_code == 200
+
+
+def test_batch_too_large(http, channel):
+    assert_sealed_error(verify(http, channel, append=pack_tokens([1] * 5000)), 422, "batch_too_large")
+
+
+def test_no_token_content_in_verifier_logs():
+    """Even at debug level the verifier logs no prompt text and no token ids."""
+    from edge_sdk import EdgeClient
+
+    secret = "def zanzibar_quux_secret(parameter):\n"
+    with LocalVerifier(model="embedded", threads=1, extra_args=["--log-level", "debug"]) as v:
+        with EdgeClient(v.url, verifier_key=v.public_key, threads=1) as client:
+            ids = client.tokenize(secret)
+            client.generate(secret, max_new_tokens=8)
+        log = "\n".join(v.output)
+    assert "zanzibar" not in log and "parameter" not in log
+    assert str(ids[1:6])[1:-1] not in log

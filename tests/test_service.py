@@ -1,0 +1,93 @@
+"""The verifier core in-process (real target, real channel, no HTTP): session cache bounds."""
+
+import time
+
+import pytest
+
+import pipesd_models
+from cloud_verifier import VerifierService, VerifierSettings
+from cloud_verifier.target import TorchTarget
+from privacy import (
+    ClientHandshake,
+    ErrorCode,
+    FrameType,
+    OpenSession,
+    StaticKey,
+    VerifyRequest,
+    WireError,
+    prefix_hash,
+)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return TorchTarget(pipesd_models.target_path(), threads=1)
+
+
+def make(target, **settings):
+    key = StaticKey.generate()
+    return VerifierService(target, VerifierSettings(**settings), static_key=key), key
+
+
+def connect(service, key):
+    hs = ClientHandshake(server_public=key.public_bytes)
+    ch = hs.finish(service.handshake(hs.hello()))
+    status, reply = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
+                                                                              service.target.vocab_size).to_dict()))
+    assert status == 200
+    return ch
+
+
+def nav(service, ch, req):
+    status, reply = service.handle_frame(ch.seal(FrameType.VERIFY, req.to_dict()))
+    return status, ch.open(reply)[1]
+
+
+def test_round_and_continuation(target):
+    service, key = make(target)
+    ch = connect(service, key)
+    status, first = nav(service, ch, VerifyRequest(0, (0, 11, 12, 13), (14, 15)))
+    assert status == 200
+    committed = [0, 11, 12, 13] + [14, 15][: first["accepted"]] + [first["token"]]
+    assert first["committed_len"] == len(committed)
+    status, second = nav(service, ch, VerifyRequest(len(committed), (), (), prefix_hash(committed)))
+    assert status == 200 and second["committed_len"] == len(committed) + 1
+
+
+def test_lru_eviction_by_session_count(target):
+    service, key = make(target, max_sessions=2)
+    a, b = connect(service, key), connect(service, key)
+    nav(service, a, VerifyRequest(0, (0, 1), ()))       # a becomes the most recently used
+    connect(service, key)                               # evicts b, the least recently used
+    with pytest.raises(WireError) as err:
+        service.handle_frame(b.seal(FrameType.VERIFY, VerifyRequest(0, (0, 1), ()).to_dict()))
+    assert err.value.code is ErrorCode.UNAUTHENTICATED
+    assert nav(service, a, VerifyRequest(0, (0, 1), ()))[0] == 200
+
+
+def test_eviction_by_cached_tokens(target):
+    service, key = make(target, max_cached_tokens=100)
+    old, new = connect(service, key), connect(service, key)
+    nav(service, old, VerifyRequest(0, tuple(range(60)), ()))
+    nav(service, new, VerifyRequest(0, tuple(range(70)), ()))   # 60 + 70 cached > 100: old goes
+    assert service._cached_tokens() <= 100 and len(service.sessions) == 1
+    assert service.metrics.evictions.labels("memory")._value.get() == 1
+
+
+def test_idle_sessions_expire(target):
+    service, key = make(target, session_ttl_s=0.05)
+    ch = connect(service, key)
+    time.sleep(0.1)
+    with pytest.raises(WireError) as err:
+        service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(0, (0, 1), ()).to_dict()))
+    assert err.value.code is ErrorCode.UNAUTHENTICATED
+
+
+def test_new_generation_reuses_the_cached_prefix(target):
+    service, key = make(target)
+    ch = connect(service, key)
+    nav(service, ch, VerifyRequest(0, tuple(range(40)), ()))
+    state = next(iter(service.sessions.values())).state
+    cache = state.cache
+    nav(service, ch, VerifyRequest(0, tuple(range(30)) + (99, 98), ()))   # a new prompt sharing 30 tokens
+    assert state.cache is cache and state.tokens[:30] == list(range(30))
