@@ -1,0 +1,151 @@
+"""Online tuning of the dual-threshold trigger (R1, R2) by Bayesian optimisation.
+
+``Tuner`` is the small ask/tell interface a backend implements; ``SkoptTuner`` is a
+Gaussian process (Matérn kernel) with expected improvement (xi = 0.1) from scikit-optimize,
+16 evaluations over the paper's bounds. ``OnlineAutotuner`` runs it while the app generates:
+each candidate is used for about 20 accepted tokens and scored by their time per token; the
+next candidate is computed on a background thread, so generation never waits for the GP.
+The best thresholds are remembered per network regime, and tuning restarts when the regime
+or the acceptance rate drifts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+R1_BOUNDS = (0.05, 0.9)
+R2_BOUNDS = (0.6, 0.99)
+
+
+class Tuner(Protocol):
+    def ask(self) -> tuple[float, float]:
+        """Next (R1, R2) to evaluate."""
+
+    def tell(self, params: tuple[float, float], objective: float) -> None:
+        """Objective (lower is better: seconds per token) of an evaluated candidate."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def best(self) -> tuple[float, float] | None: ...
+
+
+class SkoptTuner:
+    def __init__(self, budget: int = 16, seed: int = 0, initial_points: int = 5):
+        from skopt import Optimizer
+        from skopt.learning import GaussianProcessRegressor
+        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
+
+        gp = GaussianProcessRegressor(kernel=ConstantKernel(1.0) * Matern(length_scale=[0.3, 0.1], nu=2.5),
+                                      normalize_y=True, noise="gaussian", n_restarts_optimizer=2, random_state=seed)
+        self._opt = Optimizer([R1_BOUNDS, R2_BOUNDS], base_estimator=gp, acq_func="EI",
+                              acq_func_kwargs={"xi": 0.1}, n_initial_points=initial_points, random_state=seed)
+        self.budget = budget
+        self.evaluations: list[tuple[tuple[float, float], float]] = []
+
+    def ask(self) -> tuple[float, float]:
+        r1, r2 = self._opt.ask()
+        return float(r1), float(r2)
+
+    def tell(self, params, objective) -> None:
+        self._opt.tell(list(params), float(objective))
+        self.evaluations.append((tuple(params), float(objective)))
+
+    @property
+    def done(self) -> bool:
+        return len(self.evaluations) >= self.budget
+
+    def best(self):
+        return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
+
+
+@dataclass
+class _Trial:
+    params: tuple[float, float]
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class OnlineAutotuner:
+    """Feeds a Tuner with live measurements; never blocks the caller.
+
+    The engine asks ``thresholds()`` before each round and reports each round with
+    ``record(tokens, seconds, regime, acceptance)``.
+    """
+
+    default: tuple[float, float] = (0.3, 0.7)
+    tokens_per_trial: int = 20
+    acceptance_drift: float = 0.15
+    make_tuner: type = SkoptTuner
+    memory: dict = field(default_factory=dict)   # regime -> (best params, acceptance when tuned)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._regime = None
+        self._tuner: Tuner | None = None
+        self._trial: _Trial | None = None
+        self._pending: threading.Thread | None = None
+        self.trials_done = 0
+
+    def thresholds(self) -> tuple[float, float]:
+        with self._lock:
+            if self._trial is not None:
+                return self._trial.params
+            remembered = self.memory.get(self._regime)
+            if remembered:
+                return remembered[0]
+            best = self._tuner.best() if self._tuner else None
+            return best or self.default
+
+    @property
+    def tuning(self) -> bool:
+        return self._tuner is not None and not self._tuner.done
+
+    def record(self, tokens: int, seconds: float, regime, acceptance: float) -> None:
+        with self._lock:
+            if regime != self._regime:
+                self._regime = regime
+                if regime in self.memory:   # a known regime: its best thresholds, no tuning
+                    self._tuner, self._trial = None, None
+                else:
+                    self._start()
+            elif regime in self.memory and abs(acceptance - self.memory[regime][1]) > self.acceptance_drift:
+                del self.memory[regime]
+                self._start()
+            trial = self._trial
+            if trial is None:
+                return
+            trial.tokens += tokens
+            trial.seconds += seconds
+            if trial.tokens < self.tokens_per_trial:
+                return
+            self._trial = None
+            tuner = self._tuner
+            self.trials_done += 1
+            objective = trial.seconds / trial.tokens
+            regime_now, acc_now = self._regime, acceptance
+
+        def advance():   # GP fit + acquisition: tens of ms, kept off the generation path
+            tuner.tell(trial.params, objective)
+            with self._lock:
+                if tuner is not self._tuner:
+                    return
+                if tuner.done:
+                    self.memory[regime_now] = (tuner.best(), acc_now)
+                else:
+                    self._trial = _Trial(tuner.ask())
+
+        self._pending = threading.Thread(target=advance, name="autotune", daemon=True)
+        self._pending.start()
+
+    def _start(self) -> None:
+        self._tuner = self.make_tuner()
+        self._trial = _Trial(self._tuner.ask())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a background tuner step (tests and benchmarks)."""
+        if self._pending is not None:
+            self._pending.join(timeout)

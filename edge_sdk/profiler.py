@@ -1,0 +1,74 @@
+"""Online estimates of the link and the device: alpha, beta, gamma, verify time, acceptance.
+
+Pure bookkeeping, no clocks of its own: the engine reports what it measured. alpha and beta
+come from a least-squares fit of send time against batch size over recent non-final sends
+(NAV replies include verification and are excluded); gamma is an exponential moving average
+of the time to draft one token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    alpha: float      # s per batch
+    beta: float       # s per token
+    gamma: float      # s per drafted token
+    verify: float     # s of target compute per NAV round
+    acceptance: float
+
+    def drifted_from(self, other: "LinkEstimate", tolerance: float = 0.3) -> bool:
+        """Has alpha, beta or gamma moved by more than `tolerance` (relative) since `other`?"""
+        def moved(a, b, floor):
+            return abs(a - b) > tolerance * max(abs(b), floor)
+        return (moved(self.alpha, other.alpha, 1e-3) or moved(self.beta, other.beta, 1e-4)
+                or moved(self.gamma, other.gamma, 1e-4))
+
+    def regime(self) -> tuple[int, int]:
+        """A coarse network bucket (log2 of alpha in ms, log2 of beta in 0.1 ms) for per-regime memory."""
+        return (round(math.log2(max(self.alpha * 1e3, 0.25))), round(math.log2(max(self.beta * 1e4, 0.25))))
+
+
+class LinkProfiler:
+    def __init__(self, alpha: float = 0.005, beta: float = 0.0005, gamma: float = 0.002, window: int = 32,
+                 smoothing: float = 0.2):
+        self._prior = (alpha, beta)
+        self._sends: deque[tuple[int, float]] = deque(maxlen=window)
+        self.gamma = gamma
+        self.verify = 0.005
+        self.acceptance = 0.5
+        self._smoothing = smoothing
+
+    # -- observations ---------------------------------------------------------------
+    def observe_send(self, tokens: int, seconds: float) -> None:
+        self._sends.append((tokens, seconds))
+
+    def observe_draft(self, seconds_per_token: float) -> None:
+        self.gamma += self._smoothing * (seconds_per_token - self.gamma)
+
+    def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
+        self.verify += self._smoothing * (verify_seconds - self.verify)
+        if drafted:
+            self.acceptance += self._smoothing * (accepted / drafted - self.acceptance)
+
+    # -- estimates ------------------------------------------------------------------
+    def alpha_beta(self) -> tuple[float, float]:
+        if not self._sends:
+            return self._prior
+        xs = [float(n) for n, _ in self._sends]
+        ys = [t for _, t in self._sends]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:   # one batch size only: keep the prior slope, fit the intercept
+            beta = self._prior[1]
+            return max(0.0, my - beta * mx), beta
+        beta = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
+        return max(0.0, my - beta * mx), beta
+
+    def estimate(self) -> LinkEstimate:
+        alpha, beta = self.alpha_beta()
+        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance)

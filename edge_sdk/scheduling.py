@@ -1,0 +1,83 @@
+"""Token-batch scheduling: which drafted tokens go up together, so that drafting and uploading overlap.
+
+Pure functions and plain objects, no I/O (DESIGN.md §3). The link is a serial resource: a
+batch of n tokens occupies it for alpha + beta * n, and it can start once its last token has
+been drafted and the previous batch has gone. With token i ready at r_i = sum(gamma[:i]),
+
+    F(0) = 0,   F(i) = min over 1 <= j <= i of  max(F(j - 1), r_i) + alpha + beta * (i - j + 1)
+
+is the earliest time the first i tokens can all have arrived when the last batch holds
+tokens j..i; backtracking the argmins gives the batch sizes (e.g. [1, 1, 4, 14]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Sequence
+
+
+def plan_batches(n: int, alpha: float, beta: float, gamma: float | Sequence[float]) -> list[int]:
+    """Batch sizes (summing to n) that minimise the arrival time of the n-th token. O(n^2)."""
+    if n <= 0:
+        return []
+    gammas = [float(gamma)] * n if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
+    if len(gammas) != n:
+        raise ValueError(f"need {n} per-token draft times, got {len(gammas)}")
+    ready = list(accumulate(gammas))
+    best = [0.0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(1, i + 1):
+            t = max(best[j - 1], ready[i - 1]) + alpha + beta * (i - j + 1)
+            if t < best[i]:
+                best[i], start[i] = t, j
+    sizes, i = [], n
+    while i > 0:
+        sizes.append(i - start[i] + 1)
+        i = start[i] - 1
+    return sizes[::-1]
+
+
+def arrival_time(sizes: Sequence[int], alpha: float, beta: float, gamma: float | Sequence[float]) -> float:
+    """When the last token of a schedule reaches the cloud (the quantity plan_batches minimises)."""
+    n = sum(sizes)
+    gammas = [float(gamma)] * n if isinstance(gamma, (int, float)) else list(gamma)
+    ready = list(accumulate(gammas))
+    t, end = 0.0, 0
+    for size in sizes:
+        end += size
+        t = max(t, ready[end - 1]) + alpha + beta * size
+    return t
+
+
+@dataclass
+class BatchPlan:
+    """A planned window, repeated when the draft runs past it; tells the uploader where batches end."""
+
+    sizes: list[int]
+
+    def boundaries(self) -> set[int]:
+        return set(accumulate(self.sizes))
+
+    def ends_batch(self, drafted: int) -> bool:
+        """Does the `drafted`-th token of this round close a planned batch?"""
+        window = sum(self.sizes)
+        return window > 0 and ((drafted - 1) % window) + 1 in self.boundaries()
+
+
+class WindowEstimator:
+    """N-hat: the predicted draft length per round. Starts at 20, then a moving average of recent rounds."""
+
+    def __init__(self, initial: int = 20, history: int = 8, minimum: int = 1, maximum: int = 64):
+        self.initial, self.history, self.minimum, self.maximum = initial, history, minimum, maximum
+        self.lengths: list[int] = []
+
+    def observe(self, drafted: int) -> None:
+        self.lengths = (self.lengths + [drafted])[-self.history:]
+
+    @property
+    def value(self) -> int:
+        if not self.lengths:
+            return self.initial
+        return max(self.minimum, min(self.maximum, round(sum(self.lengths) / len(self.lengths))))
