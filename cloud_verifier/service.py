@@ -15,7 +15,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from privacy import (
+    BatchAck,
     ChannelLimits,
     ErrorCode,
     FrameType,
@@ -41,10 +44,25 @@ log = logging.getLogger("cloud_verifier")
 
 
 @dataclass
+class PendingRound:
+    """Draft batches of a round that arrived before its final batch (the pipelined upload)."""
+
+    round: int
+    base: list[int]                                          # the committed prefix the round builds on
+    tokens: list[int] = field(default_factory=list)          # draft tokens staged so far
+    rows: list[np.ndarray] = field(default_factory=list)     # logits computed as batches arrived
+
+    @property
+    def rows_held(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+@dataclass
 class Session:
     channel: SecureChannel
     state: TargetState | None = None          # set once the edge's OPEN is accepted
     committed: list[int] = field(default_factory=list)
+    pending: PendingRound | None = None
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -94,7 +112,9 @@ class VerifierService:
             if header.type == FrameType.OPEN:
                 reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
             elif header.type == FrameType.VERIFY:
-                reply_type, reply = FrameType.RESULT, self._verify(session, VerifyRequest.from_dict(body)).to_dict()
+                result = self._verify(session, VerifyRequest.from_dict(body))
+                reply_type = FrameType.ACK if isinstance(result, BatchAck) else FrameType.RESULT
+                reply = result.to_dict()
             elif header.type == FrameType.CLOSE:
                 del self.sessions[header.session_id]
                 reply_type, reply = FrameType.CLOSED, {}
@@ -148,48 +168,80 @@ class VerifierService:
         self.metrics.cached_tokens.set(self._cached_tokens())
 
     # -- NAV ------------------------------------------------------------------------
-    def _verify(self, session: Session, req: VerifyRequest) -> VerifyResponse:
+    def _verify(self, session: Session, req: VerifyRequest) -> VerifyResponse | BatchAck:
+        """Stage a non-final batch, or run NAV over the round when its final batch arrives."""
         if session.state is None:
             raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
-        self._check(session, req)
+        self._check_limits(req)
+        pending = self._round_for(session, req)
+        if pending is None:      # a stale or out-of-order batch: refused, nothing changes
+            if req.final:
+                self.metrics.resyncs.inc()
+                raise WireError(ErrorCode.RESYNC, "the verifier holds a different committed prefix or round: "
+                                "resend the round from offset 0", committed_len=len(session.committed))
+            same = session.pending is not None and session.pending.round == req.round
+            return BatchAck(req.round, False, len(session.pending.tokens) if same else 0)
+        total = len(pending.base) + len(pending.tokens) + len(req.draft)
+        if total + 1 > self.max_context:
+            raise WireError(ErrorCode.CONTEXT_OVERFLOW,
+                            f"prefix and draft ({total} tokens) leave no room in the target's context of "
+                            f"{self.max_context}", max_context=self.max_context)
+        pending.tokens.extend(req.draft)
         t0 = time.perf_counter()
-        committed = session.committed[: req.base_len] + list(req.append)
-        logits = self.target.logits(session.state, committed + list(req.draft), first_row=len(committed) - 1)
-        accepted, token = greedy_accept(req.draft, logits)
+        if not req.final:
+            session.pending = pending
+            if self.settings.eager_forward and req.draft:
+                # Start the target on what has arrived, so NAV at the trigger runs on the last batch only.
+                self._forward(session.state, pending)
+                self.metrics.nav_seconds.observe(time.perf_counter() - t0)
+            return BatchAck(req.round, True, len(pending.tokens))
+        session.pending = None
+        if pending.rows_held < len(pending.tokens) + 1:
+            self._forward(session.state, pending)
+        accepted, token = greedy_accept(pending.tokens, np.concatenate(pending.rows))
         # Rollback: the cache keeps the committed prefix and the accepted draft tokens; the
         # target's own token is fed at the start of the next round.
-        self.target.rollback(session.state, len(committed) + accepted)
-        session.committed = committed + list(req.draft[:accepted]) + [token]
+        self.target.rollback(session.state, len(pending.base) + accepted)
+        session.committed = pending.base + pending.tokens[:accepted] + [token]
         elapsed = time.perf_counter() - t0
         m = self.metrics
         m.nav_rounds.inc()
-        m.draft_tokens.inc(len(req.draft))
+        m.draft_tokens.inc(len(pending.tokens))
         m.accepted_tokens.inc(accepted)
         m.nav_seconds.observe(elapsed)
         self._evict(keep=session.channel.session_id)
         return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3)
 
-    def _check(self, session: Session, req: VerifyRequest) -> None:
-        if req.base_len and (req.base_len != len(session.committed)
-                             or req.prefix_hash != prefix_hash(session.committed)):
-            self.metrics.resyncs.inc()
-            raise WireError(ErrorCode.RESYNC, "the verifier holds a different committed prefix: resend it from 0",
-                            committed_len=len(session.committed))
-        if req.base_len + len(req.append) == 0:
-            raise WireError(ErrorCode.MALFORMED, "a round needs at least one committed token")
-        if len(req.draft) > self.settings.max_draft:
+    def _forward(self, state: TargetState, pending: PendingRound) -> None:
+        """Logits rows for the staged tokens not yet run (row 0 predicts the round's first token)."""
+        first = len(pending.base) - 1 + pending.rows_held
+        pending.rows.append(self.target.logits(state, pending.base + pending.tokens, first_row=first))
+
+    def _round_for(self, session: Session, req: VerifyRequest) -> PendingRound | None:
+        """The round this batch joins, or None when it does not fit what the session holds."""
+        if req.offset == 0:
+            if req.base_len and (req.base_len != len(session.committed)
+                                 or req.prefix_hash != prefix_hash(session.committed)):
+                return None
+            base = session.committed[: req.base_len] + list(req.append)
+            if not base:
+                raise WireError(ErrorCode.MALFORMED, "a round needs at least one committed token")
+            return PendingRound(req.round, base)
+        p = session.pending
+        if (p is None or p.round != req.round or len(p.tokens) != req.offset or req.append
+                or req.base_len != len(p.base) or req.prefix_hash != prefix_hash(p.base)):
+            return None
+        return p
+
+    def _check_limits(self, req: VerifyRequest) -> None:
+        if len(req.draft) > self.settings.max_draft or req.offset + len(req.draft) > self.settings.max_draft:
             raise WireError(ErrorCode.DRAFT_TOO_LONG,
-                            f"{len(req.draft)} draft tokens exceed the limit of {self.settings.max_draft}",
-                            max_draft=self.settings.max_draft)
+                            f"a round of {req.offset + len(req.draft)} draft tokens exceeds the limit of "
+                            f"{self.settings.max_draft}", max_draft=self.settings.max_draft)
         if len(req.append) > self.settings.max_append:
             raise WireError(ErrorCode.BATCH_TOO_LARGE,
                             f"{len(req.append)} prefix tokens in one frame exceed {self.settings.max_append}",
                             max_append=self.settings.max_append)
-        total = req.base_len + len(req.append) + len(req.draft)
-        if total + 1 > self.max_context:
-            raise WireError(ErrorCode.CONTEXT_OVERFLOW,
-                            f"prefix and draft ({total} tokens) leave no room in the target's context of "
-                            f"{self.max_context}", max_context=self.max_context)
         vocab = self.target.vocab_size
         if any(t >= vocab for t in req.append) or any(t >= vocab for t in req.draft):
             raise WireError(ErrorCode.BAD_TOKEN_ID, f"token ids must be below the vocabulary size {vocab}",

@@ -19,3 +19,4 @@ class VerifierSettings:
     retry_after_s: int = 1            # the Retry-After a 429 carries
     replay_window: int = 1024         # frame sequence numbers remembered per direction
     rekey_interval: int = 1 << 16     # frames per key epoch before the channel ratchets its keys
+    eager_forward: bool = True        # run the target on draft batches as they arrive, not only at NAV

@@ -19,6 +19,7 @@ from .channel import (
 from .codec import DecodeLimits, decode, encode
 from .errors import ErrorCode, WireError
 from .messages import (
+    BatchAck,
     OpenSession,
     SessionOpened,
     VerifyRequest,
@@ -32,6 +33,6 @@ from .messages import (
 __all__ = [
     "ChannelLimits", "ClientHandshake", "FrameType", "HandshakeError", "SecureChannel", "StaticKey",
     "parse_header", "server_handshake", "DecodeLimits", "decode", "encode", "ErrorCode", "WireError",
-    "OpenSession", "SessionOpened", "VerifyRequest", "VerifyResponse", "pack_tokens", "prefix_hash",
+    "BatchAck", "OpenSession", "SessionOpened", "VerifyRequest", "VerifyResponse", "pack_tokens", "prefix_hash",
     "unpack_tokens", "vocab_fingerprint",
 ]

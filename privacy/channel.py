@@ -58,6 +58,7 @@ class FrameType(IntEnum):
     ERROR = 5      # verifier -> edge: {"error": {...}} for failures after authentication
     CLOSE = 6      # edge -> verifier: end the session
     CLOSED = 7     # verifier -> edge
+    ACK = 8        # verifier -> edge: BatchAck for a non-final VERIFY batch
 
 
 @dataclass(frozen=True)

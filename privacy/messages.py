@@ -99,32 +99,56 @@ class SessionOpened:
 
 @dataclass(frozen=True)
 class VerifyRequest:
-    """Edge -> verifier: one NAV round.
+    """Edge -> verifier: one batch of a round's draft; the round's last batch (``final``) asks for NAV.
 
     ``base_len`` is how many committed tokens the edge believes the verifier holds and
     ``prefix_hash`` their hash (``prefix_hash(committed[:base_len])``, empty when 0);
     a verifier holding anything else answers RESYNC. ``append`` are committed tokens
-    the verifier has not seen yet (the prompt, or the whole prefix after a resync);
-    ``draft`` are the tokens to verify. An empty draft asks the target for its next
-    token alone (cloud-only decoding).
+    the verifier has not seen yet (the prompt, or the whole prefix after a resync).
+    ``draft`` are this batch's draft tokens; they sit at ``offset`` in the round's draft,
+    after the batches sent before (a round sent in one piece has offset 0). An empty
+    final draft asks the target for its next token alone (cloud-only decoding).
     """
 
     base_len: int
     append: tuple[int, ...]
     draft: tuple[int, ...]
     prefix_hash: bytes = b""
+    round: int = 0
+    offset: int = 0
+    final: bool = True
 
     def to_dict(self) -> dict:
         return {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
-                "draft": pack_tokens(self.draft)}
+                "draft": pack_tokens(self.draft), "round": self.round, "offset": self.offset, "final": self.final}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifyRequest":
         req = cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
-                  unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""))
+                  unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""),
+                  _count(d, "round") if "round" in d else 0, _count(d, "offset") if "offset" in d else 0,
+                  _field(d, "final", bool, True))
         if len(req.prefix_hash) != (16 if req.base_len else 0):
             raise WireError(ErrorCode.MALFORMED, "'prefix_hash' must be 16 bytes when base_len > 0, else empty")
         return req
+
+
+@dataclass(frozen=True)
+class BatchAck:
+    """Verifier -> edge, for a non-final batch: did it join the round (``staged``), and how many tokens
+    of the round the verifier now holds. A refused batch (stale round, base mismatch, out of order)
+    changes nothing; the edge resends from ``held`` in its final batch."""
+
+    round: int
+    staged: bool
+    held: int
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, "staged": self.staged, "held": self.held}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchAck":
+        return cls(_count(d, "round"), _field(d, "staged", bool), _count(d, "held"))
 
 
 @dataclass(frozen=True)

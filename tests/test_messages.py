@@ -36,10 +36,10 @@ def test_tokens_travel_as_packed_little_endian_uint32():
 
 
 def test_greedy_request_is_small():
-    # 4 bytes a draft token plus a fixed envelope (field names, the 16-byte prefix hash):
+    # 4 bytes a draft token plus a fixed envelope (field names, the 16-byte prefix hash, round info):
     # no probabilities travel when greedy.
     body = encode(VerifyRequest(100, (), tuple(range(8)), b"h" * 16).to_dict())
-    assert len(body) <= 8 * 4 + 64
+    assert len(body) <= 8 * 4 + 96
 
 
 def test_fingerprint_depends_on_order_and_content():
