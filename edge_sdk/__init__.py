@@ -7,6 +7,7 @@ the errors it raises. Drafters, policies and transports are pluggable protocols.
 from .client import EdgeClient, Generation
 from .drafter import Drafter, DraftToken, LlamaCppDrafter
 from .engine import GenerationResult, TokenEvent
+from .emulation import EmulatedLink, LinkProfile
 from .errors import (
     ConfigError,
     PipeSDError,
@@ -20,7 +21,7 @@ from .stats import GenerationStats
 from .transport import HttpVerifier, Verifier
 
 __all__ = [
-    "EdgeClient", "Generation", "GenerationResult", "GenerationStats", "TokenEvent", "Drafter", "DraftToken",
+    "EdgeClient", "Generation", "EmulatedLink", "LinkProfile", "GenerationResult", "GenerationStats", "TokenEvent", "Drafter", "DraftToken",
     "LlamaCppDrafter", "Policy", "make_policy", "MODES", "Verifier", "HttpVerifier", "PipeSDError", "ConfigError",
     "PromptTooLongError", "VerifierError", "VerifierUnavailable", "VocabMismatchError",
 ]

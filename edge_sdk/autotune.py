@@ -88,6 +88,7 @@ class OnlineAutotuner:
         self._tuner: Tuner | None = None
         self._trial: _Trial | None = None
         self._pending: threading.Thread | None = None
+        self._starting = None
         self.trials_done = 0
 
     def thresholds(self) -> tuple[float, float]:
@@ -102,14 +103,14 @@ class OnlineAutotuner:
 
     @property
     def tuning(self) -> bool:
-        return self._tuner is not None and not self._tuner.done
+        return self._starting is not None and (self._tuner is None or not self._tuner.done)
 
     def record(self, tokens: int, seconds: float, regime, acceptance: float) -> None:
         with self._lock:
             if regime != self._regime:
                 self._regime = regime
                 if regime in self.memory:   # a known regime: its best thresholds, no tuning
-                    self._tuner, self._trial = None, None
+                    self._tuner, self._trial, self._starting = None, None, None
                 else:
                     self._start()
             elif regime in self.memory and abs(acceptance - self.memory[regime][1]) > self.acceptance_drift:
@@ -142,8 +143,20 @@ class OnlineAutotuner:
         self._pending.start()
 
     def _start(self) -> None:
-        self._tuner = self.make_tuner()
-        self._trial = _Trial(self._tuner.ask())
+        """Begin a tuning run; building the optimiser (and importing skopt) happens off-thread."""
+        self._tuner, self._trial = None, None
+        token = object()
+        self._starting = token
+
+        def build():
+            tuner = self.make_tuner()
+            first = _Trial(tuner.ask())
+            with self._lock:
+                if self._starting is token:
+                    self._tuner, self._trial = tuner, first
+
+        self._pending = threading.Thread(target=build, name="autotune-start", daemon=True)
+        self._pending.start()
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for a background tuner step (tests and benchmarks)."""

@@ -19,7 +19,8 @@ from .policies import MODES
 def _generate(args) -> int:
     psk = args.psk_file.read_bytes().strip() if args.psk_file else None
     client = EdgeClient(args.verifier, verifier_key=args.verifier_key, psk=psk, pair=args.pair,
-                        draft_model=args.draft_model, mode=args.mode, draft_k=args.k, threads=args.threads,
+                        draft_model=args.draft_model, mode=args.mode, draft_k=args.k, r1=args.r1, r2=args.r2,
+                        threads=args.threads,
                         local_only=args.local_only)
     with client:
         gen = client.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
@@ -45,8 +46,10 @@ def main(argv=None) -> int:
     g.add_argument("--verifier-key", help="the verifier's public key (base64, printed by pipesd-verifier)")
     g.add_argument("--psk-file", type=Path, help="pre-shared key file instead of --verifier-key")
     g.add_argument("--local-only", action="store_true", help="never contact the cloud (private request)")
-    g.add_argument("--mode", choices=MODES, default="vanilla")
+    g.add_argument("--mode", choices=MODES, default="pipesd")
     g.add_argument("-k", type=int, default=4, help="draft length (vanilla)")
+    g.add_argument("--r1", type=float, help="fixed C_n threshold (PipeSD policies; default: tuned online)")
+    g.add_argument("--r2", type=float, help="fixed P(d_n) threshold (PipeSD policies, HSL)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--pair", default="embedded", help="model pair: embedded (default) or smollm2")

@@ -14,8 +14,9 @@ from typing import Iterator, Sequence
 from .drafter import Drafter, LlamaCppDrafter
 from .engine import Engine, GenerationResult, TokenEvent
 from .errors import ConfigError
-from .policies import MODES, make_policy
+from .policies import MODES, Policy, make_policy
 from .stats import GenerationStats
+from .emulation import EmulatedLink, LinkProfile
 from .transport import HttpVerifier, Verifier
 
 
@@ -67,10 +68,15 @@ class EdgeClient:
             a verifier without the matching private key fails the handshake.
         psk: a pre-shared key (>= 32 bytes) instead of a pinned public key.
         local_only: never contact the cloud: every request runs on the device (edge_only).
+        link: an emulated link (``LinkProfile``) between this client and the verifier, for
+            experiments on loopback: bandwidth, RTT, per-token payload (see linkemu.py).
         pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
         draft_model: path of a GGUF draft model instead of the pair's.
-        mode: "vanilla" (speculative, fixed draft length), "cloud_only" or "edge_only".
+        mode: the decoding policy: "pipesd" (default: dual-threshold trigger tuned online, DP token
+            batches, proactive drafting), the baselines "vanilla" (fixed draft length), "hsl",
+            "edgellm", the ablations "pipesd_*", or "cloud_only" / "edge_only" (see policies.py).
         draft_k: draft length of the vanilla mode.
+        r1, r2: fixed dual thresholds (C_n < r1 or P(d_n) < r2) instead of online tuning.
         threads: draft compute threads (default: available cores, at most 4).
         n_ctx: draft context length (default: the model's trained context).
         verifier: a ``Verifier`` implementation to use instead of HTTP (tests, emulated links).
@@ -78,14 +84,18 @@ class EdgeClient:
 
     def __init__(self, verifier_url: str | Sequence[str] | None = None, *, verifier_key: str | bytes | None = None,
                  psk: str | bytes | None = None, pair: str = "embedded", draft_model: str | Path | None = None,
-                 mode: str = "vanilla", draft_k: int = 4, threads: int | None = None, n_ctx: int | None = None,
+                 mode: str = "pipesd", draft_k: int = 4, r1: float | None = None, r2: float | None = None,
+                 threads: int | None = None, n_ctx: int | None = None,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0, local_only: bool = False,
-                 verifier: Verifier | None = None, drafter: Drafter | None = None):
-        make_policy(mode, draft_k)  # validate early
-        self.mode, self.draft_k, self.local_only = mode, draft_k, local_only
+                 link: LinkProfile | None = None, verifier: Verifier | None = None, drafter: Drafter | None = None):
+        make_policy(mode, draft_k, r1, r2)  # validate early
+        self.mode, self.draft_k, self.r1, self.r2, self.local_only = mode, draft_k, r1, r2, local_only
+        self._policies: dict[tuple, Policy] = {}   # adaptive policies keep what they learn across requests
         if verifier is None and verifier_url and not local_only:
             verifier = HttpVerifier(verifier_url, verifier_key=verifier_key, psk=psk,
                                     connect_timeout=connect_timeout, read_timeout=read_timeout)
+        if verifier is not None and link is not None:
+            verifier = EmulatedLink(verifier, link)
         self.verifier = None if local_only else verifier
         self.drafter = drafter or LlamaCppDrafter(resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
         self.engine = Engine(self.drafter, verifier)
@@ -109,7 +119,10 @@ class EdgeClient:
         mode = "edge_only" if (private or self.local_only) else (mode or self.mode)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        policy = make_policy(mode, draft_k or self.draft_k)
+        key = (mode, draft_k or self.draft_k, self.r1, self.r2)
+        if key not in self._policies:
+            self._policies[key] = make_policy(*key)
+        policy = self._policies[key]
         if policy.uses_cloud and self.verifier is None:
             raise ConfigError(f"mode {mode!r} needs a verifier: pass verifier_url=...")
         if max_new_tokens < 1:

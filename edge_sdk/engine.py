@@ -1,10 +1,16 @@
-"""The speculative decoding round, top to bottom: draft -> NAV -> commit -> rollback.
+"""The decoding engine: one file where a round reads top to bottom.
 
-One ``Engine.run`` call is one generation. Each round the drafter moves to the
-committed sequence (its KV cache keeps the common prefix: that is the edge-side
-rollback), drafts until the policy triggers verification, and the verifier accepts
-the longest correct prefix and adds its own next token. The committed sequence only
-ever grows by tokens the target chose, so greedy output equals target-only greedy.
+    draft -> (batches go up as the schedule closes them) -> trigger -> final batch -> NAV
+          -> (meanwhile: proactive drafting of the next round) -> commit -> keep or roll back
+
+Each round the drafter moves to the round's base (its KV cache keeps the common prefix: that
+is the edge-side rollback) and drafts until the policy's trigger fires. The uploader sends the
+draft in batches on its own thread; the final batch asks the verifier for NAV, which accepts
+the longest correct prefix and adds the target's own next token. While that is in flight a
+proactive policy drafts on, assuming every token is accepted and the target's token equals the
+draft's own next one; those tokens (and their uploads) survive only if both assumptions hold.
+The committed sequence only ever grows by tokens the target chose, so greedy output equals
+target-only greedy decoding for every policy.
 """
 
 from __future__ import annotations
@@ -16,12 +22,17 @@ from typing import Iterator, Sequence
 from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, prefix_hash
 from privacy.messages import vocab_fingerprint
 
+from .autotune import OnlineAutotuner
 from .drafter import Drafter, DraftToken
 from .errors import PromptTooLongError, VerifierError, VocabMismatchError
 from .policies import Policy
+from .profiler import LinkProfiler
+from .scheduling import BatchPlan, WindowEstimator, plan_batches
 from .stats import GenerationStats
 from .text import TextAssembler
 from .transport import Verifier
+from .triggers import DualThreshold
+from .uploader import Batch, Uploader
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,6 @@ class _Output:
         self.finish_reason = ""
 
     @property
-    def new_tokens(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
-
-    @property
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.tokens) + self.prompt_len
 
@@ -75,8 +82,34 @@ class _Output:
                 self.finish_reason = "length"
 
 
+def proactive_survives(assumed_base: Sequence[int], committed: Sequence[int]) -> bool:
+    """Keep a round drafted during NAV only if it was built on exactly what NAV committed.
+
+    Its base is the previous base + the whole draft + the token the edge assumed the target
+    would add; NAV committed base + draft[:accepted] + the target's token. They are equal only
+    when every draft token was accepted and the target's token is the assumed one, so no token
+    the target would not have produced is ever kept.
+    """
+    return list(assumed_base) == list(committed)
+
+
+@dataclass
+class _Round:
+    """Draft tokens since the last NAV and the committed prefix they build on (assumed, if proactive)."""
+
+    id: int
+    base: list[int]
+    draft: list[DraftToken] = field(default_factory=list)
+    sent: int = 0                 # draft tokens handed to the uploader in non-final batches
+
+    @property
+    def tokens(self) -> list[int]:
+        return [d.token for d in self.draft]
+
+
 class Engine:
-    """Runs generations for one drafter + verifier pair under a policy."""
+    """Runs generations for one drafter + verifier pair. Keeps what it learns across generations:
+    the link profile, the DP plan, the window estimate and the autotuner's memory."""
 
     def __init__(self, drafter: Drafter, verifier: Verifier | None):
         self.drafter = drafter
@@ -85,94 +118,238 @@ class Engine:
         self.session: SessionOpened | None = None   # kept across generations: its KV cache is reused
         self.max_draft = 64
         self.max_context = drafter.max_context
+        self.profiler = LinkProfiler()
+        self.window = WindowEstimator()
+        self.autotuner = OnlineAutotuner()
+        self._plan: BatchPlan | None = None
+        self._plan_basis = None
+        self._round_ids = 0
 
-    # -- one generation ---------------------------------------------------------
+    # -- one generation ---------------------------------------------------------------
     def run(self, prompt: list[int], policy: Policy, max_new_tokens: int,
             stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
         stats = stats or GenerationStats(mode=policy.name)
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
-        if policy.uses_cloud and self.session is None:
-            self._open_session(stats)
+        up0 = down0 = 0
+        if policy.uses_cloud:
+            up0, down0 = self.verifier.bytes_sent, self.verifier.bytes_received
+            if self.session is None:
+                self._open_session(stats)
         room = self.max_context - len(prompt)
         if room < 1 or not prompt:
             raise PromptTooLongError(f"a prompt of {len(prompt)} tokens leaves no room in a context of "
                                      f"{self.max_context} tokens" if prompt else "the prompt has no tokens")
         out = _Output(prompt, min(max_new_tokens, room), self.drafter.eos_token_ids,
                       TextAssembler(self.drafter.token_bytes, stop))
-        synced = 0  # committed tokens the verifier holds
-        while not out.finish_reason:
-            # 1. Draft until the policy triggers verification, EOS, or the round's cap.
-            #    Every NAV round commits accepted + 1 tokens, hence remaining - 1.
-            cap = min(policy.max_draft(), self.max_draft, out.remaining - (1 if policy.uses_cloud else 0))
-            draft = self._draft(out.tokens, cap, policy, stats) if policy.uses_draft and cap > 0 else []
-            if not policy.uses_cloud:
-                committed, verified = [d.token for d in draft], False
-            else:
-                # 2. NAV: the cloud verifies the draft (sending the committed tail it lacks).
-                resp = self._verify(out.tokens, synced, [d.token for d in draft], stats)
-                committed, verified = [d.token for d in draft[: resp.accepted]] + [resp.token], True
-                synced = resp.committed_len
-                self._count_round(stats, len(draft), resp.accepted)
-                policy.on_round(len(draft), resp.accepted)
-            # 3. Commit. The drafter rolls back to the new committed sequence next round.
-            if not committed:  # the drafter cannot go further (its context is full)
-                out.finish_reason = "context"
-            for event in out.commit(committed, verified):
+        if not policy.uses_cloud:
+            loop = self._edge_only(out, stats)
+        elif not policy.uses_draft:
+            loop = self._cloud_only(out, stats)
+        else:
+            loop = self._speculative(out, policy, stats)
+        try:
+            for event in loop:
                 if stats.output_tokens == 0:
                     stats.ttft_s = time.perf_counter() - t0
                 stats.output_tokens += 1
                 yield event
+        finally:
+            loop.close()
+            if policy.uses_cloud:
+                stats.bytes_up += self.verifier.bytes_sent - up0
+                stats.bytes_down += self.verifier.bytes_received - down0
         tail = out.text.finish()
         if tail:
             yield TokenEvent(None, tail, policy.uses_cloud)
         stats.total_s = time.perf_counter() - t0
         stats.finish_reason = out.finish_reason
 
-    def _draft(self, tokens: list[int], cap: int, policy: Policy, stats: GenerationStats) -> list[DraftToken]:
-        t = time.perf_counter()
-        self.drafter.set_context(tokens)
-        cap = min(cap, self.drafter.max_context - len(tokens))
-        draft: list[DraftToken] = []
-        while len(draft) < cap:
-            d = self.drafter.next_token()
-            draft.append(d)
-            if d.token in self.drafter.eos_token_ids or policy.should_verify(draft):
-                break
-        stats.draft_s += time.perf_counter() - t
-        return draft
-
-    def _verify(self, tokens: list[int], synced: int, draft: list[int], stats: GenerationStats) -> VerifyResponse:
-        """One NAV round; a verifier that lost or disagrees with our prefix gets it resent once."""
-        for attempt in range(2):
-            up, down = self.verifier.bytes_sent, self.verifier.bytes_received
+    def _edge_only(self, out: _Output, stats: GenerationStats) -> Iterator[TokenEvent]:
+        """The draft model alone: every token it proposes is output, unverified."""
+        while not out.finish_reason:
             t = time.perf_counter()
-            try:
-                resp = self.verifier.verify(VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
-                                                          prefix_hash(tokens[:synced]) if synced else b""))
-            except VerifierError as exc:
-                if attempt or exc.code not in ("resync", "unknown_session"):
-                    raise
+            self.drafter.set_context(out.tokens)
+            token = self.drafter.next_token().token
+            stats.draft_s += time.perf_counter() - t
+            yield from out.commit([token], verified=False)
+
+    def _cloud_only(self, out: _Output, stats: GenerationStats) -> Iterator[TokenEvent]:
+        """The target alone: an empty draft per round, one token per round trip."""
+        synced = 0
+        while not out.finish_reason:
+            resp, synced = self._nav_whole(out.tokens, synced, [], stats)
+            self._count_round(stats, 0, 0)
+            yield from out.commit([resp.token], verified=True)
+
+    # -- speculative decoding ----------------------------------------------------------
+    def _speculative(self, out: _Output, policy: Policy, stats: GenerationStats) -> Iterator[TokenEvent]:
+        uploader = Uploader(self.verifier, self.profiler)
+        synced = 0                                  # committed tokens the verifier holds
+        rnd = self._new_round(list(out.tokens))
+        try:
+            while not out.finish_reason:
+                t_round = time.perf_counter()
+                self._tune(policy)
+                # Every NAV round commits accepted + 1 tokens, hence remaining - 1.
+                cap = min(policy.max_draft, self.max_draft, out.remaining - 1,
+                          self.drafter.max_context - len(rnd.base) - 1)
+                plan = self._batch_plan(policy)
+                # 1. Draft until the trigger fires; batches go up as the schedule closes them.
+                self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
+                # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
+                pending = uploader.finalize(self._batch(rnd, synced, out.tokens, final=True))
+                # 3. While NAV is in flight, a proactive policy drafts the next round.
+                nxt = None
+                if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
+                    nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,
+                                            uploader, stats)
+                t_wait = time.perf_counter()
+                try:
+                    resp = pending.result()
+                    synced = resp.committed_len
+                except VerifierError as exc:
+                    if exc.code not in ("resync", "unknown_session"):
+                        raise
+                    if nxt is not None:
+                        uploader.cancel(nxt.id)
+                        nxt = None
+                    resp, synced = self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
+                stats.wait_s += time.perf_counter() - t_wait
+                stats.verify_s += resp.verify_ms / 1e3
+                self._count_round(stats, len(rnd.draft), resp.accepted)
+                policy.trigger.on_round(len(rnd.draft), resp.accepted, rnd.draft)
+                self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
+                self.window.observe(len(rnd.draft))
+                # 4. Commit the accepted prefix and the target's token; keep the proactive round
+                #    only if it was built on exactly that.
+                committed = rnd.tokens[: resp.accepted] + [resp.token]
+                yield from out.commit(committed, verified=True)
+                if policy.autotune:
+                    self.autotuner.record(len(committed), time.perf_counter() - t_round,
+                                          self.profiler.estimate().regime(), self.profiler.acceptance)
+                if nxt is not None and proactive_survives(nxt.base, out.tokens):
+                    stats.proactive_kept += len(nxt.draft)
+                    rnd = nxt
+                else:
+                    if nxt is not None:
+                        stats.proactive_discarded += len(nxt.draft) + 1
+                        uploader.cancel(nxt.id)
+                    rnd = self._new_round(list(out.tokens))   # roll back to the target's token
+        finally:
+            uploader.close()
+            stats.upload_s += uploader.upload_s
+            stats.batch_sizes.extend(uploader.batch_sizes)
+
+    def _draft_round(self, rnd: _Round, cap: int, policy: Policy, plan: BatchPlan | None, uploader: Uploader,
+                     synced: int, stats: GenerationStats) -> None:
+        """Draft into `rnd` until the trigger fires, EOS, or `cap`; stage batches on the way."""
+        if rnd.draft and (policy.trigger.should_verify(rnd.draft) or len(rnd.draft) >= cap
+                          or rnd.draft[-1].token in self.drafter.eos_token_ids):
+            return   # a kept proactive round may already be complete
+        t = time.perf_counter()
+        self.drafter.set_context(rnd.base + rnd.tokens)
+        while len(rnd.draft) < cap:
+            t_token = time.perf_counter()
+            d = self.drafter.next_token()
+            self.profiler.observe_draft(time.perf_counter() - t_token)
+            rnd.draft.append(d)
+            if d.token in self.drafter.eos_token_ids or policy.trigger.should_verify(rnd.draft):
+                break
+            if self._closes_batch(policy, plan, len(rnd.draft)):
+                uploader.stage(self._batch(rnd, synced, rnd.base, final=False))
+        stats.draft_s += time.perf_counter() - t
+
+    def _draft_ahead(self, rnd: _Round, pending, budget: int, policy: Policy, plan: BatchPlan | None,
+                     uploader: Uploader, stats: GenerationStats) -> _Round | None:
+        """Proactive drafting while NAV is in flight. The first token is the assumed target token
+        after a fully accepted round; the rest are the next round's draft."""
+        if budget < 1:
+            return None
+        t = time.perf_counter()
+        self.drafter.set_context(rnd.base + rnd.tokens)
+        assumed = self.drafter.next_token()
+        nxt = self._new_round(rnd.base + rnd.tokens + [assumed.token])
+        cap = min(policy.max_draft, self.max_draft, budget, self.drafter.max_context - len(nxt.base) - 1)
+        while not pending.done() and len(nxt.draft) < cap and assumed.token not in self.drafter.eos_token_ids:
+            d = self.drafter.next_token()
+            nxt.draft.append(d)
+            if d.token in self.drafter.eos_token_ids or policy.trigger.should_verify(nxt.draft):
+                break
+            if self._closes_batch(policy, plan, len(nxt.draft)):
+                # Built on a prefix the verifier does not hold yet: it stages it only if NAV confirms it.
+                uploader.stage(self._batch(nxt, len(nxt.base), nxt.base, final=False))
+        stats.draft_s += time.perf_counter() - t
+        return nxt
+
+    def _batch(self, rnd: _Round, synced: int, committed: list[int], final: bool) -> Batch:
+        """The round's next batch: its base as the verifier should hold it, and the unsent tokens."""
+        base_len = min(synced, len(rnd.base))
+        append = tuple(rnd.base[base_len:])
+        phash = prefix_hash(rnd.base[:base_len]) if base_len else b""
+        if final:
+            return Batch(rnd.id, base_len, phash, append, tuple(rnd.tokens), final=True)
+        batch = Batch(rnd.id, base_len, phash, append if rnd.sent == 0 else (), tuple(rnd.tokens[rnd.sent:]),
+                      offset=rnd.sent)
+        rnd.sent = len(rnd.draft)
+        return batch
+
+    @staticmethod
+    def _closes_batch(policy: Policy, plan: BatchPlan | None, drafted: int) -> bool:
+        if policy.schedule == "per_token":
+            return True
+        return policy.schedule == "dp" and plan is not None and plan.ends_batch(drafted)
+
+    def _batch_plan(self, policy: Policy) -> BatchPlan | None:
+        """The DP plan over the predicted window; re-planned when the window or the link drifts."""
+        if policy.schedule != "dp":
+            return None
+        est, window = self.profiler.estimate(), self.window.value
+        if self._plan is None or self._plan_basis[1] != window or est.drifted_from(self._plan_basis[0]):
+            self._plan = BatchPlan(plan_batches(window, est.alpha, est.beta, est.gamma))
+            self._plan_basis = (est, window)
+        return self._plan
+
+    def _tune(self, policy: Policy) -> None:
+        if policy.autotune and isinstance(policy.trigger, DualThreshold):
+            policy.trigger.r1, policy.trigger.r2 = self.autotuner.thresholds()
+
+    def _new_round(self, base: list[int]) -> _Round:
+        self._round_ids += 1
+        return _Round(self._round_ids, base)
+
+    # -- synchronous NAV (cloud-only rounds and recovery) --------------------------------
+    def _nav_whole(self, tokens: list[int], synced: int, draft: list[int], stats: GenerationStats,
+                   first_error: VerifierError | None = None) -> tuple[VerifyResponse, int]:
+        """One round sent in one piece; a verifier that lost or disagrees with our prefix gets it resent."""
+        error = first_error
+        for _ in range(2):
+            if error is not None:
                 stats.resyncs += 1
-                if exc.code == "unknown_session":
+                if error.code == "unknown_session":
                     self._open_session(stats)
                 synced = 0
+            t = time.perf_counter()
+            self._round_ids += 1
+            req = VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
+                                prefix_hash(tokens[:synced]) if synced else b"", self._round_ids)
+            try:
+                resp = self.verifier.verify(req)
+            except VerifierError as exc:
+                if error is not None or exc.code not in ("resync", "unknown_session"):
+                    raise
+                error = exc
                 continue
-            finally:
-                stats.bytes_up += self.verifier.bytes_sent - up
-                stats.bytes_down += self.verifier.bytes_received - down
-            stats.verify_s += resp.verify_ms / 1e3
-            stats.network_s += max(0.0, time.perf_counter() - t - resp.verify_ms / 1e3)
-            return resp
-        raise AssertionError("unreachable")
+            if not draft:   # cloud-only: the whole round trip is waiting
+                stats.wait_s += time.perf_counter() - t
+                stats.verify_s += resp.verify_ms / 1e3
+            return resp, resp.committed_len
+        raise error
 
     def _open_session(self, stats: GenerationStats) -> None:
-        up, down = self.verifier.bytes_sent, self.verifier.bytes_received
         t = time.perf_counter()
         opened = self.verifier.open_session(OpenSession(self.fingerprint, self.drafter.vocab_size))
-        stats.network_s += time.perf_counter() - t
-        stats.bytes_up += self.verifier.bytes_sent - up
-        stats.bytes_down += self.verifier.bytes_received - down
+        stats.wait_s += time.perf_counter() - t
         if opened.vocab_fingerprint != self.fingerprint:  # the verifier should have refused already
             raise VocabMismatchError(409, "vocab_mismatch", f"the target {opened.model!r} uses another vocabulary")
         self.session = opened

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -17,11 +17,15 @@ class GenerationStats:
     resyncs: int = 0               # times the prefix was resent (verifier restart, eviction, mismatch)
     ttft_s: float = 0.0            # request start -> first output token
     total_s: float = 0.0           # request start -> last output token
-    draft_s: float = 0.0           # edge compute: prefill + drafting
-    network_s: float = 0.0         # NAV requests, wall time minus the verifier's compute (upload + wait + download)
-    verify_s: float = 0.0          # the verifier's compute, as it reports it
-    bytes_up: int = 0              # request bodies
-    bytes_down: int = 0            # response bodies
+    draft_s: float = 0.0           # edge compute: prefill + drafting (proactive drafting included)
+    upload_s: float = 0.0          # sending non-final draft batches (on the uploader thread, overlapping drafting)
+    wait_s: float = 0.0            # the generation blocked on the cloud (NAV round trips, session set-up)
+    verify_s: float = 0.0          # the verifier's NAV compute, as it reports it (part of wait_s)
+    bytes_up: int = 0              # sealed frames sent
+    bytes_down: int = 0            # sealed frames received
+    batch_sizes: list[int] = field(default_factory=list)   # tokens in each batch sent (final batches included)
+    proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
+    proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
     finish_reason: str = ""        # eos | length | stop | context
 
     @property
@@ -32,6 +36,14 @@ class GenerationStats:
     def mean_acceptance_length(self) -> float:
         """Tokens committed per NAV round: 1 + accepted / rounds."""
         return 1.0 + self.draft_n_accepted / self.nav_rounds if self.nav_rounds else 0.0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.draft_n / self.nav_rounds if self.nav_rounds else 0.0
+
+    @property
+    def batches_sent(self) -> int:
+        return len(self.batch_sizes)
 
     @property
     def rollback_rate(self) -> float:
@@ -45,6 +57,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(acceptance_rate=self.acceptance_rate, mean_acceptance_length=self.mean_acceptance_length,
+                 mean_draft_length=self.mean_draft_length, batches_sent=self.batches_sent,
                  rollback_rate=self.rollback_rate, tpt_ms=self.tpt_ms)
         return d
 
@@ -53,5 +66,8 @@ class GenerationStats:
         if self.nav_rounds:
             s += (f" nav_rounds={self.nav_rounds} draft_n={self.draft_n} draft_n_accepted={self.draft_n_accepted}"
                   f" acceptance={self.acceptance_rate:.3f} mean_accept_len={self.mean_acceptance_length:.2f}"
-                  f" rollback_rate={self.rollback_rate:.2f} up={self.bytes_up}B down={self.bytes_down}B")
+                  f" rollback_rate={self.rollback_rate:.2f} batches={self.batches_sent}"
+                  f" up={self.bytes_up}B down={self.bytes_down}B"
+                  f" time(draft/upload/wait/verify)={self.draft_s * 1e3:.0f}/{self.upload_s * 1e3:.0f}/"
+                  f"{self.wait_s * 1e3:.0f}/{self.verify_s * 1e3:.0f}ms")
         return s + f" finish={self.finish_reason}"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 from typing import Protocol, Sequence
 
 import httpx
 
 from privacy import (
+    BatchAck,
     ChannelLimits,
     ClientHandshake,
     FrameType,
@@ -45,7 +47,10 @@ class Verifier(Protocol):
         """Start (or restart) a session: key exchange, then the vocabulary check."""
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:
-        """One NAV round in the current session."""
+        """A round's final batch: NAV over the round's draft."""
+
+    def stage(self, req: VerifyRequest) -> BatchAck:
+        """A non-final batch of a round (req.final is False)."""
 
     def close(self) -> None:
         """End the session and release connections."""
@@ -91,6 +96,7 @@ class HttpVerifier:
         self._channel: SecureChannel | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._count_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -111,6 +117,9 @@ class HttpVerifier:
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:
         return VerifyResponse.from_dict(self._exchange(FrameType.VERIFY, req.to_dict(), FrameType.RESULT))
+
+    def stage(self, req: VerifyRequest) -> BatchAck:
+        return BatchAck.from_dict(self._exchange(FrameType.VERIFY, req.to_dict(), FrameType.ACK))
 
     def close(self) -> None:
         if self._channel is not None:
@@ -161,8 +170,9 @@ class HttpVerifier:
                 raise VerifierError(503, "unknown_session", f"replica unreachable ({type(exc).__name__}); "
                                     f"moved to {self.url}") from exc
             raise VerifierUnavailable(f"cannot reach the verifier at {self.url}: {type(exc).__name__}: {exc}") from exc
-        self.bytes_sent += len(content)
-        self.bytes_received += len(resp.content)
+        with self._count_lock:   # the uploader and the NAV thread send concurrently
+            self.bytes_sent += len(content)
+            self.bytes_received += len(resp.content)
         return resp
 
 

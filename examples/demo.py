@@ -1,8 +1,8 @@
 """The main job on the default model pair: start a verifier, generate on the edge, print text and stats.
 
-    python examples/demo.py                  # embedded pair, vanilla speculative decoding (k=4)
+    python examples/demo.py                  # embedded pair, the PipeSD policy
     python examples/demo.py --pair smollm2   # SmolLM2-135M-Instruct (needs: make smollm2)
-    python examples/demo.py --compare        # also run cloud_only and edge_only on each prompt
+    python examples/demo.py --compare        # also run vanilla, cloud_only and edge_only on each prompt
 
 The verifier runs as a real uvicorn process on loopback (random free port) and is
 stopped at the end; the edge drafts with llama.cpp and sends drafts over HTTP.
@@ -14,7 +14,7 @@ import argparse
 import textwrap
 
 from cloud_verifier import LocalVerifier
-from edge_sdk import EdgeClient
+from edge_sdk import MODES, EdgeClient
 
 EMBEDDED_PROMPTS = [
     "def fibonacci(n):\n",
@@ -34,14 +34,15 @@ CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="embedded", choices=["embedded", "smollm2"])
-    ap.add_argument("--mode", default="vanilla", choices=["vanilla", "cloud_only", "edge_only"])
+    ap.add_argument("--mode", default="pipesd", choices=MODES)
     ap.add_argument("-k", "--draft-k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--compare", action="store_true", help="also run cloud_only and edge_only")
+    ap.add_argument("--compare", action="store_true", help="also run vanilla, cloud_only and edge_only")
     args = ap.parse_args()
 
     prompts = EMBEDDED_PROMPTS if args.pair == "embedded" else [CHAT.format(p) for p in SMOLLM2_PROMPTS]
-    modes = [args.mode] + ([m for m in ("cloud_only", "edge_only") if m != args.mode] if args.compare else [])
+    modes = [args.mode] + ([m for m in ("vanilla", "cloud_only", "edge_only") if m != args.mode]
+                           if args.compare else [])
     print(f"starting the verifier ({args.pair} target) on loopback ...", flush=True)
     with LocalVerifier(model=args.pair, threads=1) as verifier:
         print(f"verifier ready at {verifier.url}\n")

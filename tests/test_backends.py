@@ -35,15 +35,26 @@ def model_pair(request):
 
 
 def test_llamacpp_and_torch_agree(model_pair, sequences):
+    """Same logits up to f16 arithmetic; the same argmax wherever the top two are not a near-tie.
+
+    llama.cpp multiplies in f16 and torch in f32, so logits differ by a few 1e-3 and a top-2 tie
+    closer than that may flip (seen: 1 position in ~760 for the draft, margin 0.001).
+    """
     name, lcpp, torch_t = model_pair
-    worst = 0.0
+    worst, flips, positions = 0.0, 0, 0
     for seq in sequences:
         a = lcpp.logits(lcpp.new_state(), seq, first_row=0)
         b = torch_t.logits(torch_t.new_state(), seq, first_row=0)
         assert a.shape == b.shape == (len(seq), torch_t.vocab_size)
-        assert (a.argmax(-1) == b.argmax(-1)).all(), f"{name}: argmax differs between llama.cpp and torch"
-        worst = max(worst, float(np.abs(a - b).max()))
+        diff = np.abs(a - b).max(axis=-1)
+        top2 = np.sort(b, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * diff
+        assert (a.argmax(-1) == b.argmax(-1))[clear].all(), f"{name}: argmax differs at a clear margin"
+        worst = max(worst, float(diff.max()))
+        flips += int((a.argmax(-1) != b.argmax(-1)).sum())
+        positions += len(seq)
     assert worst < 0.05, f"{name}: max |logit diff| {worst}"
+    assert flips <= positions // 200, f"{name}: {flips} argmax flips in {positions} positions"
 
 
 @pytest.mark.parametrize("backend", ["torch", "llamacpp"])
