@@ -36,10 +36,14 @@ class SkoptTuner:
     def __init__(self, budget: int = 16, seed: int = 0, initial_points: int = 5):
         from skopt import Optimizer
         from skopt.learning import GaussianProcessRegressor
-        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
+        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-        gp = GaussianProcessRegressor(kernel=ConstantKernel(1.0) * Matern(length_scale=[0.3, 0.1], nu=2.5),
-                                      normalize_y=True, noise="gaussian", n_restarts_optimizer=2, random_state=seed)
+        # Matern(2.5) over (R1, R2) plus a white-noise term for measurement noise; its lower bound is
+        # far below any real TPT noise, so the hyper-parameter fit does not sit on it.
+        kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * Matern(length_scale=[0.3, 0.1], length_scale_bounds=(1e-3, 1e2),
+                                                              nu=2.5)
+                  + WhiteKernel(1e-3, (1e-12, 1e1)))
+        gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
         self._opt = Optimizer([R1_BOUNDS, R2_BOUNDS], base_estimator=gp, acq_func="EI",
                               acq_func_kwargs={"xi": 0.1}, n_initial_points=initial_points, random_state=seed)
         self.budget = budget
