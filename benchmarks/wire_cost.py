@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with LocalVerifier(model="embedded", threads=1) as v, \
-            EdgeClient(v.url, verifier_key=v.public_key, draft_k=args.k, threads=1) as client:
+            EdgeClient(v.url, verifier_key=v.public_key, mode="vanilla", draft_k=args.k, threads=1) as client:
         up = down = drafted = out = rounds = 0
         for p in PROMPTS[: args.prompts]:
             s = client.generate(p, max_new_tokens=args.max_new_tokens).stats
