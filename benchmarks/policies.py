@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--gamma-ms", type=float, default=10.0)
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES))
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--r1", type=float, help="fixed R1 for the PipeSD variants without BO")
+    ap.add_argument("--r2", type=float, help="fixed R2 for the PipeSD variants without BO (and HSL)")
     ap.add_argument("--warmup", type=int, default=2, help="prompts run per mode before measuring (BO, profiler)")
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -50,7 +52,7 @@ def main() -> None:
     prompts = (PROMPTS * 4)[: args.prompts]
     drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), args.gamma_ms / 1e3)
     with LocalVerifier(model="embedded", threads=1) as v, \
-            EdgeClient(v.url, verifier_key=v.public_key, link=link, drafter=drafter) as client:
+            EdgeClient(v.url, verifier_key=v.public_key, link=link, drafter=drafter, r1=args.r1, r2=args.r2) as client:
         for mode in modes:   # warm-up: JIT-free, but lets the profiler and the autotuner start
             for p in prompts[: args.warmup]:
                 client.generate(p, max_new_tokens=args.tokens, mode=mode)

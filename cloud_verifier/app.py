@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privacy import ErrorCode, StaticKey, WireError, decode, encode
+from privacy import ErrorCode, FrameType, StaticKey, WireError, decode, encode
 from privacy.codec import DecodeLimits
 
 from .metrics import Metrics
@@ -33,6 +33,7 @@ from .target import Target
 log = logging.getLogger("cloud_verifier")
 MSGPACK = "application/msgpack"
 FRAME = "application/x-pipesd-frame"
+STREAM = "application/x-pipesd-stream"
 HANDSHAKE_LIMITS = DecodeLimits(max_body_bytes=1024, max_bin_bytes=64, max_str_bytes=64, max_array_len=8,
                                 max_map_len=8)
 
@@ -52,6 +53,7 @@ class VerifierApp:
         self.load_error: str | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
         self.in_flight = 0
+        self.order = asyncio.Condition()
         self._load = lambda: VerifierService(load_target(), settings, static_key=static_key, psk=psk,
                                              metrics=self.metrics)
 
@@ -76,6 +78,30 @@ class VerifierApp:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
+
+    async def in_order(self, frame: bytes):
+        """Authenticate a frame, wait until the session's earlier frames have run, then run it.
+
+        A round's stream and the next (proactive) round's stream travel on different connections
+        and may interleave on arrival; the edge numbers frames in the order it sends them, so
+        waiting for the sequence number restores that order. Only authenticated frames wait, and
+        a gap (a frame that never comes) is skipped once the session has made no progress for
+        ``reorder_wait_s``.
+        """
+        session, header, body = await self.run(lambda: self.service.open_frame(frame))
+        async with self.order:
+            while session.next_seq < header.seq:
+                before = session.next_seq
+                try:
+                    await asyncio.wait_for(self.order.wait(), self.settings.reorder_wait_s)
+                except asyncio.TimeoutError:
+                    if session.next_seq == before:
+                        break
+        try:
+            return await self.run(lambda: self.service.dispatch(session, header, body))
+        finally:
+            async with self.order:
+                self.order.notify_all()
 
     async def body(self, request: Request, content_type: str, limit: int) -> bytes:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -163,10 +189,38 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     @app.post("/v1/frames")
     async def frames(request: Request):
         frame = await state.body(request, FRAME, settings.max_frame_bytes)
-        status, reply = await state.run(lambda: state.service.handle_frame(frame))
+        status, reply, _ = await state.in_order(frame)
         return Response(reply, status_code=status, media_type=FRAME)
+
+    @app.post("/v1/rounds")
+    async def rounds(request: Request):
+        """A round streamed as length-prefixed frames in one request body: batches are staged as they
+        arrive, and the reply to the first frame that is not acknowledged (the final batch's RESULT,
+        or an ERROR) answers the request."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != STREAM:
+            raise WireError(ErrorCode.UNSUPPORTED_MEDIA, f"send this endpoint {STREAM}")
+        buf, frames = bytearray(), 0
+        async for chunk in request.stream():
+            buf += chunk
+            while len(buf) >= 4:
+                size = int.from_bytes(buf[:4], "big")
+                if size > settings.max_frame_bytes:
+                    raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, "frame exceeds the size limit")
+                if len(buf) < 4 + size:
+                    break
+                frame, buf = bytes(buf[4: 4 + size]), buf[4 + size:]
+                frames += 1
+                if frames > settings.max_draft + 1:
+                    raise WireError(ErrorCode.BATCH_TOO_LARGE, "more frames in one round than draft tokens allowed")
+                status, reply, kind = await state.in_order(frame)
+                if kind != FrameType.ACK:
+                    return Response(reply, status_code=status, media_type=FRAME)
+            if len(buf) > settings.max_frame_bytes + 4:
+                raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, "frame exceeds the size limit")
+        raise WireError(ErrorCode.BAD_FRAME, "the round ended before its final batch")
 
     return app
 
 
-KNOWN_PATHS = {"/v1/handshake", "/v1/frames", "/v1/info", "/metrics", "/health/live", "/health/ready"}
+KNOWN_PATHS = {"/v1/handshake", "/v1/frames", "/v1/rounds", "/v1/info", "/metrics", "/health/live", "/health/ready"}

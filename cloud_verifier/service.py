@@ -33,6 +33,7 @@ from privacy import (
     prefix_hash,
     server_handshake,
 )
+from privacy.channel import Header
 from privacy.messages import vocab_fingerprint
 
 from .metrics import Metrics
@@ -49,6 +50,7 @@ class PendingRound:
 
     round: int
     base: list[int]                                          # the committed prefix the round builds on
+    named: tuple[int, bytes]                                 # (base_len, prefix_hash) its first batch named
     tokens: list[int] = field(default_factory=list)          # draft tokens staged so far
     rows: list[np.ndarray] = field(default_factory=list)     # logits computed as batches arrived
 
@@ -63,6 +65,7 @@ class Session:
     state: TargetState | None = None          # set once the edge's OPEN is accepted
     committed: list[int] = field(default_factory=list)
     pending: PendingRound | None = None
+    next_seq: int = 1                          # the frame sequence number the session expects next
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -90,6 +93,11 @@ class VerifierService:
                 "public_key": self.static_key.public_b64 if self.static_key else None}
 
     # -- handshake and frames ---------------------------------------------------------
+    def expected_seq(self, session_id: bytes) -> int | None:
+        """The next frame sequence number a session expects (None: no such session)."""
+        session = self.sessions.get(session_id)
+        return None if session is None else session.next_seq
+
     def handshake(self, hello: dict) -> dict:
         reply, channel = server_handshake(hello, static=self.static_key, psk=self.psk, limits=self.limits)
         self._evict(incoming=1)
@@ -98,8 +106,12 @@ class VerifierService:
         self._gauges()
         return reply
 
-    def handle_frame(self, frame: bytes) -> tuple[int, bytes]:
-        """(HTTP status, sealed reply). Raises WireError before authentication (answered in plain text)."""
+    def handle_frame(self, frame: bytes) -> tuple[int, bytes, FrameType]:
+        """(HTTP status, sealed reply, reply type). Raises WireError before authentication (answered in plain text)."""
+        return self.dispatch(*self.open_frame(frame))
+
+    def open_frame(self, frame: bytes) -> tuple[Session, Header, dict]:
+        """Authenticate and decode a frame of a known session (WireError otherwise)."""
         header = parse_header(frame, self.limits)
         self._expire()
         session = self.sessions.get(header.session_id)
@@ -108,6 +120,11 @@ class VerifierService:
         header, body = session.channel.open(frame)
         self.sessions.move_to_end(header.session_id)
         session.last_used = time.monotonic()
+        return session, header, body
+
+    def dispatch(self, session: Session, header: Header, body: dict) -> tuple[int, bytes, FrameType]:
+        """Act on an authenticated frame; failures travel sealed in an ERROR frame."""
+        session.next_seq = max(session.next_seq, header.seq + 1)
         try:
             if header.type == FrameType.OPEN:
                 reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
@@ -116,7 +133,7 @@ class VerifierService:
                 reply_type = FrameType.ACK if isinstance(result, BatchAck) else FrameType.RESULT
                 reply = result.to_dict()
             elif header.type == FrameType.CLOSE:
-                del self.sessions[header.session_id]
+                self.sessions.pop(header.session_id, None)
                 reply_type, reply = FrameType.CLOSED, {}
             else:
                 raise WireError(ErrorCode.BAD_FRAME, "this frame type is not accepted by the verifier")
@@ -126,7 +143,7 @@ class VerifierService:
             status, reply_type, reply = exc.code.http_status, FrameType.ERROR, exc.to_dict()
         finally:
             self._gauges()
-        return status, session.channel.seal(reply_type, reply, ack=header.seq)
+        return status, session.channel.seal(reply_type, reply, ack=header.seq), reply_type
 
     # -- sessions ---------------------------------------------------------------------
     def _open(self, session: Session, req: OpenSession) -> SessionOpened:
@@ -175,6 +192,10 @@ class VerifierService:
         self._check_limits(req)
         pending = self._round_for(session, req)
         if pending is None:      # a stale or out-of-order batch: refused, nothing changes
+            held = session.pending
+            log.debug("batch refused: round %d offset %d final %s; holding round %s with %s tokens, committed %d",
+                      req.round, req.offset, req.final, held.round if held else None,
+                      len(held.tokens) if held else None, len(session.committed))
             if req.final:
                 self.metrics.resyncs.inc()
                 raise WireError(ErrorCode.RESYNC, "the verifier holds a different committed prefix or round: "
@@ -226,10 +247,10 @@ class VerifierService:
             base = session.committed[: req.base_len] + list(req.append)
             if not base:
                 raise WireError(ErrorCode.MALFORMED, "a round needs at least one committed token")
-            return PendingRound(req.round, base)
+            return PendingRound(req.round, base, (req.base_len, req.prefix_hash))
         p = session.pending
         if (p is None or p.round != req.round or len(p.tokens) != req.offset or req.append
-                or req.base_len != len(p.base) or req.prefix_hash != prefix_hash(p.base)):
+                or (req.base_len, req.prefix_hash) != p.named):
             return None
         return p
 

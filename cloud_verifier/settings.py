@@ -20,3 +20,5 @@ class VerifierSettings:
     replay_window: int = 1024         # frame sequence numbers remembered per direction
     rekey_interval: int = 1 << 16     # frames per key epoch before the channel ratchets its keys
     eager_forward: bool = True        # run the target on draft batches as they arrive, not only at NAV
+    reorder_wait_s: float = 0.1       # a frame waits for the session's earlier frames (other connections) while
+                                      # they make progress; a gap with no progress for this long is skipped

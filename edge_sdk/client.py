@@ -97,7 +97,8 @@ class EdgeClient:
         if verifier is not None and link is not None:
             verifier = EmulatedLink(verifier, link)
         self.verifier = None if local_only else verifier
-        self.drafter = drafter or LlamaCppDrafter(resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
+        self.drafter = drafter if drafter is not None else LlamaCppDrafter(
+            resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
         self.engine = Engine(self.drafter, verifier)
 
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:

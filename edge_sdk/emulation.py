@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from privacy import BatchAck, OpenSession, SessionOpened, VerifyRequest, VerifyResponse, encode
@@ -47,15 +48,28 @@ class _SerialLink:
         self._free_at = 0.0
         self._lock = threading.Lock()
 
-    def carry(self, nbytes: int) -> None:
-        """Block the caller until `nbytes` sent now would have arrived at the far end."""
+    def reserve(self, nbytes: int) -> tuple[float, float, float]:
+        """Queue `nbytes` now: (transmission start, transmission end, arrival at the far end)."""
         with self._lock:
             start = max(time.perf_counter(), self._free_at)
             self._free_at = start + nbytes / self.bytes_per_s
-            arrival = self._free_at + self.delay_s
-        delay = arrival - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+            return start, self._free_at, self._free_at + self.delay_s
+
+    def release(self, start: float, end: float) -> None:
+        """Give back a reservation that has not started, if nothing was queued after it."""
+        with self._lock:
+            if self._free_at == end and start > time.perf_counter():
+                self._free_at = start
+
+    def carry(self, nbytes: int) -> None:
+        """Block the caller until `nbytes` sent now would have arrived at the far end."""
+        _sleep_until(self.reserve(nbytes)[2])
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
 
 
 class EmulatedLink:
@@ -101,8 +115,51 @@ class EmulatedLink:
     def stage(self, req: VerifyRequest) -> BatchAck:
         return self._round_trip(self._request_bytes(req), lambda: self.inner.stage(req), self._reply_bytes)
 
+    def open_round(self) -> "_EmulatedRound":
+        return _EmulatedRound(self)
+
     def close(self) -> None:
         self.inner.close()
+
+
+class _EmulatedRound:
+    """A round stream across the emulated link: each batch is written into the real stream when it
+    would have arrived, and the verifier's reply is held for the downlink."""
+
+    def __init__(self, link: EmulatedLink):
+        self.link = link
+        self.inner = link.inner.open_round()
+        self._reservations: list[tuple[float, float]] = []
+        self.result: Future = Future()
+        self.inner.result.add_done_callback(self._deliver)
+
+    @property
+    def on_sent(self):
+        return self.inner.on_sent
+
+    @on_sent.setter
+    def on_sent(self, callback) -> None:
+        self.inner.on_sent = callback
+
+    def send(self, req: VerifyRequest) -> None:
+        start, end, arrival = self.link.up.reserve(self.link._request_bytes(req) + 4)
+        self._reservations.append((start, end))
+        self.inner.send(req, not_before=arrival, sent_at=end)
+
+    def abandon(self) -> None:
+        for start, end in reversed(self._reservations):   # batches not yet on the wire free the link
+            self.link.up.release(start, end)
+        self.inner.abandon()
+
+    def _deliver(self, inner: Future) -> None:
+        if inner.cancelled():
+            self.result.cancel()
+        elif inner.exception() is not None:
+            self.result.set_exception(inner.exception())
+        else:
+            reply = inner.result()
+            self.link.down.carry(self.link._reply_bytes(reply))
+            self.result.set_result(reply)
 
 
 class SlowedDrafter:

@@ -24,7 +24,7 @@ from privacy.messages import vocab_fingerprint
 
 from .autotune import OnlineAutotuner
 from .drafter import Drafter, DraftToken
-from .errors import PromptTooLongError, VerifierError, VocabMismatchError
+from .errors import PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
 from .policies import Policy
 from .profiler import LinkProfiler
 from .scheduling import BatchPlan, WindowEstimator, plan_batches
@@ -198,7 +198,7 @@ class Engine:
                 # 1. Draft until the trigger fires; batches go up as the schedule closes them.
                 self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
                 # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
-                pending = uploader.finalize(self._batch(rnd, synced, out.tokens, final=True))
+                pending = uploader.finalize(self._batch(rnd, synced, final=True))
                 # 3. While NAV is in flight, a proactive policy drafts the next round.
                 nxt = None
                 if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
@@ -208,13 +208,18 @@ class Engine:
                 try:
                     resp = pending.result()
                     synced = resp.committed_len
-                except VerifierError as exc:
-                    if exc.code not in ("resync", "unknown_session"):
+                except (VerifierError, VerifierUnavailable) as exc:
+                    # The streamed round failed (a resync, a lost session, a broken stream): drop the
+                    # proactive round and send this one again in one piece.
+                    if isinstance(exc, VerifierError) and exc.code not in ("resync", "unknown_session"):
                         raise
                     if nxt is not None:
                         uploader.cancel(nxt.id)
                         nxt = None
-                    resp, synced = self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
+                    if isinstance(exc, VerifierError):
+                        resp, synced = self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
+                    else:
+                        resp, synced = self._nav_whole(out.tokens, synced, rnd.tokens, stats)
                 stats.wait_s += time.perf_counter() - t_wait
                 stats.verify_s += resp.verify_ms / 1e3
                 self._count_round(stats, len(rnd.draft), resp.accepted)
@@ -257,7 +262,7 @@ class Engine:
             if d.token in self.drafter.eos_token_ids or policy.trigger.should_verify(rnd.draft):
                 break
             if self._closes_batch(policy, plan, len(rnd.draft)):
-                uploader.stage(self._batch(rnd, synced, rnd.base, final=False))
+                uploader.stage(self._batch(rnd, synced, final=False))
         stats.draft_s += time.perf_counter() - t
 
     def _draft_ahead(self, rnd: _Round, pending, budget: int, policy: Policy, plan: BatchPlan | None,
@@ -278,19 +283,15 @@ class Engine:
                 break
             if self._closes_batch(policy, plan, len(nxt.draft)):
                 # Built on a prefix the verifier does not hold yet: it stages it only if NAV confirms it.
-                uploader.stage(self._batch(nxt, len(nxt.base), nxt.base, final=False))
+                uploader.stage(self._batch(nxt, len(nxt.base), final=False))
         stats.draft_s += time.perf_counter() - t
         return nxt
 
-    def _batch(self, rnd: _Round, synced: int, committed: list[int], final: bool) -> Batch:
-        """The round's next batch: its base as the verifier should hold it, and the unsent tokens."""
+    def _batch(self, rnd: _Round, synced: int, final: bool) -> Batch:
+        """The round's next batch: its base as the verifier should hold it, and the tokens not yet sent."""
         base_len = min(synced, len(rnd.base))
-        append = tuple(rnd.base[base_len:])
-        phash = prefix_hash(rnd.base[:base_len]) if base_len else b""
-        if final:
-            return Batch(rnd.id, base_len, phash, append, tuple(rnd.tokens), final=True)
-        batch = Batch(rnd.id, base_len, phash, append if rnd.sent == 0 else (), tuple(rnd.tokens[rnd.sent:]),
-                      offset=rnd.sent)
+        batch = Batch(rnd.id, base_len, prefix_hash(rnd.base[:base_len]) if base_len else b"",
+                      tuple(rnd.base[base_len:]), tuple(rnd.tokens[rnd.sent:]), offset=rnd.sent, final=final)
         rnd.sent = len(rnd.draft)
         return batch
 

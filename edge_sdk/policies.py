@@ -20,7 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .triggers import AdaptiveCumulative, DualThreshold, FixedLength, LastTokenConfidence, Trigger
+from .triggers import (
+    DEFAULT_R1,
+    DEFAULT_R2,
+    AdaptiveCumulative,
+    DualThreshold,
+    FixedLength,
+    LastTokenConfidence,
+    Trigger,
+)
 
 SCHEDULES = ("at_trigger", "per_token", "dp")
 
@@ -61,7 +69,7 @@ def make_policy(mode: str, k: int = 4, r1: float | None = None, r2: float | None
     if mode == "edgellm":
         return Policy(mode, AdaptiveCumulative(max_draft=max_draft), proactive=True, max_draft=max_draft)
     if mode.startswith("pipesd"):
-        r1_, r2_ = (0.3 if r1 is None else r1), (0.7 if r2 is None else r2)
+        r1_, r2_ = (DEFAULT_R1 if r1 is None else r1), (DEFAULT_R2 if r2 is None else r2)
         variants = {
             "pipesd": dict(schedule="dp", proactive=True, autotune=r1 is None and r2 is None),
             "pipesd_fixed": dict(schedule="dp", proactive=True),

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import queue
 import threading
+import time
+from concurrent.futures import Future
 from typing import Protocol, Sequence
 
 import httpx
@@ -37,6 +40,7 @@ from .errors import ConfigError, VerifierError, VerifierUnavailable, VocabMismat
 
 MSGPACK = "application/msgpack"
 FRAME = "application/x-pipesd-frame"
+STREAM = "application/x-pipesd-stream"
 
 
 class Verifier(Protocol):
@@ -50,7 +54,10 @@ class Verifier(Protocol):
         """A round's final batch: NAV over the round's draft."""
 
     def stage(self, req: VerifyRequest) -> BatchAck:
-        """A non-final batch of a round (req.final is False)."""
+        """A non-final batch of a round (req.final is False), acknowledged on its own."""
+
+    def open_round(self) -> "RoundStream":
+        """A round streamed batch by batch in one request; see ``RoundStream``."""
 
     def close(self) -> None:
         """End the session and release connections."""
@@ -121,6 +128,9 @@ class HttpVerifier:
     def stage(self, req: VerifyRequest) -> BatchAck:
         return BatchAck.from_dict(self._exchange(FrameType.VERIFY, req.to_dict(), FrameType.ACK))
 
+    def open_round(self) -> "RoundStream":
+        return RoundStream(self)
+
     def close(self) -> None:
         if self._channel is not None:
             try:
@@ -132,11 +142,17 @@ class HttpVerifier:
 
     # -- frames ---------------------------------------------------------------------------
     def _exchange(self, ftype: FrameType, body: dict, expect: FrameType) -> dict:
-        channel = self._channel
-        if channel is None:
-            raise VerifierError(401, "unknown_session", "no session with the verifier: open one")
+        channel = self._require_channel()
         frame = channel.seal(ftype, body)
-        resp = self._post("/v1/frames", frame, FRAME)
+        return self._reply(channel, self._post("/v1/frames", frame, FRAME), parse_header(frame).seq, expect)
+
+    def _require_channel(self) -> SecureChannel:
+        if self._channel is None:
+            raise VerifierError(401, "unknown_session", "no session with the verifier: open one")
+        return self._channel
+
+    def _reply(self, channel: SecureChannel, resp: httpx.Response, request_seq: int, expect: FrameType) -> dict:
+        """Open the verifier's reply to the frame `request_seq`; errors become exceptions."""
         if not resp.headers.get("content-type", "").startswith(FRAME):
             if resp.status_code == 401:   # the verifier does not know this session (restart, eviction)
                 self._channel = None
@@ -146,7 +162,7 @@ class HttpVerifier:
             header, msg = channel.open(resp.content)
         except WireError as exc:
             raise VerifierUnavailable(f"the verifier's reply failed authentication ({exc.code.value})") from None
-        if header.ack != parse_header(frame).seq:
+        if header.ack != request_seq:
             raise VerifierUnavailable("the verifier's reply answers another request")
         if header.type == FrameType.ERROR:
             err = dict(msg.get("error", {}))
@@ -157,11 +173,11 @@ class HttpVerifier:
             raise VerifierUnavailable(f"unexpected reply frame type {header.type}")
         return msg
 
-    def _post(self, path: str, content: bytes, ctype: str) -> httpx.Response:
+    def _post(self, path: str, content, ctype: str) -> httpx.Response:
         """POST to the current replica; on a connection failure move to the next one (session lost)."""
         try:
             resp = self._http.post(path, content=content, headers={"content-type": ctype})
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError) as exc:
             if len(self.urls) > 1:
                 self._current = (self._current + 1) % len(self.urls)
                 self._http.close()
@@ -170,10 +186,13 @@ class HttpVerifier:
                 raise VerifierError(503, "unknown_session", f"replica unreachable ({type(exc).__name__}); "
                                     f"moved to {self.url}") from exc
             raise VerifierUnavailable(f"cannot reach the verifier at {self.url}: {type(exc).__name__}: {exc}") from exc
-        with self._count_lock:   # the uploader and the NAV thread send concurrently
-            self.bytes_sent += len(content)
-            self.bytes_received += len(resp.content)
+        self.count(len(content) if isinstance(content, bytes) else 0, len(resp.content))
         return resp
+
+    def count(self, sent: int, received: int) -> None:
+        with self._count_lock:   # round streams and the engine send concurrently
+            self.bytes_sent += sent
+            self.bytes_received += received
 
 
 def _plain_error(resp: httpx.Response) -> VerifierError:
@@ -183,3 +202,65 @@ def _plain_error(resp: httpx.Response) -> VerifierError:
     except Exception:
         code, message, err = "http_error", resp.text[:200], {}
     return VerifierError(resp.status_code, code, message, err)
+
+
+class RoundStream:
+    """One round's draft batches as frames on a single streaming POST to ``/v1/rounds``.
+
+    Batches are written, length-prefixed, into the request body as soon as they are due
+    (``not_before``, used by link emulation), on this stream's own thread; the verifier
+    stages each as it arrives and answers the request with the final batch's NAV result.
+    No per-batch round trip: the next batch follows the previous one on the same TCP
+    stream. Frames are sealed when written, so their sequence numbers follow the order
+    in which they go out, which the verifier restores across connections (the next
+    round's stream may overtake this one). ``abandon`` ends a round that went stale.
+    """
+
+    def __init__(self, verifier: HttpVerifier, on_sent=None):
+        self._verifier = verifier
+        self._channel = verifier._require_channel()
+        self._queue: queue.Queue = queue.Queue()
+        self._final_seq: int | None = None
+        self.on_sent = on_sent          # callback(tokens, seconds) for each non-final batch written
+        self.result: Future = Future()
+        self._thread = threading.Thread(target=self._run, name="round-stream", daemon=True)
+        self._thread.start()
+
+    def send(self, req: VerifyRequest, not_before: float | None = None, sent_at: float | None = None) -> None:
+        self._queue.put((req, time.perf_counter(), not_before, sent_at))
+
+    def abandon(self) -> None:
+        self._queue.put(None)
+
+    def _body(self):
+        sent = 0
+        while (item := self._queue.get()) is not None:
+            req, ready, not_before, sent_at = item
+            if not_before is not None:
+                delay = not_before - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            frame = self._channel.seal(FrameType.VERIFY, req.to_dict())
+            if req.final:
+                self._final_seq = parse_header(frame).seq
+            yield len(frame).to_bytes(4, "big") + frame
+            sent += 4 + len(frame)
+            if req.final:
+                break
+            if self.on_sent is not None:
+                self.on_sent(len(req.draft), (sent_at or time.perf_counter()) - ready)
+        self._sent_bytes = sent
+
+    def _run(self) -> None:
+        self._sent_bytes = 0
+        try:
+            resp = self._verifier._post("/v1/rounds", self._body(), STREAM)
+            self._verifier.count(self._sent_bytes, 0)
+            if self._final_seq is None:
+                self.result.cancel()
+                return
+            msg = self._verifier._reply(self._channel, resp, self._final_seq, FrameType.RESULT)
+            self.result.set_result(VerifyResponse.from_dict(msg))
+        except BaseException as exc:  # delivered to whoever waits for the result
+            if not self.result.cancelled():
+                self.result.set_exception(exc)

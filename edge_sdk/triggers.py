@@ -13,6 +13,11 @@ from typing import Protocol, Sequence
 from .drafter import DraftToken
 
 
+# Starting thresholds (R1 on C_n, R2 on P(d_n)) before online tuning, chosen for the embedded pair's
+# under-confident draft (docs/pipeline.md); the autotuner moves them per deployment.
+DEFAULT_R1, DEFAULT_R2 = 0.05, 0.2
+
+
 class Trigger(Protocol):
     def should_verify(self, draft: Sequence[DraftToken]) -> bool:
         """After each drafted token: verify now?"""
@@ -57,8 +62,8 @@ class LastTokenConfidence:
 class DualThreshold:
     """PipeSD: verify when C_n < R1 or P(d_n) < R2 (either threshold may be disabled with None)."""
 
-    r1: float | None = 0.3
-    r2: float | None = 0.7
+    r1: float | None = DEFAULT_R1
+    r2: float | None = DEFAULT_R2
     max_draft: int = 32
 
     def should_verify(self, draft) -> bool:

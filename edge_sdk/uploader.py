@@ -1,22 +1,19 @@
-"""The uploader: sends a round's draft batches in order on a background thread (the serial uplink).
+"""The uploader: each round's draft goes up batch by batch on one streamed request.
 
 The engine hands it batches as the schedule closes them and the final batch when the trigger
-fires; drafting goes on meanwhile. Non-final batches are sent one after another (their send
-times feed the link profiler); a final batch is passed to a second thread that waits for the
-NAV result, so batches of the next (proactive) round can go up while NAV is in flight. A batch
-of a round that was cancelled (rolled back) is dropped; once a batch is refused, the rest of its
-round waits for the final batch, which resends from the last staged token.
+fires; drafting goes on meanwhile, because each round's stream is written on its own thread.
+Batches follow one another on the same stream with no per-batch round trip, and the time each
+took to go out feeds the link profiler (alpha, beta). The final batch's reply is the NAV result,
+so the next (proactive) round's stream can already be going up while NAV runs. A round that
+went stale is abandoned: batches not yet on the wire are dropped.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from privacy import VerifyRequest, VerifyResponse
+from privacy import VerifyRequest
 
 from .profiler import LinkProfiler
 from .transport import Verifier
@@ -28,8 +25,8 @@ class Batch:
     base_len: int
     prefix_hash: bytes
     append: tuple[int, ...]
-    tokens: tuple[int, ...]     # final: every draft token of the round; else: this batch's tokens
-    offset: int = 0             # non-final only: position of `tokens` in the round's draft
+    tokens: tuple[int, ...]     # this batch's draft tokens
+    offset: int = 0             # position of `tokens` in the round's draft
     final: bool = False
 
 
@@ -37,90 +34,43 @@ class Uploader:
     def __init__(self, verifier: Verifier, profiler: LinkProfiler):
         self.verifier = verifier
         self.profiler = profiler
-        self._queue: queue.Queue = queue.Queue()
-        self._staged: dict[int, int] = {}      # round -> draft tokens the verifier confirmed holding
-        self._refused: set[int] = set()
-        self._cancelled: set[int] = set()
-        self._nav = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nav")
-        self._lock = threading.Lock()
+        self._streams: dict[int, object] = {}
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="uploader", daemon=True)
-        self._thread.start()
 
-    # -- engine side ----------------------------------------------------------------
+    def _stream(self, round_id: int):
+        stream = self._streams.get(round_id)
+        if stream is None:
+            stream = self._streams[round_id] = self.verifier.open_round()
+            stream.on_sent = self._sent
+        return stream
+
+    def _sent(self, tokens: int, seconds: float) -> None:
+        self.upload_s += seconds
+        self.profiler.observe_send(tokens, seconds)
+
     def stage(self, batch: Batch) -> None:
-        self._queue.put((batch, None))
+        self.batch_sizes.append(len(batch.tokens))
+        self._stream(batch.round).send(self._request(batch, final=False))
 
     def finalize(self, batch: Batch) -> Future:
-        """Queue the round's final batch; the future resolves to the NAV result."""
-        done: Future = Future()
-        self._queue.put((batch, done))
-        return done
+        """Send the round's final batch; the future resolves to the NAV result."""
+        self.batch_sizes.append(len(batch.tokens))
+        stream = self._stream(batch.round)
+        stream.send(self._request(batch, final=True))
+        del self._streams[batch.round]
+        return stream.result
 
     def cancel(self, round_id: int) -> None:
-        with self._lock:
-            self._cancelled.add(round_id)
+        stream = self._streams.pop(round_id, None)
+        if stream is not None:
+            stream.abandon()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(5)
-        self._nav.shutdown(wait=True)
+        for round_id in list(self._streams):
+            self.cancel(round_id)
 
-    # -- uploader thread ------------------------------------------------------------
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch, done = item
-            with self._lock:
-                skip = batch.round in self._cancelled
-            if done is not None:
-                if skip:
-                    done.cancel()
-                else:
-                    self._send_final(batch, done)
-            elif not skip and batch.round not in self._refused:
-                self._send_staged(batch)
-
-    def _send_staged(self, batch: Batch) -> None:
-        req = VerifyRequest(batch.base_len, batch.append, batch.tokens, batch.prefix_hash, batch.round,
-                            batch.offset, final=False)
-        t0 = time.perf_counter()
-        try:
-            ack = self.verifier.stage(req)
-        except Exception:   # a lost batch costs only its overlap: the final batch resends it
-            self._refused.add(batch.round)
-            return
-        elapsed = time.perf_counter() - t0
-        self.upload_s += elapsed
-        self.batch_sizes.append(len(batch.tokens))
-        if ack.staged:
-            self._staged[batch.round] = ack.held
-            self.profiler.observe_send(len(batch.tokens), elapsed)
-        else:
-            self._refused.add(batch.round)
-
-    def _send_final(self, batch: Batch, done: Future) -> None:
-        held = self._staged.pop(batch.round, 0)
-        self._refused.discard(batch.round)
-        if held:   # the round continues where the staged batches stopped
-            req = VerifyRequest(batch.base_len, (), batch.tokens[held:], batch.prefix_hash, batch.round, held)
-        else:
-            req = VerifyRequest(batch.base_len, batch.append, batch.tokens, batch.prefix_hash, batch.round, 0)
-        self.batch_sizes.append(len(req.draft))
-
-        def nav() -> VerifyResponse:
-            return self.verifier.verify(req)
-
-        inner = self._nav.submit(nav)
-        inner.add_done_callback(lambda f: _chain(f, done))
-
-
-def _chain(src: Future, dst: Future) -> None:
-    if dst.cancelled():
-        return
-    exc = src.exception()
-    if exc is not None:
-        dst.set_exception(exc)
-    else:
-        dst.set_result(src.result())
+    @staticmethod
+    def _request(batch: Batch, final: bool) -> VerifyRequest:
+        return VerifyRequest(batch.base_len, batch.append if batch.offset == 0 else (), batch.tokens,
+                             batch.prefix_hash, batch.round, batch.offset, final)

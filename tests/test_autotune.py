@@ -2,11 +2,11 @@
 
 import pytest
 
-from edge_sdk.autotune import R1_BOUNDS, R2_BOUNDS, OnlineAutotuner, SkoptTuner
+from edge_sdk.autotune import PAPER_BOUNDS, R1_BOUNDS, R2_BOUNDS, OnlineAutotuner, SkoptTuner
 
 
 def bowl(r1, r2):
-    """A smooth TPT-like objective with its minimum at R1 = 0.35, R2 = 0.85."""
+    """A smooth TPT-like objective with its minimum at R1 = 0.35, R2 = 0.85 (inside both search spaces)."""
     return 0.05 + (r1 - 0.35) ** 2 + 2 * (r2 - 0.85) ** 2
 
 
@@ -18,7 +18,7 @@ def test_skopt_tuner_finds_the_bowl():
         tuner.tell(p, bowl(*p))
     best = tuner.best()
     assert len(tuner.evaluations) == 16
-    assert bowl(*best) < bowl(0.3, 0.7)                   # better than the default thresholds
+    assert bowl(*best) < bowl(0.3, 0.7)                   # better than a middle-of-the-road guess
     assert bowl(*best) - 0.05 < 0.02
 
 
@@ -35,10 +35,12 @@ def test_online_tuning_completes_and_remembers_the_regime():
     assert not auto.tuning and (3, 1) in auto.memory
     tuned = auto.thresholds()
     assert bowl(*tuned) < bowl(*auto.default)
-    run_online(auto, regime=(6, 4), rounds=3)              # a new regime starts a new tuning run
+    run_online(auto, regime=(6, 4), rounds=3)              # a blip: not yet a new regime
+    assert not auto.tuning
+    run_online(auto, regime=(6, 4), rounds=8)              # it persists: a new tuning run
     assert auto.tuning
-    run_online(auto, regime=(3, 1), rounds=1)              # back to the known regime: its best at once
-    assert auto.thresholds() == tuned
+    run_online(auto, regime=(3, 1), rounds=8)              # back in the known regime: its best, no tuning
+    assert auto.thresholds() == tuned and not auto.tuning
 
 
 def test_acceptance_drift_restarts_tuning():
@@ -47,3 +49,11 @@ def test_acceptance_drift_restarts_tuning():
     assert not auto.tuning
     run_online(auto, regime=(1, 1), rounds=1, acceptance=0.2)
     assert auto.tuning
+
+
+def test_paper_bounds_are_available():
+    tuner = SkoptTuner(budget=4, seed=4, bounds=PAPER_BOUNDS)
+    for _ in range(4):
+        p = tuner.ask()
+        assert 0.05 <= p[0] <= 0.9 and 0.6 <= p[1] <= 0.99
+        tuner.tell(p, bowl(*p))

@@ -32,14 +32,14 @@ def make(target, **settings):
 def connect(service, key):
     hs = ClientHandshake(server_public=key.public_bytes)
     ch = hs.finish(service.handshake(hs.hello()))
-    status, reply = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
+    status, reply, _ = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
                                                                               service.target.vocab_size).to_dict()))
     assert status == 200
     return ch
 
 
 def nav(service, ch, req):
-    status, reply = service.handle_frame(ch.seal(FrameType.VERIFY, req.to_dict()))
+    status, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, req.to_dict()))
     return status, ch.open(reply)[1]
 
 
@@ -103,14 +103,14 @@ def test_round_in_batches_equals_round_in_one_piece(target, eager):
 
     service, key = make(target, eager_forward=eager)
     ch = connect(service, key)
-    status, reply = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
+    status, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
         0, prompt, draft[:2], round=7, offset=0, final=False).to_dict()))
     assert status == 200 and ch.open(reply)[1] == {"round": 7, "staged": True, "held": 2}
-    base_hash = prefix_hash(prompt)
-    status, reply = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
-        len(prompt), (), draft[2:5], base_hash, round=7, offset=2, final=False).to_dict()))
+    # Later batches of the round name the same base as its first batch (here: 0 tokens + append).
+    status, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
+        0, (), draft[2:5], round=7, offset=2, final=False).to_dict()))
     assert ch.open(reply)[1]["held"] == 5
-    _, split = nav(service, ch, VerifyRequest(len(prompt), (), draft[5:], base_hash, round=7, offset=5))
+    _, split = nav(service, ch, VerifyRequest(0, (), draft[5:], round=7, offset=5))
     assert {k: split[k] for k in ("accepted", "token", "committed_len")} == \
         {k: whole[k] for k in ("accepted", "token", "committed_len")}
 
@@ -121,16 +121,16 @@ def test_out_of_order_or_stale_batches_are_refused_without_harm(target):
     prompt = (0, 31, 32, 33)
     service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(0, prompt, (34,), round=1, final=False).to_dict()))
     # A batch claiming offset 3 of round 1 (only 1 token held): refused, round 1 untouched.
-    _, reply = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
+    _, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
         len(prompt), (), (35,), prefix_hash(prompt), round=1, offset=3, final=False).to_dict()))
     assert ch.open(reply)[1] == {"round": 1, "staged": False, "held": 1}
     # A speculative next round built on a prefix the verifier does not hold: refused.
-    _, reply = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
+    _, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
         9, (), (36,), prefix_hash(range(9)), round=2, offset=0, final=False).to_dict()))
     assert ch.open(reply)[1]["staged"] is False
     # A final that does not fit asks for a resync; the staged round still completes afterwards.
-    status, reply = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
+    status, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, VerifyRequest(
         len(prompt), (), (37,), prefix_hash(prompt), round=1, offset=4).to_dict()))
     assert status == 409 and ch.open(reply)[1]["error"]["code"] == "resync"
-    status, done = nav(service, ch, VerifyRequest(len(prompt), (), (35,), prefix_hash(prompt), round=1, offset=1))
+    status, done = nav(service, ch, VerifyRequest(0, (), (35,), round=1, offset=1))
     assert status == 200 and done["committed_len"] == len(prompt) + done["accepted"] + 1
