@@ -6,8 +6,12 @@
 Every policy runs the same prompts on the same machine in one process, interleaved round-robin
 per prompt so drift in machine load touches them alike. TPT = total end-to-end time / output
 tokens (DESIGN.md §4). --payload adds emulated uplink bytes per draft token (8224 = our draft's
-full-vocabulary float32 distribution, the paper's protocol applied to our 2048-token vocabulary);
---gamma-ms adds draft time per token (a slower device).
+full-vocabulary float32 distribution, the paper's protocol applied to our 2048-token vocabulary;
+290000 = the paper's own payload); --gamma-ms adds draft time per token (a slower device).
+
+First the BO autotuner of `pipesd` runs until it has finished its 16 evaluations (the paper tuned
+offline before measuring); the PipeSD ablations then run at the thresholds it found, so each one
+differs from `pipesd` in one respect only. Baselines use their own published settings.
 """
 
 from __future__ import annotations
@@ -45,23 +49,38 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--r1", type=float, help="fixed R1 for the PipeSD variants without BO")
     ap.add_argument("--r2", type=float, help="fixed R2 for the PipeSD variants without BO (and HSL)")
-    ap.add_argument("--warmup", type=int, default=2, help="prompts run per mode before measuring (BO, profiler)")
+    ap.add_argument("--warmup", type=int, default=1, help="prompts run per mode before measuring (profiler, DP)")
+    ap.add_argument("--max-tune-prompts", type=int, default=60, help="cap on prompts spent tuning pipesd first")
     args = ap.parse_args()
     modes = args.modes.split(",")
     link = LinkProfile(args.up, args.down, args.rtt, args.payload)
     prompts = (PROMPTS * 4)[: args.prompts]
-    drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), args.gamma_ms / 1e3)
-    with LocalVerifier(model="embedded", threads=1) as v, \
-            EdgeClient(v.url, verifier_key=v.public_key, link=link, drafter=drafter, r1=args.r1, r2=args.r2) as client:
-        for mode in modes:   # warm-up: JIT-free, but lets the profiler and the autotuner start
+
+    def new_client(v, r1=None, r2=None):
+        drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), args.gamma_ms / 1e3)
+        return EdgeClient(v.url, verifier_key=v.public_key, link=link, drafter=drafter, r1=r1, r2=r2)
+
+    with LocalVerifier(model="embedded", threads=1) as v, new_client(v) as tuned_client:
+        tuner = tuned_client.engine.autotuner
+        warm = 0
+        if "pipesd" in modes and args.r1 is None and args.r2 is None:
+            while (tuner.tuning or not tuner.memory) and warm < args.max_tune_prompts:
+                tuned_client.generate(prompts[warm % len(prompts)], max_new_tokens=args.tokens, mode="pipesd")
+                warm += 1
+                tuner.wait()
+        r1, r2 = (args.r1, args.r2) if args.r1 is not None or args.r2 is not None else tuner.thresholds()
+        fixed_client = new_client(v, r1, r2)
+        # Baselines keep their own settings; only the PipeSD ablations take the tuned thresholds.
+        clients = {m: (fixed_client if m.startswith("pipesd_") else tuned_client) for m in modes}
+        for mode in modes:   # warm-up: the profiler and the DP plan
             for p in prompts[: args.warmup]:
-                client.generate(p, max_new_tokens=args.tokens, mode=mode)
+                clients[mode].generate(p, max_new_tokens=args.tokens, mode=mode)
         acc = defaultdict(lambda: defaultdict(float))
         outputs = defaultdict(dict)
         for _ in range(args.repeat):
             for p in prompts:
                 for mode in modes:
-                    r = client.generate(p, max_new_tokens=args.tokens, mode=mode)
+                    r = clients[mode].generate(p, max_new_tokens=args.tokens, mode=mode)
                     s = r.stats
                     outputs[p][mode] = r.tokens
                     a = acc[mode]
@@ -76,8 +95,12 @@ def main() -> None:
                     a["wait"] += s.wait_s
                     a["verify"] += s.verify_s
                     a["kept"] += s.proactive_kept
+        fixed_client.close()
     print(f"link: {link.describe()}; added draft time {args.gamma_ms:g} ms/token; "
           f"{len(prompts)} prompts x {args.tokens} tokens x {args.repeat}; {time.strftime('%Y-%m-%d')}")
+    print(f"thresholds for the PipeSD ablations: R1={r1:.3f} R2={r2:.3f}"
+          + (f" (BO {'finished' if tuner.memory else 'NOT finished'} after {warm} warm-up prompts, "
+             f"{tuner.trials_done} candidates tried)" if warm else " (given)"))
     mismatched = sorted({m for per in outputs.values() for m, t in per.items()
                          if "cloud_only" in per and t != per["cloud_only"]})
     print("lossless: every policy token-identical to cloud_only" if not mismatched

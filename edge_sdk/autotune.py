@@ -90,10 +90,13 @@ class OnlineAutotuner:
 
     default: tuple[float, float] = (DEFAULT_R1, DEFAULT_R2)
     tokens_per_trial: int = 20
-    acceptance_drift: float = 0.15
-    regime_patience: int = 8      # rounds a new network regime must persist before it counts
+    acceptance_drift: float = 0.2
+    drift_patience: int = 32      # consecutive rounds the acceptance must stay off its baseline to retune
+    settle_rounds: int = 64       # rounds at the tuned thresholds before their acceptance becomes the baseline
+    regime_patience: int = 16     # rounds a new network regime must persist before it counts
     make_tuner: type = SkoptTuner
-    memory: dict = field(default_factory=dict)   # regime -> (best params, acceptance when tuned)
+    # regime -> [best params, baseline acceptance, rounds since tuned, consecutive rounds off the baseline]
+    memory: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -128,9 +131,18 @@ class OnlineAutotuner:
                     self._tuner, self._trial, self._starting = None, None, None
                 else:
                     self._start()
-            elif regime in self.memory and abs(acceptance - self.memory[regime][1]) > self.acceptance_drift:
-                del self.memory[regime]
-                self._start()
+            elif regime in self.memory:
+                # Acceptance depends on the thresholds, so the baseline is what the tuned ones give
+                # once the acceptance window holds only their rounds; a drift from it means retune.
+                entry = self.memory[regime]
+                entry[2] += 1
+                if entry[1] is None and entry[2] >= self.settle_rounds:
+                    entry[1] = acceptance
+                elif entry[1] is not None:
+                    entry[3] = entry[3] + 1 if abs(acceptance - entry[1]) > self.acceptance_drift else 0
+                    if entry[3] >= self.drift_patience:
+                        del self.memory[regime]
+                        self._start()
             trial = self._trial
             if trial is None:
                 return
@@ -142,7 +154,7 @@ class OnlineAutotuner:
             tuner = self._tuner
             self.trials_done += 1
             objective = trial.seconds / trial.tokens
-            regime_now, acc_now = self._regime, acceptance
+            regime_now = self._regime
 
         def advance():   # GP fit + acquisition: tens of ms, kept off the generation path
             tuner.tell(trial.params, objective)
@@ -150,7 +162,7 @@ class OnlineAutotuner:
                 if tuner is not self._tuner:
                     return
                 if tuner.done:
-                    self.memory[regime_now] = (tuner.best(), acc_now)
+                    self.memory[regime_now] = [tuner.best(), None, 0, 0]
                 else:
                     self._trial = _Trial(tuner.ask())
 

@@ -144,7 +144,7 @@ class _EmulatedRound:
     def send(self, req: VerifyRequest) -> None:
         start, end, arrival = self.link.up.reserve(self.link._request_bytes(req) + 4)
         self._reservations.append((start, end))
-        self.inner.send(req, not_before=arrival, sent_at=end)
+        self.inner.send(req, not_before=arrival, on_link=(start, end))
 
     def abandon(self) -> None:
         for start, end in reversed(self._reservations):   # batches not yet on the wire free the link

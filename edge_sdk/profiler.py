@@ -29,18 +29,18 @@ class LinkEstimate:
                 or moved(self.gamma, other.gamma, 1e-4))
 
     def regime(self) -> tuple[int, int]:
-        """A coarse network bucket (log2 of alpha in ms, log2 of beta in 0.1 ms) for per-regime memory."""
-        return (round(math.log2(max(self.alpha * 1e3, 0.25))), round(math.log2(max(self.beta * 1e4, 0.25))))
+        """A coarse network bucket for per-regime memory: factor-4 steps of alpha (ms) and beta (0.1 ms)."""
+        return (round(math.log(max(self.alpha * 1e3, 0.1), 4)), round(math.log(max(self.beta * 1e4, 0.1), 4)))
 
 
 class LinkProfiler:
     def __init__(self, alpha: float = 0.005, beta: float = 0.0005, gamma: float = 0.002, window: int = 32,
-                 smoothing: float = 0.2):
+                 smoothing: float = 0.2, acceptance_window: int = 64):
         self._prior = (alpha, beta)
         self._sends: deque[tuple[int, float]] = deque(maxlen=window)
+        self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
         self.gamma = gamma
         self.verify = 0.005
-        self.acceptance = 0.5
         self._smoothing = smoothing
 
     # -- observations ---------------------------------------------------------------
@@ -52,8 +52,13 @@ class LinkProfiler:
 
     def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
         self.verify += self._smoothing * (verify_seconds - self.verify)
-        if drafted:
-            self.acceptance += self._smoothing * (accepted / drafted - self.acceptance)
+        self._rounds.append((drafted, accepted))
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted over the last rounds (a window: one round says little)."""
+        drafted = sum(d for d, _ in self._rounds)
+        return sum(a for _, a in self._rounds) / drafted if drafted else 0.5
 
     # -- estimates ------------------------------------------------------------------
     def alpha_beta(self) -> tuple[float, float]:

@@ -226,16 +226,19 @@ class RoundStream:
         self._thread = threading.Thread(target=self._run, name="round-stream", daemon=True)
         self._thread.start()
 
-    def send(self, req: VerifyRequest, not_before: float | None = None, sent_at: float | None = None) -> None:
-        self._queue.put((req, time.perf_counter(), not_before, sent_at))
+    def send(self, req: VerifyRequest, not_before: float | None = None,
+             on_link: tuple[float, float] | None = None) -> None:
+        """Queue a batch. `not_before`: write it no earlier (link emulation). `on_link`: when it really
+        occupied the link (start, end), if known; else the send time is measured here."""
+        self._queue.put((req, time.perf_counter(), not_before, on_link))
 
     def abandon(self) -> None:
         self._queue.put(None)
 
     def _body(self):
-        sent = 0
+        sent, last_end = 0, 0.0
         while (item := self._queue.get()) is not None:
-            req, ready, not_before, sent_at = item
+            req, ready, not_before, on_link = item
             if not_before is not None:
                 delay = not_before - time.perf_counter()
                 if delay > 0:
@@ -247,8 +250,12 @@ class RoundStream:
             sent += 4 + len(frame)
             if req.final:
                 break
+            # The link's busy time for this batch: from when it could start (ready, and the previous
+            # batch gone) to when it was out. Queueing behind earlier batches is not its cost.
+            start, end = on_link if on_link else (max(ready, last_end), time.perf_counter())
+            last_end = end
             if self.on_sent is not None:
-                self.on_sent(len(req.draft), (sent_at or time.perf_counter()) - ready)
+                self.on_sent(len(req.draft), end - start)
         self._sent_bytes = sent
 
     def _run(self) -> None:

@@ -37,17 +37,22 @@ def test_online_tuning_completes_and_remembers_the_regime():
     assert bowl(*tuned) < bowl(*auto.default)
     run_online(auto, regime=(6, 4), rounds=3)              # a blip: not yet a new regime
     assert not auto.tuning
-    run_online(auto, regime=(6, 4), rounds=8)              # it persists: a new tuning run
+    run_online(auto, regime=(6, 4), rounds=16)             # it persists: a new tuning run
     assert auto.tuning
-    run_online(auto, regime=(3, 1), rounds=8)              # back in the known regime: its best, no tuning
+    run_online(auto, regime=(3, 1), rounds=16)             # back in the known regime: its best, no tuning
     assert auto.thresholds() == tuned and not auto.tuning
 
 
 def test_acceptance_drift_restarts_tuning():
-    auto = OnlineAutotuner(make_tuner=lambda: SkoptTuner(budget=6, seed=3))
-    run_online(auto, regime=(1, 1), rounds=6 * 4 + 2, acceptance=0.6)
+    auto = OnlineAutotuner(make_tuner=lambda: SkoptTuner(budget=6, seed=3), settle_rounds=10, drift_patience=5)
+    run_online(auto, regime=(1, 1), rounds=6 * 4 + 2, acceptance=0.3)
     assert not auto.tuning
-    run_online(auto, regime=(1, 1), rounds=1, acceptance=0.2)
+    # The tuned thresholds change the acceptance itself: the baseline is taken after they settle.
+    run_online(auto, regime=(1, 1), rounds=12, acceptance=0.6)
+    assert not auto.tuning
+    run_online(auto, regime=(1, 1), rounds=3, acceptance=0.2)   # a few bad rounds: noise
+    assert not auto.tuning
+    run_online(auto, regime=(1, 1), rounds=5, acceptance=0.2)   # it persists: retune
     assert auto.tuning
 
 
