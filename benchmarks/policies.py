@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--r2", type=float, help="fixed R2 for the PipeSD variants without BO (and HSL)")
     ap.add_argument("--warmup", type=int, default=1, help="prompts run per mode before measuring (profiler, DP)")
     ap.add_argument("--max-tune-prompts", type=int, default=60, help="cap on prompts spent tuning pipesd first")
+    ap.add_argument("--verifier-args", default="", help="extra pipesd-verifier flags, e.g. --no-eager-forward")
     args = ap.parse_args()
     modes = args.modes.split(",")
     link = LinkProfile(args.up, args.down, args.rtt, args.payload)
@@ -60,7 +61,8 @@ def main() -> None:
         drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), args.gamma_ms / 1e3)
         return EdgeClient(v.url, verifier_key=v.public_key, link=link, drafter=drafter, r1=r1, r2=r2)
 
-    with LocalVerifier(model="embedded", threads=1) as v, new_client(v) as tuned_client:
+    with LocalVerifier(model="embedded", threads=1, extra_args=args.verifier_args.split()) as v, \
+            new_client(v) as tuned_client:
         tuner = tuned_client.engine.autotuner
         warm = 0
         if "pipesd" in modes and args.r1 is None and args.r2 is None:

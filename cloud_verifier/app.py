@@ -79,7 +79,7 @@ class VerifierApp:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 
-    async def in_order(self, frame: bytes):
+    async def in_order(self, frame: bytes, more_coming: bool = False):
         """Authenticate a frame, wait until the session's earlier frames have run, then run it.
 
         A round's stream and the next (proactive) round's stream travel on different connections
@@ -98,7 +98,7 @@ class VerifierApp:
                     if session.next_seq == before:
                         break
         try:
-            return await self.run(lambda: self.service.dispatch(session, header, body))
+            return await self.run(lambda: self.service.dispatch(session, header, body, more_coming))
         finally:
             async with self.order:
                 self.order.notify_all()
@@ -213,7 +213,9 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
                 frames += 1
                 if frames > settings.max_draft + 1:
                     raise WireError(ErrorCode.BATCH_TOO_LARGE, "more frames in one round than draft tokens allowed")
-                status, reply, kind = await state.in_order(frame)
+                # Batches that arrived while the target was busy are staged together and run once.
+                more = len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big")
+                status, reply, kind = await state.in_order(frame, more_coming=more)
                 if kind != FrameType.ACK:
                     return Response(reply, status_code=status, media_type=FRAME)
             if len(buf) > settings.max_frame_bytes + 4:

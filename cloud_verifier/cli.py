@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     ap.add_argument("--session-ttl", type=float, default=d.session_ttl_s)
     ap.add_argument("--rekey-interval", type=int, default=d.rekey_interval)
+    ap.add_argument("--no-eager-forward", action="store_true",
+                    help="run the target only at NAV, not on draft batches as they arrive")
     ap.add_argument("--reorder-wait", type=float, default=d.reorder_wait_s,
                     help="seconds a frame waits for a session's earlier frames before a gap is skipped")
     ap.add_argument("--log-level", default="warning")
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                                 max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
                                 max_context=args.max_context, session_ttl_s=args.session_ttl,
                                 max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
-                                reorder_wait_s=args.reorder_wait,
+                                reorder_wait_s=args.reorder_wait, eager_forward=not args.no_eager_forward,
                                 rekey_interval=args.rekey_interval)
     app = create_app(lambda: load_target(path, args.backend, threads=args.threads), settings,
                      static_key=static_key, psk=psk)

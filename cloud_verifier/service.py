@@ -122,14 +122,19 @@ class VerifierService:
         session.last_used = time.monotonic()
         return session, header, body
 
-    def dispatch(self, session: Session, header: Header, body: dict) -> tuple[int, bytes, FrameType]:
-        """Act on an authenticated frame; failures travel sealed in an ERROR frame."""
+    def dispatch(self, session: Session, header: Header, body: dict,
+                 more_coming: bool = False) -> tuple[int, bytes, FrameType]:
+        """Act on an authenticated frame; failures travel sealed in an ERROR frame.
+
+        ``more_coming``: the next batch of the same stream has already arrived, so running the
+        target on this one now would only add a forward pass: it is staged and run with the next.
+        """
         session.next_seq = max(session.next_seq, header.seq + 1)
         try:
             if header.type == FrameType.OPEN:
                 reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
             elif header.type == FrameType.VERIFY:
-                result = self._verify(session, VerifyRequest.from_dict(body))
+                result = self._verify(session, VerifyRequest.from_dict(body), eager=not more_coming)
                 reply_type = FrameType.ACK if isinstance(result, BatchAck) else FrameType.RESULT
                 reply = result.to_dict()
             elif header.type == FrameType.CLOSE:
@@ -185,7 +190,7 @@ class VerifierService:
         self.metrics.cached_tokens.set(self._cached_tokens())
 
     # -- NAV ------------------------------------------------------------------------
-    def _verify(self, session: Session, req: VerifyRequest) -> VerifyResponse | BatchAck:
+    def _verify(self, session: Session, req: VerifyRequest, eager: bool = True) -> VerifyResponse | BatchAck:
         """Stage a non-final batch, or run NAV over the round when its final batch arrives."""
         if session.state is None:
             raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
@@ -211,7 +216,7 @@ class VerifierService:
         t0 = time.perf_counter()
         if not req.final:
             session.pending = pending
-            if self.settings.eager_forward and req.draft:
+            if self.settings.eager_forward and eager and req.draft:
                 # Start the target on what has arrived, so NAV at the trigger runs on the last batch only.
                 self._forward(session.state, pending)
                 self.metrics.nav_seconds.observe(time.perf_counter() - t0)
