@@ -44,6 +44,7 @@ class SkoptTuner:
                  bounds: tuple[tuple[float, float], tuple[float, float]] = DEFAULT_BOUNDS):
         from skopt import Optimizer
         from skopt.learning import GaussianProcessRegressor
+        from skopt.space import Real
         from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
         # Matern(2.5) over (R1, R2) plus a white-noise term for measurement noise; its lower bound is
@@ -52,7 +53,10 @@ class SkoptTuner:
                                                               nu=2.5)
                   + WhiteKernel(1e-3, (1e-12, 1e1)))
         gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
-        self._opt = Optimizer([tuple(bounds[0]), tuple(bounds[1])], base_estimator=gp, acq_func="EI",
+        # Log-uniform: the useful thresholds of an under-confident draft sit near the low ends, where
+        # a linear space spends almost no evaluations.
+        space = [Real(*bounds[0], prior="log-uniform"), Real(*bounds[1], prior="log-uniform")]
+        self._opt = Optimizer(space, base_estimator=gp, acq_func="EI",
                               acq_func_kwargs={"xi": 0.1}, n_initial_points=initial_points, random_state=seed)
         self.budget = budget
         self.evaluations: list[tuple[tuple[float, float], float]] = []
@@ -90,8 +94,8 @@ class OnlineAutotuner:
 
     default: tuple[float, float] = (DEFAULT_R1, DEFAULT_R2)
     tokens_per_trial: int = 20
-    acceptance_drift: float = 0.2
-    drift_patience: int = 32      # consecutive rounds the acceptance must stay off its baseline to retune
+    acceptance_drift: float = 0.25
+    drift_patience: int = 64      # consecutive rounds the acceptance must stay off its baseline to retune
     settle_rounds: int = 64       # rounds at the tuned thresholds before their acceptance becomes the baseline
     regime_patience: int = 16     # rounds a new network regime must persist before it counts
     make_tuner: type = SkoptTuner
@@ -125,8 +129,11 @@ class OnlineAutotuner:
     def record(self, tokens: int, seconds: float, regime, acceptance: float) -> None:
         with self._lock:
             regime = self._settled(regime)
-            if regime != self._regime:
+            if regime != self._regime or (self._starting is None and regime not in self.memory):
                 self._regime = regime
+                known = [r for r in self.memory if r is not None and abs(r - regime) <= 1]
+                if known and regime not in self.memory:
+                    self.memory[regime] = self.memory.pop(known[0])
                 if regime in self.memory:   # a known regime: its best thresholds, no tuning
                     self._tuner, self._trial, self._starting = None, None, None
                 else:
@@ -170,10 +177,21 @@ class OnlineAutotuner:
         self._pending.start()
 
     def _settled(self, observed):
-        """The regime in force: a new one only after `regime_patience` consecutive rounds in it."""
-        if self._regime is None or observed == self._regime:
+        """The regime in force: a new one only after `regime_patience` consecutive rounds in it.
+
+        None (nothing measured yet) never replaces a regime, and the first measured regime takes
+        over what was learnt under None instead of starting again.
+        """
+        if observed is not None and self._regime is not None and abs(observed - self._regime) <= 1:
+            observed = self._regime    # a neighbouring bucket: the same regime (hysteresis)
+        if observed is None or observed == self._regime:
             self._candidate, self._candidate_rounds = None, 0
-            return observed if self._regime is None else self._regime
+            return self._regime
+        if self._regime is None and self._starting is not None:
+            if None in self.memory:
+                self.memory[observed] = self.memory.pop(None)
+            self._regime = observed
+            return observed
         if observed != self._candidate:
             self._candidate, self._candidate_rounds = observed, 0
         self._candidate_rounds += 1

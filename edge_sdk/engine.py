@@ -199,6 +199,8 @@ class Engine:
                 self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
                 # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
                 pending = uploader.finalize(self._batch(rnd, synced, final=True))
+                nav_times = [time.perf_counter()]
+                pending.add_done_callback(lambda _: nav_times.append(time.perf_counter()))
                 # 3. While NAV is in flight, a proactive policy drafts the next round.
                 nxt = None
                 if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
@@ -222,6 +224,8 @@ class Engine:
                         resp, synced = self._nav_whole(out.tokens, synced, rnd.tokens, stats)
                 stats.wait_s += time.perf_counter() - t_wait
                 stats.verify_s += resp.verify_ms / 1e3
+                if len(nav_times) == 2:   # the streamed NAV answered (not a fallback)
+                    self.profiler.observe_nav(nav_times[1] - nav_times[0] - resp.verify_ms / 1e3)
                 self._count_round(stats, len(rnd.draft), resp.accepted)
                 policy.trigger.on_round(len(rnd.draft), resp.accepted, rnd.draft)
                 self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)

@@ -9,6 +9,7 @@ of the time to draft one token.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class LinkEstimate:
     gamma: float      # s per drafted token
     verify: float     # s of target compute per NAV round
     acceptance: float
+    nav_network: float | None = None   # s: median recent NAV round trip minus verification (None: none yet)
 
     def drifted_from(self, other: "LinkEstimate", tolerance: float = 0.3) -> bool:
         """Has alpha, beta or gamma moved by more than `tolerance` (relative) since `other`?"""
@@ -28,9 +30,14 @@ class LinkEstimate:
         return (moved(self.alpha, other.alpha, 1e-3) or moved(self.beta, other.beta, 1e-4)
                 or moved(self.gamma, other.gamma, 1e-4))
 
-    def regime(self) -> tuple[int, int]:
-        """A coarse network bucket for per-regime memory: factor-4 steps of alpha (ms) and beta (0.1 ms)."""
-        return (round(math.log(max(self.alpha * 1e3, 0.1), 4)), round(math.log(max(self.beta * 1e4, 0.1), 4)))
+    def regime(self) -> int | None:
+        """A coarse network bucket for per-regime memory: log2 of the NAV round trip in ms (network
+        part, which includes sending the final batch). Measured every round whatever the policy
+        batches, unlike alpha and beta. None before the first round. Neighbouring buckets count as
+        the same regime (see OnlineAutotuner), so a regime changes only with a 4x change."""
+        if self.nav_network is None:
+            return None
+        return round(math.log2(max(self.nav_network * 1e3, 0.25)))
 
 
 class LinkProfiler:
@@ -39,6 +46,7 @@ class LinkProfiler:
         self._prior = (alpha, beta)
         self._sends: deque[tuple[int, float]] = deque(maxlen=window)
         self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
+        self._navs: deque[float] = deque(maxlen=16)
         self.gamma = gamma
         self.verify = 0.005
         self._smoothing = smoothing
@@ -53,6 +61,10 @@ class LinkProfiler:
     def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
         self.verify += self._smoothing * (verify_seconds - self.verify)
         self._rounds.append((drafted, accepted))
+
+    def observe_nav(self, network_seconds: float) -> None:
+        """A NAV round trip minus the verifier's compute: latency plus sending the final batch."""
+        self._navs.append(max(0.0, network_seconds))
 
     @property
     def acceptance(self) -> float:
@@ -76,4 +88,5 @@ class LinkProfiler:
 
     def estimate(self) -> LinkEstimate:
         alpha, beta = self.alpha_beta()
-        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance)
+        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance,
+                            statistics.median(self._navs) if self._navs else None)

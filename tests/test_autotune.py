@@ -1,25 +1,39 @@
 """The BO autotuner: finds the optimum of a known objective within its budget, online and per regime."""
 
+import math
+
 import pytest
 
 from edge_sdk.autotune import PAPER_BOUNDS, R1_BOUNDS, R2_BOUNDS, OnlineAutotuner, SkoptTuner
+from edge_sdk.triggers import DEFAULT_R1, DEFAULT_R2
 
 
-def bowl(r1, r2):
-    """A smooth TPT-like objective with its minimum at R1 = 0.35, R2 = 0.85 (inside both search spaces)."""
-    return 0.05 + (r1 - 0.35) ** 2 + 2 * (r2 - 0.85) ** 2
+def native(r1, r2):
+    """TPT-like: a round trip dominates, long drafts pay (low thresholds). Minimum at (0.01, 0.1)."""
+    return 0.02 + 0.01 * math.log10(r1 / 0.01) ** 2 + 0.02 * math.log10(r2 / 0.1) ** 2
 
 
-def test_skopt_tuner_finds_the_bowl():
-    tuner = SkoptTuner(budget=16, seed=1)
+def paper(r1, r2):
+    """TPT-like: every uploaded token costs, so verify almost at once (R2 near 1)."""
+    return 0.1 + 0.05 * (1 - r2) + 0.01 * math.log10(r1 / 0.3) ** 2
+
+
+bowl = native
+
+
+@pytest.mark.parametrize("objective", [native, paper])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_skopt_tuner_finds_the_optimum_of_either_regime(objective, seed):
+    tuner = SkoptTuner(budget=16, seed=seed)
     while not tuner.done:
         p = tuner.ask()
         assert R1_BOUNDS[0] <= p[0] <= R1_BOUNDS[1] and R2_BOUNDS[0] <= p[1] <= R2_BOUNDS[1]
-        tuner.tell(p, bowl(*p))
+        tuner.tell(p, objective(*p))
     best = tuner.best()
     assert len(tuner.evaluations) == 16
-    assert bowl(*best) < bowl(0.3, 0.7)                   # better than a middle-of-the-road guess
-    assert bowl(*best) - 0.05 < 0.02
+    floor = min(objective(r1, r2) for r1 in (0.001, 0.01, 0.1, 0.3, 0.9) for r2 in (0.02, 0.1, 0.5, 0.99))
+    assert objective(*best) < objective(0.3, 0.7) and objective(*best) < objective(DEFAULT_R1, DEFAULT_R2)
+    assert objective(*best) - floor < 0.01
 
 
 def run_online(auto, regime, rounds, acceptance=0.6):
@@ -31,28 +45,28 @@ def run_online(auto, regime, rounds, acceptance=0.6):
 
 def test_online_tuning_completes_and_remembers_the_regime():
     auto = OnlineAutotuner(make_tuner=lambda: SkoptTuner(budget=8, seed=2))
-    run_online(auto, regime=(3, 1), rounds=8 * 4 + 2)      # 4 rounds of 5 tokens per 20-token trial
-    assert not auto.tuning and (3, 1) in auto.memory
+    run_online(auto, regime=3, rounds=8 * 4 + 2)      # 4 rounds of 5 tokens per 20-token trial
+    assert not auto.tuning and 3 in auto.memory
     tuned = auto.thresholds()
     assert bowl(*tuned) < bowl(*auto.default)
-    run_online(auto, regime=(6, 4), rounds=3)              # a blip: not yet a new regime
+    run_online(auto, regime=6, rounds=3)              # a blip: not yet a new regime
     assert not auto.tuning
-    run_online(auto, regime=(6, 4), rounds=16)             # it persists: a new tuning run
+    run_online(auto, regime=6, rounds=16)             # it persists: a new tuning run
     assert auto.tuning
-    run_online(auto, regime=(3, 1), rounds=16)             # back in the known regime: its best, no tuning
+    run_online(auto, regime=3, rounds=16)             # back in the known regime: its best, no tuning
     assert auto.thresholds() == tuned and not auto.tuning
 
 
 def test_acceptance_drift_restarts_tuning():
     auto = OnlineAutotuner(make_tuner=lambda: SkoptTuner(budget=6, seed=3), settle_rounds=10, drift_patience=5)
-    run_online(auto, regime=(1, 1), rounds=6 * 4 + 2, acceptance=0.3)
+    run_online(auto, regime=1, rounds=6 * 4 + 2, acceptance=0.3)
     assert not auto.tuning
     # The tuned thresholds change the acceptance itself: the baseline is taken after they settle.
-    run_online(auto, regime=(1, 1), rounds=12, acceptance=0.6)
+    run_online(auto, regime=1, rounds=12, acceptance=0.6)
     assert not auto.tuning
-    run_online(auto, regime=(1, 1), rounds=3, acceptance=0.2)   # a few bad rounds: noise
+    run_online(auto, regime=1, rounds=3, acceptance=0.2)   # a few bad rounds: noise
     assert not auto.tuning
-    run_online(auto, regime=(1, 1), rounds=5, acceptance=0.2)   # it persists: retune
+    run_online(auto, regime=1, rounds=5, acceptance=0.2)   # it persists: retune
     assert auto.tuning
 
 

@@ -87,4 +87,12 @@ def test_profiler_drift_and_regime():
         prof.observe_send(n, 0.05 + 0.001 * n)   # latency went up five-fold
     after = prof.estimate()
     assert after.drifted_from(before) and not before.drifted_from(before)
-    assert after.regime() != before.regime()
+    assert prof.estimate().regime() is None            # no NAV measured yet
+    for rtt in (0.041, 0.040, 0.052):
+        prof.observe_nav(rtt)
+    near = prof.estimate().regime()
+    prof.observe_nav(0.039)                            # the median of recent round trips counts
+    assert prof.estimate().regime() == near
+    far = LinkProfiler()
+    far.observe_nav(0.6)
+    assert far.estimate().regime() != near
