@@ -34,7 +34,7 @@ class LocalVerifier:
 
     def __init__(self, model: str = "embedded", backend: str = "torch", threads: int | None = 1,
                  extra_args: list[str] | None = None, ready_timeout: float = 180.0,
-                 key_file: str | Path | None = None):
+                 key_file: str | Path | None = None, cpus: set[int] | None = None):
         self._tmp = None
         if key_file is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="pipesd-verifier-")
@@ -45,6 +45,7 @@ class LocalVerifier:
         self.model, self.backend, self.threads = model, backend, threads
         self.extra_args = list(extra_args or [])
         self.ready_timeout = ready_timeout
+        self.cpus = cpus            # pin the process (all its threads) to these cores
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.port = 0
@@ -57,8 +58,9 @@ class LocalVerifier:
 
     def start(self) -> "LocalVerifier":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cpus = self.cpus
         self.proc = subprocess.Popen(self._args(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env)
+                                     env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         found = threading.Event()
         proc = self.proc
 

@@ -77,6 +77,51 @@ class SkoptTuner:
         return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
 
 
+class _ListTuner:
+    """Evaluates a fixed list of candidates in order (the grid and random baselines of BO)."""
+
+    def __init__(self, candidates: list[tuple[float, float]]):
+        self._candidates = candidates
+        self.budget = len(candidates)
+        self.evaluations: list[tuple[tuple[float, float], float]] = []
+
+    def ask(self) -> tuple[float, float]:
+        return self._candidates[min(len(self.evaluations), self.budget - 1)]
+
+    def tell(self, params, objective) -> None:
+        self.evaluations.append((tuple(params), float(objective)))
+
+    @property
+    def done(self) -> bool:
+        return len(self.evaluations) >= self.budget
+
+    def best(self):
+        return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
+
+
+def _log_points(lo: float, hi: float, n: int) -> list[float]:
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [(lo * hi) ** 0.5]
+
+
+class GridTuner(_ListTuner):
+    """A log-spaced grid over the same bounds as the BO, with the same budget (4 x 4 = 16)."""
+
+    def __init__(self, budget: int = 16, bounds=DEFAULT_BOUNDS):
+        side = max(1, round(budget ** 0.5))
+        super().__init__([(r1, r2) for r1 in _log_points(*bounds[0], side) for r2 in _log_points(*bounds[1], side)])
+
+
+class RandomTuner(_ListTuner):
+    """Log-uniform random candidates over the same bounds as the BO, with the same budget."""
+
+    def __init__(self, budget: int = 16, seed: int = 0, bounds=DEFAULT_BOUNDS):
+        import random
+
+        rng = random.Random(seed)
+        draw = lambda lo, hi: lo * (hi / lo) ** rng.random()   # noqa: E731
+        super().__init__([(draw(*bounds[0]), draw(*bounds[1])) for _ in range(budget)])
+
+
 @dataclass
 class _Trial:
     params: tuple[float, float]
@@ -121,6 +166,11 @@ class OnlineAutotuner:
                 return remembered[0]
             best = self._tuner.best() if self._tuner else None
             return best or self.default
+
+    @property
+    def evaluations(self) -> list[tuple[tuple[float, float], float]]:
+        """(candidate, seconds per token) of the current or last tuning run, in order."""
+        return list(getattr(self._tuner, "evaluations", None) or [])
 
     @property
     def tuning(self) -> bool:

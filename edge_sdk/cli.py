@@ -2,6 +2,8 @@
 
     pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> -k 4
     pipesd generate "import os" --mode edge_only          # no cloud at all
+    pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (see bench.py)
+    pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .client import EdgeClient
-from .errors import PipeSDError
+from .errors import ConfigError, PipeSDError
 from .policies import MODES
 
 
@@ -33,6 +35,52 @@ def _generate(args) -> int:
                 print(event.text, end="", flush=True)
             print()
             print(gen.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import Bench, config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    bench = Bench(config)
+    bench.run()
+    for path in bench.write("pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)):
+        print(path)
+    failures = [t for t in bench.results + bench.sweep if t.mismatches > 0]
+    for t in failures:
+        print(f"pipesd bench: NOT LOSSLESS: {t.method} in {t.pair}/{t.regime}/{t.scenario} "
+              f"({t.mismatches} generations differ from target greedy)", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return host, int(port)
+
+
+def _link(args) -> int:
+    from .emulation import BandwidthTrace, LinkProfile
+    from .linkproxy import LinkProxy
+    from .scenarios import get_scenario
+
+    try:
+        if args.scenario:
+            profile = get_scenario(args.scenario).link("native", seed=args.seed)
+        else:
+            trace = BandwidthTrace.from_file(args.trace) if args.trace else None
+            profile = LinkProfile(args.up, args.down, args.rtt, jitter_ms=args.jitter, loss=args.loss,
+                                  trace=trace, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    proxy = LinkProxy(args.upstream, profile, listen=args.listen)
+    proxy.start()
+    print(f"link {profile.describe()}: {proxy.url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
+    proxy.serve_forever()
     return 0
 
 
@@ -58,7 +106,27 @@ def main(argv=None) -> int:
     g.add_argument("--parse-special", action="store_true", help="parse control tokens in the prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.set_defaults(func=_generate)
+
+    from .bench import add_arguments
+
+    b = sub.add_parser("bench", help="the paper's evaluation: methods x scenarios x model pairs")
+    add_arguments(b)
+    b.set_defaults(func=_bench)
+
+    lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
+    lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
+    lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")
+    lk.add_argument("--scenario", help="s1..s4 (overrides the figures below)")
+    lk.add_argument("--up", type=float, default=20.0, help="uplink Mbps")
+    lk.add_argument("--down", type=float, default=200.0, help="downlink Mbps")
+    lk.add_argument("--rtt", type=float, default=20.0, help="round-trip time, ms")
+    lk.add_argument("--jitter", type=float, default=0.0, help="one-way jitter, ms")
+    lk.add_argument("--loss", type=float, default=0.0, help="probability a chunk is lost once (arrives an RTO late)")
+    lk.add_argument("--trace", type=Path, help="CSV of seconds,up_mbps,down_mbps segments (repeats)")
+    lk.add_argument("--seed", type=int, default=0)
+    lk.set_defaults(func=_link)
     args = ap.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (PipeSDError, OSError) as exc:

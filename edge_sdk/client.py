@@ -69,7 +69,7 @@ class EdgeClient:
         psk: a pre-shared key (>= 32 bytes) instead of a pinned public key.
         local_only: never contact the cloud: every request runs on the device (edge_only).
         link: an emulated link (``LinkProfile``) between this client and the verifier, for
-            experiments on loopback: bandwidth, RTT, per-token payload (see linkemu.py).
+            experiments on loopback: bandwidth, RTT, per-token payload, jitter, loss, traces (see emulation.py).
         pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
         draft_model: path of a GGUF draft model instead of the pair's.
         mode: the decoding policy: "pipesd" (default: dual-threshold trigger tuned online, DP token

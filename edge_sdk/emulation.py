@@ -3,13 +3,20 @@
 ``EmulatedLink``: a network link between the edge and a real verifier, in-process.
 
 Wraps any ``Verifier`` (normally the real HTTP one on loopback) and delays each message as a
-store-and-forward link would: the uplink and the downlink are each a serial resource with a
-bandwidth, plus a one-way propagation delay. Concurrent senders (the uploader and the NAV
-thread) queue for the same uplink, so a batch that goes up during NAV delays the next one --
-which is what the DP schedule plans around. Sizes are those of the real encoded messages
-(msgpack body + 53 bytes of frame header and tag), plus an optional per-draft-token payload
-to emulate links that carry the draft's probability distribution (the paper's ~0.29 MB/token).
-The kernel here has no netem; this needs no root.
+store-and-forward link would: the uplink and the downlink are each a serial transmitter (a
+token-bucket shaper with no burst allowance) with a bandwidth, followed by a one-way propagation
+delay with optional jitter. Concurrent senders (the uploader and the NAV thread) queue for the
+same uplink, so a batch that goes up during NAV delays the next one -- which is what the DP
+schedule plans around. Sizes are those of the real encoded messages (msgpack body + 53 bytes of
+frame header and tag), plus an optional per-draft-token payload to emulate links that carry the
+draft's probability distribution (the paper's ~0.29 MB/token).
+
+Also: loss (a message that meets it arrives a retransmission timeout late, as TCP would deliver
+it), a time-varying bandwidth trace (``BandwidthTrace``), and the link going down and up
+(``EmulatedLink.set_down``). Every random draw comes from a generator seeded by the profile, and
+deliveries stay in order (TCP), so a run is reproducible. ``linkproxy.LinkProxy`` puts the same
+link model in front of a real verifier as a TCP proxy. The kernel here has no netem; none of this
+needs root.
 
 ``SlowedDrafter``: a drafter that takes extra time per drafted token, as the paper emulated
 phones and IoT boards (its S2 and S3 scenarios).
@@ -17,14 +24,69 @@ phones and IoT boards (its S2 and S3 scenarios).
 
 from __future__ import annotations
 
+import csv
+import random
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 from privacy import BatchAck, OpenSession, SessionOpened, VerifyRequest, VerifyResponse, encode
 
+from .errors import VerifierUnavailable
+
 FRAME_OVERHEAD = 53   # frame header (37) + AEAD tag (16)
+
+
+class LinkDown(VerifierUnavailable):
+    """The emulated link is down: nothing gets through until it is up again."""
+
+
+@dataclass(frozen=True)
+class BandwidthTrace:
+    """Bandwidth that changes over time: ``segments`` of (seconds, up Mbps, down Mbps), repeated.
+
+    Time 0 is when the link is created. Load one from a CSV file (``seconds,up_mbps,down_mbps``
+    per line) or draw one from a seeded generator (the paper's S4: uplink 10-80 Mbps, downlink
+    150-280 Mbps, a new value every 20 s).
+    """
+
+    segments: tuple[tuple[float, float, float], ...]
+
+    def __post_init__(self):
+        if not self.segments or any(d <= 0 or u <= 0 or w <= 0 for d, u, w in self.segments):
+            raise ValueError("a trace needs segments of positive duration and bandwidth")
+
+    @classmethod
+    def generated(cls, seed: int = 0, up_mbps: tuple[float, float] = (10.0, 80.0),
+                  down_mbps: tuple[float, float] = (150.0, 280.0), every_s: float = 20.0,
+                  segments: int = 30) -> "BandwidthTrace":
+        rng = random.Random(seed)
+        return cls(tuple((every_s, round(rng.uniform(*up_mbps), 1), round(rng.uniform(*down_mbps), 1))
+                         for _ in range(segments)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BandwidthTrace":
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and not r[0].lstrip().startswith("#")]
+        try:
+            return cls(tuple((float(d), float(u), float(w)) for d, u, w in rows))
+        except ValueError as exc:
+            raise ValueError(f"{path}: each line must be seconds,up_mbps,down_mbps ({exc})") from None
+
+    @property
+    def period(self) -> float:
+        return sum(d for d, _, _ in self.segments)
+
+    def mbps(self, t: float, direction: int) -> tuple[float, float]:
+        """(bandwidth of `direction` (1 up, 2 down) at time t, seconds until it next changes)."""
+        t %= self.period
+        for seg in self.segments:
+            if t < seg[0]:
+                return seg[direction], seg[0] - t
+            t -= seg[0]
+        return self.segments[-1][direction], 1e-9
 
 
 @dataclass(frozen=True)
@@ -33,32 +95,80 @@ class LinkProfile:
     down_mbps: float = 200.0
     rtt_ms: float = 20.0
     payload_bytes_per_token: int = 0   # extra uplink bytes per draft token (emulated distribution payload)
+    jitter_ms: float = 0.0             # one-way delay varies uniformly in [-jitter, +jitter] (never below 0)
+    loss: float = 0.0                  # probability that a message is lost once and retransmitted
+    rto_ms: float = 200.0              # how late a lost message arrives (TCP's minimum retransmission timeout)
+    trace: BandwidthTrace | None = None   # time-varying bandwidth; overrides up_mbps/down_mbps
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.up_mbps <= 0 or self.down_mbps <= 0 or self.rtt_ms < 0 or self.jitter_ms < 0:
+            raise ValueError("bandwidths must be positive, RTT and jitter non-negative")
+        if not 0 <= self.loss < 1:
+            raise ValueError("loss is a probability in [0, 1)")
 
     def describe(self) -> str:
-        s = f"{self.up_mbps:g}/{self.down_mbps:g} Mbps up/down, RTT {self.rtt_ms:g} ms"
+        s = (f"trace of {len(self.trace.segments)} segments" if self.trace
+             else f"{self.up_mbps:g}/{self.down_mbps:g} Mbps up/down")
+        s += f", RTT {self.rtt_ms:g} ms"
+        if self.jitter_ms:
+            s += f" ±{self.jitter_ms:g}"
+        if self.loss:
+            s += f", loss {self.loss:g}"
         return s + (f", +{self.payload_bytes_per_token} B/draft token" if self.payload_bytes_per_token else "")
 
 
-class _SerialLink:
-    """One direction: a FIFO transmitter of `mbps` followed by a fixed propagation delay."""
+class SerialLink:
+    """One direction: a FIFO transmitter (bandwidth, possibly following a trace) then a propagation
+    delay with jitter and loss. Deliveries keep their order, as on one TCP connection.
 
-    def __init__(self, mbps: float, delay_s: float):
-        self.bytes_per_s = mbps * 1e6 / 8
-        self.delay_s = delay_s
+    ``reserve`` only computes times (no sleeping), so threads and asyncio code can both use it.
+    """
+
+    def __init__(self, profile: LinkProfile, direction: int, clock=time.perf_counter):
+        self.profile = profile
+        self.direction = direction              # 1 up, 2 down (column of a trace segment)
+        self.mbps = profile.up_mbps if direction == 1 else profile.down_mbps
+        self.delay_s = profile.rtt_ms / 2e3
+        self.clock = clock
+        self.t0 = clock()
+        self._rng = random.Random(profile.seed * 2 + direction)
         self._free_at = 0.0
+        self._last_arrival = 0.0
         self._lock = threading.Lock()
+        self.cut = False                        # the link is down
+
+    def _transmit_end(self, start: float, nbytes: int) -> float:
+        trace = self.profile.trace
+        if trace is None:
+            return start + nbytes * 8 / (self.mbps * 1e6)
+        t, left = start, nbytes * 8.0
+        while True:                                # walk the trace's segments until the bits are out
+            mbps, span = trace.mbps(t - self.t0, self.direction)
+            if left <= mbps * 1e6 * span:
+                return t + left / (mbps * 1e6)
+            left -= mbps * 1e6 * span
+            t += span
 
     def reserve(self, nbytes: int) -> tuple[float, float, float]:
         """Queue `nbytes` now: (transmission start, transmission end, arrival at the far end)."""
         with self._lock:
-            start = max(time.perf_counter(), self._free_at)
-            self._free_at = start + nbytes / self.bytes_per_s
-            return start, self._free_at, self._free_at + self.delay_s
+            if self.cut:
+                raise LinkDown("the emulated link is down")
+            start = max(self.clock(), self._free_at)
+            self._free_at = self._transmit_end(start, nbytes)
+            delay = self.delay_s
+            if self.profile.jitter_ms:
+                delay = max(0.0, delay + self._rng.uniform(-1, 1) * self.profile.jitter_ms / 1e3)
+            if self.profile.loss and self._rng.random() < self.profile.loss:
+                delay += self.profile.rto_ms / 1e3
+            self._last_arrival = max(self._last_arrival, self._free_at + delay)
+            return start, self._free_at, self._last_arrival
 
     def release(self, start: float, end: float) -> None:
         """Give back a reservation that has not started, if nothing was queued after it."""
         with self._lock:
-            if self._free_at == end and start > time.perf_counter():
+            if self._free_at == end and start > self.clock():
                 self._free_at = start
 
     def carry(self, nbytes: int) -> None:
@@ -78,8 +188,12 @@ class EmulatedLink:
     def __init__(self, inner, profile: LinkProfile):
         self.inner = inner
         self.profile = profile
-        self.up = _SerialLink(profile.up_mbps, profile.rtt_ms / 2e3)
-        self.down = _SerialLink(profile.down_mbps, profile.rtt_ms / 2e3)
+        self.up = SerialLink(profile, 1)
+        self.down = SerialLink(profile, 2)
+
+    def set_down(self, down: bool = True) -> None:
+        """Cut the link (every message raises ``LinkDown``) or bring it back."""
+        self.up.cut = self.down.cut = down
 
     @property
     def bytes_sent(self) -> int:
@@ -158,8 +272,12 @@ class _EmulatedRound:
             self.result.set_exception(inner.exception())
         else:
             reply = inner.result()
-            self.link.down.carry(self.link._reply_bytes(reply))
-            self.result.set_result(reply)
+            try:
+                self.link.down.carry(self.link._reply_bytes(reply))
+            except LinkDown as exc:
+                self.result.set_exception(exc)
+            else:
+                self.result.set_result(reply)
 
 
 class SlowedDrafter:

@@ -124,6 +124,7 @@ class Engine:
         self._plan: BatchPlan | None = None
         self._plan_basis = None
         self._round_ids = 0
+        self.timeline: list | None = None   # set to a list to record (kind, start, end) spans: draft/upload/nav
 
     # -- one generation ---------------------------------------------------------------
     def run(self, prompt: list[int], policy: Policy, max_new_tokens: int,
@@ -184,7 +185,7 @@ class Engine:
 
     # -- speculative decoding ----------------------------------------------------------
     def _speculative(self, out: _Output, policy: Policy, stats: GenerationStats) -> Iterator[TokenEvent]:
-        uploader = Uploader(self.verifier, self.profiler)
+        uploader = Uploader(self.verifier, self.profiler, self.timeline)
         synced = 0                                  # committed tokens the verifier holds
         rnd = self._new_round(list(out.tokens))
         try:
@@ -226,6 +227,7 @@ class Engine:
                 stats.verify_s += resp.verify_ms / 1e3
                 if len(nav_times) == 2:   # the streamed NAV answered (not a fallback)
                     self.profiler.observe_nav(nav_times[1] - nav_times[0] - resp.verify_ms / 1e3)
+                    self._trace("nav", *nav_times)
                 self._count_round(stats, len(rnd.draft), resp.accepted)
                 policy.trigger.on_round(len(rnd.draft), resp.accepted, rnd.draft)
                 self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
@@ -268,6 +270,7 @@ class Engine:
             if self._closes_batch(policy, plan, len(rnd.draft)):
                 uploader.stage(self._batch(rnd, synced, final=False))
         stats.draft_s += time.perf_counter() - t
+        self._trace("draft", t, time.perf_counter())
 
     def _draft_ahead(self, rnd: _Round, pending, budget: int, policy: Policy, plan: BatchPlan | None,
                      uploader: Uploader, stats: GenerationStats) -> _Round | None:
@@ -289,6 +292,7 @@ class Engine:
                 # Built on a prefix the verifier does not hold yet: it stages it only if NAV confirms it.
                 uploader.stage(self._batch(nxt, len(nxt.base), final=False))
         stats.draft_s += time.perf_counter() - t
+        self._trace("draft", t, time.perf_counter())
         return nxt
 
     def _batch(self, rnd: _Round, synced: int, final: bool) -> Batch:
@@ -318,6 +322,10 @@ class Engine:
     def _tune(self, policy: Policy) -> None:
         if policy.autotune and isinstance(policy.trigger, DualThreshold):
             policy.trigger.r1, policy.trigger.r2 = self.autotuner.thresholds()
+
+    def _trace(self, kind: str, start: float, end: float) -> None:
+        if self.timeline is not None:
+            self.timeline.append((kind, start, end))
 
     def _new_round(self, base: list[int]) -> _Round:
         self._round_ids += 1

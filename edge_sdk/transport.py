@@ -221,7 +221,7 @@ class RoundStream:
         self._channel = verifier._require_channel()
         self._queue: queue.Queue = queue.Queue()
         self._final_seq: int | None = None
-        self.on_sent = on_sent          # callback(tokens, seconds) for each non-final batch written
+        self.on_sent = on_sent          # callback(tokens, start, end) for each non-final batch written
         self.result: Future = Future()
         self._thread = threading.Thread(target=self._run, name="round-stream", daemon=True)
         self._thread.start()
@@ -255,7 +255,7 @@ class RoundStream:
             start, end = on_link if on_link else (max(ready, last_end), time.perf_counter())
             last_end = end
             if self.on_sent is not None:
-                self.on_sent(len(req.draft), end - start)
+                self.on_sent(len(req.draft), start, end)
         self._sent_bytes = sent
 
     def _run(self) -> None:

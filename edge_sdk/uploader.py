@@ -31,9 +31,10 @@ class Batch:
 
 
 class Uploader:
-    def __init__(self, verifier: Verifier, profiler: LinkProfiler):
+    def __init__(self, verifier: Verifier, profiler: LinkProfiler, timeline: list | None = None):
         self.verifier = verifier
         self.profiler = profiler
+        self.timeline = timeline               # ("upload", start, end) per batch, when recording
         self._streams: dict[int, object] = {}
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
@@ -45,9 +46,11 @@ class Uploader:
             stream.on_sent = self._sent
         return stream
 
-    def _sent(self, tokens: int, seconds: float) -> None:
-        self.upload_s += seconds
-        self.profiler.observe_send(tokens, seconds)
+    def _sent(self, tokens: int, start: float, end: float) -> None:
+        self.upload_s += end - start
+        self.profiler.observe_send(tokens, end - start)
+        if self.timeline is not None:
+            self.timeline.append(("upload", start, end))
 
     def stage(self, batch: Batch) -> None:
         self.batch_sizes.append(len(batch.tokens))

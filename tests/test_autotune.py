@@ -76,3 +76,23 @@ def test_paper_bounds_are_available():
         p = tuner.ask()
         assert 0.05 <= p[0] <= 0.9 and 0.6 <= p[1] <= 0.99
         tuner.tell(p, bowl(*p))
+
+
+def test_grid_and_random_search_baselines_share_the_budget_and_bounds():
+    from edge_sdk.autotune import DEFAULT_BOUNDS, GridTuner, RandomTuner
+
+    (lo1, hi1), (lo2, hi2) = DEFAULT_BOUNDS
+    grid, rand = GridTuner(), RandomTuner(seed=5)
+    assert grid.budget == rand.budget == 16
+    seen = []
+    for tuner in (grid, rand):
+        while not tuner.done:
+            r1, r2 = tuner.ask()
+            assert lo1 <= r1 <= hi1 * (1 + 1e-9) and lo2 <= r2 <= hi2 * (1 + 1e-9)
+            tuner.tell((r1, r2), abs(r1 - 0.01) + abs(r2 - 0.1))     # best near (0.01, 0.1)
+            seen.append((r1, r2))
+    assert len(set(seen[:16])) == 16, "the grid visits 16 distinct points"
+    assert min(p[0] for p in seen[:16]) == pytest.approx(lo1) and max(p[1] for p in seen[:16]) == pytest.approx(hi2)
+    assert RandomTuner(seed=5)._candidates == rand._candidates != RandomTuner(seed=6)._candidates
+    best = grid.best()
+    assert best == min(grid.evaluations, key=lambda e: e[1])[0]

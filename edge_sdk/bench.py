@@ -1,0 +1,626 @@
+"""pipesd bench: the paper's evaluation (DESIGN.md §4) with real models and a real verifier.
+
+    pipesd bench --out docs/bench                  # every scenario, both regimes, >= 1000 tokens each
+    pipesd bench --quick --out /tmp/bench          # one scenario, a few prompts: a smoke run
+
+For each model pair one verifier process runs on loopback; every method is an ``EdgeClient``
+of its own (own drafter, own emulated link: ``scenarios.py``). Per scenario and regime:
+
+1. PipeSD's BO autotuner tunes online until it has finished its 16 evaluations (the paper tuned
+   before measuring); the PipeSD ablations then run at the thresholds it found, so each differs
+   from PipeSD in one respect only. Baselines use their own published settings.
+2. One warm-up prompt per method (profiler, DP plan), not counted.
+3. Methods take turns prompt by prompt until each has >= ``min_tokens`` output tokens, so machine
+   drift touches all alike. TPT = total time / total output tokens.
+4. Every speculative method's output is compared with the target's own greedy decoding of the
+   same prompt (``cloud_only`` without an emulated link): ``lossless`` counts mismatches.
+
+Outputs under ``--out``: ``results.csv`` (every figure of every cell), ``results.md`` (the paper's
+table shape, details, lower bound), ``results.json``, and PNG plots when matplotlib is installed
+(``pip install pipesd[bench]``): TPT per method and scenario, bandwidth sweep, pipeline timeline,
+BO vs grid vs random search.
+
+The analytic lower bound (``lower_bound_tpt``) is what a pipelined speculative decoder could reach
+with the cell's measured γ, β, verify time, RTT and per-token acceptance; ``efficiency`` is bound /
+TPT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from .autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
+from .scenarios import PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
+
+PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n    def __init__(self):\n",
+           "    def __repr__(self):\n        return ", "for i in range(10):\n", 'if __name__ == "__main__":\n',
+           "def read_file(path):\n    with open(path) as f:\n", "try:\n    import threading\nexcept ImportError:\n",
+           '        raise ValueError("', '"""Utilities for', "def _check_arg(name, value):\n", "        return self._",
+           "from collections import", "class Error(Exception):\n", "    @property\n    def name(self):\n",
+           "def main(argv=None):\n    parser = argparse."]
+BASELINES = ("vanilla", "hsl", "edgellm")
+MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd")
+ABLATIONS = ("pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
+             "pipesd_p_only")
+SWEEP_MBPS = (10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class Tally:
+    """Sums over the generations of one method in one cell (pair x regime x scenario)."""
+
+    pair: str
+    regime: str
+    scenario: str
+    method: str
+    generations: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    rollbacks: int = 0
+    batches: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    draft_s: float = 0.0
+    upload_s: float = 0.0
+    wait_s: float = 0.0
+    verify_s: float = 0.0
+    mismatches: int = 0            # generations whose tokens differ from target greedy (-1: not checked)
+    lower_bound_ms: float = 0.0
+    r1: float | None = None
+    r2: float | None = None
+
+    def add(self, stats, matches: bool | None) -> None:
+        self.generations += 1
+        self.tokens += stats.output_tokens
+        self.seconds += stats.total_s
+        self.drafted += stats.draft_n
+        self.accepted += stats.draft_n_accepted
+        self.rounds += stats.nav_rounds
+        self.rollbacks += stats.rollback_rounds
+        self.batches += stats.batches_sent
+        self.bytes_up += stats.bytes_up
+        self.bytes_down += stats.bytes_down
+        self.draft_s += stats.draft_s
+        self.upload_s += stats.upload_s
+        self.wait_s += stats.wait_s
+        self.verify_s += stats.verify_s
+        if matches is None:
+            self.mismatches = -1
+        elif not matches:
+            self.mismatches += 1
+
+    @property
+    def tpt_ms(self) -> float:
+        return 1e3 * self.seconds / self.tokens if self.tokens else math.nan
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    @property
+    def rollback_rate(self) -> float:
+        return self.rollbacks / self.rounds if self.rounds else math.nan
+
+    @property
+    def efficiency(self) -> float:
+        return self.lower_bound_ms / self.tpt_ms if self.tokens and self.lower_bound_ms else math.nan
+
+    def row(self) -> dict:
+        d = asdict(self)
+        per_token = lambda x: x / self.tokens if self.tokens else math.nan   # noqa: E731
+        d.update(tpt_ms=self.tpt_ms, acceptance=self.acceptance, rollback_rate=self.rollback_rate,
+                 mean_draft_len=self.drafted / self.rounds if self.rounds else math.nan,
+                 up_bytes_per_token=per_token(self.bytes_up), down_bytes_per_token=per_token(self.bytes_down),
+                 draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
+                 wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
+                 efficiency=self.efficiency)
+        return d
+
+
+def lower_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: float, max_n: int = 64) -> float:
+    """Seconds per output token no pipelined speculative decoder can beat, in expectation.
+
+    A round drafts n tokens: the last is ready at n*γ and cannot be on the cloud side before n*β has
+    crossed the uplink (whatever the batching), so the round takes at least max(nγ, nβ). When a
+    token is rejected (probability 1 - a^n with per-token acceptance a), the next round cannot
+    start before the verdict: verify plus a round trip are exposed. When all are accepted,
+    proactive drafting may hide them entirely. Each round yields a(1 - a^n)/(1 - a) + 1 tokens in
+    expectation. The bound is the best n; it assumes independent acceptance per token.
+    """
+    a = min(max(a, 0.0), 0.999)
+    best = math.inf
+    for n in range(1, max_n + 1):
+        accepted = a * (1 - a ** n) / (1 - a) if a > 0 else 0.0
+        cost = max(n * gamma, n * beta) + (1 - a ** n) * (verify + rtt)
+        best = min(best, cost / (accepted + 1))
+    return best
+
+
+@dataclass
+class BenchConfig:
+    pairs: tuple[str, ...] = ("embedded",)
+    scenarios: tuple[str, ...] = tuple(SCENARIOS)
+    regimes: tuple[str, ...] = REGIMES
+    methods: tuple[str, ...] = MAIN_METHODS + ABLATIONS
+    ablation_scenarios: tuple[str, ...] = ("s1",)   # where the pipesd_* ablations run (all: every scenario)
+    payload: str = "ids"
+    min_tokens: int = 1000
+    tokens_per_prompt: int = 64
+    max_tune_prompts: int = 60
+    warmup: int = 1
+    seed: int = 0
+    pin: bool = False
+    sweep: bool = True
+    sweep_regime: str = "paper"
+    sweep_tokens: int = 300
+    timeline: bool = True
+    tuners: bool = True
+    tuner_regime: str = "paper"
+    verifier_threads: int = 1
+    out: Path = Path("bench-results")
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Bench:
+    """Runs a ``BenchConfig``; see the module docstring for the procedure."""
+
+    def __init__(self, config: BenchConfig):
+        self.config = config
+        self.results: list[Tally] = []
+        self.sweep: list[Tally] = []
+        self.timelines: dict[str, list] = {}
+        self.tuner_runs: dict[str, list] = {}
+        self.tuned: dict[tuple, tuple[float, float]] = {}
+        self.gamma: dict[str, float] = {}
+        self.vocab: dict[str, int] = {}
+        self._references: dict[tuple[str, str], list[int]] = {}
+        self._ref_clients: dict = {}
+
+    # -- building blocks ----------------------------------------------------------------
+    def _pin(self):
+        """Edge on all cores but the last, verifier on the last: they do not steal each other's CPU."""
+        cores = sorted(os.sched_getaffinity(0))
+        if not self.config.pin or len(cores) < 2:
+            return None
+        os.sched_setaffinity(0, cores[:-1])
+        return {cores[-1]}
+
+    def _drafter(self, pair: str, added_s: float):
+        from pipesd_models import pair_paths
+
+        from .drafter import LlamaCppDrafter
+        from .emulation import SlowedDrafter
+
+        return SlowedDrafter(LlamaCppDrafter(pair_paths(pair)[0], threads=1), added_s)
+
+    def _measure_gamma(self, pair: str) -> float:
+        """Real seconds per drafted token of this pair's draft on this machine (1 thread)."""
+        drafter = self._drafter(pair, 0.0).inner
+        self.vocab[pair] = drafter.vocab_size
+        drafter.set_context(drafter.tokenize(PROMPTS[0]))
+        for _ in range(8):
+            drafter.next_token()
+        t = time.perf_counter()
+        for _ in range(64):
+            drafter.next_token()
+        return (time.perf_counter() - t) / 64
+
+    def _client(self, verifier, pair: str, scenario: Scenario, regime: str, method: str, r1=None, r2=None,
+                up_mbps: float | None = None, make_tuner=None):
+        from .client import EdgeClient
+
+        drafter = self._drafter(pair, scenario.added_draft_seconds(regime, self.gamma[pair]))
+        link = scenario.link(regime, self.config.payload, seed=self.config.seed, up_mbps=up_mbps,
+                             vocab_size=drafter.vocab_size)
+        client = EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=method, link=link,
+                            drafter=drafter, r1=r1, r2=r2)
+        if make_tuner is not None:
+            client.engine.autotuner = OnlineAutotuner(make_tuner=make_tuner)
+        return client
+
+    def _reference(self, pair: str, prompt: str) -> list[int]:
+        """The target's own greedy decoding of `prompt` (cloud_only, no emulated link), cached."""
+        key = (pair, prompt)
+        if key not in self._references:
+            self._references[key] = self._ref_clients[pair].generate(prompt, max_new_tokens=self.config.tokens_per_prompt,
+                                                        mode="cloud_only").tokens
+        return self._references[key]
+
+    def _tune(self, client, prompts, bar=None) -> int:
+        """Generate with PipeSD until its autotuner has finished (or the prompt cap)."""
+        tuner, used = client.engine.autotuner, 0
+        while (tuner.tuning or not tuner.memory) and used < self.config.max_tune_prompts:
+            client.generate(prompts[used % len(prompts)], max_new_tokens=self.config.tokens_per_prompt,
+                            mode="pipesd")
+            used += 1
+            tuner.wait()
+            if bar is not None:
+                bar.set_postfix_str(f"tuning pipesd: {tuner.trials_done} candidates")
+        return used
+
+    def _interleave(self, clients: dict, tallies: dict, min_tokens: int, bar=None) -> None:
+        """Methods take turns, prompt by prompt, until each has `min_tokens` output tokens."""
+        i = 0
+        while any(t.tokens < min_tokens for t in tallies.values()):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            i += 1
+            for method, client in clients.items():
+                tally = tallies[method]
+                if tally.tokens >= min_tokens:
+                    continue
+                result = client.generate(prompt, max_new_tokens=self.config.tokens_per_prompt, mode=method)
+                matches = None if method == "edge_only" else result.tokens == self._reference(tally.pair, prompt)
+                tally.add(result.stats, matches)
+                if bar is not None:
+                    bar.update(min(result.stats.output_tokens, max(0, min_tokens - tally.tokens
+                                                                     + result.stats.output_tokens)))
+
+    # -- one cell -------------------------------------------------------------------------
+    def methods_in(self, scenario: str) -> tuple[str, ...]:
+        ablate = "all" in self.config.ablation_scenarios or scenario in self.config.ablation_scenarios
+        return tuple(m for m in self.config.methods if ablate or not m.startswith("pipesd_"))
+
+    def run_cell(self, verifier, pair: str, scenario: Scenario, regime: str, bar=None) -> list[Tally]:
+        methods = self.methods_in(scenario.name)
+        tallies = {m: Tally(pair, regime, scenario.name, m) for m in methods}
+        clients = {}
+        try:
+            r1 = r2 = None
+            if "pipesd" in methods:
+                clients["pipesd"] = self._client(verifier, pair, scenario, regime, "pipesd")
+                self._tune(clients["pipesd"], PROMPTS, bar)
+                r1, r2 = clients["pipesd"].engine.autotuner.thresholds()
+                self.tuned[(pair, regime, scenario.name)] = (r1, r2)
+            for m in methods:
+                if m not in clients:
+                    fixed = m.startswith("pipesd_") and r1 is not None
+                    clients[m] = self._client(verifier, pair, scenario, regime, m, *((r1, r2) if fixed else ()))
+                if m.startswith("pipesd"):
+                    tallies[m].r1, tallies[m].r2 = clients[m].engine.autotuner.thresholds() if m == "pipesd" \
+                        else (r1, r2)
+            for m, client in clients.items():   # warm-up: the profiler and the DP plan
+                for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
+                    client.generate(p, max_new_tokens=self.config.tokens_per_prompt, mode=m)
+            self._interleave(clients, tallies, self.config.min_tokens, bar)
+        finally:
+            for c in clients.values():
+                c.close()
+        self._bound(tallies, scenario, regime)
+        return list(tallies.values())
+
+    def _bound(self, tallies: dict, scenario: Scenario, regime: str) -> None:
+        """The analytic lower bound from this cell's measurements, and each method's efficiency."""
+        sd = [t for t in tallies.values() if t.drafted and t.method != "edge_only"]
+        if not sd:
+            return
+        accepted = sum(t.accepted for t in sd)
+        a = accepted / max(1, accepted + sum(t.rollbacks for t in sd))   # per-token acceptance (geometric MLE)
+        drafted = sum(t.drafted for t in sd)
+        gamma = sum(t.draft_s for t in sd) / drafted
+        link = scenario.link(regime, self.config.payload, vocab_size=self.vocab.get(sd[0].pair, 2048))
+        up_mbps = min(s[1] for s in link.trace.segments) if link.trace else link.up_mbps
+        beta = (sum(t.bytes_up for t in sd) / drafted + link.payload_bytes_per_token) * 8 / (up_mbps * 1e6)
+        verify = sum(t.verify_s for t in sd) / max(1, sum(t.rounds for t in sd))
+        bound = 1e3 * lower_bound_tpt(gamma, beta, verify, link.rtt_ms / 1e3, a)
+        for t in tallies.values():
+            if t.method == "cloud_only" and t.rounds:    # its own bound: a round trip + verify per token
+                t.lower_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
+            elif t.method != "edge_only":
+                t.lower_bound_ms = bound
+
+    # -- extras: sweep, timeline, tuners -----------------------------------------------------
+    def run_sweep(self, verifier, pair: str, bar=None) -> None:
+        s1, regime = get_scenario("s1"), self.config.sweep_regime
+        r1, r2 = self.tuned.get((pair, regime, "s1"), (None, None))
+        methods = [m for m in ("vanilla", "hsl", "edgellm", "pipesd_fixed") if m in self.config.methods
+                   or m == "pipesd_fixed"]
+        for mbps in SWEEP_MBPS:
+            sc = s1.with_uplink(mbps)
+            clients = {m: self._client(verifier, pair, sc, regime, m, *((r1, r2) if m == "pipesd_fixed" else ()))
+                       for m in methods}
+            tallies = {m: Tally(pair, regime, sc.name, m) for m in methods}
+            try:
+                self._interleave(clients, tallies, self.config.sweep_tokens, bar)
+            finally:
+                for c in clients.values():
+                    c.close()
+            self._bound(tallies, sc, regime)
+            self.sweep.extend(tallies.values())
+
+    def run_timeline(self, verifier, pair: str) -> None:
+        s1, regime = get_scenario("s1"), self.config.sweep_regime
+        r1, r2 = self.tuned.get((pair, regime, "s1"), (None, None))
+        for method in ("vanilla", "pipesd_fixed"):
+            with self._client(verifier, pair, s1, regime, method,
+                              *((r1, r2) if method == "pipesd_fixed" else ())) as client:
+                client.generate(PROMPTS[1], max_new_tokens=self.config.tokens_per_prompt, mode=method)   # warm
+                client.engine.timeline = spans = []
+                t0 = time.perf_counter()
+                client.generate(PROMPTS[0], max_new_tokens=24, mode=method)
+                self.timelines[method] = [(k, s - t0, e - t0) for k, s, e in spans]
+
+    def run_tuners(self, verifier, pair: str, bar=None) -> None:
+        """BO vs grid vs random search: the same budget of 16 candidates, scored live on S1."""
+        s1, regime = get_scenario("s1"), self.config.tuner_regime
+        makers = {"bo": partial(SkoptTuner, seed=self.config.seed), "grid": GridTuner,
+                  "random": partial(RandomTuner, seed=self.config.seed)}
+        for name, make in makers.items():
+            with self._client(verifier, pair, s1, regime, "pipesd", make_tuner=make) as client:
+                self._tune(client, PROMPTS, bar)
+                self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.engine.autotuner.evaluations]
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self) -> None:
+        from cloud_verifier import LocalVerifier
+
+        from .client import EdgeClient
+
+        cfg = self.config
+        verifier_cpus = self._pin()
+        cells = [(p, r, s) for p in cfg.pairs for r in cfg.regimes for s in cfg.scenarios]
+        total = sum(len(self.methods_in(s)) for _, _, s in cells) * cfg.min_tokens
+        if cfg.sweep:
+            total += len(cfg.pairs) * len(SWEEP_MBPS) * 4 * cfg.sweep_tokens
+        bar = _progress(total, cfg.progress)
+        try:
+            for pair in cfg.pairs:
+                self.gamma[pair] = self._measure_gamma(pair)
+                with LocalVerifier(model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus) as v, \
+                        EdgeClient(v.url, verifier_key=v.public_key, pair=pair, mode="cloud_only",
+                                   threads=1) as ref:
+                    self._ref_clients[pair] = ref
+                    for _, regime, name in [c for c in cells if c[0] == pair]:
+                        if bar is not None:
+                            bar.set_description(f"{pair} {regime} {name}")
+                        self.results.extend(self.run_cell(v, pair, get_scenario(name), regime, bar))
+                    if cfg.sweep:
+                        if bar is not None:
+                            bar.set_description(f"{pair} bandwidth sweep")
+                        self.run_sweep(v, pair, bar)
+                    if cfg.timeline:
+                        self.run_timeline(v, pair)
+                    if cfg.tuners:
+                        if bar is not None:
+                            bar.set_description(f"{pair} BO vs grid vs random")
+                        self.run_tuners(v, pair, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # -- reports -------------------------------------------------------------------------
+    def write(self, command: str) -> list[Path]:
+        out = self.config.out
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [t.row() for t in self.results]
+        written = [out / "results.csv", out / "results.json", out / "results.md"]
+        with open(written[0], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
+            w.writeheader()
+            w.writerows(rows)
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "gamma_s": self.gamma,
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
+                "tuned": {"/".join(k): v for k, v in self.tuned.items()}}
+        written[1].write_text(json.dumps({"meta": meta, "results": rows, "sweep": [t.row() for t in self.sweep],
+                                          "timelines": self.timelines, "tuners": self.tuner_runs},
+                                         indent=1, default=str))
+        written[2].write_text(self.markdown(command))
+        written += plot_all(self, out)
+        return written
+
+    def markdown(self, command: str) -> str:
+        lines = [f"Command: `{command}`", "",
+                 f"Date {time.strftime('%Y-%m-%d')}; measured draft time per token (1 thread): "
+                 + ", ".join(f"{p} {g * 1e3:.2f} ms" for p, g in self.gamma.items())
+                 + f"; native payload: `{self.config.payload}`; >= {self.config.min_tokens} output tokens per "
+                 f"method and cell, {self.config.tokens_per_prompt} per prompt.", ""]
+        for pair in self.config.pairs:
+            for regime in self.config.regimes:
+                cell = [t for t in self.results if t.pair == pair and t.regime == regime]
+                if not cell:
+                    continue
+                scen = list(dict.fromkeys(t.scenario for t in cell))
+                by = {(t.scenario, t.method): t for t in cell}
+                lines += [f"### {pair}, {regime} regime: TPT (ms per output token)", "",
+                          "| method | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
+                for m in dict.fromkeys(t.method for t in cell):
+                    lines.append(f"| {m} | " + " | ".join(_fmt(by[(s, m)].tpt_ms) if (s, m) in by else "-"
+                                                          for s in scen) + " |")
+                for ref in BASELINES + ("best baseline",):
+                    vals = []
+                    for s in scen:
+                        base = (min((by[(s, b)].tpt_ms for b in BASELINES if (s, b) in by), default=math.nan)
+                                if ref == "best baseline" else by[(s, ref)].tpt_ms if (s, ref) in by else math.nan)
+                        p = by.get((s, "pipesd"))
+                        vals.append(f"{base / p.tpt_ms:.2f}x" if p and not math.isnan(base) else "-")
+                    lines.append(f"| PipeSD speed-up vs {ref} | " + " | ".join(vals) + " |")
+                lines.append("")
+                lines += [f"Details ({pair}, {regime}):", "",
+                          "| scenario | method | TPT ms | bound ms | efficiency | acceptance | NAV rounds "
+                          "| rollback rate | mean draft | up B/tok | down B/tok | draft / upload / wait / verify "
+                          "ms/tok | R1 / R2 | lossless |", "|" + "---|" * 14]
+                for t in cell:
+                    r = t.row()
+                    thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
+                    lossless = "n/a" if t.mismatches < 0 else ("yes" if t.mismatches == 0
+                                                                else f"NO ({t.mismatches})")
+                    lines.append(
+                        f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
+                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {t.rounds} | {_fmt(t.rollback_rate, 2)} "
+                        f"| {_fmt(r['mean_draft_len'])} | {_fmt(r['up_bytes_per_token'], 0)} "
+                        f"| {_fmt(r['down_bytes_per_token'], 0)} | {_fmt(r['draft_ms_per_token'])} / "
+                        f"{_fmt(r['upload_ms_per_token'])} / {_fmt(r['wait_ms_per_token'])} / "
+                        f"{_fmt(r['verify_ms_per_token'])} | {thr} | {lossless} |")
+                lines.append("")
+        if self.sweep:
+            lines += ["### Bandwidth sweep (S1, uplink Mbps): TPT ms", ""]
+            cols = list(dict.fromkeys(t.scenario for t in self.sweep))
+            meths = list(dict.fromkeys(t.method for t in self.sweep))
+            by = {(t.scenario, t.method): t for t in self.sweep}
+            lines += ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            lines += [f"| {m} | " + " | ".join(_fmt(by[(c, m)].tpt_ms) for c in cols) + " |" for m in meths]
+            lines.append("")
+        if self.tuner_runs:
+            lines += ["### BO vs grid vs random (16 candidates each, S1, scored live)", "",
+                      "| search | best TPT ms | at (R1, R2) | candidates |", "|---|---|---|---|"]
+            for name, ev in self.tuner_runs.items():
+                if ev:
+                    p, v = min(ev, key=lambda e: e[1])
+                    lines.append(f"| {name} | {v:.1f} | ({p[0]:.3g}, {p[1]:.3g}) | {len(ev)} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", file=sys.stderr, dynamic_ncols=True)
+
+
+def plot_all(bench: Bench, out: Path) -> list[Path]:
+    """PNG plots; skipped (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed (pip install 'pipesd[bench]'): no plots", file=sys.stderr)
+        return []
+    written = []
+    for pair in bench.config.pairs:
+        for regime in bench.config.regimes:
+            cell = [t for t in bench.results if t.pair == pair and t.regime == regime and t.method != "edge_only"]
+            if not cell:
+                continue
+            scen = list(dict.fromkeys(t.scenario for t in cell))
+            meths = list(dict.fromkeys(t.method for t in cell))
+            by = {(t.scenario, t.method): t.tpt_ms for t in cell}
+            fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(scen) * len(meths) / 4), 4))
+            width = 0.8 / len(meths)
+            for i, m in enumerate(meths):
+                ax.bar([j + i * width for j in range(len(scen))], [by.get((s, m), 0) for s in scen], width, label=m)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scen))], scen)
+            ax.set_ylabel("TPT (ms per output token)")
+            ax.set_title(f"{pair}, {regime} regime")
+            ax.legend(fontsize=7, ncol=2)
+            path = out / f"tpt_{pair}_{regime}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    if bench.sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in dict.fromkeys(t.method for t in bench.sweep):
+            pts = [t for t in bench.sweep if t.method == m]
+            ax.plot(SWEEP_MBPS[: len(pts)], [t.tpt_ms for t in pts], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("uplink Mbps (S1)")
+        ax.set_ylabel("TPT (ms)")
+        ax.set_title(f"bandwidth sweep, {bench.config.sweep_regime} regime")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "sweep.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if bench.timelines:
+        fig, axes = plt.subplots(len(bench.timelines), 1, figsize=(9, 1.6 * len(bench.timelines) + 0.6),
+                                 sharex=True, squeeze=False)
+        colours = {"draft": "tab:blue", "upload": "tab:orange", "nav": "tab:green"}
+        for ax, (method, spans) in zip(axes[:, 0], bench.timelines.items()):
+            for row, kind in enumerate(("draft", "upload", "nav")):
+                bars = [(s, e - s) for k, s, e in spans if k == kind]
+                ax.broken_barh(bars, (row - 0.4, 0.8), color=colours[kind])
+            ax.set_yticks(range(3), ["draft", "upload", "NAV"])
+            ax.set_title(f"{method}: 24 tokens", fontsize=9)
+        axes[-1, 0].set_xlabel("seconds")
+        fig.tight_layout()
+        written.append(out / "timeline.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if bench.tuner_runs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, ev in bench.tuner_runs.items():
+            best, curve = math.inf, []
+            for _, v in ev:
+                best = min(best, v)
+                curve.append(best)
+            ax.plot(range(1, len(curve) + 1), curve, marker=".", label=name)
+        ax.set_xlabel("candidates evaluated")
+        ax.set_ylabel("best TPT so far (ms)")
+        ax.set_title("BO vs grid vs random (S1)")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "tuners.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--pairs", default="embedded", help="comma-separated model pairs (embedded, smollm2)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: s1,s2,s3,s4")
+    ap.add_argument("--regimes", default=",".join(REGIMES), help="paper and/or native")
+    ap.add_argument("--methods", default=",".join(MAIN_METHODS + ABLATIONS))
+    ap.add_argument("--ablation-scenarios", default="s1", help="scenarios where the pipesd_* ablations run, or all")
+    ap.add_argument("--payload", default="ids", choices=PAYLOADS, help="native regime payload per token")
+    ap.add_argument("--min-tokens", type=int, default=1000, help="output tokens per method and cell")
+    ap.add_argument("--tokens-per-prompt", type=int, default=64)
+    ap.add_argument("--max-tune-prompts", type=int, default=60)
+    ap.add_argument("--sweep-tokens", type=int, default=300)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-timeline", action="store_true")
+    ap.add_argument("--no-tuners", action="store_true", help="skip BO vs grid vs random")
+    ap.add_argument("--pin", action="store_true", help="edge and verifier on separate cores")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: S1 native, main methods, 96 tokens each, no extras")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+
+
+def config_from_args(args) -> BenchConfig:
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())   # noqa: E731
+    cfg = BenchConfig(pairs=split(args.pairs), scenarios=split(args.scenarios), regimes=split(args.regimes),
+                      methods=split(args.methods), ablation_scenarios=split(args.ablation_scenarios),
+                      payload=args.payload, min_tokens=args.min_tokens,
+                      tokens_per_prompt=args.tokens_per_prompt, max_tune_prompts=args.max_tune_prompts,
+                      sweep=not args.no_sweep, sweep_tokens=args.sweep_tokens, timeline=not args.no_timeline,
+                      tuners=not args.no_tuners, pin=args.pin, seed=args.seed, out=args.out,
+                      progress=not args.no_progress)
+    if args.quick:
+        cfg.scenarios, cfg.regimes, cfg.min_tokens, cfg.tokens_per_prompt = ("s1",), ("native",), 96, 32
+        cfg.methods = MAIN_METHODS
+        cfg.sweep = cfg.timeline = cfg.tuners = False
+        cfg.max_tune_prompts = 4
+    for s in cfg.scenarios:
+        get_scenario(s)
+    from .policies import MODES
+
+    for m in cfg.methods:
+        if m not in MODES:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODES)}")
+    for r in cfg.regimes:
+        if r not in REGIMES:
+            raise ValueError(f"unknown regime {r!r}; choose from {', '.join(REGIMES)}")
+    if cfg.min_tokens < 1 or cfg.tokens_per_prompt < 1:
+        raise ValueError("--min-tokens and --tokens-per-prompt must be positive")
+    return cfg
