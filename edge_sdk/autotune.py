@@ -167,6 +167,16 @@ class OnlineAutotuner:
             best = self._tuner.best() if self._tuner else None
             return best or self.default
 
+    def best_thresholds(self) -> tuple[float, float]:
+        """The best thresholds known now: remembered for this regime, else the best evaluated so
+        far (tuning unfinished), else the defaults. Unlike ``thresholds()``, never a trial."""
+        with self._lock:
+            remembered = self.memory.get(self._regime)
+            if remembered:
+                return remembered[0]
+            best = self._tuner.best() if self._tuner else None
+            return best or self.default
+
     @property
     def evaluations(self) -> list[tuple[tuple[float, float], float]]:
         """(candidate, seconds per token) of the current or last tuning run, in order."""

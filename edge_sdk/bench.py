@@ -282,15 +282,14 @@ class Bench:
             if "pipesd" in methods:
                 clients["pipesd"] = self._client(verifier, pair, scenario, regime, "pipesd")
                 self._tune(clients["pipesd"], PROMPTS, bar)
-                r1, r2 = clients["pipesd"].engine.autotuner.thresholds()
+                r1, r2 = clients["pipesd"].engine.autotuner.best_thresholds()
                 self.tuned[(pair, regime, scenario.name)] = (r1, r2)
             for m in methods:
                 if m not in clients:
                     fixed = m.startswith("pipesd_") and r1 is not None
                     clients[m] = self._client(verifier, pair, scenario, regime, m, *((r1, r2) if fixed else ()))
                 if m.startswith("pipesd"):
-                    tallies[m].r1, tallies[m].r2 = clients[m].engine.autotuner.thresholds() if m == "pipesd" \
-                        else (r1, r2)
+                    tallies[m].r1, tallies[m].r2 = r1, r2
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
                 for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
                     client.generate(p, max_new_tokens=self.config.tokens_per_prompt, mode=m)
@@ -311,7 +310,7 @@ class Bench:
         drafted = sum(t.drafted for t in sd)
         gamma = sum(t.draft_s for t in sd) / drafted
         link = scenario.link(regime, self.config.payload, vocab_size=self.vocab.get(sd[0].pair, 2048))
-        up_mbps = min(s[1] for s in link.trace.segments) if link.trace else link.up_mbps
+        up_mbps = max(s[1] for s in link.trace.segments) if link.trace else link.up_mbps   # optimistic: a bound
         beta = (sum(t.bytes_up for t in sd) / drafted + link.payload_bytes_per_token) * 8 / (up_mbps * 1e6)
         verify = sum(t.verify_s for t in sd) / max(1, sum(t.rounds for t in sd))
         bound = 1e3 * lower_bound_tpt(gamma, beta, verify, link.rtt_ms / 1e3, a)
