@@ -199,7 +199,8 @@ class Engine:
                 # 1. Draft until the trigger fires; batches go up as the schedule closes them.
                 self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
                 # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
-                pending = uploader.finalize(self._batch(rnd, synced, final=True))
+                final = self._batch(rnd, synced, final=True)
+                pending = uploader.finalize(final)
                 nav_times = [time.perf_counter()]
                 pending.add_done_callback(lambda _: nav_times.append(time.perf_counter()))
                 # 3. While NAV is in flight, a proactive policy drafts the next round.
@@ -226,7 +227,7 @@ class Engine:
                 stats.wait_s += time.perf_counter() - t_wait
                 stats.verify_s += resp.verify_ms / 1e3
                 if len(nav_times) == 2:   # the streamed NAV answered (not a fallback)
-                    self.profiler.observe_nav(nav_times[1] - nav_times[0] - resp.verify_ms / 1e3)
+                    self.profiler.observe_nav(nav_times[1] - nav_times[0] - resp.verify_ms / 1e3, len(final.tokens))
                     self._trace("nav", *nav_times)
                 self._count_round(stats, len(rnd.draft), resp.accepted)
                 policy.trigger.on_round(len(rnd.draft), resp.accepted, rnd.draft)

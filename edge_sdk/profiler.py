@@ -21,7 +21,7 @@ class LinkEstimate:
     gamma: float      # s per drafted token
     verify: float     # s of target compute per NAV round
     acceptance: float
-    nav_network: float | None = None   # s: median recent NAV round trip minus verification (None: none yet)
+    nav_network: float | None = None   # s: a NAV round trip with a one-token final batch, minus verification
 
     def drifted_from(self, other: "LinkEstimate", tolerance: float = 0.3) -> bool:
         """Has alpha, beta or gamma moved by more than `tolerance` (relative) since `other`?"""
@@ -32,9 +32,10 @@ class LinkEstimate:
 
     def regime(self) -> int | None:
         """A coarse network bucket for per-regime memory: log2 of the NAV round trip in ms (network
-        part, which includes sending the final batch). Measured every round whatever the policy
-        batches, unlike alpha and beta. None before the first round. Neighbouring buckets count as
-        the same regime (see OnlineAutotuner), so a regime changes only with a 4x change."""
+        part) for a one-token final batch. Measured every round whatever the policy batches, unlike
+        alpha and beta, and normalised to one token so that the thresholds being tuned (which set
+        the final batch's size) do not move it. None before the first round. Neighbouring buckets
+        count as the same regime (see OnlineAutotuner), so a regime changes only with a 4x change."""
         if self.nav_network is None:
             return None
         return round(math.log2(max(self.nav_network * 1e3, 0.25)))
@@ -46,7 +47,7 @@ class LinkProfiler:
         self._prior = (alpha, beta)
         self._sends: deque[tuple[int, float]] = deque(maxlen=window)
         self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
-        self._navs: deque[float] = deque(maxlen=16)
+        self._navs: deque[tuple[int, float]] = deque(maxlen=16)
         self.gamma = gamma
         self.verify = 0.005
         self._smoothing = smoothing
@@ -62,9 +63,27 @@ class LinkProfiler:
         self.verify += self._smoothing * (verify_seconds - self.verify)
         self._rounds.append((drafted, accepted))
 
-    def observe_nav(self, network_seconds: float) -> None:
-        """A NAV round trip minus the verifier's compute: latency plus sending the final batch."""
-        self._navs.append(max(0.0, network_seconds))
+    def observe_nav(self, network_seconds: float, final_tokens: int = 1) -> None:
+        """A NAV round trip minus the verifier's compute: latency plus sending the final batch of
+        `final_tokens` draft tokens."""
+        self._navs.append((max(1, final_tokens), max(0.0, network_seconds)))
+
+    def nav_network(self) -> float | None:
+        """Seconds a NAV round trip with a one-token final batch spends on the network: a least-squares
+        line through the recent (final batch size, time) pairs, read at one token; with one batch size
+        only, its median less the profiled per-token upload time of the extra tokens."""
+        if not self._navs:
+            return None
+        xs = [float(n) for n, _ in self._navs]
+        ys = [t for _, t in self._navs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            one = statistics.median(ys) - (mx - 1) * self.alpha_beta()[1]
+        else:
+            slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
+            one = my + slope * (1 - mx)
+        return one if one > 0 else min(ys)
 
     @property
     def acceptance(self) -> float:
@@ -88,5 +107,4 @@ class LinkProfiler:
 
     def estimate(self) -> LinkEstimate:
         alpha, beta = self.alpha_beta()
-        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance,
-                            statistics.median(self._navs) if self._navs else None)
+        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance, self.nav_network())

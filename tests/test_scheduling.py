@@ -1,6 +1,7 @@
 """The token-batch DP against brute force, and the window estimator."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -96,3 +97,25 @@ def test_profiler_drift_and_regime():
     far = LinkProfiler()
     far.observe_nav(0.6)
     assert far.estimate().regime() != near
+
+
+def test_regime_does_not_move_with_the_final_batch_size():
+    """The trigger's thresholds set how many tokens the final batch carries; on a slow uplink that
+    multiplies the NAV time, but the regime (what the tuner remembers) must stay put."""
+    from edge_sdk.profiler import LinkProfiler
+
+    def nav(k):                                         # RTT 20 ms + 116 ms per token (the paper's uplink)
+        return 0.020 + 0.116 * k
+
+    short, long_, fixed = LinkProfiler(), LinkProfiler(), LinkProfiler()
+    for k in (1, 1, 2, 1, 3, 1):
+        short.observe_nav(nav(k), k)
+    for k in (6, 9, 7, 12, 8, 10):
+        long_.observe_nav(nav(k), k)
+    for n in (2, 4, 6) * 4:
+        fixed.observe_send(n, 0.01 + 0.116 * n)         # non-final sends teach beta
+    for _ in range(5):
+        fixed.observe_nav(nav(8), 8)                     # one final size only: beta takes the extra tokens off
+    regimes = {p.estimate().regime() for p in (short, long_, fixed)}
+    assert regimes == {round(math.log2(136))}
+    assert short.estimate().nav_network == pytest.approx(0.136, rel=0.01)
