@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .policies import MODES, Policy, make_policy
 from .stats import GenerationStats
 from .emulation import EmulatedLink, LinkProfile
+from .offline import OFFLINE_POLICIES
 from .transport import HttpVerifier, Verifier
 
 
@@ -54,8 +55,15 @@ class Generation:
         if not self._done:
             for _ in self:
                 pass
-        tokens = [e.token for e in self._seen if e.token is not None]
-        return GenerationResult("".join(e.text for e in self._seen), tokens, self._prompt, self.stats, self._seen)
+        tokens, text = [], ""
+        for e in self._seen:
+            if e.revise_from is not None:        # verify_late: the target replaced an unverified tail
+                del tokens[e.revise_from:]
+                text = text[: e.revise_text_from]
+            if e.token is not None:
+                tokens.append(e.token)
+            text += e.text
+        return GenerationResult(text, tokens, self._prompt, self.stats, self._seen)
 
 
 class EdgeClient:
@@ -80,6 +88,13 @@ class EdgeClient:
         threads: draft compute threads (default: available cores, at most 4).
         n_ctx: draft context length (default: the model's trained context).
         verifier: a ``Verifier`` implementation to use instead of HTTP (tests, emulated links).
+        offline: what to do when the verifier is unreachable or a NAV overruns its deadline:
+            "continue" (default: emit draft tokens marked unverified), "wait" (block up to
+            ``offline_wait_s`` for the verifier, then continue), "verify_late" (emit unverified
+            tokens, verify them once the verifier is back and revise the tail where the target
+            disagrees). See offline.py for each guarantee.
+        nav_deadline_s: how long a NAV round may take before the verifier is declared gone
+            (default: 8x what NAV has recently taken, at least 2 s).
     """
 
     def __init__(self, verifier_url: str | Sequence[str] | None = None, *, verifier_key: str | bytes | None = None,
@@ -87,8 +102,13 @@ class EdgeClient:
                  mode: str = "pipesd", draft_k: int = 4, r1: float | None = None, r2: float | None = None,
                  threads: int | None = None, n_ctx: int | None = None,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0, local_only: bool = False,
-                 link: LinkProfile | None = None, verifier: Verifier | None = None, drafter: Drafter | None = None):
+                 link: LinkProfile | None = None, verifier: Verifier | None = None, drafter: Drafter | None = None,
+                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None):
         make_policy(mode, draft_k, r1, r2)  # validate early
+        if offline not in OFFLINE_POLICIES:
+            raise ConfigError(f"offline must be one of {', '.join(OFFLINE_POLICIES)}, not {offline!r}")
+        if offline_wait_s < 0 or (nav_deadline_s is not None and nav_deadline_s <= 0):
+            raise ConfigError("offline_wait_s must be >= 0 and nav_deadline_s > 0")
         self.mode, self.draft_k, self.r1, self.r2, self.local_only = mode, draft_k, r1, r2, local_only
         self._policies: dict[tuple, Policy] = {}   # adaptive policies keep what they learn across requests
         if verifier is None and verifier_url and not local_only:
@@ -100,6 +120,8 @@ class EdgeClient:
         self.drafter = drafter if drafter is not None else LlamaCppDrafter(
             resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
         self.engine = Engine(self.drafter, verifier)
+        self.engine.offline, self.engine.offline_wait_s = offline, offline_wait_s
+        self.engine.nav_deadline_s = nav_deadline_s
 
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
         """Token ids of a prompt (with BOS where the model wants one).
@@ -141,6 +163,7 @@ class EdgeClient:
         return self.stream(prompt, **kwargs).result
 
     def close(self) -> None:
+        self.engine.close()
         if self.verifier is not None:
             self.verifier.close()
 

@@ -98,14 +98,16 @@ class LinkProfile:
     jitter_ms: float = 0.0             # one-way delay varies uniformly in [-jitter, +jitter] (never below 0)
     loss: float = 0.0                  # probability that a message is lost once and retransmitted
     rto_ms: float = 200.0              # how late a lost message arrives (TCP's minimum retransmission timeout)
+    drop_replies: float = 0.0          # probability that a reply never arrives (the connection breaks after
+                                       # the verifier acted): the edge sees VerifierUnavailable and retries
     trace: BandwidthTrace | None = None   # time-varying bandwidth; overrides up_mbps/down_mbps
     seed: int = 0
 
     def __post_init__(self):
         if self.up_mbps <= 0 or self.down_mbps <= 0 or self.rtt_ms < 0 or self.jitter_ms < 0:
             raise ValueError("bandwidths must be positive, RTT and jitter non-negative")
-        if not 0 <= self.loss < 1:
-            raise ValueError("loss is a probability in [0, 1)")
+        if not 0 <= self.loss < 1 or not 0 <= self.drop_replies < 1:
+            raise ValueError("loss and drop_replies are probabilities in [0, 1)")
 
     def describe(self) -> str:
         s = (f"trace of {len(self.trace.segments)} segments" if self.trace
@@ -190,6 +192,14 @@ class EmulatedLink:
         self.profile = profile
         self.up = SerialLink(profile, 1)
         self.down = SerialLink(profile, 2)
+        self._drops = random.Random(profile.seed * 2 + 3)
+        self._drops_lock = threading.Lock()
+
+    def reply_dropped(self) -> bool:
+        if not self.profile.drop_replies:
+            return False
+        with self._drops_lock:
+            return self._drops.random() < self.profile.drop_replies
 
     def set_down(self, down: bool = True) -> None:
         """Cut the link (every message raises ``LinkDown``) or bring it back."""
@@ -207,6 +217,8 @@ class EmulatedLink:
         self.up.carry(up_bytes)
         reply = call()
         self.down.carry(reply_size(reply))
+        if self.reply_dropped():
+            raise VerifierUnavailable("emulated link: the reply was lost")
         return reply
 
     def _request_bytes(self, req: VerifyRequest) -> int:
@@ -228,6 +240,15 @@ class EmulatedLink:
 
     def stage(self, req: VerifyRequest) -> BatchAck:
         return self._round_trip(self._request_bytes(req), lambda: self.inner.stage(req), self._reply_bytes)
+
+    def probe(self, timeout: float = 1.0) -> bool:
+        """A health check across the link: False while it is cut."""
+        try:
+            self.up.carry(120)
+            self.down.carry(120)
+        except LinkDown:
+            return False
+        return self.inner.probe(timeout)
 
     def open_round(self) -> "_EmulatedRound":
         return _EmulatedRound(self)
@@ -274,7 +295,9 @@ class _EmulatedRound:
             reply = inner.result()
             try:
                 self.link.down.carry(self.link._reply_bytes(reply))
-            except LinkDown as exc:
+                if self.link.reply_dropped():
+                    raise VerifierUnavailable("emulated link: the reply was lost")
+            except VerifierUnavailable as exc:
                 self.result.set_exception(exc)
             else:
                 self.result.set_result(reply)

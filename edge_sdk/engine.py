@@ -15,6 +15,7 @@ target-only greedy decoding for every policy.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -25,6 +26,7 @@ from privacy.messages import vocab_fingerprint
 from .autotune import OnlineAutotuner
 from .drafter import Drafter, DraftToken
 from .errors import PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
+from .offline import CircuitBreaker, nav_deadline
 from .policies import Policy
 from .profiler import LinkProfiler
 from .scheduling import BatchPlan, WindowEstimator, plan_batches
@@ -42,6 +44,10 @@ class TokenEvent:
     token: int | None   # None only for the last event: text flushed at the end of generation
     text: str
     verified: bool      # True when the target produced or accepted it; False for edge-only output
+    # A revision (offline="verify_late"): before appending this event, cut the output back to its
+    # first `revise_from` tokens and `revise_text_from` characters; the target replaced the rest.
+    revise_from: int | None = None
+    revise_text_from: int | None = None
 
 
 @dataclass
@@ -56,12 +62,13 @@ class GenerationResult:
 class _Output:
     """The committed sequence plus everything that decides when generation ends."""
 
-    def __init__(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int], text: TextAssembler):
+    def __init__(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int], make_text):
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
         self.max_new_tokens = max_new_tokens
         self.eos = eos
-        self.text = text
+        self.make_text = make_text
+        self.text: TextAssembler = make_text()
         self.finish_reason = ""
 
     @property
@@ -74,12 +81,27 @@ class _Output:
                 return
             self.tokens.append(t)
             yield TokenEvent(t, self.text.add(t), verified)
-            if self.text.stopped:
-                self.finish_reason = "stop"
-            elif t in self.eos:
-                self.finish_reason = "eos"
-            elif self.remaining <= 0:
-                self.finish_reason = "length"
+            self._check_finish(t)
+
+    def revise(self, keep: int, token: int) -> Iterator[TokenEvent]:
+        """Replace everything after the first `keep` tokens by the target's `token` (verify_late)."""
+        del self.tokens[keep:]
+        self.finish_reason = ""
+        self.text = self.make_text()
+        for t in self.tokens[self.prompt_len:]:
+            self.text.add(t)
+        kept_chars = self.text.released
+        self.tokens.append(token)
+        yield TokenEvent(token, self.text.add(token), True, keep - self.prompt_len, kept_chars)
+        self._check_finish(token)
+
+    def _check_finish(self, t: int) -> None:
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif t in self.eos:
+            self.finish_reason = "eos"
+        elif self.remaining <= 0:
+            self.finish_reason = "length"
 
 
 def proactive_survives(assumed_base: Sequence[int], committed: Sequence[int]) -> bool:
@@ -125,6 +147,17 @@ class Engine:
         self._plan_basis = None
         self._round_ids = 0
         self.timeline: list | None = None   # set to a list to record (kind, start, end) spans: draft/upload/nav
+        # Offline behaviour (see offline.py): policy, its wait, the NAV deadline (None: from the profile).
+        self.offline = "continue"
+        self.offline_wait_s = 5.0
+        self.nav_deadline_s: float | None = None
+        self.probe_horizon_s = 600.0        # the prober gives up after this long offline (bounded)
+        self.max_lost_replies = 3           # lost replies retried per NAV before going offline
+        self.breaker = CircuitBreaker()
+        self._online = threading.Event()
+        self._closing = threading.Event()
+        self._prober: threading.Thread | None = None
+        self.resumed_at: float | None = None   # perf_counter when the last probe found the verifier back
 
     # -- one generation ---------------------------------------------------------------
     def run(self, prompt: list[int], policy: Policy, max_new_tokens: int,
@@ -135,14 +168,17 @@ class Engine:
         up0 = down0 = 0
         if policy.uses_cloud:
             up0, down0 = self.verifier.bytes_sent, self.verifier.bytes_received
-            if self.session is None:
-                self._open_session(stats)
+            if self.session is None and not self.breaker.is_open:
+                try:
+                    self._open_session(stats)
+                except VerifierUnavailable:
+                    self._go_offline(stats)   # start at once on the device; the prober watches the cloud
         room = self.max_context - len(prompt)
         if room < 1 or not prompt:
             raise PromptTooLongError(f"a prompt of {len(prompt)} tokens leaves no room in a context of "
                                      f"{self.max_context} tokens" if prompt else "the prompt has no tokens")
         out = _Output(prompt, min(max_new_tokens, room), self.drafter.eos_token_ids,
-                      TextAssembler(self.drafter.token_bytes, stop))
+                      lambda: TextAssembler(self.drafter.token_bytes, stop))
         if not policy.uses_cloud:
             loop = self._edge_only(out, stats)
         elif not policy.uses_draft:
@@ -153,6 +189,8 @@ class Engine:
             for event in loop:
                 if stats.output_tokens == 0:
                     stats.ttft_s = time.perf_counter() - t0
+                if event.revise_from is not None:
+                    stats.output_tokens = event.revise_from
                 stats.output_tokens += 1
                 yield event
         finally:
@@ -177,9 +215,16 @@ class Engine:
 
     def _cloud_only(self, out: _Output, stats: GenerationStats) -> Iterator[TokenEvent]:
         """The target alone: an empty draft per round, one token per round trip."""
-        synced = 0
+        synced, unverified_from = 0, None
         while not out.finish_reason:
-            resp, synced = self._nav_whole(out.tokens, synced, [], stats)
+            if self.breaker.is_open:
+                synced, unverified_from = yield from self._offline(out, unverified_from, stats)
+                continue
+            try:
+                resp, synced = self._nav_whole(out.tokens, synced, [], stats)
+            except VerifierUnavailable:
+                self._go_offline(stats)
+                continue
             self._count_round(stats, 0, 0)
             yield from out.commit([resp.token], verified=True)
 
@@ -187,43 +232,42 @@ class Engine:
     def _speculative(self, out: _Output, policy: Policy, stats: GenerationStats) -> Iterator[TokenEvent]:
         uploader = Uploader(self.verifier, self.profiler, self.timeline)
         synced = 0                                  # committed tokens the verifier holds
+        unverified_from = None                      # where the output's unverified tail starts (offline)
         rnd = self._new_round(list(out.tokens))
         try:
             while not out.finish_reason:
+                if self.breaker.is_open:            # the cloud is gone: the draft alone, until it is back
+                    uploader.close()
+                    synced, unverified_from = yield from self._offline(out, unverified_from, stats)
+                    rnd = self._new_round(list(out.tokens))
+                    continue
                 t_round = time.perf_counter()
                 self._tune(policy)
                 # Every NAV round commits accepted + 1 tokens, hence remaining - 1.
                 cap = min(policy.max_draft, self.max_draft, out.remaining - 1,
                           self.drafter.max_context - len(rnd.base) - 1)
                 plan = self._batch_plan(policy)
-                # 1. Draft until the trigger fires; batches go up as the schedule closes them.
-                self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
-                # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
-                final = self._batch(rnd, synced, final=True)
-                pending = uploader.finalize(final)
-                nav_times = [time.perf_counter()]
-                pending.add_done_callback(lambda _: nav_times.append(time.perf_counter()))
-                # 3. While NAV is in flight, a proactive policy drafts the next round.
                 nxt = None
-                if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
-                    nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,
-                                            uploader, stats)
-                t_wait = time.perf_counter()
                 try:
-                    resp = pending.result()
-                    synced = resp.committed_len
-                except (VerifierError, VerifierUnavailable) as exc:
-                    # The streamed round failed (a resync, a lost session, a broken stream): drop the
-                    # proactive round and send this one again in one piece.
-                    if isinstance(exc, VerifierError) and exc.code not in ("resync", "unknown_session"):
-                        raise
-                    if nxt is not None:
-                        uploader.cancel(nxt.id)
-                        nxt = None
-                    if isinstance(exc, VerifierError):
-                        resp, synced = self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
-                    else:
-                        resp, synced = self._nav_whole(out.tokens, synced, rnd.tokens, stats)
+                    # 1. Draft until the trigger fires; batches go up as the schedule closes them.
+                    self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
+                    # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
+                    final = self._batch(rnd, synced, final=True)
+                    pending = uploader.finalize(final)
+                    nav_times = [time.perf_counter()]
+                    pending.add_done_callback(lambda _: nav_times.append(time.perf_counter()))
+                    # 3. While NAV is in flight, a proactive policy drafts the next round.
+                    if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
+                        nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,
+                                                uploader, stats)
+                    t_wait = time.perf_counter()
+                    resp, synced = self._await_nav(pending, nav_times[0], len(final.tokens), out, rnd, nxt,
+                                                   synced, uploader, stats)
+                except (VerifierUnavailable, TimeoutError):
+                    # Unreachable, or NAV overran its deadline: go offline. The round's draft is not
+                    # lost work: the drafter proposes the same tokens again, now as output.
+                    self._go_offline(stats)
+                    continue
                 stats.wait_s += time.perf_counter() - t_wait
                 stats.verify_s += resp.verify_ms / 1e3
                 if len(nav_times) == 2:   # the streamed NAV answered (not a fallback)
@@ -252,6 +296,111 @@ class Engine:
             uploader.close()
             stats.upload_s += uploader.upload_s
             stats.batch_sizes.extend(uploader.batch_sizes)
+
+    def _await_nav(self, pending, sent_at: float, final_tokens: int, out: _Output, rnd: _Round,
+                   nxt: _Round | None, synced: int, uploader: Uploader, stats: GenerationStats):
+        """The NAV result of the streamed round, within its deadline. A resync or a broken stream
+        drops the proactive round and sends this one again in one piece."""
+        est = self.profiler.estimate()
+        expected = (est.nav_network or 0.0) * max(1, final_tokens) + est.verify
+        deadline = nav_deadline(expected, self.nav_deadline_s)
+        try:
+            resp = pending.result(timeout=max(0.0, deadline - (time.perf_counter() - sent_at)))
+            return resp, resp.committed_len
+        except TimeoutError:
+            uploader.cancel(rnd.id)
+            if nxt is not None:
+                uploader.cancel(nxt.id)
+            raise
+        except (VerifierError, VerifierUnavailable) as exc:
+            if isinstance(exc, VerifierError) and exc.code not in ("resync", "unknown_session"):
+                raise
+            if nxt is not None:
+                uploader.cancel(nxt.id)
+                nxt.draft.clear()
+            if isinstance(exc, VerifierError):
+                return self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
+            return self._nav_whole(out.tokens, synced, rnd.tokens, stats)
+
+    # -- offline: the circuit breaker (offline.py) ---------------------------------------
+    def _go_offline(self, stats: GenerationStats) -> None:
+        """A NAV failed or overran: open the breaker, forget the session, probe in the background.
+        Policy "wait" first blocks up to `offline_wait_s` for the verifier to come back."""
+        if not self.breaker.is_open:
+            stats.breaker_trips += 1
+        self.breaker.trip()
+        self.session = None
+        self._online.clear()
+        if self._prober is None or not self._prober.is_alive():
+            self._prober = threading.Thread(target=self._probe_loop, name="verifier-probe", daemon=True)
+            self._prober.start()
+        if self.offline == "wait":
+            t = time.perf_counter()
+            self._online.wait(self.offline_wait_s)
+            stats.wait_s += time.perf_counter() - t
+
+    def _probe_loop(self) -> None:
+        """Background: jittered exponential backoff between health probes, until one succeeds, the
+        engine closes, or `probe_horizon_s` passes."""
+        give_up = time.monotonic() + self.probe_horizon_s
+        while not self._closing.is_set() and time.monotonic() < give_up:
+            if self._closing.wait(self.breaker.delay_until_probe()):
+                return
+            probe = getattr(self.verifier, "probe", None)
+            if probe is None or probe():
+                self.resumed_at = time.perf_counter()
+                self._online.set()
+                return
+            self.breaker.probe_failed()
+
+    def _offline(self, out: _Output, unverified_from: int | None, stats: GenerationStats):
+        """Breaker open: emit draft tokens (unverified) until the prober sees the verifier again,
+        then resync a fresh session and, under verify_late, verify the unverified tail.
+        Returns (tokens the verifier holds, start of the output's unverified tail or None)."""
+        t0 = time.perf_counter()
+        while not out.finish_reason and not self._online.is_set():
+            if unverified_from is None:
+                unverified_from = len(out.tokens)
+            t = time.perf_counter()
+            self.drafter.set_context(out.tokens)
+            token = self.drafter.next_token().token
+            stats.draft_s += time.perf_counter() - t
+            stats.unverified_tokens += 1
+            yield from out.commit([token], verified=False)
+        stats.offline_s += time.perf_counter() - t0
+        if not self._online.is_set():
+            return 0, unverified_from              # generation over; the breaker stays open
+        self.breaker.close()
+        try:
+            self._open_session(stats)
+            if self.offline == "verify_late" and unverified_from is not None:
+                synced = yield from self._verify_late(out, unverified_from, stats)
+                return synced, None
+        except VerifierUnavailable:
+            self._go_offline(stats)
+            return 0, unverified_from
+        return 0, None
+
+    def _verify_late(self, out: _Output, start: int, stats: GenerationStats):
+        """Verify the unverified tail out.tokens[start:] as drafts, a chunk per NAV. Where the target
+        disagrees, a revision replaces the tail from the first rejected token."""
+        pos, synced = start, 0
+        while pos < len(out.tokens):
+            chunk = out.tokens[pos: pos + self.max_draft]
+            resp, synced = self._nav_whole(out.tokens[:pos], min(synced, pos), chunk, stats)
+            self._count_round(stats, len(chunk), resp.accepted)
+            if resp.accepted < len(chunk):
+                stats.revisions += 1
+                yield from out.revise(pos + resp.accepted, resp.token)
+                return resp.committed_len
+            pos += len(chunk)
+        if not out.finish_reason:
+            yield from out.commit([resp.token], verified=True)
+        return resp.committed_len
+
+    def close(self) -> None:
+        """Stop the background prober."""
+        self._closing.set()
 
     def _draft_round(self, rnd: _Round, cap: int, policy: Policy, plan: BatchPlan | None, uploader: Uploader,
                      synced: int, stats: GenerationStats) -> None:
@@ -337,7 +486,8 @@ class Engine:
                    first_error: VerifierError | None = None) -> tuple[VerifyResponse, int]:
         """One round sent in one piece; a verifier that lost or disagrees with our prefix gets it resent."""
         error = first_error
-        for _ in range(2):
+        lost = 0
+        for _ in range(2 + self.max_lost_replies):
             if error is not None:
                 stats.resyncs += 1
                 if error.code == "unknown_session":
@@ -349,6 +499,14 @@ class Engine:
                                 prefix_hash(tokens[:synced]) if synced else b"", self._round_ids)
             try:
                 resp = self.verifier.verify(req)
+            except VerifierUnavailable:
+                # A lost reply: retry. The request names its base (length + hash): a verifier that
+                # already acted on it answers "resync" and the round goes again from the full
+                # prefix, so a retry never double-commits.
+                lost += 1
+                if lost > self.max_lost_replies:
+                    raise
+                continue
             except VerifierError as exc:
                 if error is not None or exc.code not in ("resync", "unknown_session"):
                     raise
@@ -358,7 +516,7 @@ class Engine:
                 stats.wait_s += time.perf_counter() - t
                 stats.verify_s += resp.verify_ms / 1e3
             return resp, resp.committed_len
-        raise error
+        raise error or VerifierUnavailable("the verifier did not answer")
 
     def _open_session(self, stats: GenerationStats) -> None:
         t = time.perf_counter()

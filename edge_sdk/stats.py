@@ -26,6 +26,10 @@ class GenerationStats:
     batch_sizes: list[int] = field(default_factory=list)   # tokens in each batch sent (final batches included)
     proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
+    unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable
+    offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
+    breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline
+    revisions: int = 0             # verify_late: times the target replaced an unverified tail
     finish_reason: str = ""        # eos | length | stop | context
 
     @property
@@ -70,4 +74,7 @@ class GenerationStats:
                   f" up={self.bytes_up}B down={self.bytes_down}B"
                   f" time(draft/upload/wait/verify)={self.draft_s * 1e3:.0f}/{self.upload_s * 1e3:.0f}/"
                   f"{self.wait_s * 1e3:.0f}/{self.verify_s * 1e3:.0f}ms")
+        if self.breaker_trips or self.unverified_tokens:
+            s += (f" offline: trips={self.breaker_trips} unverified={self.unverified_tokens}"
+                  f" offline_time={self.offline_s * 1e3:.0f}ms revisions={self.revisions}")
         return s + f" finish={self.finish_reason}"

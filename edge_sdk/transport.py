@@ -59,6 +59,9 @@ class Verifier(Protocol):
     def open_round(self) -> "RoundStream":
         """A round streamed batch by batch in one request; see ``RoundStream``."""
 
+    def probe(self, timeout: float = 1.0) -> bool:
+        """Cheap health check while offline: can a session be opened now? Never raises."""
+
     def close(self) -> None:
         """End the session and release connections."""
 
@@ -188,6 +191,24 @@ class HttpVerifier:
             raise VerifierUnavailable(f"cannot reach the verifier at {self.url}: {type(exc).__name__}: {exc}") from exc
         self.count(len(content) if isinstance(content, bytes) else 0, len(resp.content))
         return resp
+
+    def probe(self, timeout: float = 1.0) -> bool:
+        """Is a verifier ready? Tries the replicas in order from the current one and moves to the
+        first that answers (its sessions are new to it: the caller opens one). Never raises."""
+        for i in range(len(self.urls)):
+            index = (self._current + i) % len(self.urls)
+            try:
+                ok = httpx.get(self.urls[index] + "/health/ready", timeout=timeout).status_code == 200
+            except (httpx.HTTPError, OSError):
+                ok = False
+            if ok:
+                if index != self._current:
+                    self._current = index
+                    self._http.close()
+                    self._http = httpx.Client(base_url=self.url, timeout=self._timeout)
+                    self._channel = None
+                return True
+        return False
 
     def count(self, sent: int, received: int) -> None:
         with self._count_lock:   # round streams and the engine send concurrently

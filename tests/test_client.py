@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_sdk import ConfigError, EdgeClient, PromptTooLongError, VerifierError, VerifierUnavailable
+from edge_sdk import ConfigError, EdgeClient, PromptTooLongError, VerifierError
 from privacy import StaticKey
 
 from .conftest import PROMPTS
@@ -77,11 +77,16 @@ def test_stats_are_consistent(client):
     assert s.to_dict()["tpt_ms"] == s.tpt_ms and "acceptance=" in s.summary()
 
 
-def test_unreachable_verifier_is_a_typed_error():
+def test_unreachable_verifier_means_offline_generation():
+    """Nothing listens there: the generation runs on the device at once, every token marked unverified."""
     with EdgeClient("http://127.0.0.1:9", verifier_key=StaticKey.generate().public_b64, threads=1,
                     connect_timeout=1.0) as c:
-        with pytest.raises(VerifierUnavailable):
-            c.generate("x", max_new_tokens=4)
+        alone = c.generate("x = ", max_new_tokens=8, mode="edge_only")
+        for mode in ("pipesd", "vanilla", "cloud_only"):
+            r = c.generate("x = ", max_new_tokens=8, mode=mode)
+            assert r.tokens == alone.tokens, mode
+            assert not any(e.verified for e in r.events) and r.stats.unverified_tokens == 8
+        assert c.engine.breaker.is_open and c.engine.breaker.trips == 1
 
 
 def test_cloud_client_needs_a_pinned_key_or_psk(verifier):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from edge_sdk import EdgeClient, VerifierUnavailable
+from edge_sdk import EdgeClient
 from edge_sdk.emulation import LinkProfile
 from edge_sdk.linkproxy import LinkProxy
 
@@ -34,13 +34,19 @@ def test_generation_through_the_proxy_is_lossless_and_shaped(verifier, client, p
     assert proxy.bytes_up > 0 and proxy.bytes_down > 0
 
 
-def test_link_cut_fails_fast_and_recovers(verifier, client, proxy):
+def test_link_cut_goes_offline_and_recovers(verifier, client, proxy):
     reference = client.generate(PROMPTS[5], max_new_tokens=16, mode="cloud_only").tokens
     with EdgeClient(proxy.url, verifier_key=verifier.public_key, threads=1, connect_timeout=2,
                     read_timeout=5) as edge:
+        alone = edge.generate(PROMPTS[5], max_new_tokens=16, mode="edge_only").tokens
         assert edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla").tokens == reference
         proxy.set_down()
-        with pytest.raises(VerifierUnavailable):
-            edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla")
+        cut = edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla")
+        assert cut.tokens == alone and cut.stats.unverified_tokens == 16 and cut.stats.breaker_trips == 1
         proxy.set_down(False)
+        deadline = time.monotonic() + 10
+        while edge.engine.breaker.is_open and time.monotonic() < deadline:
+            edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla")   # offline until the prober sees it
+            time.sleep(0.05)
+        assert not edge.engine.breaker.is_open
         assert edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla").tokens == reference

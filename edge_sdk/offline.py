@@ -1,0 +1,92 @@
+"""Staying useful when the cloud goes away: the circuit breaker and the offline policies.
+
+After a failed or overdue NAV the engine opens the breaker: it keeps generating with the draft
+alone and a background prober asks the verifier whether it is back, waiting a jittered,
+exponentially growing delay between tries (so a fleet of devices does not hammer a verifier that
+is coming back up). When a probe succeeds the breaker closes and the next round resyncs the
+session from the current position.
+
+Offline policies (what the app chooses, ``EdgeClient(offline=...)``):
+
+* ``continue`` (default): emit draft tokens at once, marked ``verified=False``. Guarantee: the
+  generation never blocks on the cloud longer than the NAV deadline; every token before the first
+  unverified one equals the target's greedy output; tokens after an offline stretch are verified
+  against the text as emitted (unverified tokens included).
+* ``wait``: block up to ``offline_wait_s`` for the verifier to come back, then behave as
+  ``continue``. Guarantee: as ``continue``, with the whole text equal to target greedy when the
+  outage is shorter than the wait.
+* ``verify_late``: emit draft tokens marked unverified and provisional; once the verifier is
+  back, send the unverified tail for verification; if the target disagrees, emit a revision event
+  that replaces the tail from the first rejected token. Guarantee: after the revisions the whole
+  text equals the target's greedy output (if the verifier comes back before the generation ends;
+  otherwise the tail stays unverified, as marked).
+
+This module is pure (no I/O, an injectable clock and random generator) so its timing logic is
+tested in microseconds.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+OFFLINE_POLICIES = ("continue", "wait", "verify_late")
+
+
+@dataclass
+class CircuitBreaker:
+    """Closed (use the cloud) or open (generate locally, probe in the background)."""
+
+    base_delay_s: float = 0.05       # first probe delay; doubles per failed probe
+    max_delay_s: float = 0.5         # so collaboration resumes within ~0.5 s of the verifier's return
+    jitter: float = 0.5              # each delay is drawn from [1 - jitter, 1] x the nominal delay
+    clock: callable = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self):
+        self.open_since: float | None = None
+        self.failed_probes = 0
+        self.next_probe_at = 0.0
+        self.trips = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_since is not None
+
+    def trip(self) -> None:
+        """A NAV failed or overran its deadline: go offline and schedule the first probe."""
+        if self.open_since is None:
+            self.open_since = self.clock()
+            self.trips += 1
+        self.failed_probes = 0
+        self.next_probe_at = self.clock() + self._delay()
+
+    def probe_due(self) -> bool:
+        return self.is_open and self.clock() >= self.next_probe_at
+
+    def probe_failed(self) -> None:
+        self.failed_probes += 1
+        self.next_probe_at = self.clock() + self._delay()
+
+    def close(self) -> float:
+        """The verifier answered: back online. Returns how long the breaker was open (s)."""
+        opened, self.open_since = self.open_since, None
+        self.failed_probes = 0
+        return self.clock() - opened if opened is not None else 0.0
+
+    def delay_until_probe(self) -> float:
+        return max(0.0, self.next_probe_at - self.clock())
+
+    def _delay(self) -> float:
+        nominal = min(self.max_delay_s, self.base_delay_s * 2 ** self.failed_probes)
+        return nominal * (1 - self.jitter * self.rng.random())
+
+
+def nav_deadline(median_nav_s: float | None, configured: float | None, floor_s: float = 2.0,
+                 factor: float = 8.0) -> float:
+    """How long to wait for a NAV reply before declaring the verifier gone: configured, else a
+    generous multiple of what NAV has taken recently, never below `floor_s`."""
+    if configured is not None:
+        return configured
+    return max(floor_s, factor * median_nav_s) if median_nav_s else floor_s
