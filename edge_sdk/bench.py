@@ -409,7 +409,7 @@ class Bench:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
             w.writeheader()
             w.writerows(rows)
-        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "gamma_s": self.gamma,
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "gamma_s": self.gamma,
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
                 "tuned": {"/".join(k): v for k, v in self.tuned.items()}}
         written[1].write_text(json.dumps({"meta": meta, "results": rows, "sweep": [t.row() for t in self.sweep],
@@ -480,6 +480,17 @@ class Bench:
                     lines.append(f"| {name} | {v:.1f} | ({p[0]:.3g}, {p[1]:.3g}) | {len(ev)} |")
             lines.append("")
         return "\n".join(lines)
+
+
+def _git_commit() -> str | None:
+    """The source revision the results came from, when run from a git checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _fmt(x, digits: int = 1) -> str:

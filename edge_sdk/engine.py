@@ -261,8 +261,8 @@ class Engine:
                         nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,
                                                 uploader, stats)
                     t_wait = time.perf_counter()
-                    resp, synced = self._await_nav(pending, nav_times[0], len(final.tokens), out, rnd, nxt,
-                                                   synced, uploader, stats)
+                    resp, synced, nxt = self._await_nav(pending, nav_times[0], len(final.tokens), out, rnd, nxt,
+                                                        synced, uploader, stats)
                 except (VerifierUnavailable, TimeoutError):
                     # Unreachable, or NAV overran its deadline: go offline. The round's draft is not
                     # lost work: the drafter proposes the same tokens again, now as output.
@@ -299,14 +299,15 @@ class Engine:
 
     def _await_nav(self, pending, sent_at: float, final_tokens: int, out: _Output, rnd: _Round,
                    nxt: _Round | None, synced: int, uploader: Uploader, stats: GenerationStats):
-        """The NAV result of the streamed round, within its deadline. A resync or a broken stream
-        drops the proactive round and sends this one again in one piece."""
+        """(NAV result, tokens the verifier holds, the proactive round if still usable) of the
+        streamed round, within its deadline. A resync or a broken stream drops the proactive round
+        and sends this one again in one piece."""
         est = self.profiler.estimate()
         expected = (est.nav_network or 0.0) * max(1, final_tokens) + est.verify
         deadline = nav_deadline(expected, self.nav_deadline_s)
         try:
             resp = pending.result(timeout=max(0.0, deadline - (time.perf_counter() - sent_at)))
-            return resp, resp.committed_len
+            return resp, resp.committed_len, nxt
         except TimeoutError:
             uploader.cancel(rnd.id)
             if nxt is not None:
@@ -317,10 +318,9 @@ class Engine:
                 raise
             if nxt is not None:
                 uploader.cancel(nxt.id)
-                nxt.draft.clear()
             if isinstance(exc, VerifierError):
-                return self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc)
-            return self._nav_whole(out.tokens, synced, rnd.tokens, stats)
+                return (*self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc), None)
+            return (*self._nav_whole(out.tokens, synced, rnd.tokens, stats), None)
 
     # -- offline: the circuit breaker (offline.py) ---------------------------------------
     def _go_offline(self, stats: GenerationStats) -> None:
