@@ -25,6 +25,7 @@ phones and IoT boards (its S2 and S3 scenarios).
 from __future__ import annotations
 
 import csv
+import math
 import random
 import threading
 import time
@@ -55,8 +56,8 @@ class BandwidthTrace:
     segments: tuple[tuple[float, float, float], ...]
 
     def __post_init__(self):
-        if not self.segments or any(d <= 0 or u <= 0 or w <= 0 for d, u, w in self.segments):
-            raise ValueError("a trace needs segments of positive duration and bandwidth")
+        if not self.segments or any(not (math.isfinite(x) and x > 0) for seg in self.segments for x in seg):
+            raise ValueError("a trace needs segments of finite, positive duration and bandwidth")
 
     @classmethod
     def generated(cls, seed: int = 0, up_mbps: tuple[float, float] = (10.0, 80.0),
@@ -81,12 +82,18 @@ class BandwidthTrace:
 
     def mbps(self, t: float, direction: int) -> tuple[float, float]:
         """(bandwidth of `direction` (1 up, 2 down) at time t, seconds until it next changes)."""
-        t %= self.period
-        for seg in self.segments:
-            if t < seg[0]:
-                return seg[direction], seg[0] - t
-            t -= seg[0]
-        return self.segments[-1][direction], 1e-9
+        i, end = self.locate(t)
+        return self.segments[i][direction], end - t
+
+    def locate(self, t: float) -> tuple[int, float]:
+        """(index of the segment in force at time t >= 0, the time at which it ends)."""
+        cycle = math.floor(t / self.period)
+        end = cycle * self.period
+        for i, seg in enumerate(self.segments):
+            end += seg[0]
+            if t < end:
+                return i, end
+        return 0, end + self.segments[0][0]   # t sat exactly on the cycle's end: the next cycle's first
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ class SerialLink:
         self._rng = random.Random(profile.seed * 2 + direction)
         self._free_at = 0.0
         self._last_arrival = 0.0
+        self._arrival_before: dict[float, float] = {}   # reservation end -> last arrival before it
         self._lock = threading.Lock()
         self.cut = False                        # the link is down
 
@@ -144,13 +152,15 @@ class SerialLink:
         trace = self.profile.trace
         if trace is None:
             return start + nbytes * 8 / (self.mbps * 1e6)
-        t, left = start, nbytes * 8.0
-        while True:                                # walk the trace's segments until the bits are out
-            mbps, span = trace.mbps(t - self.t0, self.direction)
-            if left <= mbps * 1e6 * span:
-                return t + left / (mbps * 1e6)
-            left -= mbps * 1e6 * span
-            t += span
+        rel, left = start - self.t0, nbytes * 8.0
+        i, end = trace.locate(rel)
+        while True:                                # walk the trace segment by segment until the bits are out
+            bits_per_s = trace.segments[i][self.direction] * 1e6
+            if left <= bits_per_s * (end - rel):
+                return self.t0 + rel + left / bits_per_s
+            left -= bits_per_s * (end - rel)
+            i = (i + 1) % len(trace.segments)
+            rel, end = end, end + trace.segments[i][0]
 
     def reserve(self, nbytes: int) -> tuple[float, float, float]:
         """Queue `nbytes` now: (transmission start, transmission end, arrival at the far end)."""
@@ -159,6 +169,10 @@ class SerialLink:
                 raise LinkDown("the emulated link is down")
             start = max(self.clock(), self._free_at)
             self._free_at = self._transmit_end(start, nbytes)
+            if len(self._arrival_before) > 256:      # forget reservations already on the wire
+                now = self.clock()
+                self._arrival_before = {e: a for e, a in self._arrival_before.items() if e > now}
+            self._arrival_before[self._free_at] = self._last_arrival
             delay = self.delay_s
             if self.profile.jitter_ms:
                 delay = max(0.0, delay + self._rng.uniform(-1, 1) * self.profile.jitter_ms / 1e3)
@@ -172,6 +186,7 @@ class SerialLink:
         with self._lock:
             if self._free_at == end and start > self.clock():
                 self._free_at = start
+                self._last_arrival = self._arrival_before.pop(end, self._last_arrival)
 
     def carry(self, nbytes: int) -> None:
         """Block the caller until `nbytes` sent now would have arrived at the far end."""
@@ -240,6 +255,11 @@ class EmulatedLink:
 
     def stage(self, req: VerifyRequest) -> BatchAck:
         return self._round_trip(self._request_bytes(req), lambda: self.inner.stage(req), self._reply_bytes)
+
+    def set_deadline(self, seconds: float | None) -> None:
+        setter = getattr(self.inner, "set_deadline", None)
+        if setter is not None:
+            setter(seconds)
 
     def probe(self, timeout: float = 1.0) -> bool:
         """A health check across the link: False while it is cut."""

@@ -303,6 +303,8 @@ class Engine:
         streamed round, within its deadline. A resync or a broken stream drops the proactive round
         and sends this one again in one piece."""
         est = self.profiler.estimate()
+        # Lenient on purpose: a one-token round trip per token of the final batch (beta may still be
+        # the prior when a policy sends no non-final batches); a false "offline" costs more than waiting.
         expected = (est.nav_network or 0.0) * max(1, final_tokens) + est.verify
         deadline = nav_deadline(expected, self.nav_deadline_s)
         try:
@@ -493,6 +495,7 @@ class Engine:
                 if error.code == "unknown_session":
                     self._open_session(stats)
                 synced = 0
+            self._call_deadline(len(draft))
             t = time.perf_counter()
             self._round_ids += 1
             req = VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
@@ -518,7 +521,16 @@ class Engine:
             return resp, resp.committed_len
         raise error or VerifierUnavailable("the verifier did not answer")
 
+    def _call_deadline(self, draft_tokens: int = 0) -> None:
+        """Bound the next one-shot calls (handshake, whole NAV) by the NAV deadline of the profiled link."""
+        setter = getattr(self.verifier, "set_deadline", None)
+        if setter is not None:
+            est = self.profiler.estimate()
+            expected = (est.nav_network or 0.0) * max(1, draft_tokens) + est.verify   # lenient, as in _await_nav
+            setter(nav_deadline(expected, self.nav_deadline_s))
+
     def _open_session(self, stats: GenerationStats) -> None:
+        self._call_deadline()
         t = time.perf_counter()
         opened = self.verifier.open_session(OpenSession(self.fingerprint, self.drafter.vocab_size))
         stats.wait_s += time.perf_counter() - t

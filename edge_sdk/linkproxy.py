@@ -43,10 +43,18 @@ class LinkProxy:
     def start(self) -> "LinkProxy":
         started = threading.Event()
 
+        failure: list[BaseException] = []
+
         def run():
             self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._accept, *self.listen))
+            try:
+                self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, *self.listen))
+            except OSError as exc:          # e.g. the port is taken: reported to start()'s caller
+                failure.append(exc)
+                started.set()
+                self._loop.close()
+                self._loop = None
+                return
             self.port = self._server.sockets[0].getsockname()[1]
             started.set()
             self._loop.run_forever()
@@ -55,6 +63,8 @@ class LinkProxy:
         self._thread.start()
         if not started.wait(10):
             raise RuntimeError("link proxy did not start")
+        if failure:
+            raise failure[0]
         return self
 
     def stop(self) -> None:
@@ -74,8 +84,9 @@ class LinkProxy:
         self._loop = None
 
     def serve_forever(self) -> None:
-        """Block until interrupted (the CLI)."""
-        self.start()
+        """Block until interrupted (the CLI); starts the proxy if it is not running."""
+        if self._loop is None:
+            self.start()
         try:
             self._thread.join()
         except KeyboardInterrupt:

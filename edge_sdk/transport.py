@@ -101,6 +101,8 @@ class HttpVerifier:
             raise ConfigError("a pre-shared key needs at least 32 bytes")
         self.limits = limits
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._deadline: float | None = None
         self._current = 0
         self._http = httpx.Client(base_url=self.urls[0], timeout=self._timeout)
         self._channel: SecureChannel | None = None
@@ -116,7 +118,7 @@ class HttpVerifier:
     def open_session(self, req: OpenSession) -> SessionOpened:
         self._channel = None
         hs = ClientHandshake(server_public=self._server_key, psk=self._psk)
-        resp = self._post("/v1/handshake", encode(hs.hello()), MSGPACK)
+        resp = self._post("/v1/handshake", encode(hs.hello()), MSGPACK, self._call_timeout())
         if resp.status_code != 200:
             raise _plain_error(resp)
         try:
@@ -147,7 +149,19 @@ class HttpVerifier:
     def _exchange(self, ftype: FrameType, body: dict, expect: FrameType) -> dict:
         channel = self._require_channel()
         frame = channel.seal(ftype, body)
-        return self._reply(channel, self._post("/v1/frames", frame, FRAME), parse_header(frame).seq, expect)
+        return self._reply(channel, self._post("/v1/frames", frame, FRAME, self._call_timeout()),
+                           parse_header(frame).seq, expect)
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """Bound the next one-shot calls (handshake, OPEN, whole NAV) by `seconds`, connect and read,
+        within the configured timeouts: the engine derives it from the profiled link."""
+        self._deadline = seconds
+
+    def _call_timeout(self) -> httpx.Timeout | None:
+        if self._deadline is None:
+            return None
+        return httpx.Timeout(min(self._read_timeout, self._deadline),
+                             connect=min(self._connect_timeout, self._deadline))
 
     def _require_channel(self) -> SecureChannel:
         if self._channel is None:
@@ -176,10 +190,11 @@ class HttpVerifier:
             raise VerifierUnavailable(f"unexpected reply frame type {header.type}")
         return msg
 
-    def _post(self, path: str, content, ctype: str) -> httpx.Response:
+    def _post(self, path: str, content, ctype: str, timeout: httpx.Timeout | None = None) -> httpx.Response:
         """POST to the current replica; on a connection failure move to the next one (session lost)."""
         try:
-            resp = self._http.post(path, content=content, headers={"content-type": ctype})
+            resp = self._http.post(path, content=content, headers={"content-type": ctype},
+                                   timeout=timeout or self._timeout)
         except (httpx.HTTPError, OSError) as exc:
             if len(self.urls) > 1:
                 self._current = (self._current + 1) % len(self.urls)

@@ -34,6 +34,27 @@ def test_serial_link_transmits_at_its_bandwidth_then_propagates():
     assert up.reserve(0)[0] == 200.0
 
 
+def test_released_reservations_give_back_the_link_and_the_arrival_time():
+    up, clock = link(LinkProfile(up_mbps=8, rtt_ms=20))
+    up.reserve(1_000)                                              # on the wire: 100.001, arrives 100.011
+    big = [up.reserve(1_000_000) for _ in range(2)]                # a stale round's batches, queued
+    for start, end, _ in reversed(big):
+        up.release(start, end)
+    assert up.reserve(1_000)[2] == pytest.approx(100.012)          # not behind the abandoned batches
+
+
+def test_trace_with_fractional_segments_never_stalls():
+    trace = BandwidthTrace(((0.1, 1.0, 1.0), (0.3, 2.0, 2.0), (0.7, 3.0, 3.0)))
+    up, clock = link(LinkProfile(rtt_ms=0, trace=trace))
+    clock.t = up.t0 = 43101.85                                     # a large clock: coarse float steps
+    assert up._transmit_end(up.t0 + 0.05, 200_000) - up.t0 == pytest.approx(0.4 + 0.95 / 3)
+    for k in range(200):                                           # starts on and around every boundary
+        start = up.t0 + k * 0.05
+        assert up._transmit_end(start, 123_457) > start
+    with pytest.raises(ValueError):
+        BandwidthTrace(((float("inf"), 1.0, 1.0),))
+
+
 def test_released_reservation_frees_the_link_only_if_nothing_follows():
     up, clock = link(LinkProfile(up_mbps=8))
     up.reserve(100_000)                                            # busy until 100.1
