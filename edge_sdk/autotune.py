@@ -39,7 +39,24 @@ class Tuner(Protocol):
     def best(self) -> tuple[float, float] | None: ...
 
 
-class SkoptTuner:
+class _Budgeted:
+    """What every tuner keeps: its evaluations in order, a budget, and the best seen."""
+
+    budget: int
+    evaluations: list[tuple[tuple[float, float], float]]
+
+    def tell(self, params, objective) -> None:
+        self.evaluations.append((tuple(params), float(objective)))
+
+    @property
+    def done(self) -> bool:
+        return len(self.evaluations) >= self.budget
+
+    def best(self):
+        return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
+
+
+class SkoptTuner(_Budgeted):
     def __init__(self, budget: int = 16, seed: int = 0, initial_points: int = 5,
                  bounds: tuple[tuple[float, float], tuple[float, float]] = DEFAULT_BOUNDS):
         from skopt import Optimizer
@@ -67,17 +84,10 @@ class SkoptTuner:
 
     def tell(self, params, objective) -> None:
         self._opt.tell(list(params), float(objective))
-        self.evaluations.append((tuple(params), float(objective)))
-
-    @property
-    def done(self) -> bool:
-        return len(self.evaluations) >= self.budget
-
-    def best(self):
-        return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
+        super().tell(params, objective)
 
 
-class _ListTuner:
+class _ListTuner(_Budgeted):
     """Evaluates a fixed list of candidates in order (the grid and random baselines of BO)."""
 
     def __init__(self, candidates: list[tuple[float, float]]):
@@ -87,16 +97,6 @@ class _ListTuner:
 
     def ask(self) -> tuple[float, float]:
         return self._candidates[min(len(self.evaluations), self.budget - 1)]
-
-    def tell(self, params, objective) -> None:
-        self.evaluations.append((tuple(params), float(objective)))
-
-    @property
-    def done(self) -> bool:
-        return len(self.evaluations) >= self.budget
-
-    def best(self):
-        return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
 
 
 def _log_points(lo: float, hi: float, n: int) -> list[float]:
