@@ -77,6 +77,7 @@ class Tally:
     wait_s: float = 0.0
     verify_s: float = 0.0
     mismatches: int = 0            # generations whose tokens differ from target greedy (-1: not checked)
+    unverified: int = 0            # tokens emitted by the draft alone after a failed NAV (offline fallback)
     lower_bound_ms: float = 0.0
     r1: float | None = None
     r2: float | None = None
@@ -96,6 +97,7 @@ class Tally:
         self.upload_s += stats.upload_s
         self.wait_s += stats.wait_s
         self.verify_s += stats.verify_s
+        self.unverified += stats.unverified_tokens if self.method != "edge_only" else 0
         if matches is None:
             self.mismatches = -1
         elif not matches:
@@ -459,6 +461,8 @@ class Bench:
                     thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
                     lossless = "n/a" if t.mismatches < 0 else ("yes" if t.mismatches == 0
                                                                 else f"NO ({t.mismatches})")
+                    if t.unverified:
+                        lossless += f", {t.unverified} tokens unverified (went offline)"
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
                         f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {t.rounds} | {_fmt(t.rollback_rate, 2)} "

@@ -255,7 +255,8 @@ class Engine:
                     final = self._batch(rnd, synced, final=True)
                     pending = uploader.finalize(final)
                     nav_times = [time.perf_counter()]
-                    pending.add_done_callback(lambda _: nav_times.append(time.perf_counter()))
+                    pending.add_done_callback(   # a NAV that answered, not one that failed, is a sample
+                        lambda f: f.cancelled() or f.exception() or nav_times.append(time.perf_counter()))
                     # 3. While NAV is in flight, a proactive policy drafts the next round.
                     if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
                         nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,

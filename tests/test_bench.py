@@ -52,6 +52,7 @@ def test_quick_bench_every_method_equals_target_greedy(quick_run):
     for method, r in rows.items():
         expected = -1 if method == "edge_only" else 0    # edge_only is the draft alone: not checked
         assert int(r["mismatches"]) == expected, method
+        assert int(r["unverified"]) == 0, f"{method} went offline during the bench"
 
 
 def test_bench_refuses_bad_arguments():
