@@ -3,6 +3,7 @@
     pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> -k 4
     pipesd generate "import os" --mode edge_only          # no cloud at all
     pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (see bench.py)
+    pipesd energy --quick --out /tmp/energy                # J per token per method (see energy_bench.py)
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
 """
 
@@ -12,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from energy import MeterError
 
 from .client import EdgeClient
 from .errors import ConfigError, PipeSDError
@@ -55,6 +58,20 @@ def _bench(args) -> int:
               f"({t.mismatches} generations differ from target greedy, {t.unverified} tokens went out "
               f"unverified)", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _energy(args) -> int:
+    from .energy_bench import EnergyBench, config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    run = EnergyBench(config)
+    run.run()
+    for path in run.write("pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)):
+        print(path)
+    return 0
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -114,6 +131,12 @@ def main(argv=None) -> int:
     add_arguments(b)
     b.set_defaults(func=_bench)
 
+    from .energy_bench import add_arguments as add_energy_arguments
+
+    e = sub.add_parser("energy", help="joules per output token of each method, edge and cloud, per scenario")
+    add_energy_arguments(e)
+    e.set_defaults(func=_energy)
+
     lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
     lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
     lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")
@@ -130,7 +153,7 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (PipeSDError, OSError) as exc:
+    except (PipeSDError, OSError, MeterError) as exc:
         print(f"pipesd: {exc}", file=sys.stderr)
         return 2
 

@@ -147,6 +147,7 @@ class SerialLink:
         self._arrival_before: dict[float, float] = {}   # reservation end -> last arrival before it
         self._lock = threading.Lock()
         self.cut = False                        # the link is down
+        self.log: list[tuple[float, float, int]] | None = None   # set to a list: (start, end, bytes) on the air
 
     def _transmit_end(self, start: float, nbytes: int) -> float:
         trace = self.profile.trace
@@ -179,6 +180,8 @@ class SerialLink:
             if self.profile.loss and self._rng.random() < self.profile.loss:
                 delay += self.profile.rto_ms / 1e3
             self._last_arrival = max(self._last_arrival, self._free_at + delay)
+            if self.log is not None:
+                self.log.append((start, self._free_at, nbytes))
             return start, self._free_at, self._last_arrival
 
     def release(self, start: float, end: float) -> None:
@@ -187,6 +190,8 @@ class SerialLink:
             if self._free_at == end and start > self.clock():
                 self._free_at = start
                 self._last_arrival = self._arrival_before.pop(end, self._last_arrival)
+                if self.log and self.log[-1][:2] == (start, end):
+                    self.log.pop()                # never went on the air
 
     def carry(self, nbytes: int) -> None:
         """Block the caller until `nbytes` sent now would have arrived at the far end."""
@@ -324,11 +329,16 @@ class _EmulatedRound:
 
 
 class SlowedDrafter:
-    """Wraps a drafter and adds `seconds_per_token` (a sleep) to every drafted token."""
+    """Wraps a drafter and adds `seconds_per_token` (a sleep) to every drafted token.
+
+    ``slept_s`` adds up the emulated compute, so an energy model can charge it as the slower device
+    would have spent it (busy, not asleep).
+    """
 
     def __init__(self, inner, seconds_per_token: float):
         self.inner = inner
         self.seconds_per_token = seconds_per_token
+        self.slept_s = 0.0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -340,4 +350,5 @@ class SlowedDrafter:
         d = self.inner.next_token()
         if self.seconds_per_token > 0:
             time.sleep(self.seconds_per_token)
+            self.slept_s += self.seconds_per_token
         return d
