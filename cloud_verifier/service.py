@@ -20,6 +20,8 @@ import numpy as np
 from privacy import (
     BatchAck,
     ChannelLimits,
+    SamplingParams,
+    SparseDist,
     ErrorCode,
     FrameType,
     OpenSession,
@@ -37,7 +39,7 @@ from privacy.channel import Header
 from privacy.messages import vocab_fingerprint
 
 from .metrics import Metrics
-from .nav import greedy_accept
+from .nav import greedy_accept, speculative_accept
 from .settings import VerifierSettings
 from .target import Target, TargetState
 
@@ -53,6 +55,8 @@ class PendingRound:
     named: tuple[int, bytes]                                 # (base_len, prefix_hash) its first batch named
     tokens: list[int] = field(default_factory=list)          # draft tokens staged so far
     rows: list[np.ndarray] = field(default_factory=list)     # logits computed as batches arrived
+    sampling: SamplingParams | None = None                    # the round's sampling (None: greedy)
+    q: list[SparseDist] = field(default_factory=list)        # per staged token: the q it was drawn from
 
     @property
     def rows_held(self) -> int:
@@ -212,7 +216,11 @@ class VerifierService:
             raise WireError(ErrorCode.CONTEXT_OVERFLOW,
                             f"prefix and draft ({total} tokens) leave no room in the target's context of "
                             f"{self.max_context}", max_context=self.max_context)
+        if pending.tokens and pending.sampling != req.sampling:
+            raise WireError(ErrorCode.MALFORMED, "every batch of a round must carry the same sampling parameters")
+        pending.sampling = req.sampling
         pending.tokens.extend(req.draft)
+        pending.q.extend(req.q)
         t0 = time.perf_counter()
         if not req.final:
             session.pending = pending
@@ -224,7 +232,11 @@ class VerifierService:
         session.pending = None
         if pending.rows_held < len(pending.tokens) + 1:
             self._forward(session.state, pending)
-        accepted, token = greedy_accept(pending.tokens, np.concatenate(pending.rows))
+        rows = np.concatenate(pending.rows)
+        if pending.sampling is None:
+            accepted, token = greedy_accept(pending.tokens, rows)
+        else:
+            accepted, token = speculative_accept(pending.tokens, pending.q, rows, pending.sampling, len(pending.base))
         # Rollback: the cache keeps the committed prefix and the accepted draft tokens; the
         # target's own token is fed at the start of the next round.
         self.target.rollback(session.state, len(pending.base) + accepted)

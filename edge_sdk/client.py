@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from privacy import SamplingParams
 
 from .drafter import Drafter, LlamaCppDrafter
 from .engine import Engine, GenerationResult, TokenEvent
@@ -133,11 +136,19 @@ class EdgeClient:
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
                mode: str | None = None, draft_k: int | None = None, parse_special: bool = False,
-               private: bool = False) -> Generation:
+               private: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None) -> Generation:
         """Start a generation; iterate the result for tokens as they are committed.
 
         ``private=True`` (or a client made with ``local_only=True``) keeps the request on the
         device: it runs edge_only and opens no connection, whatever the mode.
+
+        Sampling: ``temperature`` > 0 samples from the target's distribution under that temperature,
+        ``top_k`` (0: off) and ``top_p`` (1: off), exactly (speculative sampling: the draft's q goes
+        up sparse and the verifier keeps or resamples each token). ``seed`` makes it reproducible:
+        the same seed and policy give the same text. A seeded request runs an adaptive policy from its
+        initial state and PipeSD at the tuner's settled thresholds (pass ``r1``/``r2`` to fix them),
+        and changes neither. Without a seed each request draws one.
         """
         mode = "edge_only" if (private or self.local_only) else (mode or self.mode)
         if mode not in MODES:
@@ -145,7 +156,9 @@ class EdgeClient:
         key = (mode, draft_k or self.draft_k, self.r1, self.r2)
         if key not in self._policies:
             self._policies[key] = make_policy(*key)
-        policy = self._policies[key]
+        # A seeded request starts from the policy's initial state (an adaptive trigger's threshold
+        # would otherwise carry the history of earlier requests) and teaches it nothing.
+        policy = make_policy(*key) if seed is not None else self._policies[key]
         if policy.uses_cloud and self.verifier is None:
             raise ConfigError(f"mode {mode!r} needs a verifier: pass verifier_url=...")
         if max_new_tokens < 1:
@@ -155,8 +168,14 @@ class EdgeClient:
         ids = self.tokenize(prompt, parse_special) if isinstance(prompt, str) else [int(t) for t in prompt]
         if any(not 0 <= t < self.drafter.vocab_size for t in ids):
             raise ConfigError(f"prompt token ids must lie in [0, {self.drafter.vocab_size})")
+        try:
+            sampling = None if temperature == 0 else SamplingParams(
+                float(temperature), int(top_k), float(top_p), secrets.randbits(63) if seed is None else int(seed))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad sampling parameters: {exc}") from None
         stats = GenerationStats(mode=policy.name)
-        return Generation(self.engine.run(ids, policy, max_new_tokens, stop, stats), ids, stats)
+        return Generation(self.engine.run(ids, policy, max_new_tokens, stop, stats, sampling=sampling,
+                                          seeded=seed is not None), ids, stats)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         """Generate to the end and return text, token ids and statistics (same arguments as ``stream``)."""

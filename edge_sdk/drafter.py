@@ -15,14 +15,45 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from privacy.sampling import DRAFT_STREAM, SamplingParams, SparseDist, sample_index, truncate, uniforms
+
+# The draft's own truncation under sampling: q may be any distribution the draft really samples
+# from (speculative sampling stays exact), so the edge keeps at most this many candidates per token
+# whatever the request's top_k/top_p: q travels as ~6 bytes per candidate instead of the vocabulary.
+DRAFT_SUPPORT = 64
+
 
 @dataclass(frozen=True)
 class DraftToken:
     """One drafted token and the draft model's confidence in it."""
 
     token: int
-    p_max: float     # max probability of the draft's next-token distribution: P(d_n) for the trigger
+    p_max: float     # max probability of the draft's next-token distribution
     p_token: float   # probability of the chosen token (equals p_max when greedy)
+    q: SparseDist | None = None   # sampling: the distribution the token was drawn from (sent for NAV)
+
+    @property
+    def confidence(self) -> float:
+        """P(d_n) for the trigger: the max probability when greedy, the sampled token's probability
+        when sampling. A sampled token can be a low-probability draw from a peaked q; its own
+        probability, not the peak, says how likely the target is to keep it (acceptance is
+        min(1, p(x)/q(x)), so low-q draws are where p and q tend to disagree)."""
+        return self.p_token if self.q is not None else self.p_max
+
+
+def choose_token(logits: np.ndarray, sampling: SamplingParams | None, position: int) -> DraftToken:
+    """The draft's token after a logits row: argmax when greedy; else a draw from its truncated,
+    tempered distribution q (at most ``DRAFT_SUPPORT`` candidates, float16 as it travels) with the
+    uniform keyed by (seed, `position`), so a redrafted position draws the same number."""
+    if sampling is None or sampling.greedy:
+        token, p_max = softmax_confidence(logits)
+        return DraftToken(token, p_max, p_max)
+    top_k = min(sampling.top_k or DRAFT_SUPPORT, DRAFT_SUPPORT)
+    ids, probs = truncate(logits, SamplingParams(sampling.temperature, top_k, sampling.top_p, sampling.seed))
+    q = SparseDist.quantize(ids, probs)
+    exact = q.probs()
+    i = sample_index(exact, float(uniforms(sampling.seed, position, DRAFT_STREAM, 1)[0]))
+    return DraftToken(int(q.ids[i]), float(exact.max()), float(exact[i]), q)
 
 
 class Drafter(Protocol):
@@ -40,8 +71,11 @@ class Drafter(Protocol):
     def set_context(self, tokens: Sequence[int]) -> None:
         """Make `tokens` the context, reusing the cached common prefix (rollback)."""
 
+    def set_sampling(self, sampling: SamplingParams | None) -> None:
+        """Greedy (None or temperature 0) or sampled drafting from now on (``choose_token``)."""
+
     def next_token(self) -> DraftToken:
-        """Greedy next token after the context; appended to the context."""
+        """Next token after the context (greedy or sampled); appended to the context."""
 
     def __len__(self) -> int: ...
 
@@ -97,6 +131,10 @@ class LlamaCppDrafter:
         self.llm.n_tokens = 0
         self._tokens: list[int] = []      # logical context
         self._logits_at = -1              # context length the current logits row belongs to
+        self.sampling: SamplingParams | None = None
+
+    def set_sampling(self, sampling: SamplingParams | None) -> None:
+        self.sampling = sampling
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
@@ -137,6 +175,6 @@ class LlamaCppDrafter:
             raise ValueError("the draft context is empty: a prompt needs at least one token")
         if len(self._tokens) >= self.max_context:
             raise ValueError(f"the draft's context of {self.max_context} tokens is full")
-        token, p_max = softmax_confidence(self._logits())
-        self._tokens.append(token)
-        return DraftToken(token, p_max, p_max)
+        d = choose_token(self._logits(), self.sampling, len(self._tokens))
+        self._tokens.append(d.token)
+        return d

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, prefix_hash
+from privacy import OpenSession, SamplingParams, SessionOpened, VerifyRequest, VerifyResponse, prefix_hash
 from privacy.messages import vocab_fingerprint
 
 from .autotune import OnlineAutotuner
 from .drafter import Drafter, DraftToken
-from .errors import PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
+from .errors import ConfigError, PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
 from .offline import CircuitBreaker, nav_deadline
 from .policies import Policy
 from .profiler import LinkProfiler
@@ -158,11 +158,23 @@ class Engine:
         self._closing = threading.Event()
         self._prober: threading.Thread | None = None
         self.resumed_at: float | None = None   # perf_counter when the last probe found the verifier back
+        # This generation's sampling (None: greedy); a seeded one leaves the autotuner alone.
+        self.sampling: SamplingParams | None = None
+        self._seeded = False
+        self._unverified_q: dict = {}        # sampling, offline: position -> the q an unverified token came from
 
     # -- one generation ---------------------------------------------------------------
     def run(self, prompt: list[int], policy: Policy, max_new_tokens: int,
-            stop: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
+            stop: Sequence[str] = (), stats: GenerationStats | None = None,
+            sampling: SamplingParams | None = None, seeded: bool = False) -> Iterator[TokenEvent]:
         stats = stats or GenerationStats(mode=policy.name)
+        self.sampling = None if sampling is None or sampling.greedy else sampling
+        self._seeded, self._unverified_q = seeded, {}
+        set_sampling = getattr(self.drafter, "set_sampling", None)
+        if set_sampling is None and self.sampling is not None:
+            raise ConfigError(f"{type(self.drafter).__name__} cannot sample: it has no set_sampling()")
+        if set_sampling is not None:
+            set_sampling(self.sampling)
         stats.prompt_tokens = len(prompt)
         t0 = time.perf_counter()
         up0 = down0 = 0
@@ -282,7 +294,7 @@ class Engine:
                 #    only if it was built on exactly that.
                 committed = rnd.tokens[: resp.accepted] + [resp.token]
                 yield from out.commit(committed, verified=True)
-                if policy.autotune:
+                if policy.autotune and not self._seeded:
                     self.autotuner.record(len(committed), time.perf_counter() - t_round,
                                           self.profiler.estimate().regime(), self.profiler.acceptance)
                 if nxt is not None and proactive_survives(nxt.base, out.tokens):
@@ -321,9 +333,10 @@ class Engine:
                 raise
             if nxt is not None:
                 uploader.cancel(nxt.id)
+            q = tuple(d.q for d in rnd.draft) if self.sampling else ()
             if isinstance(exc, VerifierError):
-                return (*self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc), None)
-            return (*self._nav_whole(out.tokens, synced, rnd.tokens, stats), None)
+                return (*self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc, q=q), None)
+            return (*self._nav_whole(out.tokens, synced, rnd.tokens, stats, q=q), None)
 
     # -- offline: the circuit breaker (offline.py) ---------------------------------------
     def _go_offline(self, stats: GenerationStats) -> None:
@@ -366,7 +379,9 @@ class Engine:
                 unverified_from = len(out.tokens)
             t = time.perf_counter()
             self.drafter.set_context(out.tokens)
-            token = self.drafter.next_token().token
+            d = self.drafter.next_token()
+            token = d.token
+            self._unverified_q[len(out.tokens)] = d.q
             stats.draft_s += time.perf_counter() - t
             stats.unverified_tokens += 1
             yield from out.commit([token], verified=False)
@@ -390,7 +405,8 @@ class Engine:
         pos, synced = start, 0
         while pos < len(out.tokens):
             chunk = out.tokens[pos: pos + self.max_draft]
-            resp, synced = self._nav_whole(out.tokens[:pos], min(synced, pos), chunk, stats)
+            q = tuple(self._unverified_q.get(pos + i) for i in range(len(chunk))) if self.sampling else ()
+            resp, synced = self._nav_whole(out.tokens[:pos], min(synced, pos), chunk, stats, q=q)
             self._count_round(stats, len(chunk), resp.accepted)
             if resp.accepted < len(chunk):
                 stats.revisions += 1
@@ -452,7 +468,9 @@ class Engine:
         """The round's next batch: its base as the verifier should hold it, and the tokens not yet sent."""
         base_len = min(synced, len(rnd.base))
         batch = Batch(rnd.id, base_len, prefix_hash(rnd.base[:base_len]) if base_len else b"",
-                      tuple(rnd.base[base_len:]), tuple(rnd.tokens[rnd.sent:]), offset=rnd.sent, final=final)
+                      tuple(rnd.base[base_len:]), tuple(rnd.tokens[rnd.sent:]), offset=rnd.sent, final=final,
+                      sampling=self.sampling,
+                      q=tuple(d.q for d in rnd.draft[rnd.sent:]) if self.sampling else ())
         rnd.sent = len(rnd.draft)
         return batch
 
@@ -474,7 +492,9 @@ class Engine:
 
     def _tune(self, policy: Policy) -> None:
         if policy.autotune and isinstance(policy.trigger, DualThreshold):
-            policy.trigger.r1, policy.trigger.r2 = self.autotuner.thresholds()
+            # A seeded request must be reproducible: the tuner's settled thresholds, not a live candidate.
+            tuner = self.autotuner
+            policy.trigger.r1, policy.trigger.r2 = tuner.best_thresholds() if self._seeded else tuner.thresholds()
 
     def _trace(self, kind: str, start: float, end: float) -> None:
         if self.timeline is not None:
@@ -486,7 +506,7 @@ class Engine:
 
     # -- synchronous NAV (cloud-only rounds and recovery) --------------------------------
     def _nav_whole(self, tokens: list[int], synced: int, draft: list[int], stats: GenerationStats,
-                   first_error: VerifierError | None = None) -> tuple[VerifyResponse, int]:
+                   first_error: VerifierError | None = None, q: tuple = ()) -> tuple[VerifyResponse, int]:
         """One round sent in one piece; a verifier that lost or disagrees with our prefix gets it resent."""
         error = first_error
         lost = 0
@@ -500,7 +520,8 @@ class Engine:
             t = time.perf_counter()
             self._round_ids += 1
             req = VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
-                                prefix_hash(tokens[:synced]) if synced else b"", self._round_ids)
+                                prefix_hash(tokens[:synced]) if synced else b"", self._round_ids,
+                                sampling=self.sampling, q=q)
             try:
                 resp = self.verifier.verify(req)
             except VerifierUnavailable:

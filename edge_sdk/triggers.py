@@ -28,7 +28,7 @@ class Trigger(Protocol):
 
 def cumulative_confidence(draft: Sequence[DraftToken]) -> float:
     """C_n: the product of the draft's per-token confidences since the last NAV."""
-    return math.prod(d.p_max for d in draft)
+    return math.prod(d.confidence for d in draft)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class LastTokenConfidence:
     max_draft: int = 32
 
     def should_verify(self, draft) -> bool:
-        return draft[-1].p_max < self.r2 or len(draft) >= self.max_draft
+        return draft[-1].confidence < self.r2 or len(draft) >= self.max_draft
 
     def on_round(self, drafted, accepted, draft) -> None:
         pass
@@ -69,7 +69,7 @@ class DualThreshold:
     def should_verify(self, draft) -> bool:
         if len(draft) >= self.max_draft:
             return True
-        if self.r2 is not None and draft[-1].p_max < self.r2:
+        if self.r2 is not None and draft[-1].confidence < self.r2:
             return True
         return self.r1 is not None and cumulative_confidence(draft) < self.r1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from privacy import VerifyRequest
+from privacy import SamplingParams, SparseDist, VerifyRequest
 
 from .profiler import LinkProfiler
 from .transport import Verifier
@@ -28,6 +28,8 @@ class Batch:
     tokens: tuple[int, ...]     # this batch's draft tokens
     offset: int = 0             # position of `tokens` in the round's draft
     final: bool = False
+    sampling: SamplingParams | None = None
+    q: tuple[SparseDist, ...] = ()   # sampling: the q each token was drawn from
 
 
 class Uploader:
@@ -76,4 +78,4 @@ class Uploader:
     @staticmethod
     def _request(batch: Batch, final: bool) -> VerifyRequest:
         return VerifyRequest(batch.base_len, batch.append if batch.offset == 0 else (), batch.tokens,
-                             batch.prefix_hash, batch.round, batch.offset, final)
+                             batch.prefix_hash, batch.round, batch.offset, final, batch.sampling, batch.q)

@@ -18,6 +18,7 @@ from .channel import (
 )
 from .codec import DecodeLimits, decode, encode
 from .errors import ErrorCode, WireError
+from .sampling import SamplingParams, SparseDist
 from .messages import (
     BatchAck,
     OpenSession,
@@ -34,5 +35,5 @@ __all__ = [
     "ChannelLimits", "ClientHandshake", "FrameType", "HandshakeError", "SecureChannel", "StaticKey",
     "parse_header", "server_handshake", "DecodeLimits", "decode", "encode", "ErrorCode", "WireError",
     "BatchAck", "OpenSession", "SessionOpened", "VerifyRequest", "VerifyResponse", "pack_tokens", "prefix_hash",
-    "unpack_tokens", "vocab_fingerprint",
+    "unpack_tokens", "vocab_fingerprint", "SamplingParams", "SparseDist",
 ]

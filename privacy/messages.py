@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ErrorCode, WireError
+from .sampling import SamplingParams, SparseDist
 
 PROTOCOL_VERSION = 1
 
@@ -108,6 +109,11 @@ class VerifyRequest:
     ``draft`` are this batch's draft tokens; they sit at ``offset`` in the round's draft,
     after the batches sent before (a round sent in one piece has offset 0). An empty
     final draft asks the target for its next token alone (cloud-only decoding).
+
+    Sampling (``sampling`` set, temperature > 0): ``q`` carries, per draft token, the draft's
+    truncated distribution it was sampled from (sparse: support ids + float16 probabilities), and
+    the verifier applies the speculative-sampling rule instead of argmax matching. Greedy requests
+    carry neither (the wire stays ids only).
     """
 
     base_len: int
@@ -117,20 +123,63 @@ class VerifyRequest:
     round: int = 0
     offset: int = 0
     final: bool = True
+    sampling: SamplingParams | None = None
+    q: tuple[SparseDist, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
-                "draft": pack_tokens(self.draft), "round": self.round, "offset": self.offset, "final": self.final}
+        d = {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
+             "draft": pack_tokens(self.draft), "round": self.round, "offset": self.offset, "final": self.final}
+        if self.sampling is not None and not self.sampling.greedy:
+            d["s"] = self.sampling.to_dict()
+            d["q_n"] = pack_tokens([len(q) for q in self.q])
+            d["q_ids"] = b"".join(q.ids.astype("<u4").tobytes() for q in self.q)
+            d["q_p"] = b"".join(q.p16.astype("<f2").tobytes() for q in self.q)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifyRequest":
         req = cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
                   unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""),
                   _count(d, "round") if "round" in d else 0, _count(d, "offset") if "offset" in d else 0,
-                  _field(d, "final", bool, True))
+                  _field(d, "final", bool, True), *_sampling_from(d))
         if len(req.prefix_hash) != (16 if req.base_len else 0):
             raise WireError(ErrorCode.MALFORMED, "'prefix_hash' must be 16 bytes when base_len > 0, else empty")
+        if req.sampling is not None and len(req.q) != len(req.draft):
+            raise WireError(ErrorCode.MALFORMED, "a sampled draft needs one q distribution per draft token")
+        for token, q in zip(req.draft, req.q):
+            if q.prob_of(token) <= 0.0:
+                raise WireError(ErrorCode.MALFORMED, "a draft token lies outside the q it was sampled from")
         return req
+
+
+def _sampling_from(d: dict) -> tuple[SamplingParams | None, tuple[SparseDist, ...]]:
+    """Sampling parameters and the sparse q rows of a request; every malformation is a WireError."""
+    if "s" not in d:
+        return None, ()
+    s = _field(d, "s", dict)
+    try:
+        params = SamplingParams(float(_field(s, "t", (int, float))), _count(s, "k"), float(_field(s, "p", (int, float))),
+                                _count(s, "seed"))
+    except ValueError as exc:
+        raise WireError(ErrorCode.MALFORMED, f"bad sampling parameters: {exc}") from None
+    if params.greedy:
+        raise WireError(ErrorCode.MALFORMED, "temperature 0 is greedy: send no sampling block")
+    sizes = unpack_tokens(_field(d, "q_n", bytes), "q_n")
+    ids, p16 = _field(d, "q_ids", bytes), _field(d, "q_p", bytes)
+    if len(ids) != 4 * sum(sizes) or len(p16) != 2 * sum(sizes) or any(n == 0 for n in sizes):
+        raise WireError(ErrorCode.MALFORMED, "'q_ids'/'q_p' do not match the support sizes in 'q_n'")
+    all_ids = np.frombuffer(ids, dtype="<u4")
+    all_p = np.frombuffer(p16, dtype="<f2")
+    if not np.all(np.isfinite(all_p)) or np.any(all_p < 0):
+        raise WireError(ErrorCode.MALFORMED, "q probabilities must be finite and >= 0")
+    rows, at = [], 0
+    for n in sizes:
+        row = SparseDist(all_ids[at: at + n].astype(np.uint32), all_p[at: at + n].astype(np.float16))
+        if row.p16.astype(np.float64).sum() <= 0 or len(np.unique(row.ids)) != n:
+            raise WireError(ErrorCode.MALFORMED, "each q must have positive mass and distinct ids")
+        rows.append(row)
+        at += n
+    return params, tuple(rows)
 
 
 @dataclass(frozen=True)
