@@ -5,7 +5,7 @@ the errors it raises. Drafters, policies and transports are pluggable protocols.
 """
 
 from .client import EdgeClient, Generation
-from .drafter import Drafter, DraftToken, LlamaCppDrafter
+from .drafter import Drafter, DraftToken, LlamaCppDrafter, OnnxDrafter, load_drafter
 from .engine import GenerationResult, TokenEvent
 from .emulation import EmulatedLink, LinkProfile
 from .errors import (
@@ -22,6 +22,6 @@ from .transport import HttpVerifier, Verifier
 
 __all__ = [
     "EdgeClient", "Generation", "EmulatedLink", "LinkProfile", "GenerationResult", "GenerationStats", "TokenEvent", "Drafter", "DraftToken",
-    "LlamaCppDrafter", "Policy", "make_policy", "MODES", "Verifier", "HttpVerifier", "PipeSDError", "ConfigError",
+    "LlamaCppDrafter", "OnnxDrafter", "load_drafter", "Policy", "make_policy", "MODES", "Verifier", "HttpVerifier", "PipeSDError", "ConfigError",
     "PromptTooLongError", "VerifierError", "VerifierUnavailable", "VocabMismatchError",
 ]

@@ -24,7 +24,7 @@ from .policies import MODES
 def _generate(args) -> int:
     psk = args.psk_file.read_bytes().strip() if args.psk_file else None
     client = EdgeClient(args.verifier, verifier_key=args.verifier_key, psk=psk, pair=args.pair,
-                        draft_model=args.draft_model, mode=args.mode, draft_k=args.k, r1=args.r1, r2=args.r2,
+                        draft_model=args.draft_model, draft_backend=args.draft_backend, mode=args.mode, draft_k=args.k, r1=args.r1, r2=args.r2,
                         threads=args.threads,
                         local_only=args.local_only)
     with client:
@@ -119,7 +119,9 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--pair", default="embedded", help="model pair: embedded (default) or smollm2")
-    g.add_argument("--draft-model", help="GGUF draft model path (overrides --pair)")
+    g.add_argument("--draft-model", help="draft model path (overrides --pair): GGUF, or .onnx with --draft-backend onnx")
+    g.add_argument("--draft-backend", choices=("llamacpp", "onnx"), default="llamacpp",
+                   help="draft runtime: llama.cpp (GGUF, default) or onnxruntime")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--parse-special", action="store_true", help="parse control tokens in the prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")

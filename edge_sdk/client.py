@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from privacy import SamplingParams
 
-from .drafter import Drafter, LlamaCppDrafter
+from .drafter import DRAFT_BACKENDS, Drafter, load_drafter
 from .engine import Engine, GenerationResult, TokenEvent
 from .errors import ConfigError
 from .policies import MODES, Policy, make_policy
@@ -24,14 +24,17 @@ from .offline import OFFLINE_POLICIES
 from .transport import HttpVerifier, Verifier
 
 
-def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None = None) -> Path:
+def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None = None,
+                        backend: str = "llamacpp") -> Path:
     from pipesd_models import PairUnavailable, pair_paths
 
+    if backend not in DRAFT_BACKENDS:
+        raise ConfigError(f"unknown draft backend {backend!r}; choose from {', '.join(DRAFT_BACKENDS)}")
     if draft_model is not None:
         path = Path(draft_model)
     else:
         try:
-            path = pair_paths(pair)[0]
+            path = pair_paths(pair, backend)[0]
         except PairUnavailable as exc:
             raise ConfigError(str(exc)) from None
     if not path.is_file():
@@ -82,7 +85,9 @@ class EdgeClient:
         link: an emulated link (``LinkProfile``) between this client and the verifier, for
             experiments on loopback: bandwidth, RTT, per-token payload, jitter, loss, traces (see emulation.py).
         pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
-        draft_model: path of a GGUF draft model instead of the pair's.
+        draft_model: path of a draft model instead of the pair's (GGUF, or .onnx with ``draft_backend="onnx"``).
+        draft_backend: "llamacpp" (default, GGUF) or "onnx" (onnxruntime, a model exported by
+            ``pipesd_models.build.onnx_export``; the embedded pair ships one).
         mode: the decoding policy: "pipesd" (default: dual-threshold trigger tuned online, DP token
             batches, proactive drafting), the baselines "vanilla" (fixed draft length), "hsl",
             "edgellm", the ablations "pipesd_*", or "cloud_only" / "edge_only" (see policies.py).
@@ -106,7 +111,8 @@ class EdgeClient:
                  threads: int | None = None, n_ctx: int | None = None,
                  connect_timeout: float = 5.0, read_timeout: float = 60.0, local_only: bool = False,
                  link: LinkProfile | None = None, verifier: Verifier | None = None, drafter: Drafter | None = None,
-                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None):
+                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None,
+                 draft_backend: str = "llamacpp"):
         make_policy(mode, draft_k, r1, r2)  # validate early
         if offline not in OFFLINE_POLICIES:
             raise ConfigError(f"offline must be one of {', '.join(OFFLINE_POLICIES)}, not {offline!r}")
@@ -120,8 +126,8 @@ class EdgeClient:
         if verifier is not None and link is not None:
             verifier = EmulatedLink(verifier, link)
         self.verifier = None if local_only else verifier
-        self.drafter = drafter if drafter is not None else LlamaCppDrafter(
-            resolve_draft_model(pair, draft_model), n_ctx=n_ctx, threads=threads)
+        self.drafter = drafter if drafter is not None else load_drafter(
+            resolve_draft_model(pair, draft_model, draft_backend), draft_backend, n_ctx=n_ctx, threads=threads)
         self.engine = Engine(self.drafter, verifier)
         self.engine.offline, self.engine.offline_wait_s = offline, offline_wait_s
         self.engine.nav_deadline_s = nav_deadline_s

@@ -8,6 +8,7 @@ engine never sees KV caches or logits.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +179,127 @@ class LlamaCppDrafter:
         d = choose_token(self._logits(), self.sampling, len(self._tokens))
         self._tokens.append(d.token)
         return d
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode table (byte-level BPE token text -> bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class OnnxDrafter:
+    """onnxruntime drafter for a model exported by ``pipesd_models.build.onnx_export`` (explicit KV
+    cache tensors), with the byte-level BPE tokenizer from ``tokenizer.json`` (HF ``tokenizers``).
+
+    Same contract as ``LlamaCppDrafter``: the KV cache keeps the longest common prefix on
+    ``set_context`` (rollback is slicing the cache tensors), the newest token is evaluated when the
+    next one is asked for, confidences and sampling come from ``choose_token``.
+    """
+
+    def __init__(self, model_path: str | Path, *, tokenizer_path: str | Path | None = None,
+                 n_ctx: int | None = None, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.threads = threads or min(4, len(os.sched_getaffinity(0)))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.vocab_size = int(meta["vocab_size"])
+            trained = int(meta["max_context"])
+            self._bos = int(meta["bos"])
+            self.eos_token_ids = frozenset(int(t) for t in json.loads(meta["eos"]))
+            self._shape = (int(meta["layers"]), int(meta["kv_heads"]), 0, int(meta["head_dim"]))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{model_path} lacks the metadata of pipesd_models.build.onnx_export: {exc}") from None
+        self.max_context = min(n_ctx or trained, trained)
+        if tokenizer_path is None:
+            tokenizer_path = Path(model_path).with_name("tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        if self.tokenizer.get_vocab_size() != self.vocab_size:
+            raise ValueError(f"{tokenizer_path} has {self.tokenizer.get_vocab_size()} tokens, the model {self.vocab_size}")
+        self.vocab_tokens = [self.tokenizer.id_to_token(i) for i in range(self.vocab_size)]
+        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        decode = _byte_decoder()
+        self._pieces = [b"" if tok in special else bytes(decode[c] for c in tok) for tok in self.vocab_tokens]
+        self._tokens: list[int] = []
+        self._kv_tokens: list[int] = []           # tokens whose keys/values are in the cache
+        self._keys = self._values = np.zeros(self._shape, np.float32)
+        self._row: np.ndarray | None = None
+        self._logits_at = -1
+        self.sampling: SamplingParams | None = None
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        self.tokenizer.encode_special_tokens = not special   # special=False: "<|endoftext|>" is plain text
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self._bos] if add_bos else []) + ids
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def set_sampling(self, sampling: SamplingParams | None) -> None:
+        self.sampling = sampling
+
+    def set_context(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.max_context:
+            raise ValueError(f"context of {len(tokens)} tokens exceeds the draft's {self.max_context}")
+        n = min(len(self._kv_tokens), len(tokens))
+        same = np.asarray(self._kv_tokens[:n]) == np.asarray(tokens[:n])
+        keep = n if same.all() else int(np.argmin(same))
+        if keep < len(self._kv_tokens):
+            self._crop(keep)
+        self._tokens = list(tokens)
+
+    def _crop(self, length: int) -> None:
+        """Rollback: the cache keeps its first `length` positions."""
+        self._keys, self._values = self._keys[:, :, :length], self._values[:, :, :length]
+        del self._kv_tokens[length:]
+        self._logits_at = -1
+
+    def _logits(self) -> np.ndarray:
+        n = len(self._tokens)
+        if self._logits_at != n:
+            if len(self._kv_tokens) >= n:         # all cached but the row is stale: rerun the last token
+                self._crop(n - 1)
+            start = len(self._kv_tokens)
+            logits, self._keys, self._values = self.session.run(None, {
+                "input_ids": np.asarray([self._tokens[start:n]], dtype=np.int64),
+                "past_keys": np.ascontiguousarray(self._keys), "past_values": np.ascontiguousarray(self._values)})
+            self._kv_tokens = list(self._tokens[:n])
+            self._row, self._logits_at = logits[0, -1], n
+        return self._row
+
+    def next_token(self) -> DraftToken:
+        if not self._tokens:
+            raise ValueError("the draft context is empty: a prompt needs at least one token")
+        if len(self._tokens) >= self.max_context:
+            raise ValueError(f"the draft's context of {self.max_context} tokens is full")
+        d = choose_token(self._logits(), self.sampling, len(self._tokens))
+        self._tokens.append(d.token)
+        return d
+
+
+DRAFT_BACKENDS = ("llamacpp", "onnx")
+
+
+def load_drafter(path: str | Path, backend: str = "llamacpp", **kwargs) -> Drafter:
+    """A drafter for `path` on `backend` ("llamacpp": a GGUF; "onnx": an exported .onnx)."""
+    if backend == "llamacpp":
+        return LlamaCppDrafter(path, **kwargs)
+    if backend == "onnx":
+        return OnnxDrafter(path, **kwargs)
+    raise ValueError(f"unknown draft backend {backend!r}; choose from {', '.join(DRAFT_BACKENDS)}")

@@ -16,6 +16,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 MANIFEST_PATH = DATA_DIR / "manifest.json"
 
 DRAFT_FILE = "draft-f16.gguf"
+DRAFT_ONNX_FILE = "draft.onnx"        # the same draft for onnxruntime (pipesd_models.build.onnx_export)
 TARGET_FILE = "target-f16.gguf"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -23,6 +24,11 @@ TOKENIZER_FILE = "tokenizer.json"
 def draft_path() -> Path:
     """Path of the embedded draft model (GGUF, f16) run by the edge."""
     return DATA_DIR / DRAFT_FILE
+
+
+def draft_onnx_path() -> Path:
+    """Path of the embedded draft exported to ONNX (explicit KV cache; float32 weights)."""
+    return DATA_DIR / DRAFT_ONNX_FILE
 
 
 def target_path() -> Path:
@@ -89,8 +95,13 @@ def smollm2_path() -> Path:
     return path
 
 
-def pair_paths(name: str) -> tuple[Path, Path]:
-    """(draft, target) model files of a named pair."""
+def pair_paths(name: str, draft_backend: str = "llamacpp") -> tuple[Path, Path]:
+    """(draft, target) model files of a named pair; `draft_backend` "onnx" gives the ONNX draft."""
+    if draft_backend == "onnx":
+        if name != "embedded":
+            raise PairUnavailable(f"the {name!r} pair has no ONNX draft (export one with "
+                                  "python -m pipesd_models.build.onnx_export --gguf ... --out ...)")
+        return draft_onnx_path(), target_path()
     if name == "embedded":
         return draft_path(), target_path()
     if name == "smollm2":
