@@ -281,6 +281,7 @@ class VerifierService:
                             f"{len(req.append)} prefix tokens in one frame exceed {self.settings.max_append}",
                             max_append=self.settings.max_append)
         vocab = self.target.vocab_size
-        if any(t >= vocab for t in req.append) or any(t >= vocab for t in req.draft):
+        if (any(t >= vocab for t in req.append) or any(t >= vocab for t in req.draft)
+                or any(len(q.ids) and int(q.ids.max()) >= vocab for q in req.q)):
             raise WireError(ErrorCode.BAD_TOKEN_ID, f"token ids must be below the vocabulary size {vocab}",
                             vocab_size=vocab)

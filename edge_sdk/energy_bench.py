@@ -86,7 +86,7 @@ class _Request:
                 serial.log = None
         return Activity(output_tokens=stats.output_tokens, draft_s=stats.draft_s, fallback_s=stats.offline_s,
                         wait_s=stats.wait_s, emulated_compute_s=getattr(drafter, "slept_s", 0.0) - slept0,
-                        transfers=transfers)
+                        transfers=transfers, emulated_link=True)
 
 
 class EnergyBench:

@@ -49,6 +49,7 @@ class Activity:
     wait_s: float = 0.0               # seconds blocked on the cloud
     emulated_compute_s: float = 0.0   # compute modelled as done by the device but slept in this run
     transfers: list[Transfer] = field(default_factory=list)
+    emulated_link: bool = False       # the transfers crossed an emulated link, not this device's radio
 
 
 @dataclass(frozen=True)
@@ -187,26 +188,29 @@ class Harness:
         if self._baseline is None:
             e = self.edge.start()
             c = self.cloud.start() if self.cloud else None
+            t0 = time.perf_counter()
             time.sleep(self.idle_s)
-            edge = self._stop_lenient(self.edge, e)
-            cloud = self._stop_lenient(self.cloud, c) if self.cloud else None
+            edge = self._stop_lenient(self.edge, e, t0)
+            cloud = self._stop_lenient(self.cloud, c, t0) if self.cloud else None
             self._baseline = Baseline(edge.watts, cloud.watts if cloud else None, edge.seconds, edge.method,
                                       cloud.method if cloud else None)
         return self._baseline
 
     @staticmethod
-    def _stop_lenient(meter: Meter, token) -> Reading:
-        """An idle period may be below a counter's resolution: that is an idle power of zero, said so."""
-        t0 = time.perf_counter()
+    def _stop_lenient(meter: Meter, token, t0: float) -> Reading:
+        """A period in which the metered side did nothing measurable (idle, or a cloud that an
+        edge-only request never called) reads as zero joules, and the label says why."""
         try:
             return meter.stop(token)
         except MeterError as exc:
             if "below its resolution" not in str(exc):
                 raise
-            return Reading(0.0, time.perf_counter() - t0, f"{meter.name} (idle below resolution)", "idle")
+            return Reading(0.0, time.perf_counter() - t0, f"{meter.name} (nothing measurable: below resolution)",
+                           "no measurable activity", cpu_seconds=0.0)
 
     # -- measuring -------------------------------------------------------------------------------
-    def _split(self, reading: Reading, activity: Activity | None, net: float) -> tuple[float, dict, RadioEnergy | None]:
+    def _split(self, reading: Reading, activity: Activity | None, net: float,
+               cpu_used: float) -> tuple[float, dict, RadioEnergy | None]:
         """The edge's net energy with emulated compute and the radio added, and its phase split."""
         phases = dict.fromkeys(PHASES, 0.0)
         if activity is None:
@@ -215,11 +219,14 @@ class Harness:
         emulated_j = activity.emulated_compute_s * self.edge_model.active_w
         radio = radio_energy(activity.transfers, self.radio) if (self.radio and activity.transfers) else None
         radio_j = radio.total if radio else 0.0
-        compute_j = net + emulated_j - (radio_j if reading.includes_radio else 0.0)
+        # A meter that covers the radio (a battery) already holds the radio's energy, unless the
+        # transfers only crossed an emulated link: then the model's figure is added, not carved out.
+        inside = reading.includes_radio and not activity.emulated_link
+        compute_j = net + emulated_j - (radio_j if inside else 0.0)
         total = compute_j + radio_j
         # Share the compute energy by seconds of compute: drafting (wall ≈ CPU for a 1-thread
         # drafter), drafting offline, and the rest of the process's CPU time.
-        cpu_s = (reading.cpu_seconds or 0.0) + activity.emulated_compute_s
+        cpu_s = (reading.cpu_seconds if reading.cpu_seconds is not None else cpu_used) + activity.emulated_compute_s
         drafting = activity.draft_s
         compute_s = max(cpu_s, drafting)
         if compute_s > 0:
@@ -234,13 +241,22 @@ class Harness:
         base = self.baseline()
         c = self.cloud.start() if self.cloud else None
         e = self.edge.start()
-        t0 = time.perf_counter()
-        activity = fn()
-        seconds = time.perf_counter() - t0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            activity = fn()
+        except BaseException:
+            for meter, token in ((self.edge, e), (self.cloud, c)):   # stop samplers; the error wins
+                if meter is not None:
+                    try:
+                        meter.stop(token)
+                    except MeterError:
+                        pass
+            raise
+        seconds, cpu_used = time.perf_counter() - t0, time.process_time() - cpu0
         edge = self.edge.stop(e)
-        cloud = self.cloud.stop(c) if self.cloud else None
+        cloud = self._stop_lenient(self.cloud, c, t0) if self.cloud else None
         net = edge.joules - base.edge_w * edge.seconds
-        total, phases, radio = self._split(edge, activity, net)
+        total, phases, radio = self._split(edge, activity, net, cpu_used)
         cloud_net = cloud.joules - (base.cloud_w or 0.0) * cloud.seconds if cloud else None
         return Sample(seconds, edge, cloud, activity, total, phases, cloud_net, radio)
 
@@ -271,8 +287,11 @@ class Harness:
         """Runs `argv` per repetition. Use an edge meter that sees the child: a hardware counter, or
         ``ModelledMeter(cpu=CpuClock(children=True))``. A failing command raises ``MeterError``."""
         def run() -> None:
-            proc = subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  timeout=timeout)
+            try:
+                proc = subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise MeterError(f"{' '.join(argv)} ran past its timeout of {timeout} s") from None
             if proc.returncode != 0:
                 raise MeterError(f"{' '.join(argv)} exited with {proc.returncode}: {proc.stderr[-500:]}")
             return None

@@ -162,7 +162,8 @@ class RaplMeter:
     """Package (+ DRAM) energy from the Linux powercap interface.
 
     The package counter does not include DRAM, and the core/uncore sub-zones are inside the package:
-    so the total is packages + DRAM zones, and the sub-zones are only reported as components. A counter
+    so the total is packages + DRAM zones. A ``psys`` zone (the whole platform, on recent Intel laptops)
+    contains both and is left out rather than counted twice. A counter
     that went down has wrapped at ``max_energy_range_uj``; the background poll (every `poll_s`) makes
     sure no more than one wrap happens between two reads.
     """
@@ -181,6 +182,8 @@ class RaplMeter:
         for top in sorted(self.root.glob("intel-rapl:*")):
             if top.name.count(":") != 1 or not (top / "energy_uj").exists():
                 continue
+            if (top / "name").exists() and (top / "name").read_text().strip() == "psys":
+                continue      # the whole platform: it already contains the packages and DRAM
             zones.append(self._zone(top))
             for sub in sorted(top.glob(f"{top.name}:*")):
                 if (sub / "name").exists() and (sub / "name").read_text().strip().startswith("dram"):
@@ -463,8 +466,10 @@ class ModelledMeter:
 class Apportioned:
     """A whole-machine meter shared out to one process by its share of the machine's CPU time.
 
-    Needed when edge and cloud run on the same machine and the only counter (RAPL) covers both. The
-    label says so; the share comes from ``psutil`` CPU times (process vs all processes).
+    Needed when edge and cloud run on the same machine and the only counter (RAPL, or a battery)
+    covers both. The process is charged its CPU share of everything the meter saw, static power
+    included (the attribution tools such as Scaphandre use). The label says so; the share comes
+    from ``psutil`` CPU times (process vs all processes).
     """
 
     def __init__(self, inner: Meter, cpu: CpuClock, machine: Callable[[], float] = machine_cpu_seconds):
@@ -480,7 +485,7 @@ class Apportioned:
         cpu, machine = self.cpu() - c0, self.machine() - m0
         share = min(1.0, cpu / machine) if machine > 0 else 0.0
         if share <= 0:
-            raise MeterError(f"{self.cpu.describe()} used no measurable CPU time: nothing to apportion")
+            raise _below_resolution(f"{self.cpu.describe()} (no measurable CPU time to apportion by)", r.seconds)
         return Reading(r.joules * share, r.seconds, f"{r.method} apportioned by CPU time ({share:.1%})",
                        f"{self.cpu.describe()} share of {r.source}",
                        {k: v * share for k, v in r.components.items()}, r.includes_radio, cpu)
@@ -498,7 +503,8 @@ def detect_meter(side: str = "edge", force: str = "auto", *, cpu: CpuClock | Non
 
     Edge: battery (whole device, radio included) > RAPL > modelled. Cloud: NVML > RAPL > modelled.
     `force` names one meter; if it cannot run, ``MeterUnavailable`` says why (no silent fallback).
-    `shared_machine`: edge and cloud share this machine, so a RAPL reading is apportioned by CPU time.
+    `shared_machine`: edge and cloud share this machine, so a whole-machine reading (RAPL, battery)
+    is apportioned by CPU time.
     """
     if side not in ("edge", "cloud"):
         raise ValueError(f"side must be 'edge' or 'cloud', not {side!r}")
@@ -507,7 +513,8 @@ def detect_meter(side: str = "edge", force: str = "auto", *, cpu: CpuClock | Non
     cpu = cpu or CpuClock()
     model = model or ("laptop" if side == "edge" else "server")
     builders: dict[str, Callable[[], Meter]] = {
-        "battery": lambda: BatteryMeter(power_supply_root).probe(),
+        "battery": lambda: (Apportioned(BatteryMeter(power_supply_root).probe(), cpu) if shared_machine
+                            else BatteryMeter(power_supply_root).probe()),
         "rapl": lambda: (Apportioned(RaplMeter(powercap_root), cpu) if shared_machine else RaplMeter(powercap_root)),
         "nvml": lambda: NvmlMeter(nvml=nvml),
         "modelled": lambda: ModelledMeter(model, cpu),

@@ -55,8 +55,8 @@ class SamplingParams:
 
 def truncate(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """(support ids ascending-by-probability-rank, float64 probabilities summing to 1)."""
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
-    z -= z.max()
+    z = np.asarray(logits, dtype=np.float64)
+    z = (z - z.max()) / params.temperature       # shift first: a tiny temperature cannot overflow to inf - inf
     p = np.exp(z)
     p /= p.sum()
     order = np.argsort(-p, kind="stable")

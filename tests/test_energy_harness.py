@@ -147,3 +147,58 @@ def test_energy_cli_detect_and_measure():
     bad = subprocess.run([sys.executable, "-m", "energy", "measure", "--meter", "rapl", "--", "true"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("energy: ")
+
+
+class SilentMeter:
+    """A side that did nothing measurable (the cloud during an edge-only request)."""
+
+    name = "silent"
+
+    def start(self):
+        return None
+
+    def stop(self, token):
+        raise MeterError("silent: the counter did not move in 0.1 s (below its resolution); measure a longer run")
+
+
+def test_a_cloud_that_did_nothing_reads_zero_with_a_label():
+    m = Harness(ScriptedMeter(), SilentMeter(), idle_s=0.01).measure(lambda: Activity(output_tokens=3))
+    assert m.cloud_per_token.mean == 0.0
+    assert "nothing measurable" in m.cloud_method
+
+
+def test_a_battery_does_not_hold_the_energy_of_an_emulated_link():
+    transfers = [Transfer(0, 0.4, "up", 1_000_000)]
+    radio = radio_energy(transfers, "wifi").total
+    m = Harness(ScriptedMeter(includes_radio=True), idle_s=0.01).measure(
+        lambda: Activity(output_tokens=4, transfers=transfers, emulated_link=True))
+    assert m.samples[0].edge_net_j == pytest.approx(8.0 + radio)
+
+
+def test_a_failing_workload_stops_the_meters_and_raises():
+    class Boom(Exception):
+        pass
+
+    calls = []
+
+    class Tracking(ScriptedMeter):
+        def stop(self, t0):
+            calls.append(1)
+            return super().stop(t0)
+
+    h = Harness(Tracking(), idle_s=0.01, warmup=0)
+    h.baseline()
+    n = len(calls)
+
+    def fail():
+        raise Boom()
+
+    with pytest.raises(Boom):
+        h.measure(fail)
+    assert len(calls) == n + 1
+
+
+def test_a_command_past_its_timeout_is_a_meter_error():
+    h = Harness(ModelledMeter("laptop", CpuClock(children=True)), radio=None, idle_s=0.05, warmup=0)
+    with pytest.raises(MeterError, match="timeout"):
+        h.measure_command([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.3)

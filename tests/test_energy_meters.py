@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from energy import meters as meters_mod
 
 
 def _write(path: Path, value) -> None:
+    """Atomically, as sysfs reads are: a background sampler never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{value}\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{value}\n")
+    os.replace(tmp, path)
 
 
 def _rapl_tree(root: Path, pkg_uj=1_000_000, dram_uj=50_000, max_uj=2_000_000) -> Path:
@@ -267,3 +271,25 @@ def test_forcing_an_unavailable_meter_fails_loudly(tmp_path):
         detect_meter("edge", "rapl", powercap_root=tmp_path / "none")
     with pytest.raises(ValueError, match="unknown meter"):
         detect_meter("edge", "joulescope")
+
+
+def test_rapl_leaves_out_psys_which_contains_everything(tmp_path):
+    root = _rapl_tree(tmp_path)
+    for f, v in (("name", "psys"), ("energy_uj", 5), ("max_energy_range_uj", 2_000_000)):
+        _write(root / "intel-rapl:1" / f, v)
+    assert all("psys" not in z.label for z in RaplMeter(root).zones)
+
+
+def test_apportioned_idle_process_is_below_resolution_not_an_abort():
+    clocks, machine = iter([1.0, 1.0]), iter([10.0, 12.0])
+    meter = Apportioned(FixedMeter(5.0), cpu=lambda: next(clocks), machine=lambda: next(machine))
+    meter.cpu.describe = lambda: "pid 1"
+    with pytest.raises(MeterError, match="below its resolution"):
+        meter.stop(meter.start())
+
+
+def test_battery_on_a_shared_machine_is_apportioned(tmp_path):
+    _battery(tmp_path / "ps", energy_now=100)
+    meter, _ = detect_meter("edge", powercap_root=tmp_path / "none", power_supply_root=tmp_path / "ps",
+                            shared_machine=True)
+    assert isinstance(meter, Apportioned) and isinstance(meter.inner, BatteryMeter)

@@ -214,3 +214,8 @@ def test_batching_and_proactive_drafting_do_not_change_sampled_text(verifier):
     assert kept > 0                      # proactive rounds were kept, so the comparison means something
     first = outs["pipesd_fixed"]
     assert all(o == first for o in outs.values())
+
+
+def test_tiny_temperatures_stay_finite():
+    ids, p = truncate(np.array([1.0, 3.0, 2.0, 3.0 - 1e-9]), SamplingParams(1e-300))
+    assert np.all(np.isfinite(p)) and p.sum() == pytest.approx(1.0) and ids[0] == 1

@@ -254,3 +254,43 @@ def test_no_token_content_in_verifier_logs():
         log = "\n".join(v.output)
     assert "zanzibar" not in log and "parameter" not in log
     assert str(ids[1:6])[1:-1] not in log
+
+
+def _sampled(**over):
+    """A sampled VERIFY body for draft [7]: q over {7, 8}, T = 0.8, then `over` replaces fields."""
+    import numpy as np
+
+    body = {"s": {"t": 0.8, "k": 0, "p": 1.0, "seed": 1}, "q_n": pack_tokens([2]), "q_ids": pack_tokens([7, 8]),
+            "q_p": np.array([0.75, 0.25], "<f2").tobytes()}
+    body.update(over)
+    return body
+
+
+def test_sampled_round_is_verified(http, channel):
+    status, ftype, msg = verify(http, channel, **_sampled())
+    assert (status, ftype) == (200, FrameType.RESULT), msg
+    assert msg["accepted"] in (0, 1)
+
+
+def test_malformed_sampling_blocks(http, channel, info):
+    import numpy as np
+
+    vocab = info["vocab_size"]
+    cases = [
+        (_sampled(q_ids=pack_tokens([7, vocab + 5])), 422, "bad_token_id"),            # q outside the vocabulary
+        (_sampled(q_ids=pack_tokens([7, 2**32 - 1])), 422, "bad_token_id"),
+        (_sampled(q_ids=pack_tokens([8, 9])), 400, "malformed"),                        # draft token outside its q
+        (_sampled(q_n=pack_tokens([3])), 400, "malformed"),                             # sizes disagree
+        (_sampled(q_n=pack_tokens([1, 1])), 400, "malformed"),                          # q rows != draft tokens
+        (_sampled(q_p=np.array([np.inf, 0.25], "<f2").tobytes()), 400, "malformed"),
+        (_sampled(q_p=np.array([-0.5, 0.25], "<f2").tobytes()), 400, "malformed"),
+        (_sampled(q_p=np.array([0, 0], "<f2").tobytes()), 400, "malformed"),            # no mass
+        (_sampled(q_ids=pack_tokens([7, 7])), 400, "malformed"),                        # repeated id
+        (_sampled(s={"t": -1.0, "k": 0, "p": 1.0, "seed": 1}), 400, "malformed"),
+        (_sampled(s={"t": 0.0, "k": 0, "p": 1.0, "seed": 1}), 400, "malformed"),        # greedy needs no block
+        (_sampled(s={"t": 0.8, "k": 0, "p": 1.5, "seed": 1}), 400, "malformed"),
+        (_sampled(s={"t": 0.8, "k": 0, "p": 1.0}), 400, "malformed"),                   # seed missing
+        (_sampled(s="hot"), 400, "malformed"),
+    ]
+    for body, status, code in cases:
+        assert_sealed_error(verify(http, channel, **body), status, code)

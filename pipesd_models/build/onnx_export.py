@@ -40,7 +40,7 @@ class KVLlama(nn.Module):
         super().__init__()
         cfg = hf.config
         self.layers, self.heads, self.kv_heads = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 1e4)
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32)
@@ -106,8 +106,11 @@ def export_onnx(gguf_path: Path, out: Path) -> dict:
 
     hf = load_gguf_torch(gguf_path)
     cfg = hf.config
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    if scaling.get("rope_type", "default") != "default":
+        raise ValueError(f"{gguf_path}: rope scaling {scaling} is not supported by this exporter")
     module = KVLlama(hf).eval()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = module.head_dim
     ids = torch.tensor([[0, 5, 9]], dtype=torch.int64)
     empty = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, 2, head_dim)
     seq = {1: "n"}
@@ -122,8 +125,9 @@ def export_onnx(gguf_path: Path, out: Path) -> dict:
     eos = [int(reader.fields[k].contents()) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if k in reader.fields]
     context = int(reader.fields[f"{reader.fields['general.architecture'].contents()}.context_length"].contents())
+    bos = int(reader.fields["tokenizer.ggml.bos_token_id"].contents()) if "tokenizer.ggml.bos_token_id" in reader.fields else 0
     meta = {"opset": str(OPSET), "source": gguf_path.name, "source_sha256": sha256_file(gguf_path),
-            "vocab_size": str(cfg.vocab_size), "max_context": str(context), "bos": "0",
+            "vocab_size": str(cfg.vocab_size), "max_context": str(context), "bos": str(bos),
             "eos": json.dumps(list(dict.fromkeys(eos))), "layers": str(cfg.num_hidden_layers),
             "kv_heads": str(cfg.num_key_value_heads), "head_dim": str(head_dim)}
     model = onnx.load(str(out))
