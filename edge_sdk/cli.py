@@ -41,16 +41,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _configure(config_from_args, args):
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _command_line(args) -> str:
+    return "pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+
+
 def _bench(args) -> int:
     from .bench import Bench, config_from_args
 
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    bench = Bench(config)
+    bench = Bench(_configure(config_from_args, args))
     bench.run()
-    for path in bench.write("pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)):
+    for path in bench.write(_command_line(args)):
         print(path)
     failures = [t for t in bench.results + bench.sweep if t.mismatches > 0 or t.unverified]
     for t in failures:
@@ -63,13 +70,9 @@ def _bench(args) -> int:
 def _energy(args) -> int:
     from .energy_bench import EnergyBench, config_from_args
 
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    run = EnergyBench(config)
+    run = EnergyBench(_configure(config_from_args, args))
     run.run()
-    for path in run.write("pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)):
+    for path in run.write(_command_line(args)):
         print(path)
     return 0
 

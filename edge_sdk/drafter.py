@@ -101,7 +101,34 @@ def _piece(llama_cpp, vocab, token: int) -> bytes:
         size = -n
 
 
-class LlamaCppDrafter:
+class _LogitsDrafter:
+    """What every drafter shares once it can give the logits row after its context (``_logits``):
+    the token choice (greedy or sampled, ``choose_token``) and the context bookkeeping."""
+
+    _tokens: list[int]
+    max_context: int
+    sampling: SamplingParams | None = None
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def set_sampling(self, sampling: SamplingParams | None) -> None:
+        self.sampling = sampling
+
+    def _logits(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def next_token(self) -> DraftToken:
+        if not self._tokens:
+            raise ValueError("the draft context is empty: a prompt needs at least one token")
+        if len(self._tokens) >= self.max_context:
+            raise ValueError(f"the draft's context of {self.max_context} tokens is full")
+        d = choose_token(self._logits(), self.sampling, len(self._tokens))
+        self._tokens.append(d.token)
+        return d
+
+
+class LlamaCppDrafter(_LogitsDrafter):
     """llama-cpp-python drafter: ``logits_all=False``, last row read with ``llama_get_logits_ith``.
 
     The logical context may run one token ahead of what llama.cpp has evaluated (the
@@ -134,17 +161,11 @@ class LlamaCppDrafter:
         self._logits_at = -1              # context length the current logits row belongs to
         self.sampling: SamplingParams | None = None
 
-    def set_sampling(self, sampling: SamplingParams | None) -> None:
-        self.sampling = sampling
-
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]
-
-    def __len__(self) -> int:
-        return len(self._tokens)
 
     def set_context(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.max_context:
@@ -171,14 +192,7 @@ class LlamaCppDrafter:
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
 
-    def next_token(self) -> DraftToken:
-        if not self._tokens:
-            raise ValueError("the draft context is empty: a prompt needs at least one token")
-        if len(self._tokens) >= self.max_context:
-            raise ValueError(f"the draft's context of {self.max_context} tokens is full")
-        d = choose_token(self._logits(), self.sampling, len(self._tokens))
-        self._tokens.append(d.token)
-        return d
+
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -194,7 +208,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-class OnnxDrafter:
+class OnnxDrafter(_LogitsDrafter):
     """onnxruntime drafter for a model exported by ``pipesd_models.build.onnx_export`` (explicit KV
     cache tensors), with the byte-level BPE tokenizer from ``tokenizer.json`` (HF ``tokenizers``).
 
@@ -248,11 +262,6 @@ class OnnxDrafter:
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]
 
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-    def set_sampling(self, sampling: SamplingParams | None) -> None:
-        self.sampling = sampling
 
     def set_context(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.max_context:
@@ -283,14 +292,7 @@ class OnnxDrafter:
             self._row, self._logits_at = logits[0, -1], n
         return self._row
 
-    def next_token(self) -> DraftToken:
-        if not self._tokens:
-            raise ValueError("the draft context is empty: a prompt needs at least one token")
-        if len(self._tokens) >= self.max_context:
-            raise ValueError(f"the draft's context of {self.max_context} tokens is full")
-        d = choose_token(self._logits(), self.sampling, len(self._tokens))
-        self._tokens.append(d.token)
-        return d
+
 
 
 DRAFT_BACKENDS = ("llamacpp", "onnx")

@@ -136,6 +136,30 @@ class _Sampler:
             raise MeterError(f"sampling failed: {self.error}") from self.error
 
 
+class _PowerIntegral:
+    """Energy from a power reading sampled every `interval` seconds (trapezoid rule), for meters
+    that expose watts but no energy counter (battery current × voltage, NVML without a counter)."""
+
+    def __init__(self, watts: Callable[[], float], interval: float):
+        self._watts = watts
+        self._lock = threading.Lock()
+        self._joules = 0.0
+        self._last = (time.perf_counter(), watts())
+        self._sampler = _Sampler(self._step, interval).start()
+
+    def _step(self) -> None:
+        with self._lock:
+            now, w = time.perf_counter(), self._watts()
+            t0, w0 = self._last
+            self._joules += (w0 + w) / 2 * (now - t0)
+            self._last = (now, w)
+
+    def stop(self) -> float:
+        self._sampler.stop()
+        self._step()
+        return self._joules
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip())
@@ -306,16 +330,7 @@ class BatteryMeter:
             state["q"] = _read_int(self.path / "charge_now")
             state["v"] = [_read_int(self.path / "voltage_now")]
         else:
-            state.update(j=0.0, last=(state["t"], self._watts()), lock=threading.Lock())
-
-            def sample():
-                with state["lock"]:
-                    now, w = time.perf_counter(), self._watts()
-                    t0, w0 = state["last"]
-                    state["j"] += (w0 + w) / 2 * (now - t0)      # trapezoid
-                    state["last"] = (now, w)
-
-            state["sampler"] = _Sampler(sample, self.poll_s).start()
+            state["power"] = _PowerIntegral(self._watts, self.poll_s)
         return state
 
     def stop(self, state: dict) -> Reading:
@@ -328,11 +343,7 @@ class BatteryMeter:
             joules = (state["q"] - _read_int(self.path / "charge_now")) * 3.6e-3 * volts   # µAh × V -> J
             method = "battery:charge_now×voltage"
         else:
-            state["sampler"].stop()
-            with state["lock"]:
-                now, w = time.perf_counter(), self._watts()
-                t0, w0 = state["last"]
-                joules = state["j"] + (w0 + w) / 2 * (now - t0)
+            joules = state["power"].stop()
             method = f"battery:{self.kind}_now sampled every {self.poll_s:g}s"
         if joules < 0:
             raise MeterError(f"battery {self.path.name} gained charge during the measurement (plugged in?)")
@@ -380,16 +391,7 @@ class NvmlMeter:
         if self.counter:
             state["mj"] = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         else:
-            state.update(j=0.0, last=(state["t"], self._watts()), lock=threading.Lock())
-
-            def sample():
-                with state["lock"]:
-                    now, w = time.perf_counter(), self._watts()
-                    t0, w0 = state["last"]
-                    state["j"] += (w0 + w) / 2 * (now - t0)
-                    state["last"] = (now, w)
-
-            state["sampler"] = _Sampler(sample, self.poll_s).start()
+            state["power"] = _PowerIntegral(self._watts, self.poll_s)
         return state
 
     def stop(self, state: dict) -> Reading:
@@ -398,11 +400,7 @@ class NvmlMeter:
             joules = (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - state["mj"]) / 1e3
             method = "nvml:energy counter"
         else:
-            state["sampler"].stop()
-            with state["lock"]:
-                now, w = time.perf_counter(), self._watts()
-                t0, w0 = state["last"]
-                joules = state["j"] + (w0 + w) / 2 * (now - t0)
+            joules = state["power"].stop()
             method = f"nvml:power sampled every {self.poll_s:g}s × time"
         if joules <= 0:
             raise _below_resolution(f"nvml GPU {self.index}", seconds)
