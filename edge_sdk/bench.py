@@ -415,7 +415,7 @@ class Bench:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
             w.writeheader()
             w.writerows(rows)
-        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "gamma_s": self.gamma,
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "gamma_s": self.gamma,
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
                 "tuned": {"/".join(k): v for k, v in self.tuned.items()}}
         written[1].write_text(json.dumps({"meta": meta, "results": rows, "sweep": [t.row() for t in self.sweep],
@@ -490,7 +490,7 @@ class Bench:
         return "\n".join(lines)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The source revision the results came from, when run from a git checkout."""
     import subprocess
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from energy import METERS, RADIOS, Activity, CpuClock, Harness, Transfer, detect_meter
 from energy.report import markdown_table, plot, write_csv
 
-from .bench import PROMPTS, Bench, BenchConfig
+from .bench import PROMPTS, Bench, BenchConfig, git_commit
 from .policies import MODES
 from .scenarios import REGIMES, SCENARIOS, get_scenario
 
@@ -145,10 +145,11 @@ class EnergyBench:
         out = self.config.out
         out.mkdir(parents=True, exist_ok=True)
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
-        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "config": cfg, "meters": self.meters}
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "config": cfg,
+                "meters": self.meters}
         written = [write_csv(self.rows, out / "energy.csv"), out / "energy.json", out / "energy.md"]
         written[1].write_text(json.dumps({"meta": meta, "rows": self.rows}, indent=1, default=str))
-        head = (f"Command: `{command}`\n\nDate {meta['date']}; pair {self.config.pair}, {self.config.regime} regime, "
+        head = (f"Command: `{command}`\n\nDate {meta['date']}, commit {meta['commit']}; pair {self.config.pair}, {self.config.regime} regime, "
                 f"{self.config.repetitions} measured requests of {self.config.tokens} tokens per method (mean ± 95% "
                 f"interval), idle baseline subtracted; radio model {self.config.radio}.\n\n")
         meters = "\n".join(f"- {s}: " + "; ".join(lines) for s, lines in self.meters.items())
