@@ -190,6 +190,7 @@ class Bench:
         self.vocab: dict[str, int] = {}
         self._references: dict[tuple[str, str], list[int]] = {}
         self._ref_clients: dict = {}
+        self.commit = git_commit()      # the code that runs, not whatever is checked out when it ends
 
     # -- building blocks ----------------------------------------------------------------
     def _pin(self):
@@ -415,7 +416,7 @@ class Bench:
             w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
             w.writeheader()
             w.writerows(rows)
-        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "gamma_s": self.gamma,
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": self.commit, "gamma_s": self.gamma,
                 "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()},
                 "tuned": {"/".join(k): v for k, v in self.tuned.items()}}
         written[1].write_text(json.dumps({"meta": meta, "results": rows, "sweep": [t.row() for t in self.sweep],
@@ -491,12 +492,16 @@ class Bench:
 
 
 def git_commit() -> str | None:
-    """The source revision the results came from, when run from a git checkout."""
+    """The checked-out revision (with "+dirty" when the tree has changes), when run from a git checkout."""
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        here = Path(__file__).parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here).stdout.strip()
+        return (rev + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -94,6 +94,7 @@ class EnergyBench:
         self.config = config
         self.rows: list[dict] = []
         self.meters: dict[str, list[str]] = {}
+        self.commit = git_commit()      # taken at the start: the code that runs
 
     def run(self) -> None:
         from cloud_verifier import LocalVerifier
@@ -145,7 +146,7 @@ class EnergyBench:
         out = self.config.out
         out.mkdir(parents=True, exist_ok=True)
         cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
-        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "config": cfg,
+        meta = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": self.commit, "config": cfg,
                 "meters": self.meters}
         written = [write_csv(self.rows, out / "energy.csv"), out / "energy.json", out / "energy.md"]
         written[1].write_text(json.dumps({"meta": meta, "rows": self.rows}, indent=1, default=str))
