@@ -101,7 +101,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.set_title(scenario)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("J per output token (net of idle)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("J per output token: edge phases (left), cloud (right)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
