@@ -193,7 +193,7 @@ class Bench:
         self.commit = git_commit()      # the code that runs, not whatever is checked out when it ends
 
     # -- building blocks ----------------------------------------------------------------
-    def _pin(self):
+    def pin_cores(self):
         """Edge on all cores but the last, verifier on the last: they do not steal each other's CPU."""
         cores = sorted(os.sched_getaffinity(0))
         if not self.config.pin or len(cores) < 2:
@@ -209,7 +209,7 @@ class Bench:
 
         return SlowedDrafter(LlamaCppDrafter(pair_paths(pair)[0], threads=1), added_s)
 
-    def _measure_gamma(self, pair: str) -> float:
+    def measure_gamma(self, pair: str) -> float:
         """Real seconds per drafted token of this pair's draft on this machine (1 thread)."""
         drafter = self._drafter(pair, 0.0).inner
         self.vocab[pair] = drafter.vocab_size
@@ -221,7 +221,7 @@ class Bench:
             drafter.next_token()
         return (time.perf_counter() - t) / 64
 
-    def _client(self, verifier, pair: str, scenario: Scenario, regime: str, method: str, r1=None, r2=None,
+    def client(self, verifier, pair: str, scenario: Scenario, regime: str, method: str, r1=None, r2=None,
                 up_mbps: float | None = None, make_tuner=None):
         from .client import EdgeClient
 
@@ -242,7 +242,7 @@ class Bench:
                                                         mode="cloud_only").tokens
         return self._references[key]
 
-    def _tune(self, client, prompts, bar=None) -> int:
+    def tune(self, client, prompts, bar=None) -> int:
         """Generate with PipeSD until its autotuner has finished (or the prompt cap)."""
         tuner, used = client.engine.autotuner, 0
         while (tuner.tuning or not tuner.memory) and used < self.config.max_tune_prompts:
@@ -283,14 +283,14 @@ class Bench:
         try:
             r1 = r2 = None
             if "pipesd" in methods:
-                clients["pipesd"] = self._client(verifier, pair, scenario, regime, "pipesd")
-                self._tune(clients["pipesd"], PROMPTS, bar)
+                clients["pipesd"] = self.client(verifier, pair, scenario, regime, "pipesd")
+                self.tune(clients["pipesd"], PROMPTS, bar)
                 r1, r2 = clients["pipesd"].engine.autotuner.best_thresholds()
                 self.tuned[(pair, regime, scenario.name)] = (r1, r2)
             for m in methods:
                 if m not in clients:
                     fixed = m.startswith("pipesd_") and r1 is not None
-                    clients[m] = self._client(verifier, pair, scenario, regime, m, *((r1, r2) if fixed else ()))
+                    clients[m] = self.client(verifier, pair, scenario, regime, m, *((r1, r2) if fixed else ()))
                 if m.startswith("pipesd"):
                     tallies[m].r1, tallies[m].r2 = r1, r2
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
@@ -335,7 +335,7 @@ class Bench:
                    or m == "pipesd_fixed"]
         for mbps in SWEEP_MBPS:
             sc = s1.with_uplink(mbps)
-            clients = {m: self._client(verifier, pair, sc, regime, m, *((r1, r2) if m == "pipesd_fixed" else ()))
+            clients = {m: self.client(verifier, pair, sc, regime, m, *((r1, r2) if m == "pipesd_fixed" else ()))
                        for m in methods}
             tallies = {m: Tally(pair, regime, sc.name, m) for m in methods}
             try:
@@ -350,7 +350,7 @@ class Bench:
         s1, regime = get_scenario("s1"), self.config.sweep_regime
         r1, r2 = self.tuned.get((pair, regime, "s1"), (None, None))
         for method in ("vanilla", "pipesd_fixed"):
-            with self._client(verifier, pair, s1, regime, method,
+            with self.client(verifier, pair, s1, regime, method,
                               *((r1, r2) if method == "pipesd_fixed" else ())) as client:
                 client.generate(PROMPTS[1], max_new_tokens=self.config.tokens_per_prompt, mode=method)   # warm
                 client.engine.timeline = spans = []
@@ -364,8 +364,8 @@ class Bench:
         makers = {"bo": partial(SkoptTuner, seed=self.config.seed), "grid": GridTuner,
                   "random": partial(RandomTuner, seed=self.config.seed)}
         for name, make in makers.items():
-            with self._client(verifier, pair, s1, regime, "pipesd", make_tuner=make) as client:
-                self._tune(client, PROMPTS, bar)
+            with self.client(verifier, pair, s1, regime, "pipesd", make_tuner=make) as client:
+                self.tune(client, PROMPTS, bar)
                 self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.engine.autotuner.evaluations]
 
     # -- the whole run -------------------------------------------------------------------------
@@ -375,7 +375,7 @@ class Bench:
         from .client import EdgeClient
 
         cfg = self.config
-        verifier_cpus = self._pin()
+        verifier_cpus = self.pin_cores()
         cells = [(p, r, s) for p in cfg.pairs for r in cfg.regimes for s in cfg.scenarios]
         total = sum(len(self.methods_in(s)) for _, _, s in cells) * cfg.min_tokens
         if cfg.sweep:
@@ -383,7 +383,7 @@ class Bench:
         bar = _progress(total, cfg.progress)
         try:
             for pair in cfg.pairs:
-                self.gamma[pair] = self._measure_gamma(pair)
+                self.gamma[pair] = self.measure_gamma(pair)
                 with LocalVerifier(model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus) as v, \
                         EdgeClient(v.url, verifier_key=v.public_key, pair=pair, mode="cloud_only",
                                    threads=1) as ref:

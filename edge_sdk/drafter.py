@@ -159,7 +159,6 @@ class LlamaCppDrafter(_LogitsDrafter):
         self.llm.n_tokens = 0
         self._tokens: list[int] = []      # logical context
         self._logits_at = -1              # context length the current logits row belongs to
-        self.sampling: SamplingParams | None = None
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
@@ -191,8 +190,6 @@ class LlamaCppDrafter(_LogitsDrafter):
             self._logits_at = n
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
-
-
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -252,7 +249,6 @@ class OnnxDrafter(_LogitsDrafter):
         self._keys = self._values = np.zeros(self._shape, np.float32)
         self._row: np.ndarray | None = None
         self._logits_at = -1
-        self.sampling: SamplingParams | None = None
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         self.tokenizer.encode_special_tokens = not special   # special=False: "<|endoftext|>" is plain text
@@ -261,7 +257,6 @@ class OnnxDrafter(_LogitsDrafter):
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]
-
 
     def set_context(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.max_context:
@@ -291,8 +286,6 @@ class OnnxDrafter(_LogitsDrafter):
             self._kv_tokens = list(self._tokens[:n])
             self._row, self._logits_at = logits[0, -1], n
         return self._row
-
-
 
 
 DRAFT_BACKENDS = ("llamacpp", "onnx")

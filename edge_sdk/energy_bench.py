@@ -103,8 +103,8 @@ class EnergyBench:
         bench = Bench(BenchConfig(pairs=(cfg.pair,), regimes=(cfg.regime,), pin=cfg.pin, seed=cfg.seed,
                                   tokens_per_prompt=cfg.tokens, max_tune_prompts=cfg.max_tune_prompts,
                                   progress=False))
-        verifier_cpus = bench._pin()
-        bench.gamma[cfg.pair] = bench._measure_gamma(cfg.pair)
+        verifier_cpus = bench.pin_cores()
+        bench.gamma[cfg.pair] = bench.measure_gamma(cfg.pair)
         with LocalVerifier(model=cfg.pair, threads=1, cpus=verifier_cpus) as v:
             for name in cfg.scenarios:
                 scenario = get_scenario(name)
@@ -120,13 +120,13 @@ class EnergyBench:
                 clients = {}
                 try:
                     if "pipesd" in cfg.methods and r1 is None:
-                        clients["pipesd"] = bench._client(v, cfg.pair, scenario, cfg.regime, "pipesd")
-                        bench._tune(clients["pipesd"], PROMPTS)
+                        clients["pipesd"] = bench.client(v, cfg.pair, scenario, cfg.regime, "pipesd")
+                        bench.tune(clients["pipesd"], PROMPTS)
                         r1, r2 = clients["pipesd"].engine.autotuner.best_thresholds()
                     for method in cfg.methods:
                         if method not in clients:
                             fixed = method.startswith("pipesd") and r1 is not None
-                            clients[method] = bench._client(v, cfg.pair, scenario, cfg.regime, method,
+                            clients[method] = bench.client(v, cfg.pair, scenario, cfg.regime, method,
                                                             *((r1, r2) if fixed else ()))
                         request = _Request(clients[method], method, cfg.tokens)
                         m = harness.measure(request, label=f"{name} {method}")
