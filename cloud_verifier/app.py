@@ -2,8 +2,9 @@
 
 Two session endpoints: ``/v1/handshake`` (plain msgpack, the key exchange) and
 ``/v1/frames`` (sealed frames: everything else). Model work runs on one worker
-thread (the target is not re-entrant; the cores belong to one forward pass at a
-time); the event loop only bounds, routes and counts. Failures before a frame is
+thread (``batching.py``: the target passes of concurrent sessions run as one batch;
+the cores belong to one forward pass at a time); the event loop only bounds, routes,
+orders and counts. Failures before a frame is
 authenticated are answered in plain JSON with a code and no detail; failures after
 it travel sealed. Bad input is never a 500.
 """
@@ -14,7 +15,6 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from privacy import ErrorCode, FrameType, StaticKey, WireError, decode, encode
 from privacy.codec import DecodeLimits
 
+from .batching import ModelWorker
 from .metrics import Metrics
 from .service import VerifierService
 from .settings import VerifierSettings
@@ -51,22 +52,27 @@ class VerifierApp:
         self.metrics = Metrics()
         self.service: VerifierService | None = None
         self.load_error: str | None = None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target")
         self.in_flight = 0
+        self.worker = ModelWorker(max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
+                                  in_flight=lambda: self.in_flight, metrics=self.metrics)
         self.order = asyncio.Condition()
         self._load = lambda: VerifierService(load_target(), settings, static_key=static_key, psk=psk,
                                              metrics=self.metrics)
 
     def load(self) -> None:
         try:
-            self.service = self._load()
+            service = self._load()
+            self.worker.logits_many = service.target.logits_many
+            self.service = service
             log.info("target %s ready", self.service.target.name)
         except Exception as exc:  # reported by /health/ready, not swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the target failed")
 
-    async def run(self, fn, *args):
-        """Run `fn` on the model worker, refusing work beyond the in-flight bound (429)."""
+    async def run(self, fn, *args, key: object | None = None):
+        """Run `fn` on the model worker, refusing work beyond the in-flight bound (429).
+
+        `fn` may be a dispatch generator: its target passes are batched with other sessions'."""
         if self.service is None:
             raise WireError(ErrorCode.NOT_READY, self.load_error or "the target model is still loading")
         if self.in_flight >= self.settings.max_in_flight:
@@ -74,7 +80,7 @@ class VerifierApp:
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+            return await asyncio.wrap_future(self.worker.submit(fn, *args, key=key))
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
@@ -98,7 +104,8 @@ class VerifierApp:
                     if session.next_seq == before:
                         break
         try:
-            return await self.run(lambda: self.service.dispatch(session, header, body, more_coming))
+            return await self.run(self.service.dispatch_steps, session, header, body, more_coming,
+                                  key=header.session_id)
         finally:
             async with self.order:
                 self.order.notify_all()
@@ -127,9 +134,10 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     state = VerifierApp(load_target, settings, static_key, psk)
 
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="load-target", daemon=True).start()
+        if state.service is None:     # not loaded beforehand (a Ray replica loads before serving)
+            threading.Thread(target=state.load, name="load-target", daemon=True).start()
         yield
-        state.worker.shutdown(wait=False, cancel_futures=True)
+        state.worker.stop()
 
     app = FastAPI(title="PipeSD verifier", lifespan=lifespan)
     app.state.verifier = state

@@ -54,10 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rekey-interval", type=int, default=d.rekey_interval)
     ap.add_argument("--no-eager-forward", action="store_true",
                     help="run the target only at NAV, not on draft batches as they arrive")
+    ap.add_argument("--max-batch", type=int, default=d.max_batch,
+                    help="sessions whose target passes run as one batch (1: one by one)")
+    ap.add_argument("--batch-wait", type=float, default=d.batch_wait_s,
+                    help="seconds a pass waits for other sessions to join it (only while others are in flight)")
+    ap.add_argument("--kv-slots", type=int, default=d.kv_slots,
+                    help="sessions whose KV cache the torch target keeps at once (at least --max-batch)")
     ap.add_argument("--reorder-wait", type=float, default=d.reorder_wait_s,
                     help="seconds a frame waits for a session's earlier frames before a gap is skipped")
     ap.add_argument("--log-level", default="warning")
     return ap
+
+
+def settings_from_args(args: argparse.Namespace) -> VerifierSettings:
+    return VerifierSettings(max_draft=args.max_draft, max_sessions=args.max_sessions,
+                            max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
+                            max_context=args.max_context, session_ttl_s=args.session_ttl,
+                            max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
+                            reorder_wait_s=args.reorder_wait, eager_forward=not args.no_eager_forward,
+                            rekey_interval=args.rekey_interval, max_batch=args.max_batch,
+                            batch_wait_s=args.batch_wait, kv_slots=args.kv_slots)
+
+
+def target_loader(path: Path, backend: str, threads: int | None, settings: VerifierSettings):
+    """A function that loads the target (called in the background once the server is up)."""
+    from .target import load_target
+
+    extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {}
+    return lambda: load_target(path, backend, threads=threads, **extra)
 
 
 def main(argv=None) -> int:
@@ -75,7 +99,6 @@ def main(argv=None) -> int:
     from pipesd_models import PairUnavailable
 
     from .app import create_app
-    from .target import load_target
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -93,13 +116,12 @@ def main(argv=None) -> int:
     if not path.exists():
         print(f"pipesd-verifier: model not found: {path}", file=sys.stderr)
         return 2
-    settings = VerifierSettings(max_draft=args.max_draft, max_sessions=args.max_sessions,
-                                max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
-                                max_context=args.max_context, session_ttl_s=args.session_ttl,
-                                max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
-                                reorder_wait_s=args.reorder_wait, eager_forward=not args.no_eager_forward,
-                                rekey_interval=args.rekey_interval)
-    app = create_app(lambda: load_target(path, args.backend, threads=args.threads), settings,
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"pipesd-verifier: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(target_loader(path, args.backend, args.threads, settings), settings,
                      static_key=static_key, psk=psk)
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
     # TCP, and without it Nagle + delayed ACKs add ~40 ms to every response on loopback.

@@ -21,10 +21,16 @@ class Metrics:
         self.evictions = Counter("pipesd_session_evictions", "sessions evicted", ["reason"], registry=r)
         self.nav_seconds = Histogram("pipesd_nav_seconds", "target compute per NAV round", buckets=LATENCY_BUCKETS,
                                      registry=r)
+        self.batch_rows = Histogram("pipesd_batch_rows", "sessions per batched target pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.request_seconds = Histogram("pipesd_request_seconds", "request latency inside the verifier",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.sessions = Gauge("pipesd_sessions", "sessions held", registry=r)
         self.cached_tokens = Gauge("pipesd_cached_tokens", "KV-cached tokens over all sessions", registry=r)
+        self.kv_slots_used = Gauge("pipesd_kv_slots_used", "KV pool slots held by sessions (torch target)",
+                                   registry=r)
+        self.kv_slot_evictions = Gauge("pipesd_kv_slot_evictions", "sessions that lost their KV slot to another "
+                                       "and recomputed their prefix (cumulative)", registry=r)
         self.in_flight = Gauge("pipesd_in_flight", "requests queued or running", registry=r)
 
     def render(self) -> bytes:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Generator
 
 import numpy as np
 
@@ -64,6 +65,18 @@ class PendingRound:
 
 
 @dataclass
+class Forward:
+    """A target pass a dispatch needs: the worker runs those of concurrent sessions as one batch."""
+
+    state: TargetState
+    tokens: list[int]
+    first_row: int
+
+
+Steps = Generator[Forward, np.ndarray, tuple[int, bytes, FrameType]]
+
+
+@dataclass
 class Session:
     channel: SecureChannel
     state: TargetState | None = None          # set once the edge's OPEN is accepted
@@ -74,7 +87,11 @@ class Session:
 
 
 class VerifierService:
-    """Not thread-safe: the HTTP layer runs every call on one model worker thread."""
+    """Not thread-safe: the HTTP layer runs every call on one model worker thread (``batching.py``).
+
+    Target passes are not run here but yielded (``dispatch_steps``), so that the worker can
+    run the passes of several sessions' frames as one batch; ``dispatch`` runs them one by one.
+    """
 
     def __init__(self, target: Target, settings: VerifierSettings | None = None, *,
                  static_key: StaticKey | None = None, psk: bytes | None = None, metrics: Metrics | None = None):
@@ -114,6 +131,18 @@ class VerifierService:
         """(HTTP status, sealed reply, reply type). Raises WireError before authentication (answered in plain text)."""
         return self.dispatch(*self.open_frame(frame))
 
+    def dispatch(self, session: Session, header: Header, body: dict,
+                 more_coming: bool = False) -> tuple[int, bytes, FrameType]:
+        """``dispatch_steps`` with each target pass run on its own."""
+        steps = self.dispatch_steps(session, header, body, more_coming)
+        rows = None
+        try:
+            while True:
+                job = steps.send(rows)
+                rows = self.target.logits_many([(job.state, job.tokens, job.first_row)])[0]
+        except StopIteration as done:
+            return done.value
+
     def open_frame(self, frame: bytes) -> tuple[Session, Header, dict]:
         """Authenticate and decode a frame of a known session (WireError otherwise)."""
         header = parse_header(frame, self.limits)
@@ -126,9 +155,11 @@ class VerifierService:
         session.last_used = time.monotonic()
         return session, header, body
 
-    def dispatch(self, session: Session, header: Header, body: dict,
-                 more_coming: bool = False) -> tuple[int, bytes, FrameType]:
+    def dispatch_steps(self, session: Session, header: Header, body: dict, more_coming: bool = False) -> Steps:
         """Act on an authenticated frame; failures travel sealed in an ERROR frame.
+
+        A generator: it yields each ``Forward`` it needs and is sent back the logits rows;
+        its return value is (HTTP status, sealed reply, reply type).
 
         ``more_coming``: the next batch of the same stream has already arrived, so running the
         target on this one now would only add a forward pass: it is staged and run with the next.
@@ -138,11 +169,11 @@ class VerifierService:
             if header.type == FrameType.OPEN:
                 reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
             elif header.type == FrameType.VERIFY:
-                result = self._verify(session, VerifyRequest.from_dict(body), eager=not more_coming)
+                result = yield from self._verify(session, VerifyRequest.from_dict(body), eager=not more_coming)
                 reply_type = FrameType.ACK if isinstance(result, BatchAck) else FrameType.RESULT
                 reply = result.to_dict()
             elif header.type == FrameType.CLOSE:
-                self.sessions.pop(header.session_id, None)
+                self._drop(header.session_id)
                 reply_type, reply = FrameType.CLOSED, {}
             else:
                 raise WireError(ErrorCode.BAD_FRAME, "this frame type is not accepted by the verifier")
@@ -170,8 +201,14 @@ class VerifierService:
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.settings.session_ttl_s
         for sid in [sid for sid, s in self.sessions.items() if s.last_used < cutoff]:
-            del self.sessions[sid]
-            self.metrics.evictions.labels("ttl").inc()
+            self._drop(sid, "ttl")
+
+    def _drop(self, sid: bytes, reason: str | None = None) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is not None and session.state is not None:
+            self.target.release(session.state)
+        if session is not None and reason:
+            self.metrics.evictions.labels(reason).inc()
 
     def _cached_tokens(self) -> int:
         return sum(len(s.state.tokens) for s in self.sessions.values() if s.state is not None)
@@ -179,22 +216,24 @@ class VerifierService:
     def _evict(self, incoming: int = 0, keep: bytes | None = None) -> None:
         """LRU eviction down to the session-count and cached-token bounds (never the session in use)."""
         while len(self.sessions) + incoming > self.settings.max_sessions:
-            sid = next(iter(self.sessions))
-            del self.sessions[sid]
-            self.metrics.evictions.labels("sessions").inc()
+            self._drop(next(iter(self.sessions)), "sessions")
         while self._cached_tokens() > self.settings.max_cached_tokens:
             victim = next((sid for sid in self.sessions if sid != keep), None)
             if victim is None:
                 break
-            del self.sessions[victim]
-            self.metrics.evictions.labels("memory").inc()
+            self._drop(victim, "memory")
 
     def _gauges(self) -> None:
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.cached_tokens.set(self._cached_tokens())
+        pool = getattr(self.target, "pool", None)
+        if pool is not None:
+            self.metrics.kv_slots_used.set(len(pool.owners))
+            self.metrics.kv_slot_evictions.set(pool.evictions)
 
     # -- NAV ------------------------------------------------------------------------
-    def _verify(self, session: Session, req: VerifyRequest, eager: bool = True) -> VerifyResponse | BatchAck:
+    def _verify(self, session: Session, req: VerifyRequest,
+                eager: bool = True) -> Generator[Forward, np.ndarray, VerifyResponse | BatchAck]:
         """Stage a non-final batch, or run NAV over the round when its final batch arrives."""
         if session.state is None:
             raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
@@ -226,12 +265,12 @@ class VerifierService:
             session.pending = pending
             if self.settings.eager_forward and eager and req.draft:
                 # Start the target on what has arrived, so NAV at the trigger runs on the last batch only.
-                self._forward(session.state, pending)
+                yield from self._forward(session.state, pending)
                 self.metrics.nav_seconds.observe(time.perf_counter() - t0)
             return BatchAck(req.round, True, len(pending.tokens))
         session.pending = None
         if pending.rows_held < len(pending.tokens) + 1:
-            self._forward(session.state, pending)
+            yield from self._forward(session.state, pending)
         rows = np.concatenate(pending.rows)
         if pending.sampling is None:
             accepted, token = greedy_accept(pending.tokens, rows)
@@ -250,10 +289,10 @@ class VerifierService:
         self._evict(keep=session.channel.session_id)
         return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3)
 
-    def _forward(self, state: TargetState, pending: PendingRound) -> None:
+    def _forward(self, state: TargetState, pending: PendingRound):
         """Logits rows for the staged tokens not yet run (row 0 predicts the round's first token)."""
         first = len(pending.base) - 1 + pending.rows_held
-        pending.rows.append(self.target.logits(state, pending.base + pending.tokens, first_row=first))
+        pending.rows.append((yield Forward(state, pending.base + pending.tokens, first)))
 
     def _round_for(self, session: Session, req: VerifyRequest) -> PendingRound | None:
         """The round this batch joins, or None when it does not fit what the session holds."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class VerifierSettings:
+    """Every bound of the verifier. Batched NAV is the default: ``max_batch=1`` runs sessions one by one."""
+
     max_draft: int = 64               # draft tokens per NAV round (422 draft_too_long beyond)
     max_append: int = 4096            # committed tokens sent in one frame: prompt or resync (422 batch_too_large)
     max_frame_bytes: int = 1 << 20    # one frame on the wire (413 payload_too_large beyond)
@@ -20,5 +22,18 @@ class VerifierSettings:
     replay_window: int = 1024         # frame sequence numbers remembered per direction
     rekey_interval: int = 1 << 16     # frames per key epoch before the channel ratchets its keys
     eager_forward: bool = True        # run the target on draft batches as they arrive, not only at NAV
+    max_batch: int = 32               # sessions whose target passes run as one batch (1: one by one)
+    batch_wait_s: float = 0.002       # how long a pass waits for others to join, only while more requests
+                                      # are in flight than queued (a lone session never waits)
+    kv_slots: int = 64                # sessions whose KV cache the torch target keeps at once (>= max_batch);
+                                      # beyond, the least recently used session recomputes its prefix
     reorder_wait_s: float = 0.1       # a frame waits for the session's earlier frames (other connections) while
                                       # they make progress; a gap with no progress for this long is skipped
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.kv_slots < self.max_batch:
+            raise ValueError(f"kv_slots ({self.kv_slots}) must be at least max_batch ({self.max_batch})")
+        if self.batch_wait_s < 0:
+            raise ValueError("batch_wait_s must not be negative")

@@ -77,10 +77,13 @@ def test_target_reuses_cache_for_common_prefix(sequences):
     target = TorchTarget(pipesd_models.target_path(), threads=1)
     seq = sequences[1]
     state = target.new_state()
+    ran = []                                    # the token ids each forward pass embeds
+    target.model.get_input_embeddings().register_forward_pre_hook(lambda _, args: ran.append(args[0].shape))
     target.logits(state, seq[:20], first_row=19)
-    cache = state.cache
+    slot = state.cache
     target.logits(state, seq[:25], first_row=19)
-    assert state.cache is cache and state.tokens == seq[:25] and cache.get_seq_length() == 25
+    assert state.cache == slot and state.tokens == seq[:25]
+    assert ran == [(1, 20), (1, 6)]             # then only row 19 (asked for again) and the five new tokens
 
 
 def test_drafter_rollback_is_exact(drafter, sequences):

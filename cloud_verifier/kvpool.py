@@ -1,0 +1,146 @@
+"""One KV cache shared by every session of a torch target, so that many sessions verify in one pass.
+
+Why not transformers' own cache classes: a batch of sessions needs a different cached
+length per row and a different rollback per row. ``DynamicCache`` crops the whole batch
+at once, and ``StaticCache`` writes every row at the same position; copying sessions in
+and out of either cost more than batching saved. So the pool keeps, per layer, one
+tensor ``[slots, kv_heads, capacity, head_dim]``; a session owns a slot, its cached
+length is ``len(state.tokens)`` and rollback is just shortening that list. A forward
+pass over rows (slot s_b, start L_b, n new tokens) gets a small duck-typed cache
+(``BatchView``) that writes row b's new keys at positions L_b.. of its slot and returns
+the slots' keys up to the longest row; an explicit 4D mask lets query q of row b see
+exactly positions 0..L_b+q of its own slot, so shorter rows ignore what lies beyond
+their length (old tokens of a rolled-back draft, padding, a former owner's keys).
+
+Bounded: at most ``max_slots`` slots, capacity at most the target's context. Slots and
+capacity grow by doubling as sessions arrive and lengthen (an idle verifier holds little).
+When every slot is taken, the least recently used session not in the current pass loses
+its slot; its next request recomputes its committed prefix (the verifier still holds the
+token ids), which is the same cost as a resync without the round trip.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class BatchView:
+    """The cache object handed to the model for one forward pass over several pool rows."""
+
+    def __init__(self, pool: "KVPool", slots: list[int], starts: list[int], n: int):
+        self.pool, self.n = pool, n
+        self.kv_len = max(starts) + n
+        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.slot_index = torch.tensor(slots)
+        self.rows = self.slot_index[:, None]                                 # [B, 1]
+        self.positions = torch.tensor(starts)[:, None] + torch.arange(n)    # [B, n]: absolute positions written
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new keys/values ([B, heads, n, dim]) and return the rows' whole caches."""
+        out = []
+        for store, new in ((self.pool.keys[layer_idx], keys), (self.pool.values[layer_idx], values)):
+            store[self.rows, :, self.positions] = new.transpose(1, 2).to(store.dtype)   # [B, n, heads, dim]
+            window = store[:, :, : self.kv_len]
+            if self.contiguous:                                             # a view, no copy (e.g. one row)
+                out.append(window[int(self.slot_index[0]): int(self.slot_index[0]) + len(self.slot_index)])
+            else:
+                out.append(window.index_select(0, self.slot_index))
+        return out[0], out[1]
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, n, kv_len] additive mask: row b's query q sees its own slot's positions 0..L_b+q."""
+        visible = torch.arange(self.kv_len)[None, None, :] <= self.positions[:, :, None]
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+    # transformers asks these of a cache in a few code paths; position ids are always passed explicitly.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv_len - self.n
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+class KVPool:
+    """Per-layer key and value stores with one slot per session (see the module docstring)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, *, max_slots: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, start_slots: int = 4, start_len: int = 128):
+        if max_slots < 1:
+            raise ValueError("the KV pool needs at least one slot")
+        self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, dtype
+        self.max_slots, self.max_len = max_slots, max_len
+        self.slots, self.capacity = 0, 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.owners: dict[int, object] = {}            # slot -> the state holding it
+        self.recent: OrderedDict[int, None] = OrderedDict()
+        self.free: list[int] = []
+        self.evictions = 0
+        self._grow(min(start_slots, max_slots), min(start_len, max_len))
+
+    def _grow(self, slots: int, capacity: int) -> None:
+        slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
+        if (slots, capacity) == (self.slots, self.capacity):
+            return
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        for store in (self.keys, self.values):
+            for i in range(self.layers):
+                bigger = torch.zeros(shape, dtype=self.dtype)
+                if i < len(store):
+                    bigger[: self.slots, :, : self.capacity] = store[i]
+                    store[i] = bigger
+                else:
+                    store.append(bigger)
+        self.free.extend(range(self.slots, slots))
+        self.slots, self.capacity = slots, capacity
+
+    def reserve(self, length: int) -> None:
+        """Make room for a row reaching `length` positions (doubling, at most max_len)."""
+        if length > self.max_len:
+            raise ValueError(f"{length} positions exceed the pool's maximum length {self.max_len}")
+        if length > self.capacity:
+            capacity = self.capacity
+            while capacity < length:
+                capacity *= 2
+            self._grow(self.slots, min(capacity, self.max_len))
+
+    def acquire(self, state, keep: set[int]) -> int:
+        """A slot for `state` (its own if it still has one); may evict a session outside `keep`."""
+        slot = state.cache
+        if slot is not None and self.owners.get(slot) is state:
+            self.recent.move_to_end(slot)
+            return slot
+        if not self.free and self.slots < self.max_slots:
+            self._grow(min(self.slots * 2, self.max_slots), self.capacity)
+        if self.free:
+            slot = self.free.pop()
+        else:
+            slot = next((s for s in self.recent if s not in keep), None)
+            if slot is None:
+                raise RuntimeError("every KV slot is in use by this pass: batch size exceeds the pool")
+            self._forget(slot)
+            self.evictions += 1
+        self.owners[slot] = state
+        self.recent[slot] = None
+        state.cache = slot
+        state.tokens.clear()            # the slot holds nothing of this session yet
+        return slot
+
+    def release(self, state) -> None:
+        slot = state.cache
+        if slot is not None and self.owners.get(slot) is state:
+            self._forget(slot)
+            self.free.append(slot)
+
+    def _forget(self, slot: int) -> None:
+        owner = self.owners.pop(slot)
+        self.recent.pop(slot, None)
+        owner.cache = None
+        owner.tokens.clear()
+
+    def view(self, slots: list[int], starts: list[int], n: int) -> BatchView:
+        self.reserve(max(starts) + n)
+        return BatchView(self, slots, starts, n)

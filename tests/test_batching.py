@@ -1,0 +1,275 @@
+"""Batched NAV across sessions: the KV pool, the model worker, and losslessness under shared batches.
+
+The pool and target tests use the real embedded target (transformers); the worker tests use
+plain functions (the worker's logic has no I/O); the end-to-end tests run real edge clients
+in threads against a real verifier process, so sessions really share forward passes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import pipesd_models
+from cloud_verifier import LocalVerifier
+from cloud_verifier.batching import ModelWorker
+from cloud_verifier.settings import VerifierSettings
+from cloud_verifier.target import TorchTarget
+from edge_sdk import EdgeClient
+
+from .conftest import PROMPTS
+
+
+# -- the pool inside the torch target ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def target():
+    return TorchTarget(pipesd_models.target_path(), threads=1, kv_slots=4)
+
+
+def full_forward(target, tokens, first_row):
+    """The target on the whole sequence, no cache at all: what every pooled row must match."""
+    with torch.inference_mode():
+        return target.model(input_ids=torch.tensor([tokens])).logits[0, first_row:].numpy()
+
+
+def test_batched_rows_equal_unbatched_forward(target):
+    rng = np.random.default_rng(0)
+    seqs = [list(map(int, rng.integers(3, 2000, size=n))) for n in (3, 40, 17, 90)]
+    states = [target.new_state() for _ in seqs]
+    # Prefill of different lengths in one call (grouped by length), then three rounds of
+    # 4-token drafts with a different rollback per row, as NAV does.
+    outs = target.logits_many([(s, q, len(q) - 1) for s, q in zip(states, seqs)])
+    for out, q in zip(outs, seqs):
+        assert np.abs(out - full_forward(target, q, len(q) - 1)).max() < 1e-4
+    for _ in range(3):
+        jobs = [(s, q + list(map(int, rng.integers(3, 2000, size=4))), len(q) - 1) for s, q in zip(states, seqs)]
+        outs = target.logits_many(jobs)
+        for out, (_, tokens, first) in zip(outs, jobs):
+            assert out.shape == (len(tokens) - first, target.vocab_size)
+            assert np.abs(out - full_forward(target, tokens, first)).max() < 1e-4
+            assert (out.argmax(-1) == full_forward(target, tokens, first).argmax(-1)).all()
+        for i, (state, tokens, _) in enumerate(jobs):
+            accepted = int(rng.integers(0, 5))
+            target.rollback(state, len(seqs[i]) + accepted)
+            seqs[i] = tokens[: len(seqs[i]) + accepted] + [int(rng.integers(3, 2000))]
+            assert state.tokens == seqs[i][:-1]
+
+
+def test_a_session_that_loses_its_slot_recomputes_its_prefix(target):
+    rng = np.random.default_rng(1)
+    seqs = [list(map(int, rng.integers(3, 2000, size=30))) for _ in range(6)]   # 6 sessions, 4 slots
+    states = [target.new_state() for _ in seqs]
+    before = target.pool.evictions
+    for state, q in zip(states, seqs):
+        target.logits(state, q, len(q) - 1)
+    assert target.pool.evictions >= before + 2
+    assert states[0].cache is None and states[0].tokens == []      # the least recently used lost its slot
+    out = target.logits(states[0], seqs[0] + [5, 6], len(seqs[0]) - 1)
+    assert np.abs(out - full_forward(target, seqs[0] + [5, 6], len(seqs[0]) - 1)).max() < 1e-4
+    assert states[0].tokens == seqs[0] + [5, 6]
+    for state in states:
+        target.release(state)
+    assert not target.pool.owners and target.pool.slots <= 4
+
+
+def test_one_pass_takes_a_session_once(target):
+    state = target.new_state()
+    with pytest.raises(ValueError, match="at most once"):
+        target.logits_many([(state, [1, 2, 3], 2), (state, [1, 2, 3, 4], 3)])
+
+
+def test_settings_bound_the_batch():
+    with pytest.raises(ValueError, match="kv_slots"):
+        VerifierSettings(max_batch=32, kv_slots=16)
+    with pytest.raises(ValueError, match="max_batch"):
+        VerifierSettings(max_batch=0)
+
+
+# -- the model worker (plain functions, no model) ---------------------------------------------
+class FakeForward:
+    def __init__(self, state, tokens, first_row):
+        self.state, self.tokens, self.first_row = state, tokens, first_row
+
+
+def occupy(worker):
+    """Keep the worker busy (returns the gate that frees it) so that later calls queue up."""
+    entered, gate = threading.Event(), threading.Event()
+    worker.submit(lambda: (entered.set(), gate.wait()))
+    assert entered.wait(5)
+    return gate
+
+
+def make_worker(max_batch=8, wait=0.05, in_flight=lambda: 0):
+    passes = []
+
+    def logits_many(jobs):
+        passes.append([state for state, _, _ in jobs])
+        return [f"rows-{state}" for state, _, _ in jobs]
+
+    worker = ModelWorker(max_batch=max_batch, max_wait_s=wait, in_flight=in_flight)
+    worker.logits_many = logits_many
+    return worker, passes
+
+
+def dispatch(name, log, n_passes=1):
+    def gen():
+        got = []
+        for i in range(n_passes):
+            got.append((yield FakeForward(name, [], 0)))
+        log.append(name)
+        return got
+    return gen
+
+
+def test_worker_runs_queued_dispatches_as_one_pass():
+    worker, passes = make_worker()
+    log = []
+    gate = occupy(worker)
+    futures = [worker.submit(dispatch(f"s{i}", log), key=f"s{i}") for i in range(5)]
+    gate.set()
+    assert [f.result(5) for f in futures] == [[f"rows-s{i}"] for i in range(5)]
+    assert passes == [[f"s{i}" for i in range(5)]]
+    worker.stop()
+
+
+def test_worker_bounds_the_batch_and_keeps_a_session_in_order():
+    worker, passes = make_worker(max_batch=3)
+    log = []
+    gate = occupy(worker)
+    futures = [worker.submit(dispatch(name, log, n_passes=2), key=name[0])
+               for name in ("a1", "b1", "a2", "c1", "d1")]
+    gate.set()
+    for f in futures:
+        f.result(5)
+    assert all(len(p) <= 3 for p in passes)
+    assert log.index("a1") < log.index("a2")          # the same session never shares a cycle
+    assert not any("a1" in p and "a2" in p for p in passes)
+    assert passes[0] == ["a1", "b1", "c1"] and passes[1] == ["a1", "b1", "c1"]   # two passes each
+    worker.stop()
+
+
+def test_a_lone_call_does_not_wait_for_company():
+    worker, passes = make_worker(wait=5.0, in_flight=lambda: 1)       # nothing else in flight
+    t0 = time.monotonic()
+    assert worker.submit(dispatch("alone", []), key="x").result(5) == ["rows-alone"]
+    assert time.monotonic() - t0 < 2.0
+    worker.stop()
+
+
+def test_worker_waits_for_calls_in_flight_then_batches_them():
+    in_flight = [3]
+    worker, passes = make_worker(wait=1.0, in_flight=lambda: in_flight[0])
+    log = []
+    futures = [worker.submit(dispatch("s0", log), key="s0")]
+    time.sleep(0.05)
+    futures += [worker.submit(dispatch(f"s{i}", log), key=f"s{i}") for i in (1, 2)]
+    for f in futures:
+        f.result(5)
+    assert passes == [["s0", "s1", "s2"]]
+    worker.stop()
+
+
+def test_a_failed_pass_fails_its_calls_only():
+    worker, _ = make_worker()
+
+    def broken(jobs):
+        raise RuntimeError("out of memory")
+
+    worker.logits_many = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        worker.submit(dispatch("x", []), key="x").result(5)
+    assert worker.submit(lambda: 42).result(5) == 42       # the worker lives on
+    with pytest.raises(ZeroDivisionError):
+        worker.submit(lambda: 1 / 0).result(5)
+    worker.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        worker.submit(lambda: 1)
+
+
+# -- real clients sharing a real verifier's batches -------------------------------------------
+MAX_NEW = 40
+MODES = ["pipesd", "vanilla", "edgellm", "hsl", "pipesd_per_token", "cloud_only", "pipesd_fixed", "vanilla"]
+
+
+def batch_histogram(url):
+    text = httpx.get(f"{url}/metrics").text
+    count = float(re.search(r"^pipesd_batch_rows_count (\S+)", text, re.M).group(1))
+    single = float(re.search(r'^pipesd_batch_rows_bucket\{le="1.0"\} (\S+)', text, re.M).group(1))
+    evictions = float(re.search(r"^pipesd_kv_slot_evictions (\S+)", text, re.M).group(1))
+    return count, single, evictions
+
+
+def run_concurrently(verifier, work, seed):
+    """work: per client a list of (prompt, generate kwargs). Random start delays; returns results."""
+    results, errors = {}, []
+
+    def one(i, jobs):
+        rng = random.Random(seed * 100 + i)
+        try:
+            with EdgeClient(verifier.url, verifier_key=verifier.public_key, threads=1) as c:
+                for j, (prompt, kwargs) in enumerate(jobs):
+                    time.sleep(rng.uniform(0, 0.05))
+                    results[i, j] = c.generate(prompt, max_new_tokens=MAX_NEW, **kwargs)
+        except Exception as exc:   # surfaced below with the client's index
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=one, args=(i, jobs)) for i, jobs in enumerate(work)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+@pytest.fixture(scope="module")
+def long_prompts():
+    """Mixed prefix lengths: some prompts are a few tokens, some several hundred characters."""
+    return [PROMPTS[i] for i in range(8)] + ["\n".join(PROMPTS[:12]), "\n\n".join(PROMPTS[4:16])]
+
+
+@pytest.fixture(scope="module")
+def references(client, long_prompts):
+    """Each prompt decoded by the target alone (cloud_only, one session at a time)."""
+    return {p: client.generate(p, max_new_tokens=MAX_NEW, mode="cloud_only").tokens for p in long_prompts}
+
+
+def test_sessions_sharing_batches_stay_lossless(verifier, references, long_prompts):
+    rng = random.Random(7)
+    work = [[(rng.choice(long_prompts), {"mode": MODES[i]}) for _ in range(3)] for i in range(len(MODES))]
+    before = batch_histogram(verifier.url)
+    results = run_concurrently(verifier, work, seed=1)
+    for (i, j), r in results.items():
+        prompt = work[i][j][0]
+        assert r.tokens == references[prompt], f"{work[i][j][1]} diverged on {prompt[:30]!r} under batching"
+    count, single, _ = batch_histogram(verifier.url)
+    shared = (count - before[0]) - (single - before[1])
+    assert shared > 0, "no forward pass was shared by two sessions: the test would prove nothing"
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(verifier, client, long_prompts):
+    kwargs = {"mode": "vanilla", "temperature": 0.8, "seed": 11}
+    alone = client.generate(long_prompts[1], max_new_tokens=MAX_NEW, **kwargs).tokens
+    work = [[(long_prompts[1], kwargs)]] + [[(p, {"mode": "pipesd"})] for p in long_prompts[2:7]]
+    results = run_concurrently(verifier, work, seed=2)
+    assert results[0, 0].tokens == alone
+
+
+def test_slot_eviction_under_load_stays_lossless(references, long_prompts):
+    """Four slots for eight sessions: sessions lose their KV slot mid-generation and recompute it."""
+    with LocalVerifier(model="embedded", threads=1, extra_args=["--kv-slots", "4", "--max-batch", "4"]) as v:
+        work = [[(long_prompts[(i + j) % len(long_prompts)], {"mode": MODES[i]}) for j in range(2)]
+                for i in range(len(MODES))]
+        results = run_concurrently(v, work, seed=3)
+        for (i, j), r in results.items():
+            assert r.tokens == references[work[i][j][0]]
+        _, _, evictions = batch_histogram(v.url)
+        assert evictions > 0, "eight sessions on four slots should have evicted some"
