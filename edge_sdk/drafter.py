@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -128,6 +129,9 @@ class _LogitsDrafter:
         return d
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 class LlamaCppDrafter(_LogitsDrafter):
     """llama-cpp-python drafter: ``logits_all=False``, last row read with ``llama_get_logits_ith``.
 
@@ -141,12 +145,16 @@ class LlamaCppDrafter(_LogitsDrafter):
         from llama_cpp import Llama
 
         self._llama_cpp = llama_cpp
-        meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
-        trained = int(meta[f"{meta['general.architecture']}.context_length"])
-        self.max_context = min(n_ctx or trained, trained)
         self.threads = threads or min(4, len(os.sched_getaffinity(0)))
-        self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context, n_batch=min(512, self.max_context),
-                         logits_all=False, n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        # verbose=False makes llama-cpp-python silence the model load by swapping the process's fds 1
+        # and 2 (dup2): two loads at once in different threads can leave stdout on /dev/null for good.
+        with _LOAD_LOCK:
+            meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
+            trained = int(meta[f"{meta['general.architecture']}.context_length"])
+            self.max_context = min(n_ctx or trained, trained)
+            self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context,
+                             n_batch=min(512, self.max_context), logits_all=False, n_threads=self.threads,
+                             n_threads_batch=self.threads, verbose=False)
         vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self.vocab_size = self.llm.n_vocab()
         self.vocab_tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")

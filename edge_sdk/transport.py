@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import queue
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from typing import Protocol, Sequence
 import httpx
 
 from privacy import (
+    AFFINITY_HEADER,
     BatchAck,
     ChannelLimits,
     ClientHandshake,
@@ -79,6 +81,9 @@ def parse_key(value: str | bytes, size: int | None, what: str) -> bytes:
     return raw
 
 
+HANDSHAKE_TRIES = 3          # handshakes answered by a proxy's 5xx (a replica just died) are retried
+
+
 class HttpVerifier:
     """Sealed frames over HTTP/1.1 keep-alive (httpx), with failover across replica URLs.
 
@@ -106,6 +111,7 @@ class HttpVerifier:
         self._current = 0
         self._http = httpx.Client(base_url=self.urls[0], timeout=self._timeout)
         self._channel: SecureChannel | None = None
+        self._affinity = secrets.token_hex(8)      # AFFINITY_HEADER: keeps a load balancer on one replica
         self.bytes_sent = 0
         self.bytes_received = 0
         self._count_lock = threading.Lock()
@@ -116,11 +122,15 @@ class HttpVerifier:
 
     # -- the protocol ---------------------------------------------------------------------
     def open_session(self, req: OpenSession) -> SessionOpened:
-        self._channel = None
-        hs = ClientHandshake(server_public=self._server_key, psk=self._psk)
-        resp = self._post("/v1/handshake", encode(hs.hello()), MSGPACK, self._call_timeout())
-        if resp.status_code != 200:
-            raise _plain_error(resp)
+        for attempt in range(HANDSHAKE_TRIES):
+            self._channel = None
+            hs = ClientHandshake(server_public=self._server_key, psk=self._psk)
+            resp = self._post("/v1/handshake", encode(hs.hello()), MSGPACK, self._call_timeout())
+            if resp.status_code == 200:
+                break
+            if not _from_intermediary(resp) or attempt == HANDSHAKE_TRIES - 1:
+                raise _plain_error(resp)
+            time.sleep(0.2 * (attempt + 1))    # a replica died: give the load balancer a moment to route around it
         try:
             self._channel = hs.finish(decode(resp.content), self.limits)
         except (HandshakeError, WireError) as exc:
@@ -174,6 +184,10 @@ class HttpVerifier:
             if resp.status_code == 401:   # the verifier does not know this session (restart, eviction)
                 self._channel = None
                 raise VerifierError(401, "unknown_session", "the verifier lost the session")
+            if _from_intermediary(resp):  # e.g. a Ray Serve replica died mid-request: its sessions are gone
+                self._channel = None
+                raise VerifierError(503, "unknown_session", f"no verifier answered ({resp.status_code} from a "
+                                    "proxy in front of it): the replica holding the session may be gone")
             raise _plain_error(resp)
         try:
             header, msg = channel.open(resp.content)
@@ -193,7 +207,8 @@ class HttpVerifier:
     def _post(self, path: str, content, ctype: str, timeout: httpx.Timeout | None = None) -> httpx.Response:
         """POST to the current replica; on a connection failure move to the next one (session lost)."""
         try:
-            resp = self._http.post(path, content=content, headers={"content-type": ctype},
+            resp = self._http.post(path, content=content,
+                                   headers={"content-type": ctype, AFFINITY_HEADER: self._affinity},
                                    timeout=timeout or self._timeout)
         except (httpx.HTTPError, OSError) as exc:
             if len(self.urls) > 1:
@@ -229,6 +244,12 @@ class HttpVerifier:
         with self._count_lock:   # round streams and the engine send concurrently
             self.bytes_sent += sent
             self.bytes_received += received
+
+
+def _from_intermediary(resp: httpx.Response) -> bool:
+    """A server error that no verifier wrote (ours always carry a JSON or sealed error): a proxy's."""
+    ctype = resp.headers.get("content-type", "")
+    return resp.status_code >= 500 and not ctype.startswith(("application/json", FRAME))
 
 
 def _plain_error(resp: httpx.Response) -> VerifierError:

@@ -7,6 +7,7 @@ docs/wire-format.md.
 """
 
 from .channel import (
+    AFFINITY_HEADER,
     ChannelLimits,
     ClientHandshake,
     FrameType,
@@ -32,7 +33,7 @@ from .messages import (
 )
 
 __all__ = [
-    "ChannelLimits", "ClientHandshake", "FrameType", "HandshakeError", "SecureChannel", "StaticKey",
+    "AFFINITY_HEADER", "ChannelLimits", "ClientHandshake", "FrameType", "HandshakeError", "SecureChannel", "StaticKey",
     "parse_header", "server_handshake", "DecodeLimits", "decode", "encode", "ErrorCode", "WireError",
     "BatchAck", "OpenSession", "SessionOpened", "VerifyRequest", "VerifyResponse", "pack_tokens", "prefix_hash",
     "unpack_tokens", "vocab_fingerprint", "SamplingParams", "SparseDist",

@@ -47,6 +47,11 @@ TAG_BYTES = 16
 FLAG_ZSTD = 0x01
 KNOWN_FLAGS = FLAG_ZSTD
 PROTOCOL_LABEL = b"PipeSD/1"
+# HTTP header an edge puts on every request of a client (handshake included): a random token,
+# the same across its re-handshakes, that a load balancer may hash so that a session's requests
+# reach the replica holding it. Random, so it says nothing about the user or the content;
+# routing on it is an optimisation: a replica without the session answers unknown session.
+AFFINITY_HEADER = "x-pipesd-affinity"
 C2S, S2C = b"c2s\x00", b"s2c\x00"      # direction prefixes of the nonce
 
 
