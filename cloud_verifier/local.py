@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ class LocalVerifier:
 
     def __init__(self, model: str = "embedded", backend: str = "torch", threads: int | None = 1,
                  extra_args: list[str] | None = None, ready_timeout: float = 180.0,
-                 key_file: str | Path | None = None, cpus: set[int] | None = None):
+                 key_file: str | Path | None = None, cpus: set[int] | None = None,
+                 module: str = "cloud_verifier", stop_timeout: float = 10.0):
         self._tmp = None
         if key_file is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="pipesd-verifier-")
@@ -46,13 +48,15 @@ class LocalVerifier:
         self.extra_args = list(extra_args or [])
         self.ready_timeout = ready_timeout
         self.cpus = cpus            # pin the process (all its threads) to these cores
+        self.module = module        # "cloud_verifier.ray_serve": the same verifier on a private Ray Serve
+        self.stop_timeout = stop_timeout
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.port = 0
         self.output: collections.deque[str] = collections.deque(maxlen=200)
 
     def _args(self) -> list[str]:
-        args = [sys.executable, "-m", "cloud_verifier", "--model", self.model, "--backend", self.backend,
+        args = [sys.executable, "-m", self.module, "--model", self.model, "--backend", self.backend,
                 "--host", "127.0.0.1", "--port", str(self.port), "--key-file", str(self.key_file), *self.extra_args]
         return args + (["--threads", str(self.threads)] if self.threads else [])
 
@@ -60,7 +64,8 @@ class LocalVerifier:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cpus = self.cpus
         self.proc = subprocess.Popen(self._args(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                                     env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+                                     start_new_session=True)   # its own process group: stop() reaps helpers too
         found = threading.Event()
         proc = self.proc
 
@@ -89,20 +94,30 @@ class LocalVerifier:
         raise VerifierStartError("verifier never became ready:\n" + "\n".join(self.output))
 
     def stop(self) -> None:
-        """Graceful stop (SIGTERM, then SIGKILL after 10 s)."""
+        """Graceful stop (SIGTERM, then SIGKILL of the whole process group after ``stop_timeout``)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Kill whatever the process left in its group (Ray's helper processes, if it died first)."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def kill(self) -> None:
         """Abrupt stop (SIGKILL): no goodbye, sessions lost, as in a crash."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reap()
 
     def restart(self) -> "LocalVerifier":
         """Kill and start again on the same port and key: every session is forgotten."""
@@ -112,7 +127,7 @@ class LocalVerifier:
     def replica(self) -> "LocalVerifier":
         """Another verifier process with the same model and key (not started)."""
         return LocalVerifier(self.model, self.backend, self.threads, self.extra_args, self.ready_timeout,
-                             key_file=self.key_file)
+                             key_file=self.key_file, module=self.module, stop_timeout=self.stop_timeout)
 
     def __enter__(self) -> "LocalVerifier":
         return self.start()
