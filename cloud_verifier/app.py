@@ -22,12 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privacy import ErrorCode, FrameType, StaticKey, WireError, decode, encode
+from privacy import ErrorCode, FrameType, StaticKey, WireError, decode, encode, parse_header
 from privacy.codec import DecodeLimits
 
 from .batching import ModelWorker
 from .metrics import Metrics
-from .service import VerifierService
+from .service import Early, VerifierService
 from .settings import VerifierSettings
 from .target import Target
 
@@ -86,26 +86,32 @@ class VerifierApp:
             self.metrics.in_flight.set(self.in_flight)
 
     async def in_order(self, frame: bytes, more_coming: bool = False):
-        """Authenticate a frame, wait until the session's earlier frames have run, then run it.
+        """Authenticate a frame and run it once the session's earlier frames have run.
 
         A round's stream and the next (proactive) round's stream travel on different connections
         and may interleave on arrival; the edge numbers frames in the order it sends them, so
-        waiting for the sequence number restores that order. Only authenticated frames wait, and
-        a gap (a frame that never comes) is skipped once the session has made no progress for
-        ``reorder_wait_s``.
+        waiting for the sequence number restores that order. The usual in-order frame is
+        authenticated and dispatched in one trip to the model worker (so in one batching cycle).
+        Only authenticated frames wait, and a gap (a frame that never comes) is skipped once the
+        session has made no progress for ``reorder_wait_s``.
         """
-        session, header, body = await self.run(lambda: self.service.open_frame(frame))
-        async with self.order:
-            while session.next_seq < header.seq:
-                before = session.next_seq
-                try:
-                    await asyncio.wait_for(self.order.wait(), self.settings.reorder_wait_s)
-                except asyncio.TimeoutError:
-                    if session.next_seq == before:
-                        break
+        # The session id, unauthenticated, only schedules: one call per session per worker cycle.
+        key = parse_header(frame, self.service.limits).session_id if self.service else None
         try:
-            return await self.run(self.service.dispatch_steps, session, header, body, more_coming,
-                                  key=header.session_id)
+            result = await self.run(self.service.open_and_dispatch, frame, more_coming, key=key)
+            if isinstance(result, Early):
+                session, header = result.session, result.header
+                async with self.order:
+                    while session.next_seq < header.seq:
+                        before = session.next_seq
+                        try:
+                            await asyncio.wait_for(self.order.wait(), self.settings.reorder_wait_s)
+                        except asyncio.TimeoutError:
+                            if session.next_seq == before:
+                                break
+                result = await self.run(self.service.dispatch_steps, session, header, result.body, more_coming,
+                                        key=key)
+            return result
         finally:
             async with self.order:
                 self.order.notify_all()

@@ -77,6 +77,15 @@ Steps = Generator[Forward, np.ndarray, tuple[int, bytes, FrameType]]
 
 
 @dataclass
+class Early:
+    """An authenticated frame that overtook earlier frames of its session (another connection)."""
+
+    session: "Session"
+    header: Header
+    body: dict
+
+
+@dataclass
 class Session:
     channel: SecureChannel
     state: TargetState | None = None          # set once the edge's OPEN is accepted
@@ -142,6 +151,15 @@ class VerifierService:
                 rows = self.target.logits_many([(job.state, job.tokens, job.first_row)])[0]
         except StopIteration as done:
             return done.value
+
+    def open_and_dispatch(self, frame: bytes, more_coming: bool = False) -> "Steps | Early":
+        """Authenticate a frame and, if the session's earlier frames have all run, start dispatching it
+        (returns the dispatch generator: one trip to the model worker, not two); an early frame comes
+        back as ``Early`` for the caller to hold until its predecessors have run."""
+        session, header, body = self.open_frame(frame)
+        if session.next_seq < header.seq:
+            return Early(session, header, body)
+        return self.dispatch_steps(session, header, body, more_coming)
 
     def open_frame(self, frame: bytes) -> tuple[Session, Header, dict]:
         """Authenticate and decode a frame of a known session (WireError otherwise)."""
