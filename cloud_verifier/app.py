@@ -95,8 +95,10 @@ class VerifierApp:
         Only authenticated frames wait, and a gap (a frame that never comes) is skipped once the
         session has made no progress for ``reorder_wait_s``.
         """
+        if self.service is None:
+            raise WireError(ErrorCode.NOT_READY, self.load_error or "the target model is still loading")
         # The session id, unauthenticated, only schedules: one call per session per worker cycle.
-        key = parse_header(frame, self.service.limits).session_id if self.service else None
+        key = parse_header(frame, self.service.limits).session_id
         try:
             result = await self.run(self.service.open_and_dispatch, frame, more_coming, key=key)
             if isinstance(result, Early):

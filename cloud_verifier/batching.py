@@ -105,15 +105,19 @@ class ModelWorker:
                 batch, parked = parked, []
                 try:
                     rows = self.logits_many([(f.state, f.tokens, f.first_row) for _, _, f in batch])
-                except BaseException as exc:             # the pass failed: every call in it fails
+                except BaseException as exc:             # the call itself failed: every call in it fails
                     for call, steps, _ in batch:
                         steps.close()
                         call.future.set_exception(exc)
                     continue
                 if self.metrics is not None:
                     self.metrics.batch_rows.observe(len(batch))
-                for (call, steps, _), r in zip(batch, rows):
-                    self._advance(call, parked, steps=steps, rows=r)
+                for (call, steps, _), r in zip(batch, rows, strict=True):
+                    if isinstance(r, BaseException):      # this session's pass failed, not the others'
+                        steps.close()
+                        call.future.set_exception(r)
+                    else:
+                        self._advance(call, parked, steps=steps, rows=r)
 
     @staticmethod
     def _advance(call: _Call, parked: list, *, start: bool = False, steps=None, rows=None) -> None:

@@ -81,7 +81,7 @@ def target_loader(path: Path, backend: str, threads: int | None, settings: Verif
     from .target import load_target
 
     extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {}
-    return lambda: load_target(path, backend, threads=threads, **extra)
+    return lambda: load_target(path, backend, threads=threads, max_context=settings.max_context, **extra)
 
 
 def main(argv=None) -> int:

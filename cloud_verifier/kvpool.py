@@ -107,12 +107,14 @@ class KVPool:
                 capacity *= 2
             self._grow(self.slots, min(capacity, self.max_len))
 
+    def holds(self, state) -> bool:
+        return state.cache is not None and self.owners.get(state.cache) is state
+
     def acquire(self, state, keep: set[int]) -> int:
         """A slot for `state` (its own if it still has one); may evict a session outside `keep`."""
-        slot = state.cache
-        if slot is not None and self.owners.get(slot) is state:
-            self.recent.move_to_end(slot)
-            return slot
+        if self.holds(state):
+            self.recent.move_to_end(state.cache)
+            return state.cache
         if not self.free and self.slots < self.max_slots:
             self._grow(min(self.slots * 2, self.max_slots), self.capacity)
         if self.free:
@@ -130,8 +132,8 @@ class KVPool:
         return slot
 
     def release(self, state) -> None:
-        slot = state.cache
-        if slot is not None and self.owners.get(slot) is state:
+        if self.holds(state):
+            slot = state.cache
             self._forget(slot)
             self.free.append(slot)
 

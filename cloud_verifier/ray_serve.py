@@ -49,7 +49,7 @@ class VerifierReplica:
     """One Serve replica: loads the target in its constructor, then serves the verifier app."""
 
     def __init__(self, model: str, backend: str, threads: int | None, settings: VerifierSettings,
-                 private_key: bytes | None, psk: bytes | None):
+                 key_file: str | None, psk_file: str | None):
         from privacy import StaticKey
 
         from .app import create_app
@@ -58,7 +58,10 @@ class VerifierReplica:
             import torch
 
             torch.set_num_threads(threads)
-        static_key = StaticKey.from_private_bytes(private_key) if private_key else None
+        # Secrets travel as file paths, never as deployment arguments: Serve checkpoints those in the
+        # cluster's shared store. Each node that runs a replica needs the file (same path).
+        static_key = StaticKey.load(key_file) if key_file else None
+        psk = Path(psk_file).read_bytes().strip() if psk_file else None
         self._verifier_app = create_app(target_loader(resolve_target(model), backend, threads, settings), settings,
                               static_key=static_key, psk=psk)
         state = self._verifier_app.state.verifier
@@ -76,7 +79,7 @@ class VerifierReplica:
 
 
 def build(model: str = "embedded", backend: str = "torch", threads: int | None = 1,
-          settings: VerifierSettings | None = None, *, private_key: bytes | None = None, psk: bytes | None = None,
+          settings: VerifierSettings | None = None, *, key_file: str | None = None, psk_file: str | None = None,
           replicas: int = 1, autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 0.5,
           max_ongoing_requests: int | None = None, max_queued_requests: int = 256, affinity: bool = True):
     """The Serve application (``serve.run`` it). ``autoscale=(min, max)`` scales on ongoing requests."""
@@ -88,13 +91,17 @@ def build(model: str = "embedded", backend: str = "torch", threads: int | None =
     scaling = ({"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                        "target_ongoing_requests": max(1, ongoing // 2)}}
                if autoscale else {"num_replicas": replicas})
-    router = {"request_router_config": RequestRouterConfig(request_router_class=ROUTER)} if affinity else {}
+    # No fallback replica: a busy primary queues the request at the router (bounded by max_queued_requests)
+    # instead of sending it to a replica that does not hold the session.
+    router = ({"request_router_config": RequestRouterConfig(request_router_class=ROUTER,
+                                                            request_router_kwargs={"num_fallback_replicas": 0})}
+              if affinity else {})
     deployment = serve.deployment(serve.ingress()(VerifierReplica), name="verifier",
                                   ray_actor_options={"num_cpus": cpus_per_replica},
                                   max_ongoing_requests=ongoing, max_queued_requests=max_queued_requests,
                                   health_check_period_s=2, graceful_shutdown_timeout_s=5,
                                   graceful_shutdown_wait_loop_s=1, **scaling, **router)
-    return deployment.bind(model, backend, threads, settings, private_key, psk)
+    return deployment.bind(model, backend, threads, settings, key_file, psk_file)
 
 
 def _free_port(host: str) -> int:
@@ -135,22 +142,28 @@ def main(argv=None) -> int:
             raise ValueError("--autoscale takes MIN,MAX with 1 <= MIN <= MAX")
         if args.replicas < 1 or args.cpus_per_replica <= 0:
             raise ValueError("--replicas must be at least 1 and --cpus-per-replica positive")
-        static_key = StaticKey.load(args.key_file) if args.key_file else None
-        psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+        key_file = args.key_file.resolve() if args.key_file else None
+        static_key = StaticKey.load(key_file) if key_file else None
+        psk_file = args.psk_file.resolve() if args.psk_file else None
+        if psk_file is not None and len(psk_file.read_bytes().strip()) < 32:
+            raise ValueError("the pre-shared key needs at least 32 bytes")
         if not resolve_target(args.model).exists():
             raise ValueError(f"model not found: {resolve_target(args.model)}")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, LookupError) as exc:     # LookupError: a model pair that is not installed
         print(f"pipesd-verifier-ray: {exc}", file=sys.stderr)
         return 2
-    if static_key is None and psk is None:
-        static_key = StaticKey.generate()
     port = args.port or _free_port(args.host)
 
     tmp = None
+    if static_key is None and psk_file is None:      # a key pair for this run only, in a private file
+        tmp = tempfile.mkdtemp(prefix="pipesd-ray-")
+        static_key = StaticKey.generate()
+        key_file = Path(tmp) / "verifier.key"
+        static_key.save(key_file)
     if args.address is None:
         # A private local cluster: no usage reporting, no dashboard, our own temp dir and a small
         # object store; token auth on, with a token that lives in this process tree only (not ~/.ray).
-        tmp = tempfile.mkdtemp(prefix="pipesd-ray-")
+        tmp = tmp or tempfile.mkdtemp(prefix="pipesd-ray-")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         if os.environ["RAY_AUTH_MODE"] == "token":
@@ -171,7 +184,7 @@ def main(argv=None) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": port})
         app = build(args.model, args.backend, args.threads, settings,
-                    private_key=static_key.private.private_bytes_raw() if static_key else None, psk=psk,
+                    key_file=str(key_file) if key_file else None, psk_file=str(psk_file) if psk_file else None,
                     replicas=args.replicas, autoscale=autoscale, cpus_per_replica=args.cpus_per_replica,
                     max_queued_requests=args.max_queued)
         failure: list[BaseException] = []

@@ -149,6 +149,8 @@ class VerifierService:
             while True:
                 job = steps.send(rows)
                 rows = self.target.logits_many([(job.state, job.tokens, job.first_row)])[0]
+                if isinstance(rows, Exception):
+                    raise rows
         except StopIteration as done:
             return done.value
 
@@ -182,6 +184,8 @@ class VerifierService:
         ``more_coming``: the next batch of the same stream has already arrived, so running the
         target on this one now would only add a forward pass: it is staged and run with the next.
         """
+        if self.sessions.get(header.session_id) is not session:   # dropped while this frame waited
+            raise WireError(ErrorCode.UNAUTHENTICATED, "unknown session: handshake again")   # plain 401, as for any
         session.next_seq = max(session.next_seq, header.seq + 1)
         try:
             if header.type == FrameType.OPEN:

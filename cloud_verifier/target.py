@@ -47,8 +47,9 @@ class Target(Protocol):
         covering all of `tokens`; callers crop it with ``rollback``.
         """
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray]:
-        """``logits`` for several sessions (distinct states); a batching backend runs them as one pass."""
+    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+        """``logits`` for several sessions (distinct states); a batching backend runs them as one pass.
+        A job whose pass failed gets the exception in its place (the others' rows stand)."""
 
     def rollback(self, state: TargetState, length: int) -> None:
         """Forget every cached position at or after `length`."""
@@ -121,25 +122,33 @@ class TorchTarget:
         del state.tokens[length:]     # positions past the length are masked out and overwritten later
 
     def logits(self, state: TargetState, tokens: Sequence[int], first_row: int) -> np.ndarray:
-        return self.logits_many([(state, tokens, first_row)])[0]
+        rows = self.logits_many([(state, tokens, first_row)])[0]
+        if isinstance(rows, Exception):
+            raise rows
+        return rows
 
     def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray]:
         """``logits`` for several sessions (distinct states) at once."""
-        keep = {id(state) for state, _, _ in jobs}
-        if len(keep) != len(jobs):
+        if len({id(state) for state, _, _ in jobs}) != len(jobs):
             raise ValueError("one forward pass takes each session at most once")
-        slots = {}
-        for state, _, _ in jobs:          # no job of this call may lose its slot to another
-            slots[id(state)] = self.pool.acquire(state, keep={s for s in slots.values()})
+        # No job of this call may lose its slot to another: protect the slots already held first.
+        keep = {state.cache for state, _, _ in jobs if self.pool.holds(state)}
+        for state, _, _ in jobs:
+            keep.add(self.pool.acquire(state, keep=keep))
         work = []
         for i, (state, tokens, first_row) in enumerate(jobs):
             # Keep at least one token to run so that row `first_row` is produced by this pass.
             start = min(common_prefix(state.tokens, tokens), first_row)
             self.rollback(state, start)
             work.append((len(tokens) - start, i, start))
-        out: list[np.ndarray] = [None] * len(jobs)
-        for group in _similar_lengths(sorted(work)):
-            self._run(jobs, group, out)
+        out: list[np.ndarray | Exception] = [None] * len(jobs)
+        for group in _similar_lengths(sorted(work), self.pool.max_len):
+            try:
+                self._run(jobs, group, out)
+            except Exception as exc:     # this pass failed: its sessions fail, the call's other passes stand
+                for _, i, _ in group:
+                    jobs[i][0].tokens.clear()      # what the slot holds for them is unknown now
+                    out[i] = exc
         return out
 
     def _run(self, jobs, group, out) -> None:
@@ -156,14 +165,17 @@ class TorchTarget:
                                 cache=view, use_cache=True).logits
         for b, ((state, tokens, first_row), start, (_, i, _)) in enumerate(zip(rows, starts, group)):
             state.tokens.extend(tokens[start:])
-            out[i] = logits[b, first_row - start: len(tokens) - start].float().numpy()
+            # A copy: a view would keep the whole batch's logits alive while a round is pending.
+            out[i] = logits[b, first_row - start: len(tokens) - start].float().numpy().copy()
 
 
-def _similar_lengths(work: list[tuple[int, int, int]]):
-    """Split (new tokens, job, start) sorted by length into passes whose padding is at most 2x."""
+def _similar_lengths(work: list[tuple[int, int, int]], max_len: int):
+    """Split (new tokens, job, start), sorted by length, into passes whose padding is at most 2x and
+    whose padded rows stay within the pool (a row near the end of the context is not padded past it)."""
     group: list[tuple[int, int, int]] = []
     for item in work:
-        if group and item[0] > max(8, 2 * group[0][0]):
+        n = item[0]                       # the pass's width if this row joins (rows come sorted by n)
+        if group and (n > max(8, 2 * group[0][0]) or any(start + n > max_len for _, _, start in group)):
             yield group
             group = []
         group.append(item)
@@ -198,6 +210,7 @@ class LlamaCppTarget:
 
     def release(self, state: TargetState) -> None:
         state.cache = None
+        state.tokens.clear()
 
     def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray]:
         return [self.logits(*job) for job in jobs]     # one context per session: no shared pass (yet)

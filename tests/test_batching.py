@@ -62,6 +62,32 @@ def test_batched_rows_equal_unbatched_forward(target):
             assert state.tokens == seqs[i][:-1]
 
 
+def test_rows_of_different_lengths_share_a_padded_pass(target):
+    """Tails of 5 and 7 tokens run as one right-padded pass; a row near the end of the pool's length
+    is never padded past it (it goes in a narrower pass)."""
+    rng = np.random.default_rng(2)
+    ran = []
+    hook = target.model.get_input_embeddings().register_forward_pre_hook(lambda _, a: ran.append(tuple(a[0].shape)))
+    try:
+        seqs = [list(map(int, rng.integers(3, 2000, size=n))) for n in (30, 60, 12, target.pool.max_len - 3)]
+        states = [target.new_state() for _ in seqs]
+        for state, q in zip(states, seqs):
+            target.logits(state, q, len(q) - 1)
+        ran.clear()
+        tails = [2, 5, 7, 2]
+        jobs = [(s, q + list(map(int, rng.integers(3, 2000, size=t - 1))), len(q) - 1)
+                for s, q, t in zip(states, seqs, tails)]
+        outs = target.logits_many(jobs)
+        # The near-full row (start 508 of 512) shares a 2-wide pass, never the 7-wide one.
+        assert sorted(ran) == [(2, 2), (2, 7)]
+        for out, (_, tokens, first) in zip(outs, jobs):
+            assert np.abs(out - full_forward(target, tokens, first)).max() < 1e-4
+    finally:
+        hook.remove()
+        for state in states:
+            target.release(state)
+
+
 def test_a_session_that_loses_its_slot_recomputes_its_prefix(target):
     rng = np.random.default_rng(1)
     seqs = [list(map(int, rng.integers(3, 2000, size=30))) for _ in range(6)]   # 6 sessions, 4 slots
@@ -76,7 +102,22 @@ def test_a_session_that_loses_its_slot_recomputes_its_prefix(target):
     assert states[0].tokens == seqs[0] + [5, 6]
     for state in states:
         target.release(state)
-    assert not target.pool.owners and target.pool.slots <= 4
+    assert not target.pool.owners and sorted(target.pool.free) == list(range(target.pool.slots))
+
+
+def test_a_pass_never_evicts_a_session_of_the_same_call(target):
+    rng = np.random.default_rng(3)
+    seqs = [list(map(int, rng.integers(3, 2000, size=10))) for _ in range(4)]
+    states = [target.new_state() for _ in seqs]
+    for state, q in zip(states, seqs):            # fill the four slots; states[0] is the least recent
+        target.logits(state, q, len(q) - 1)
+    newcomer, before = target.new_state(), target.pool.evictions
+    target.logits_many([(newcomer, [5, 6, 7], 2), (states[0], seqs[0] + [9], len(seqs[0]) - 1)])
+    assert target.pool.evictions == before + 1
+    assert states[0].tokens == seqs[0] + [9]      # kept its slot: states[1] made room instead
+    assert states[1].cache is None
+    for state in states + [newcomer]:
+        target.release(state)
 
 
 def test_one_pass_takes_a_session_once(target):

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 pytest.importorskip("ray.serve", reason="the Ray extra is not installed (pip install 'pipesd[ray]')")
@@ -25,9 +25,20 @@ MAX_NEW = 40
 REPLICA = "ServeReplica:pipesd:verifier"
 
 
-def replica_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", REPLICA], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def replica_pids(fleet) -> list[int]:
+    """This fleet's replica processes (descendants of its launcher, not any other Ray on the machine)."""
+    try:
+        family = psutil.Process(fleet.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    pids = []
+    for proc in family:
+        try:
+            if REPLICA in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +46,11 @@ def fleet():
     v = LocalVerifier(model="embedded", threads=1, module="cloud_verifier.ray_serve", ready_timeout=240,
                       stop_timeout=90, extra_args=["--replicas", "2", "--cpus-per-replica", "0.5"])
     with v:
-        assert len(replica_pids()) == 2
+        assert len(replica_pids(v)) == 2
+        family = psutil.Process(v.proc.pid).children(recursive=True)
         yield v
-    deadline = time.monotonic() + 30
-    while replica_pids() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not replica_pids(), "Ray left replicas behind after shutdown"
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"Ray left processes behind after shutdown: {[p.pid for p in alive]}"
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,7 @@ def generate_in_parallel(fleet, n_clients, generations, on_first_done=None):
             errors.append((i, repr(exc)))
             first_done.release()
 
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(clients)]
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(clients)]
     for t in threads:
         t.start()
     started.wait(60)
@@ -105,7 +115,7 @@ def test_killing_a_replica_mid_generation_loses_no_token(fleet, references):
     killed = []
 
     def kill_one():
-        pid = replica_pids()[0]
+        pid = replica_pids(fleet)[0]
         os.kill(pid, signal.SIGKILL)        # a crash: no goodbye, its sessions are gone
         killed.append(pid)
 
@@ -117,6 +127,6 @@ def test_killing_a_replica_mid_generation_loses_no_token(fleet, references):
     assert sum(r.stats.resyncs for _, r in results.values()) > 0, \
         "no session lost its replica: the kill tested nothing"
     deadline = time.monotonic() + 120                  # Ray replaces the dead replica
-    while len(replica_pids()) < 2 and time.monotonic() < deadline:
+    while len(replica_pids(fleet)) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(replica_pids()) == 2 and killed[0] not in replica_pids()
+    assert len(replica_pids(fleet)) == 2 and killed[0] not in replica_pids(fleet)
