@@ -217,6 +217,19 @@ def test_worker_waits_for_calls_in_flight_then_batches_them():
     worker.stop()
 
 
+def test_a_failed_row_fails_only_its_session():
+    worker, _ = make_worker()
+    worker.logits_many = lambda jobs: [RuntimeError("this row's pass failed") if state == "bad" else f"rows-{state}"
+                                       for state, _, _ in jobs]
+    gate = occupy(worker)
+    good, bad = worker.submit(dispatch("good", []), key="g"), worker.submit(dispatch("bad", []), key="b")
+    gate.set()
+    assert good.result(5) == ["rows-good"]
+    with pytest.raises(RuntimeError, match="this row"):
+        bad.result(5)
+    worker.stop()
+
+
 def test_a_failed_pass_fails_its_calls_only():
     worker, _ = make_worker()
 

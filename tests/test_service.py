@@ -65,6 +65,22 @@ def test_lru_eviction_by_session_count(target):
     assert nav(service, a, VerifyRequest(0, (0, 1), ()))[0] == 200
 
 
+def test_a_frame_whose_session_was_dropped_while_it_waited_is_refused(target):
+    """An early frame waits (authenticated) for its predecessors; if the session is evicted meanwhile,
+    dispatching it answers unauthenticated (the edge handshakes again) and frees nothing twice."""
+    service, key = make(target)
+    ch = connect(service, key)
+    nav(service, ch, VerifyRequest(0, (0, 1, 2), ()))
+    ch.seal(FrameType.VERIFY, VerifyRequest(0, (0, 1), ()).to_dict())          # a frame that never arrives
+    early = service.open_and_dispatch(ch.seal(FrameType.VERIFY, VerifyRequest(0, (0, 1), ()).to_dict()))
+    assert type(early).__name__ == "Early"
+    service._drop(early.header.session_id, "memory")
+    with pytest.raises(WireError) as err:
+        service.dispatch(early.session, early.header, early.body)
+    assert err.value.code is ErrorCode.UNAUTHENTICATED
+    assert not service.target.pool.holds(early.session.state)
+
+
 def test_eviction_by_cached_tokens(target):
     service, key = make(target, max_cached_tokens=100)
     old, new = connect(service, key), connect(service, key)
