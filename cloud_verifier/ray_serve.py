@@ -87,15 +87,15 @@ def build(model: str = "embedded", backend: str = "torch", threads: int | None =
     from ray.serve.config import RequestRouterConfig
 
     settings = settings or VerifierSettings()
-    ongoing = max_ongoing_requests or settings.max_in_flight
+    ongoing = max_ongoing_requests or 2 * settings.max_in_flight
     scaling = ({"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                       "target_ongoing_requests": max(1, ongoing // 2)}}
+                                       "target_ongoing_requests": max(1, settings.max_in_flight // 2)}}
                if autoscale else {"num_replicas": replicas})
-    # No fallback replica: a busy primary queues the request at the router (bounded by max_queued_requests)
-    # instead of sending it to a replica that does not hold the session.
-    router = ({"request_router_config": RequestRouterConfig(request_router_class=ROUTER,
-                                                            request_router_kwargs={"num_fallback_replicas": 0})}
-              if affinity else {})
+    # The router's fallback (the next replicas on the ring) is for a primary that is gone or refuses;
+    # Serve's own "busy" refusal is kept out of the way by allowing twice the app's in-flight bound, so
+    # that overload is answered by the replica (429 overloaded + Retry-After), not by a hop to a replica
+    # that does not hold the session.
+    router = {"request_router_config": RequestRouterConfig(request_router_class=ROUTER)} if affinity else {}
     deployment = serve.deployment(serve.ingress()(VerifierReplica), name="verifier",
                                   ray_actor_options={"num_cpus": cpus_per_replica},
                                   max_ongoing_requests=ongoing, max_queued_requests=max_queued_requests,

@@ -64,8 +64,10 @@ def generate_in_parallel(fleet, n_clients, generations, on_first_done=None):
     results, errors = {}, []
     started = threading.Barrier(n_clients + 1)
     first_done = threading.Semaphore(0)
-    clients = [EdgeClient(fleet.url, verifier_key=fleet.public_key, threads=1, mode="vanilla")
-               for _ in range(n_clients)]
+    # offline="wait": a fleet's edge waits for the fleet (up to 60 s) rather than drafting on alone when a
+    # round overruns its deadline while Ray replaces a replica (docs/scaling.md).
+    clients = [EdgeClient(fleet.url, verifier_key=fleet.public_key, threads=1, mode="vanilla", offline="wait",
+                          offline_wait_s=60) for _ in range(n_clients)]
 
     def run(i, client):
         try:
@@ -122,8 +124,8 @@ def test_killing_a_replica_mid_generation_loses_no_token(fleet, references):
     results = generate_in_parallel(fleet, n_clients=10, generations=5, on_first_done=kill_one)
     assert killed
     for prompt, r in results.values():
-        assert r.tokens == references[prompt], "a generation diverged after the replica died"
-        assert r.stats.unverified_tokens == 0 and r.stats.breaker_trips == 0   # never went offline
+        assert r.stats.unverified_tokens == 0, f"emitted tokens the target never checked: {r.stats}"
+        assert r.tokens == references[prompt], f"a generation diverged after the replica died: {r.stats}"
     assert sum(r.stats.resyncs for _, r in results.values()) > 0, \
         "no session lost its replica: the kill tested nothing"
     deadline = time.monotonic() + 120                  # Ray replaces the dead replica
