@@ -127,8 +127,8 @@ class TorchTarget:
             raise rows
         return rows
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray]:
-        """``logits`` for several sessions (distinct states) at once."""
+    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+        """``logits`` for several sessions (distinct states) at once; a failed pass's jobs get its exception."""
         if len({id(state) for state, _, _ in jobs}) != len(jobs):
             raise ValueError("one forward pass takes each session at most once")
         # No job of this call may lose its slot to another: protect the slots already held first.
@@ -212,8 +212,14 @@ class LlamaCppTarget:
         state.cache = None
         state.tokens.clear()
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray]:
-        return [self.logits(*job) for job in jobs]     # one context per session: no shared pass (yet)
+    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+        out: list[np.ndarray | Exception] = []
+        for job in jobs:                                # one context per session: no shared pass (yet)
+            try:
+                out.append(self.logits(*job))
+            except Exception as exc:                    # this session fails, the others' rows stand
+                out.append(exc)
+        return out
 
     def rollback(self, state: TargetState, length: int) -> None:
         if len(state.tokens) > length:
