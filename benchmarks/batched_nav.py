@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cloud_verifier import LocalVerifier  # noqa: E402
-from edge_sdk.bench import PROMPTS  # noqa: E402
+from edge_sdk.bench import PROMPTS, git_commit  # noqa: E402
 
 VERIFIER_CORE, EDGE_CORE = 1, 0
 
@@ -287,9 +286,7 @@ def main() -> None:
     args.sessions = [int(s) for s in args.sessions.split(",")]
     if os.cpu_count() < 2:
         sys.exit("this benchmark pins the verifier and the edges to two different cores")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
-    meta = {"commit": commit.strip() + ("+dirty" if dirty.strip() else ""), "date": time.strftime("%Y-%m-%d"),
+    meta = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "prefix": args.prefix,
             "repeats": args.repeats, "rounds_per_session": args.rounds, "policy": "vanilla k=4"}
     cores = os.sched_getaffinity(0)

@@ -105,15 +105,12 @@ class ModelWorker:
                 batch, parked = parked, []
                 try:
                     rows = self.logits_many([(f.state, f.tokens, f.first_row) for _, _, f in batch])
-                except BaseException as exc:             # the call itself failed: every call in it fails
-                    for call, steps, _ in batch:
-                        steps.close()
-                        call.future.set_exception(exc)
-                    continue
+                except BaseException as exc:             # the call itself failed: every session in it fails
+                    rows = [exc] * len(batch)
                 if self.metrics is not None:
                     self.metrics.batch_rows.observe(len(batch))
                 for (call, steps, _), r in zip(batch, rows, strict=True):
-                    if isinstance(r, BaseException):      # this session's pass failed, not the others'
+                    if isinstance(r, BaseException):      # this session's pass failed (or the whole call)
                         steps.close()
                         call.future.set_exception(r)
                     else:

@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -154,16 +155,16 @@ def main(argv=None) -> int:
         return 2
     port = args.port or _free_port(args.host)
 
-    tmp = None
-    if static_key is None and psk_file is None:      # a key pair for this run only, in a private file
-        tmp = tempfile.mkdtemp(prefix="pipesd-ray-")
+    # A private directory for a run-only key pair and for a local cluster's files; removed at exit.
+    needs_key = static_key is None and psk_file is None
+    tmp = tempfile.mkdtemp(prefix="pipesd-ray-") if needs_key or args.address is None else None
+    if needs_key:
         static_key = StaticKey.generate()
         key_file = Path(tmp) / "verifier.key"
         static_key.save(key_file)
     if args.address is None:
         # A private local cluster: no usage reporting, no dashboard, our own temp dir and a small
         # object store; token auth on, with a token that lives in this process tree only (not ~/.ray).
-        tmp = tmp or tempfile.mkdtemp(prefix="pipesd-ray-")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         if os.environ["RAY_AUTH_MODE"] == "token":
@@ -215,8 +216,6 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
         if tmp is not None:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
