@@ -22,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from privacy import ErrorCode, FrameType, StaticKey, WireError, decode, encode, parse_header
+from privacy import (FRAMES_PATH, HANDSHAKE_PATH, MEDIA_FRAME, MEDIA_MSGPACK, MEDIA_STREAM, READY_PATH,
+    ROUNDS_PATH, ErrorCode, FrameType, StaticKey, WireError, decode, encode, parse_header)
 from privacy.codec import DecodeLimits
 
 from .batching import ModelWorker
@@ -32,9 +33,6 @@ from .settings import VerifierSettings
 from .target import Target
 
 log = logging.getLogger("cloud_verifier")
-MSGPACK = "application/msgpack"
-FRAME = "application/x-pipesd-frame"
-STREAM = "application/x-pipesd-stream"
 HANDSHAKE_LIMITS = DecodeLimits(max_body_bytes=1024, max_bin_bytes=64, max_str_bytes=64, max_array_len=8,
                                 max_map_len=8)
 
@@ -183,7 +181,7 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     async def live():
         return {"status": "live"}
 
-    @app.get("/health/ready")
+    @app.get(READY_PATH)
     async def ready():
         if state.service is None:
             return _error(ErrorCode.NOT_READY, state.load_error or "the target model is still loading")
@@ -197,25 +195,25 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     async def info():
         return await state.run(lambda: state.service.info())
 
-    @app.post("/v1/handshake")
+    @app.post(HANDSHAKE_PATH)
     async def handshake(request: Request):
-        hello = decode(await state.body(request, MSGPACK, HANDSHAKE_LIMITS.max_body_bytes), HANDSHAKE_LIMITS)
-        return Response(encode(await state.run(lambda: state.service.handshake(hello))), media_type=MSGPACK)
+        hello = decode(await state.body(request, MEDIA_MSGPACK, HANDSHAKE_LIMITS.max_body_bytes), HANDSHAKE_LIMITS)
+        return Response(encode(await state.run(lambda: state.service.handshake(hello))), media_type=MEDIA_MSGPACK)
 
-    @app.post("/v1/frames")
+    @app.post(FRAMES_PATH)
     async def frames(request: Request):
-        frame = await state.body(request, FRAME, settings.max_frame_bytes)
+        frame = await state.body(request, MEDIA_FRAME, settings.max_frame_bytes)
         status, reply, _ = await state.in_order(frame)
-        return Response(reply, status_code=status, media_type=FRAME)
+        return Response(reply, status_code=status, media_type=MEDIA_FRAME)
 
-    @app.post("/v1/rounds")
+    @app.post(ROUNDS_PATH)
     async def rounds(request: Request):
         """A round streamed as length-prefixed frames in one request body: batches are staged as they
         arrive, and the reply to the first frame that is not acknowledged (the final batch's RESULT,
         or an ERROR) answers the request."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != STREAM:
-            raise WireError(ErrorCode.UNSUPPORTED_MEDIA, f"send this endpoint {STREAM}")
+        if ctype != MEDIA_STREAM:
+            raise WireError(ErrorCode.UNSUPPORTED_MEDIA, f"send this endpoint {MEDIA_STREAM}")
         buf, frames = bytearray(), 0
         async for chunk in request.stream():
             buf += chunk
@@ -233,7 +231,7 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
                 more = len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big")
                 status, reply, kind = await state.in_order(frame, more_coming=more)
                 if kind != FrameType.ACK:
-                    return Response(reply, status_code=status, media_type=FRAME)
+                    return Response(reply, status_code=status, media_type=MEDIA_FRAME)
             if len(buf) > settings.max_frame_bytes + 4:
                 raise WireError(ErrorCode.PAYLOAD_TOO_LARGE, "frame exceeds the size limit")
         raise WireError(ErrorCode.BAD_FRAME, "the round ended before its final batch")
@@ -241,4 +239,4 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     return app
 
 
-KNOWN_PATHS = {"/v1/handshake", "/v1/frames", "/v1/rounds", "/v1/info", "/metrics", "/health/live", "/health/ready"}
+KNOWN_PATHS = {HANDSHAKE_PATH, FRAMES_PATH, ROUNDS_PATH, "/v1/info", "/metrics", "/health/live", READY_PATH}

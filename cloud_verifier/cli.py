@@ -86,7 +86,7 @@ def target_loader(path: Path, backend: str, threads: int | None, settings: Verif
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from privacy import StaticKey
+    from privacy import StaticKey, parse_psk
 
     if args.generate_key:
         key = StaticKey.generate()
@@ -94,22 +94,23 @@ def main(argv=None) -> int:
         print(f"{PUBLIC_KEY} {key.public_b64}")
         return 0
 
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import create_app
+    except ImportError as exc:          # an edge-only install: the verifier's libraries are an extra
+        print(f"pipesd-verifier: the verifier needs its extra: pip install 'pipesd[verifier]' ({exc})",
+              file=sys.stderr)
+        return 2
     from pipesd_models import PairUnavailable
-
-    from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         path = resolve_target(args.model)
         static_key = StaticKey.load(args.key_file) if args.key_file else None
-        psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+        psk = parse_psk(args.psk_file.read_bytes()) if args.psk_file else None
     except (PairUnavailable, OSError, ValueError) as exc:
         print(f"pipesd-verifier: {exc}", file=sys.stderr)
-        return 2
-    if psk is not None and len(psk) < 32:
-        print("pipesd-verifier: the pre-shared key needs at least 32 bytes", file=sys.stderr)
         return 2
     if static_key is None and psk is None:
         static_key = StaticKey.generate()

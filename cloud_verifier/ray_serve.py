@@ -51,7 +51,7 @@ class VerifierReplica:
 
     def __init__(self, model: str, backend: str, threads: int | None, settings: VerifierSettings,
                  key_file: str | None, psk_file: str | None):
-        from privacy import StaticKey
+        from privacy import StaticKey, parse_psk
 
         from .app import create_app
 
@@ -62,7 +62,7 @@ class VerifierReplica:
         # Secrets travel as file paths, never as deployment arguments: Serve checkpoints those in the
         # cluster's shared store. Each node that runs a replica needs the file (same path).
         static_key = StaticKey.load(key_file) if key_file else None
-        psk = Path(psk_file).read_bytes().strip() if psk_file else None
+        psk = parse_psk(Path(psk_file).read_bytes()) if psk_file else None
         self._verifier_app = create_app(target_loader(resolve_target(model), backend, threads, settings), settings,
                               static_key=static_key, psk=psk)
         state = self._verifier_app.state.verifier
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("ray") is None:
         print("pipesd-verifier-ray: Ray is not installed: pip install 'pipesd[ray]'", file=sys.stderr)
         return 2
-    from privacy import AFFINITY_HEADER, StaticKey
+    from privacy import AFFINITY_HEADER, StaticKey, parse_psk
 
     try:
         settings = settings_from_args(args)
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         key_file = args.key_file.resolve() if args.key_file else None
         static_key = StaticKey.load(key_file) if key_file else None
         psk_file = args.psk_file.resolve() if args.psk_file else None
-        if psk_file is not None and len(psk_file.read_bytes().strip()) < 32:
-            raise ValueError("the pre-shared key needs at least 32 bytes")
+        if psk_file is not None:
+            parse_psk(psk_file.read_bytes())          # refuse a short key here, not in every replica
         if not resolve_target(args.model).exists():
             raise ValueError(f"model not found: {resolve_target(args.model)}")
     except (OSError, ValueError, LookupError) as exc:     # LookupError: a model pair that is not installed

@@ -47,11 +47,6 @@ TAG_BYTES = 16
 FLAG_ZSTD = 0x01
 KNOWN_FLAGS = FLAG_ZSTD
 PROTOCOL_LABEL = b"PipeSD/1"
-# HTTP header an edge puts on every request of a client (handshake included): a random token,
-# the same across its re-handshakes, that a load balancer may hash so that a session's requests
-# reach the replica holding it. Random, so it says nothing about the user or the content;
-# routing on it is an optimisation: a replica without the session answers unknown session.
-AFFINITY_HEADER = "x-pipesd-affinity"
 C2S, S2C = b"c2s\x00", b"s2c\x00"      # direction prefixes of the nonce
 
 
@@ -226,6 +221,31 @@ def unb64(text: str, size: int, what: str) -> bytes:
     if len(raw) != size:
         raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
     return raw
+
+
+def parse_public_key(value: str | bytes, what: str = "verifier_key") -> bytes:
+    """A pinned X25519 public key: 32 raw bytes, or their base64 as ``pipesd-verifier`` prints it.
+    ValueError (saying what is wrong) otherwise."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 32:
+            raise ValueError(f"{what} must be 32 bytes, got {len(value)}")
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be base64 text or 32 raw bytes, not {type(value).__name__}")
+    return unb64(value, 32, what)
+
+
+def parse_psk(value: str | bytes) -> bytes:
+    """A pre-shared key as both sides use it (text is taken as its UTF-8 bytes, surrounding whitespace
+    stripped, as read from a key file); at least ``PSK_MIN_BYTES``. ValueError otherwise."""
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"a pre-shared key must be text or bytes, not {type(value).__name__}")
+    psk = bytes(value).strip()
+    if len(psk) < PSK_MIN_BYTES:
+        raise ValueError(f"a pre-shared key needs at least {PSK_MIN_BYTES} bytes, got {len(psk)}")
+    return psk
 
 
 class StaticKey:

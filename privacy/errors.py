@@ -9,7 +9,6 @@ class ErrorCode(str, Enum):
     """Machine-readable error codes, each with the HTTP status the verifier answers with."""
 
     MALFORMED = "malformed"                  # body is not a valid message
-    UNKNOWN_SESSION = "unknown_session"      # session id not held by this verifier
     RESYNC = "resync"                        # the verifier's committed prefix differs: resend it
     VOCAB_MISMATCH = "vocab_mismatch"        # draft and target tokenizers differ
     DRAFT_TOO_LONG = "draft_too_long"        # more draft tokens than the verifier accepts per round
@@ -19,7 +18,7 @@ class ErrorCode(str, Enum):
     UNSUPPORTED_MEDIA = "unsupported_media"  # wrong content type
     NOT_READY = "not_ready"                  # model still loading
     BAD_FRAME = "bad_frame"                  # frame header or layout invalid (before authentication)
-    UNAUTHENTICATED = "unauthenticated"      # unknown session or failed tag: handshake again
+    UNAUTHENTICATED = "unauthenticated"      # unknown session or failed tag: handshake again (the edge: session lost)
     REPLAY = "replay"                        # a frame sequence number seen before or too old
     HANDSHAKE_FAILED = "handshake_failed"    # the key exchange could not complete
     OVERLOADED = "overloaded"                # too many requests in flight: retry after a delay
@@ -33,7 +32,6 @@ class ErrorCode(str, Enum):
 
 _STATUS = {
     ErrorCode.MALFORMED: 400,
-    ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.RESYNC: 409,
     ErrorCode.VOCAB_MISMATCH: 409,
     ErrorCode.DRAFT_TOO_LONG: 422,
