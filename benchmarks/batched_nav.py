@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cloud_verifier import LocalVerifier  # noqa: E402
-from edge_sdk.bench import PROMPTS, git_commit  # noqa: E402
+from pipesd_lab.bench import PROMPTS, git_commit  # noqa: E402
 
 VERIFIER_CORE, EDGE_CORE = 1, 0
 

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 
-from edge_sdk.bench import PROMPTS
+from pipesd_lab.bench import PROMPTS
 from edge_sdk.drafter import LlamaCppDrafter, OnnxDrafter
 from pipesd_models import draft_onnx_path, draft_path
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from cloud_verifier import LocalVerifier  # noqa: E402
 from edge_sdk import EdgeClient  # noqa: E402
-from edge_sdk.bench import PROMPTS  # noqa: E402
+from pipesd_lab.bench import PROMPTS  # noqa: E402
 
 
 def per_token_ms(verifier, mode, prompts, tokens) -> float:

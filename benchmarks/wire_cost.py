@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud_verifier import LocalVerifier
 from edge_sdk import EdgeClient
-from edge_sdk.bench import PROMPTS as BENCH_PROMPTS
+from pipesd_lab.bench import PROMPTS as BENCH_PROMPTS
 from privacy import ChannelLimits, ClientHandshake, FrameType, StaticKey, pack_tokens, server_handshake
 
 PROMPTS = BENCH_PROMPTS[:8]   # the bench's prompt set, so both measure the same text

@@ -1,9 +1,12 @@
 """pipesd: the edge command line.
 
-    pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> -k 4
+    pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> --mode vanilla -k 4
     pipesd generate "import os" --mode edge_only          # no cloud at all
-    pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (see bench.py)
-    pipesd energy --quick --out /tmp/energy                # J per token per method (see energy_bench.py)
+
+and the lab's commands, when the lab's extra is installed (pip install 'pipesd[bench]'):
+
+    pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (pipesd_lab/bench.py)
+    pipesd energy --quick --out /tmp/energy                # J per token per method (pipesd_lab/energy_bench.py)
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
 """
 
@@ -14,11 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from energy import MeterError
-
 from .client import EdgeClient
-from .errors import ConfigError, PipeSDError
+from .errors import PipeSDError
 from .policies import MODES
+
+LAB_COMMANDS = {
+    "bench": "the paper's evaluation: methods x scenarios x model pairs",
+    "energy": "joules per output token of each method, edge and cloud, per scenario",
+    "link": "run an emulated link as a TCP proxy in front of a verifier",
+}
 
 
 def _generate(args) -> int:
@@ -41,71 +48,10 @@ def _generate(args) -> int:
     return 0
 
 
-def _configure(config_from_args, args):
-    try:
-        return config_from_args(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _command_line(args) -> str:
-    return "pipesd " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-
-
-def _bench(args) -> int:
-    from .bench import Bench, config_from_args
-
-    bench = Bench(_configure(config_from_args, args))
-    bench.run()
-    for path in bench.write(_command_line(args)):
-        print(path)
-    failures = [t for t in bench.results + bench.sweep if t.mismatches > 0 or t.unverified]
-    for t in failures:
-        print(f"pipesd bench: NOT LOSSLESS: {t.method} in {t.pair}/{t.regime}/{t.scenario} "
-              f"({t.mismatches} generations differ from target greedy, {t.unverified} tokens went out "
-              f"unverified)", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def _energy(args) -> int:
-    from .energy_bench import EnergyBench, config_from_args
-
-    run = EnergyBench(_configure(config_from_args, args))
-    run.run()
-    for path in run.write(_command_line(args)):
-        print(path)
-    return 0
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
-    return host, int(port)
-
-
-def _link(args) -> int:
-    from .emulation import BandwidthTrace, LinkProfile
-    from .linkproxy import LinkProxy
-    from .scenarios import get_scenario
-
-    try:
-        if args.scenario:
-            profile = get_scenario(args.scenario).link("native", seed=args.seed)
-        else:
-            trace = BandwidthTrace.from_file(args.trace) if args.trace else None
-            profile = LinkProfile(args.up, args.down, args.rtt, jitter_ms=args.jitter, loss=args.loss,
-                                  trace=trace, seed=args.seed)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    proxy = LinkProxy(args.upstream, profile, listen=args.listen)
-    proxy.start()
-    print(f"link {profile.describe()}: {proxy.url} -> {args.upstream[0]}:{args.upstream[1]}", flush=True)
-    proxy.serve_forever()
-    return 0
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LAB_COMMANDS:          # the lab parses its own arguments
+        return _lab(argv[0], argv[1:])
     ap = argparse.ArgumentParser(prog="pipesd", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -116,7 +62,7 @@ def main(argv=None) -> int:
     g.add_argument("--psk-file", type=Path, help="pre-shared key file instead of --verifier-key")
     g.add_argument("--local-only", action="store_true", help="never contact the cloud (private request)")
     g.add_argument("--mode", choices=MODES, default="pipesd")
-    g.add_argument("-k", type=int, default=4, help="draft length (vanilla)")
+    g.add_argument("-k", type=int, help="draft length (vanilla; default 4)")
     g.add_argument("--r1", type=float, help="fixed C_n threshold (PipeSD policies; default: tuned online)")
     g.add_argument("--r2", type=float, help="fixed P(d_n) threshold (PipeSD policies, HSL)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -130,37 +76,24 @@ def main(argv=None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.set_defaults(func=_generate)
 
-    from .bench import add_arguments
-
-    b = sub.add_parser("bench", help="the paper's evaluation: methods x scenarios x model pairs")
-    add_arguments(b)
-    b.set_defaults(func=_bench)
-
-    from .energy_bench import add_arguments as add_energy_arguments
-
-    e = sub.add_parser("energy", help="joules per output token of each method, edge and cloud, per scenario")
-    add_energy_arguments(e)
-    e.set_defaults(func=_energy)
-
-    lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
-    lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
-    lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")
-    lk.add_argument("--scenario", help="s1..s4 (overrides the figures below)")
-    lk.add_argument("--up", type=float, default=20.0, help="uplink Mbps")
-    lk.add_argument("--down", type=float, default=200.0, help="downlink Mbps")
-    lk.add_argument("--rtt", type=float, default=20.0, help="round-trip time, ms")
-    lk.add_argument("--jitter", type=float, default=0.0, help="one-way jitter, ms")
-    lk.add_argument("--loss", type=float, default=0.0, help="probability a chunk is lost once (arrives an RTO late)")
-    lk.add_argument("--trace", type=Path, help="CSV of seconds,up_mbps,down_mbps segments (repeats)")
-    lk.add_argument("--seed", type=int, default=0)
-    lk.set_defaults(func=_link)
+    for name, help_text in LAB_COMMANDS.items():   # listed here, parsed by the lab (pipesd_lab.cli)
+        sub.add_parser(name, help=help_text + " (pip install 'pipesd[bench]')")
     args = ap.parse_args(argv)
-    args.argv = argv
     try:
         return args.func(args)
-    except (PipeSDError, OSError, MeterError) as exc:
+    except (PipeSDError, OSError) as exc:
         print(f"pipesd: {exc}", file=sys.stderr)
         return 2
+
+
+def _lab(command: str, args: list[str]) -> int:
+    """Hand a lab command over to ``pipesd_lab``, which needs the verifier and the energy harness."""
+    try:
+        from pipesd_lab.cli import main as lab_main
+    except ImportError as exc:
+        print(f"pipesd {command}: the lab needs its extra: pip install 'pipesd[bench]' ({exc})", file=sys.stderr)
+        return 2
+    return lab_main([command, *args])
 
 
 if __name__ == "__main__":

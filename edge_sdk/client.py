@@ -1,13 +1,14 @@
 """The public entry point an app embeds: ``EdgeClient``.
 
 >>> from edge_sdk import EdgeClient
->>> with EdgeClient(verifier_url="http://127.0.0.1:8000", mode="vanilla", draft_k=4) as client:
+>>> with EdgeClient(verifier_url="http://127.0.0.1:8000", verifier_key=KEY, mode="vanilla", draft_k=4) as client:
 ...     result = client.generate("def fibonacci(n):", max_new_tokens=64)
 ...     print(result.text, result.stats.summary())
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,12 +16,12 @@ from typing import Iterator, Sequence
 from privacy import SamplingParams
 
 from .drafter import DRAFT_BACKENDS, Drafter, load_drafter
-from .engine import Engine, GenerationResult, TokenEvent
+from .engine import Decoding, Engine, GenerationResult, TokenEvent
 from .errors import ConfigError
-from .policies import MODES, Policy, make_policy
-from .stats import GenerationStats
-from .emulation import EmulatedLink, LinkProfile
 from .offline import OFFLINE_POLICIES
+from .policies import EdgeOnly, Policy, make_policy
+from .session import CloudSession
+from .stats import GenerationStats
 from .transport import HttpVerifier, Verifier
 
 
@@ -45,8 +46,9 @@ def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None =
 class Generation:
     """A generation in progress: iterate it for ``TokenEvent``s; ``result`` once it is done."""
 
-    def __init__(self, events: Iterator[TokenEvent], prompt: list[int], stats: GenerationStats):
-        self._events, self._prompt, self.stats = events, prompt, stats
+    def __init__(self, decoding: Decoding, prompt: list[int]):
+        self._events, self._prompt = iter(decoding), prompt    # one run: iterating again continues it
+        self.stats: GenerationStats = decoding.stats
         self._seen: list[TokenEvent] = []
         self._done = False
 
@@ -82,20 +84,23 @@ class EdgeClient:
             a verifier without the matching private key fails the handshake.
         psk: a pre-shared key (>= 32 bytes) instead of a pinned public key.
         local_only: never contact the cloud: every request runs on the device (edge_only).
-        link: an emulated link (``LinkProfile``) between this client and the verifier, for
-            experiments on loopback: bandwidth, RTT, per-token payload, jitter, loss, traces (see emulation.py).
         pair: named model pair whose draft to run ("embedded", the default, or "smollm2").
         draft_model: path of a draft model instead of the pair's (GGUF, or .onnx with ``draft_backend="onnx"``).
         draft_backend: "llamacpp" (default, GGUF) or "onnx" (onnxruntime, a model exported by
             ``pipesd_models.build.onnx_export``; the embedded pair ships one).
-        mode: the decoding policy: "pipesd" (default: dual-threshold trigger tuned online, DP token
-            batches, proactive drafting), the baselines "vanilla" (fixed draft length), "hsl",
-            "edgellm", the ablations "pipesd_*", or "cloud_only" / "edge_only" (see policies.py).
-        draft_k: draft length of the vanilla mode.
-        r1, r2: fixed dual thresholds (C_n < r1 or P(d_n) < r2) instead of online tuning.
+        mode: the decoding policy, by name -- "pipesd" (default: dual-threshold trigger tuned online,
+            DP token batches, proactive drafting), the baselines "vanilla" (fixed draft length),
+            "hsl", "edgellm", the ablations "pipesd_*", or "cloud_only" / "edge_only" (see
+            policies.py) -- or a ``Policy`` object of your own.
+        draft_k: draft length of the vanilla mode (default 4).
+        r1, r2: fixed dual thresholds (C_n < r1 or P(d_n) < r2) of the PipeSD modes instead of
+            online tuning; ``r2`` is also HSL's threshold. A mode given a setting it has no use for
+            is a ``ConfigError``.
         threads: draft compute threads (default: available cores, at most 4).
         n_ctx: draft context length (default: the model's trained context).
-        verifier: a ``Verifier`` implementation to use instead of HTTP (tests, emulated links).
+        verifier: a ``Verifier`` implementation to use instead of HTTP (an emulated link, an
+            in-process verifier: ``pipesd_lab``).
+        drafter: a ``Drafter`` to use instead of loading one.
         offline: what to do when the verifier is unreachable or a NAV overruns its deadline:
             "continue" (default: emit draft tokens marked unverified), "wait" (block up to
             ``offline_wait_s`` for the verifier, then continue), "verify_late" (emit unverified
@@ -107,30 +112,76 @@ class EdgeClient:
 
     def __init__(self, verifier_url: str | Sequence[str] | None = None, *, verifier_key: str | bytes | None = None,
                  psk: str | bytes | None = None, pair: str = "embedded", draft_model: str | Path | None = None,
-                 mode: str = "pipesd", draft_k: int = 4, r1: float | None = None, r2: float | None = None,
-                 threads: int | None = None, n_ctx: int | None = None,
-                 connect_timeout: float = 5.0, read_timeout: float = 60.0, local_only: bool = False,
-                 link: LinkProfile | None = None, verifier: Verifier | None = None, drafter: Drafter | None = None,
-                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None,
-                 draft_backend: str = "llamacpp"):
-        make_policy(mode, draft_k, r1, r2)  # validate early
+                 draft_backend: str = "llamacpp", mode: str | Policy = "pipesd", draft_k: int | None = None,
+                 r1: float | None = None, r2: float | None = None, threads: int | None = None,
+                 n_ctx: int | None = None, connect_timeout: float = 5.0, read_timeout: float = 60.0,
+                 local_only: bool = False, verifier: Verifier | None = None, drafter: Drafter | None = None,
+                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None):
+        # Everything that can be checked is checked before a model loads or a socket opens.
+        if isinstance(mode, Policy):
+            if draft_k is not None or r1 is not None or r2 is not None:
+                raise ConfigError("draft_k, r1 and r2 configure a mode given by name; build your Policy with them")
+            self._mode, self._settings = None, {}
+        else:
+            self._mode, self._settings = mode, {"draft_k": draft_k, "r1": r1, "r2": r2}
+        self._policies: dict[tuple, Policy] = {}   # adaptive policies keep what they learn across requests
+        default = mode if isinstance(mode, Policy) else self._make(mode, **self._settings)
         if offline not in OFFLINE_POLICIES:
             raise ConfigError(f"offline must be one of {', '.join(OFFLINE_POLICIES)}, not {offline!r}")
-        if offline_wait_s < 0 or (nav_deadline_s is not None and nav_deadline_s <= 0):
-            raise ConfigError("offline_wait_s must be >= 0 and nav_deadline_s > 0")
-        self.mode, self.draft_k, self.r1, self.r2, self.local_only = mode, draft_k, r1, r2, local_only
-        self._policies: dict[tuple, Policy] = {}   # adaptive policies keep what they learn across requests
-        if verifier is None and verifier_url and not local_only:
+        if not (isinstance(offline_wait_s, (int, float)) and offline_wait_s >= 0):
+            raise ConfigError(f"offline_wait_s must be >= 0 seconds, got {offline_wait_s!r}")
+        if nav_deadline_s is not None and not (isinstance(nav_deadline_s, (int, float)) and nav_deadline_s > 0
+                                               and math.isfinite(nav_deadline_s)):
+            raise ConfigError(f"nav_deadline_s must be a positive number of seconds, got {nav_deadline_s!r}")
+        self.local_only = local_only
+        if local_only:
+            verifier = None
+        elif verifier is None and verifier_url:
             verifier = HttpVerifier(verifier_url, verifier_key=verifier_key, psk=psk,
                                     connect_timeout=connect_timeout, read_timeout=read_timeout)
-        if verifier is not None and link is not None:
-            verifier = EmulatedLink(verifier, link)
-        self.verifier = None if local_only else verifier
+        self.verifier = verifier
         self.drafter = drafter if drafter is not None else load_drafter(
             resolve_draft_model(pair, draft_model, draft_backend), draft_backend, n_ctx=n_ctx, threads=threads)
-        self.engine = Engine(self.drafter, verifier)
-        self.engine.offline, self.engine.offline_wait_s = offline, offline_wait_s
-        self.engine.nav_deadline_s = nav_deadline_s
+        cloud = None if verifier is None else CloudSession(verifier, self.drafter.vocab_tokens,
+                                                           self.drafter.vocab_size, nav_deadline_s=nav_deadline_s)
+        self.engine = Engine(self.drafter, cloud, offline=offline, offline_wait_s=offline_wait_s)
+        self._default = default
+
+    def _make(self, mode: str, **settings) -> Policy:
+        try:
+            key = (mode, *sorted(settings.items()))
+            known = self._policies.get(key)
+        except TypeError:            # unhashable: not a mode name or setting at all
+            raise ConfigError(f"a mode is a name or a Policy and its settings numbers, not {mode!r} {settings}") \
+                from None
+        if known is None:
+            known = self._policies[key] = make_policy(mode, **settings)
+        return known
+
+    def policy(self, mode: str | Policy | None = None, draft_k: int | None = None) -> Policy:
+        """The policy a request with these arguments runs: the same object each time, so that what an
+        adaptive policy learns (EdgeLLM's threshold, PipeSD's tuner and batch plan) carries over.
+
+        The client's own settings (``draft_k``, ``r1``, ``r2``) belong to its mode: a request for
+        another mode by name starts from that mode's defaults (plus its own ``draft_k``)."""
+        if isinstance(mode, Policy):
+            if draft_k is not None:
+                raise ConfigError("draft_k configures a mode given by name, not a Policy object")
+            return mode
+        if mode is None and self._mode is None:          # the client runs a Policy object of the app's
+            if draft_k is not None:
+                raise ConfigError("this client runs a Policy object: draft_k cannot change it")
+            return self._default
+        if mode is None or mode == self._mode:
+            if draft_k is None or draft_k == self._settings["draft_k"]:
+                return self._default
+            return self._make(self._mode, **{**self._settings, "draft_k": draft_k})
+        return self._make(mode, draft_k=draft_k)
+
+    @property
+    def is_offline(self) -> bool:
+        """True while the verifier counts as gone (circuit breaker open): generations run on the device."""
+        return self.engine.cloud is not None and self.engine.cloud.offline
 
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
         """Token ids of a prompt (with BOS where the model wants one).
@@ -140,35 +191,31 @@ class EdgeClient:
         """
         return self.drafter.tokenize(text, add_bos=True, special=parse_special)
 
-    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
-               mode: str | None = None, draft_k: int | None = None, parse_special: bool = False,
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: str | Sequence[str] = (),
+               mode: str | Policy | None = None, draft_k: int | None = None, parse_special: bool = False,
                private: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None) -> Generation:
+               seed: int | None = None, timeline: bool = False) -> Generation:
         """Start a generation; iterate the result for tokens as they are committed.
 
+        ``mode`` / ``draft_k`` choose this request's policy (``policy()`` says which object runs).
         ``private=True`` (or a client made with ``local_only=True``) keeps the request on the
         device: it runs edge_only and opens no connection, whatever the mode.
 
         Sampling: ``temperature`` > 0 samples from the target's distribution under that temperature,
         ``top_k`` (0: off) and ``top_p`` (1: off), exactly (speculative sampling: the draft's q goes
         up sparse and the verifier keeps or resamples each token). ``seed`` makes it reproducible:
-        the same seed and policy give the same text. A seeded request runs an adaptive policy from its
-        initial state and PipeSD at the tuner's settled thresholds (pass ``r1``/``r2`` to fix them),
-        and changes neither. Without a seed each request draws one.
+        the same seed and policy give the same text. A seeded request runs ``policy.reproducible()``
+        (an adaptive policy from its initial state, PipeSD at the thresholds its tuner has settled on;
+        make the client with ``r1``/``r2`` to fix them for good) and teaches the client's policy
+        nothing. Without a seed each request draws one.
+
+        ``timeline=True`` records when drafting, uploads and NAV happened in ``stats.timeline``.
         """
-        mode = "edge_only" if (private or self.local_only) else (mode or self.mode)
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        key = (mode, draft_k or self.draft_k, self.r1, self.r2)
-        if key not in self._policies:
-            self._policies[key] = make_policy(*key)
-        # A seeded request starts from the policy's initial state (an adaptive trigger's threshold
-        # would otherwise carry the history of earlier requests) and teaches it nothing.
-        policy = make_policy(*key) if seed is not None else self._policies[key]
+        policy = EdgeOnly() if (private or self.local_only) else self.policy(mode, draft_k)
         if policy.uses_cloud and self.verifier is None:
-            raise ConfigError(f"mode {mode!r} needs a verifier: pass verifier_url=...")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"mode {policy.name!r} needs a verifier: pass verifier_url=...")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(stop, str):
             stop = [stop]
         ids = self.tokenize(prompt, parse_special) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -179,9 +226,11 @@ class EdgeClient:
                 float(temperature), int(top_k), float(top_p), secrets.randbits(63) if seed is None else int(seed))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad sampling parameters: {exc}") from None
-        stats = GenerationStats(mode=policy.name)
-        return Generation(self.engine.run(ids, policy, max_new_tokens, stop, stats, sampling=sampling,
-                                          seeded=seed is not None), ids, stats)
+        if seed is not None:
+            policy = policy.reproducible()
+        decoding = self.engine.start(ids, policy, max_new_tokens=max_new_tokens, stop=stop, sampling=sampling,
+                                     timeline=timeline)
+        return Generation(decoding, ids)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         """Generate to the end and return text, token ids and statistics (same arguments as ``stream``)."""
@@ -189,8 +238,6 @@ class EdgeClient:
 
     def close(self) -> None:
         self.engine.close()
-        if self.verifier is not None:
-            self.verifier.close()
 
     def __enter__(self) -> "EdgeClient":
         return self

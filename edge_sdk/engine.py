@@ -1,40 +1,39 @@
-"""The decoding engine: one file where a round reads top to bottom.
+"""The decoding engine: one file where a round reads top to bottom (``Decoding._round``).
 
-    draft -> (batches go up as the schedule closes them) -> trigger -> final batch -> NAV
+    draft -> (batches go up as the policy closes them) -> policy says verify -> final batch -> NAV
           -> (meanwhile: proactive drafting of the next round) -> commit -> keep or roll back
 
 Each round the drafter moves to the round's base (its KV cache keeps the common prefix: that
-is the edge-side rollback) and drafts until the policy's trigger fires. The uploader sends the
+is the edge-side rollback) and drafts until the policy asks for NAV. The uploader sends the
 draft in batches on its own thread; the final batch asks the verifier for NAV, which accepts
 the longest correct prefix and adds the target's own next token. While that is in flight a
 proactive policy drafts on, assuming every token is accepted and the target's token equals the
 draft's own next one; those tokens (and their uploads) survive only if both assumptions hold.
 The committed sequence only ever grows by tokens the target chose, so greedy output equals
 target-only greedy decoding for every policy.
+
+``Engine`` holds what outlives a generation (the drafter, the cloud session, the link profile,
+the offline settings); ``Decoding`` is one generation and everything that belongs to it.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
-from privacy import OpenSession, SamplingParams, SessionOpened, VerifyRequest, VerifyResponse, prefix_hash
-from privacy.messages import vocab_fingerprint
+from privacy import ErrorCode, SamplingParams, VerifyResponse
 
-from .autotune import OnlineAutotuner
 from .drafter import Drafter, DraftToken
-from .errors import ConfigError, PromptTooLongError, VerifierError, VerifierUnavailable, VocabMismatchError
-from .offline import CircuitBreaker, nav_deadline
-from .policies import Policy
+from .errors import ConfigError, PromptTooLongError, SessionLost, VerifierError, VerifierUnavailable
+from .offline import OFFLINE_POLICIES
+from .policies import Policy, RoundVerdict
 from .profiler import LinkProfiler
-from .scheduling import BatchPlan, WindowEstimator, plan_batches
+from .session import CloudSession
 from .stats import GenerationStats
 from .text import TextAssembler
-from .transport import Verifier
-from .triggers import DualThreshold
-from .uploader import Batch, Uploader
+from .uploader import Nav, Round, Uploader
 
 
 @dataclass(frozen=True)
@@ -115,88 +114,69 @@ def proactive_survives(assumed_base: Sequence[int], committed: Sequence[int]) ->
     return list(assumed_base) == list(committed)
 
 
-@dataclass
-class _Round:
-    """Draft tokens since the last NAV and the committed prefix they build on (assumed, if proactive)."""
-
-    id: int
-    base: list[int]
-    draft: list[DraftToken] = field(default_factory=list)
-    sent: int = 0                 # draft tokens handed to the uploader in non-final batches
-
-    @property
-    def tokens(self) -> list[int]:
-        return [d.token for d in self.draft]
+def _resendable(exc: Exception) -> bool:
+    """A failure that resending the round whole, from the full prefix, repairs."""
+    return isinstance(exc, SessionLost) or (isinstance(exc, VerifierError) and exc.code is ErrorCode.RESYNC)
 
 
 class Engine:
-    """Runs generations for one drafter + verifier pair. Keeps what it learns across generations:
-    the link profile, the DP plan, the window estimate and the autotuner's memory."""
+    """Runs generations for one drafter and, unless it works alone, one verifier.
 
-    def __init__(self, drafter: Drafter, verifier: Verifier | None):
-        self.drafter = drafter
-        self.verifier = verifier
-        self.fingerprint = vocab_fingerprint(drafter.vocab_tokens)
-        self.session: SessionOpened | None = None   # kept across generations: its KV cache is reused
-        self.max_draft = 64
-        self.max_context = drafter.max_context
+    Keeps only what outlives a generation: the drafter (its KV cache), the cloud session (the
+    verifier's KV cache, the circuit breaker), the link profile and the offline settings.
+    Policies keep what they learn themselves.
+
+    offline: what a generation does when the verifier is unreachable or a NAV overruns its deadline
+        (``offline.py``): "continue", "wait" (up to `offline_wait_s` first) or "verify_late".
+    """
+
+    def __init__(self, drafter: Drafter, cloud: CloudSession | None = None, *, offline: str = "continue",
+                 offline_wait_s: float = 5.0):
+        if offline not in OFFLINE_POLICIES:
+            raise ConfigError(f"offline must be one of {', '.join(OFFLINE_POLICIES)}, not {offline!r}")
+        if offline_wait_s < 0:
+            raise ConfigError(f"offline_wait_s must be >= 0, got {offline_wait_s}")
+        self.drafter, self.cloud = drafter, cloud
+        self.offline, self.offline_wait_s = offline, offline_wait_s
         self.profiler = LinkProfiler()
-        self.window = WindowEstimator()
-        self.autotuner = OnlineAutotuner()
-        self._plan: BatchPlan | None = None
-        self._plan_basis = None
-        self._round_ids = 0
-        self.timeline: list | None = None   # set to a list to record (kind, start, end) spans: draft/upload/nav
-        # Offline behaviour (see offline.py): policy, its wait, the NAV deadline (None: from the profile).
-        self.offline = "continue"
-        self.offline_wait_s = 5.0
-        self.nav_deadline_s: float | None = None
-        self.probe_horizon_s = 600.0        # the prober gives up after this long offline (bounded)
-        self.max_lost_replies = 3           # lost replies retried per NAV before going offline
-        self.breaker = CircuitBreaker()
-        self._online = threading.Event()
-        self._closing = threading.Event()
-        self._prober: threading.Thread | None = None
-        self.resumed_at: float | None = None   # perf_counter when the last probe found the verifier back
-        # This generation's sampling (None: greedy); a seeded one leaves the autotuner alone.
-        self.sampling: SamplingParams | None = None
-        self._seeded = False
-        self._unverified_q: dict = {}        # sampling, offline: position -> the q an unverified token came from
 
-    # -- one generation ---------------------------------------------------------------
-    def run(self, prompt: list[int], policy: Policy, max_new_tokens: int,
-            stop: Sequence[str] = (), stats: GenerationStats | None = None,
-            sampling: SamplingParams | None = None, seeded: bool = False) -> Iterator[TokenEvent]:
-        stats = stats or GenerationStats(mode=policy.name)
+    def start(self, prompt: Sequence[int], policy: Policy, *, max_new_tokens: int, stop: Sequence[str] = (),
+              sampling: SamplingParams | None = None, timeline: bool = False) -> "Decoding":
+        """A generation of `prompt` under `policy`; iterate it for its ``TokenEvent``s."""
+        if policy.uses_cloud and self.cloud is None:
+            raise ConfigError(f"mode {policy.name!r} needs a verifier")
+        return Decoding(self, list(prompt), policy, max_new_tokens, stop, sampling, timeline)
+
+    def close(self) -> None:
+        if self.cloud is not None:
+            self.cloud.close()
+
+
+class Decoding:
+    """One generation: its committed output, statistics, sampling, and the state of its rounds.
+
+    Iterating runs it; ``stats`` fills in as it goes (and is complete once iteration ends).
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], policy: Policy, max_new_tokens: int,
+                 stop: Sequence[str], sampling: SamplingParams | None, timeline: bool):
+        self.engine, self.drafter, self.cloud, self.profiler = engine, engine.drafter, engine.cloud, engine.profiler
+        self.policy = policy
+        self.prompt, self.max_new_tokens, self.stop = prompt, max_new_tokens, stop
         self.sampling = None if sampling is None or sampling.greedy else sampling
-        self._seeded, self._unverified_q = seeded, {}
-        set_sampling = getattr(self.drafter, "set_sampling", None)
-        if set_sampling is None and self.sampling is not None:
-            raise ConfigError(f"{type(self.drafter).__name__} cannot sample: it has no set_sampling()")
-        if set_sampling is not None:
-            set_sampling(self.sampling)
-        stats.prompt_tokens = len(prompt)
+        self.stats = GenerationStats(mode=policy.name, prompt_tokens=len(prompt), timeline=[] if timeline else None)
+        self.out: _Output | None = None
+        self.synced = 0                  # committed tokens the verifier holds
+        self.unverified_from = None      # where the output's unverified tail starts (offline)
+        self._unverified_q: dict = {}    # sampling, offline: position -> the q an unverified token came from
+        self.uploader: Uploader | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        stats, cloud = self.stats, self.cloud if self.policy.uses_cloud else None
+        self.drafter.set_sampling(self.sampling)
         t0 = time.perf_counter()
-        up0 = down0 = 0
-        if policy.uses_cloud:
-            up0, down0 = self.verifier.bytes_sent, self.verifier.bytes_received
-            if self.session is None and not self.breaker.is_open:
-                try:
-                    self._open_session(stats)
-                except VerifierUnavailable:
-                    self._go_offline(stats)   # start at once on the device; the prober watches the cloud
-        room = self.max_context - len(prompt)
-        if room < 1 or not prompt:
-            raise PromptTooLongError(f"a prompt of {len(prompt)} tokens leaves no room in a context of "
-                                     f"{self.max_context} tokens" if prompt else "the prompt has no tokens")
-        out = _Output(prompt, min(max_new_tokens, room), self.drafter.eos_token_ids,
-                      lambda: TextAssembler(self.drafter.token_bytes, stop))
-        if not policy.uses_cloud:
-            loop = self._edge_only(out, stats)
-        elif not policy.uses_draft:
-            loop = self._cloud_only(out, stats)
-        else:
-            loop = self._speculative(out, policy, stats)
+        up0, down0 = (cloud.verifier.bytes_sent, cloud.verifier.bytes_received) if cloud else (0, 0)
+        loop = self._collaborate() if cloud else self._alone_by_choice()
         try:
             for event in loop:
                 if stats.output_tokens == 0:
@@ -207,226 +187,99 @@ class Engine:
                 yield event
         finally:
             loop.close()
-            if policy.uses_cloud:
-                stats.bytes_up += self.verifier.bytes_sent - up0
-                stats.bytes_down += self.verifier.bytes_received - down0
-        tail = out.text.finish()
+            if cloud:
+                stats.bytes_up += cloud.verifier.bytes_sent - up0
+                stats.bytes_down += cloud.verifier.bytes_received - down0
+        tail = self.out.text.finish()
         if tail:
-            yield TokenEvent(None, tail, policy.uses_cloud)
+            yield TokenEvent(None, tail, cloud is not None)
         stats.total_s = time.perf_counter() - t0
-        stats.finish_reason = out.finish_reason
+        stats.finish_reason = self.out.finish_reason
 
-    def _edge_only(self, out: _Output, stats: GenerationStats) -> Iterator[TokenEvent]:
-        """The draft model alone: every token it proposes is output, unverified."""
-        while not out.finish_reason:
-            t = time.perf_counter()
-            self.drafter.set_context(out.tokens)
-            token = self.drafter.next_token().token
-            stats.draft_s += time.perf_counter() - t
-            yield from out.commit([token], verified=False)
+    def _begin(self) -> None:
+        """The output buffer, bounded by the context (the verifier's too, once a session says it)."""
+        limits = [self.drafter.max_context] + ([self.cloud.max_context] if self.cloud and self.cloud.max_context else [])
+        room = min(limits) - len(self.prompt)
+        if not self.prompt:
+            raise PromptTooLongError("the prompt has no tokens")
+        if room < 1:
+            raise PromptTooLongError(f"a prompt of {len(self.prompt)} tokens leaves no room in a context of "
+                                     f"{min(limits)} tokens")
+        self.out = _Output(self.prompt, min(self.max_new_tokens, room), self.drafter.eos_token_ids,
+                           lambda: TextAssembler(self.drafter.token_bytes, self.stop))
 
-    def _cloud_only(self, out: _Output, stats: GenerationStats) -> Iterator[TokenEvent]:
-        """The target alone: an empty draft per round, one token per round trip."""
-        synced, unverified_from = 0, None
-        while not out.finish_reason:
-            if self.breaker.is_open:
-                synced, unverified_from = yield from self._offline(out, unverified_from, stats)
-                continue
+    # -- the draft alone -------------------------------------------------------------------
+    def _alone_by_choice(self) -> Iterator[TokenEvent]:
+        """edge_only (or a private request): every token the draft proposes is output, unverified."""
+        self._begin()
+        while not self.out.finish_reason:
+            yield from self.out.commit([self._draft_one().token], verified=False)
+
+    # -- collaboration -----------------------------------------------------------------------
+    def _collaborate(self) -> Iterator[TokenEvent]:
+        """Speculative rounds while the verifier answers, the draft alone while it does not."""
+        if self.cloud.opened is None and not self.cloud.offline:
             try:
-                resp, synced = self._nav_whole(out.tokens, synced, [], stats)
+                with self._waiting():
+                    self._open_session()
             except VerifierUnavailable:
-                self._go_offline(stats)
-                continue
-            self._count_round(stats, 0, 0)
-            yield from out.commit([resp.token], verified=True)
-
-    # -- speculative decoding ----------------------------------------------------------
-    def _speculative(self, out: _Output, policy: Policy, stats: GenerationStats) -> Iterator[TokenEvent]:
-        uploader = Uploader(self.verifier, self.profiler, self.timeline)
-        synced = 0                                  # committed tokens the verifier holds
-        unverified_from = None                      # where the output's unverified tail starts (offline)
-        rnd = self._new_round(list(out.tokens))
+                self._go_offline()       # start at once on the device; the prober watches the cloud
+        self._begin()
+        self.uploader = Uploader(self.cloud, self.profiler, self.sampling, self.stats.timeline)
+        rnd = self._new_round()
         try:
-            while not out.finish_reason:
-                if self.breaker.is_open:            # the cloud is gone: the draft alone, until it is back
-                    uploader.close()
-                    synced, unverified_from = yield from self._offline(out, unverified_from, stats)
-                    rnd = self._new_round(list(out.tokens))
+            while not self.out.finish_reason:
+                if self.cloud.offline:   # the cloud is gone: the draft alone, until it is back
+                    self.uploader.close()
+                    yield from self._alone()
+                    rnd = self._new_round()
                     continue
-                t_round = time.perf_counter()
-                self._tune(policy)
-                # Every NAV round commits accepted + 1 tokens, hence remaining - 1.
-                cap = min(policy.max_draft, self.max_draft, out.remaining - 1,
-                          self.drafter.max_context - len(rnd.base) - 1)
-                plan = self._batch_plan(policy)
-                nxt = None
                 try:
-                    # 1. Draft until the trigger fires; batches go up as the schedule closes them.
-                    self._draft_round(rnd, cap, policy, plan, uploader, synced, stats)
-                    # 2. The final batch asks for NAV (it carries the committed tail the verifier lacks).
-                    final = self._batch(rnd, synced, final=True)
-                    pending = uploader.finalize(final)
-                    nav_times = [time.perf_counter()]
-                    pending.add_done_callback(   # a NAV that answered, not one that failed, is a sample
-                        lambda f: f.cancelled() or f.exception() or nav_times.append(time.perf_counter()))
-                    # 3. While NAV is in flight, a proactive policy drafts the next round.
-                    if policy.proactive and rnd.draft and rnd.draft[-1].token not in self.drafter.eos_token_ids:
-                        nxt = self._draft_ahead(rnd, pending, out.remaining - len(rnd.draft) - 2, policy, plan,
-                                                uploader, stats)
-                    t_wait = time.perf_counter()
-                    resp, synced, nxt = self._await_nav(pending, nav_times[0], len(final.tokens), out, rnd, nxt,
-                                                        synced, uploader, stats)
+                    rnd = yield from self._round(rnd)
                 except (VerifierUnavailable, TimeoutError):
                     # Unreachable, or NAV overran its deadline: go offline. The round's draft is not
                     # lost work: the drafter proposes the same tokens again, now as output.
-                    self._go_offline(stats)
-                    continue
-                stats.wait_s += time.perf_counter() - t_wait
-                stats.verify_s += resp.verify_ms / 1e3
-                if len(nav_times) == 2:   # the streamed NAV answered (not a fallback)
-                    self.profiler.observe_nav(nav_times[1] - nav_times[0] - resp.verify_ms / 1e3, len(final.tokens))
-                    self._trace("nav", *nav_times)
-                self._count_round(stats, len(rnd.draft), resp.accepted)
-                policy.trigger.on_round(len(rnd.draft), resp.accepted, rnd.draft)
-                self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
-                self.window.observe(len(rnd.draft))
-                # 4. Commit the accepted prefix and the target's token; keep the proactive round
-                #    only if it was built on exactly that.
-                committed = rnd.tokens[: resp.accepted] + [resp.token]
-                yield from out.commit(committed, verified=True)
-                if policy.autotune and not self._seeded:
-                    self.autotuner.record(len(committed), time.perf_counter() - t_round,
-                                          self.profiler.estimate().regime(), self.profiler.acceptance)
-                if nxt is not None and proactive_survives(nxt.base, out.tokens):
-                    stats.proactive_kept += len(nxt.draft)
-                    rnd = nxt
-                else:
-                    if nxt is not None:
-                        stats.proactive_discarded += len(nxt.draft) + 1
-                        uploader.cancel(nxt.id)
-                    rnd = self._new_round(list(out.tokens))   # roll back to the target's token
+                    self._go_offline()
         finally:
-            uploader.close()
-            stats.upload_s += uploader.upload_s
-            stats.batch_sizes.extend(uploader.batch_sizes)
+            self.uploader.close()
+            self.stats.upload_s += self.uploader.upload_s
+            self.stats.batch_sizes.extend(self.uploader.batch_sizes)
 
-    def _await_nav(self, pending, sent_at: float, final_tokens: int, out: _Output, rnd: _Round,
-                   nxt: _Round | None, synced: int, uploader: Uploader, stats: GenerationStats):
-        """(NAV result, tokens the verifier holds, the proactive round if still usable) of the
-        streamed round, within its deadline. A resync or a broken stream drops the proactive round
-        and sends this one again in one piece."""
-        est = self.profiler.estimate()
-        # Lenient on purpose: a one-token round trip per token of the final batch (beta may still be
-        # the prior when a policy sends no non-final batches); a false "offline" costs more than waiting.
-        expected = (est.nav_network or 0.0) * max(1, final_tokens) + est.verify
-        deadline = nav_deadline(expected, self.nav_deadline_s)
-        try:
-            resp = pending.result(timeout=max(0.0, deadline - (time.perf_counter() - sent_at)))
-            return resp, resp.committed_len, nxt
-        except TimeoutError:
-            uploader.cancel(rnd.id)
-            if nxt is not None:
-                uploader.cancel(nxt.id)
-            raise
-        except (VerifierError, VerifierUnavailable) as exc:
-            if isinstance(exc, VerifierError) and exc.code not in ("resync", "unknown_session"):
-                raise
-            if nxt is not None:
-                uploader.cancel(nxt.id)
-            q = tuple(d.q for d in rnd.draft) if self.sampling else ()
-            if isinstance(exc, VerifierError):
-                return (*self._nav_whole(out.tokens, 0, rnd.tokens, stats, first_error=exc, q=q), None)
-            return (*self._nav_whole(out.tokens, synced, rnd.tokens, stats, q=q), None)
+    def _round(self, rnd: Round) -> Generator[TokenEvent, None, Round]:
+        """One speculative round, top to bottom; returns the round to run next."""
+        t0, policy = time.perf_counter(), self.policy
+        policy.start_round(self.profiler.estimate())
+        # 1. Draft until the policy asks for NAV; each batch it closes goes up at once.
+        self._draft(rnd, self._cap(rnd.base))
+        # 2. The final batch asks for NAV (the round's first batch also carries the committed tail
+        #    the verifier lacks).
+        ahead = policy.proactive and bool(rnd.draft) and not self._is_eos(rnd.draft[-1].token)
+        nav = self.uploader.finalize(rnd, self.synced, background=ahead)
+        # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
+        nxt = self._draft_ahead(rnd, nav) if ahead else None
+        # 4. The verdict, within the deadline; a resync or a lost reply sends the round again whole.
+        with self._waiting():
+            resp, nxt = self._verdict(nav, rnd, nxt)
+        self.synced = resp.committed_len
+        self._learn(rnd, resp, nav, t0)
+        # 5. Commit the accepted prefix and the target's token (its correction, or a bonus token).
+        yield from self.out.commit(rnd.tokens[: resp.accepted] + [resp.token], verified=True)
+        # 6. Keep the proactive round only if it was built on exactly that; else roll back to the
+        #    target's token (the drafter's set_context keeps the common prefix of its KV cache).
+        if nxt is not None and proactive_survives(nxt.base, self.out.tokens):
+            self.stats.proactive_kept += len(nxt.draft)
+            return nxt
+        if nxt is not None:
+            self.stats.proactive_discarded += len(nxt.draft) + 1
+            self.uploader.cancel(nxt)
+        return self._new_round()
 
-    # -- offline: the circuit breaker (offline.py) ---------------------------------------
-    def _go_offline(self, stats: GenerationStats) -> None:
-        """A NAV failed or overran: open the breaker, forget the session, probe in the background.
-        Policy "wait" first blocks up to `offline_wait_s` for the verifier to come back."""
-        if not self.breaker.is_open:
-            stats.breaker_trips += 1
-        self.breaker.trip()
-        self.session = None
-        self._online.clear()
-        if self._prober is None or not self._prober.is_alive():
-            self._prober = threading.Thread(target=self._probe_loop, name="verifier-probe", daemon=True)
-            self._prober.start()
-        if self.offline == "wait":
-            t = time.perf_counter()
-            self._online.wait(self.offline_wait_s)
-            stats.wait_s += time.perf_counter() - t
-
-    def _probe_loop(self) -> None:
-        """Background: jittered exponential backoff between health probes, until one succeeds, the
-        engine closes, or `probe_horizon_s` passes."""
-        give_up = time.monotonic() + self.probe_horizon_s
-        while not self._closing.is_set() and time.monotonic() < give_up:
-            if self._closing.wait(self.breaker.delay_until_probe()):
-                return
-            probe = getattr(self.verifier, "probe", None)
-            if probe is None or probe():
-                self.resumed_at = time.perf_counter()
-                self._online.set()
-                return
-            self.breaker.probe_failed()
-
-    def _offline(self, out: _Output, unverified_from: int | None, stats: GenerationStats):
-        """Breaker open: emit draft tokens (unverified) until the prober sees the verifier again,
-        then resync a fresh session and, under verify_late, verify the unverified tail.
-        Returns (tokens the verifier holds, start of the output's unverified tail or None)."""
-        t0 = time.perf_counter()
-        while not out.finish_reason and not self._online.is_set():
-            if unverified_from is None:
-                unverified_from = len(out.tokens)
-            t = time.perf_counter()
-            self.drafter.set_context(out.tokens)
-            d = self.drafter.next_token()
-            token = d.token
-            self._unverified_q[len(out.tokens)] = d.q
-            stats.draft_s += time.perf_counter() - t
-            stats.unverified_tokens += 1
-            yield from out.commit([token], verified=False)
-        stats.offline_s += time.perf_counter() - t0
-        if not self._online.is_set():
-            return 0, unverified_from              # generation over; the breaker stays open
-        self.breaker.close()
-        try:
-            self._open_session(stats)
-            if self.offline == "verify_late" and unverified_from is not None:
-                synced = yield from self._verify_late(out, unverified_from, stats)
-                return synced, None
-        except VerifierUnavailable:
-            self._go_offline(stats)
-            return 0, unverified_from
-        return 0, None
-
-    def _verify_late(self, out: _Output, start: int, stats: GenerationStats):
-        """Verify the unverified tail out.tokens[start:] as drafts, a chunk per NAV. Where the target
-        disagrees, a revision replaces the tail from the first rejected token."""
-        pos, synced = start, 0
-        while pos < len(out.tokens):
-            chunk = out.tokens[pos: pos + self.max_draft]
-            q = tuple(self._unverified_q.get(pos + i) for i in range(len(chunk))) if self.sampling else ()
-            resp, synced = self._nav_whole(out.tokens[:pos], min(synced, pos), chunk, stats, q=q)
-            self._count_round(stats, len(chunk), resp.accepted)
-            if resp.accepted < len(chunk):
-                stats.revisions += 1
-                yield from out.revise(pos + resp.accepted, resp.token)
-                return resp.committed_len
-            pos += len(chunk)
-        if not out.finish_reason:
-            yield from out.commit([resp.token], verified=True)
-        return resp.committed_len
-
-    def close(self) -> None:
-        """Stop the background prober."""
-        self._closing.set()
-
-    def _draft_round(self, rnd: _Round, cap: int, policy: Policy, plan: BatchPlan | None, uploader: Uploader,
-                     synced: int, stats: GenerationStats) -> None:
-        """Draft into `rnd` until the trigger fires, EOS, or `cap`; stage batches on the way."""
-        if rnd.draft and (policy.trigger.should_verify(rnd.draft) or len(rnd.draft) >= cap
-                          or rnd.draft[-1].token in self.drafter.eos_token_ids):
-            return   # a kept proactive round may already be complete
+    def _draft(self, rnd: Round, cap: int) -> None:
+        """Draft into `rnd` until the policy asks for NAV, EOS, or `cap`; stage the batches it closes."""
+        policy = self.policy
+        if cap <= 0 or (rnd.draft and (len(rnd.draft) >= cap or self._is_eos(rnd.draft[-1].token)
+                                       or policy.verify_now(rnd.draft))):
+            return   # nothing to draft (the target decodes alone), or a kept proactive round is complete
         t = time.perf_counter()
         self.drafter.set_context(rnd.base + rnd.tokens)
         while len(rnd.draft) < cap:
@@ -434,137 +287,202 @@ class Engine:
             d = self.drafter.next_token()
             self.profiler.observe_draft(time.perf_counter() - t_token)
             rnd.draft.append(d)
-            if d.token in self.drafter.eos_token_ids or policy.trigger.should_verify(rnd.draft):
+            if self._is_eos(d.token) or policy.verify_now(rnd.draft):
                 break
-            if self._closes_batch(policy, plan, len(rnd.draft)):
-                uploader.stage(self._batch(rnd, synced, final=False))
-        stats.draft_s += time.perf_counter() - t
-        self._trace("draft", t, time.perf_counter())
+            if policy.closes_batch(len(rnd.draft)):
+                self.uploader.stage(rnd, self.synced)
+        self._spent("draft", t)
 
-    def _draft_ahead(self, rnd: _Round, pending, budget: int, policy: Policy, plan: BatchPlan | None,
-                     uploader: Uploader, stats: GenerationStats) -> _Round | None:
-        """Proactive drafting while NAV is in flight. The first token is the assumed target token
-        after a fully accepted round; the rest are the next round's draft."""
+    def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
+        """Proactive drafting while NAV is in flight. The first token is the draft's guess of the
+        target's token after a fully accepted round; the rest are the next round's draft, whose batches
+        name a base the verifier will hold only if that guess is right (else it refuses them)."""
+        budget = self.out.remaining - len(rnd.draft) - 2
         if budget < 1:
             return None
         t = time.perf_counter()
         self.drafter.set_context(rnd.base + rnd.tokens)
-        assumed = self.drafter.next_token()
-        nxt = self._new_round(rnd.base + rnd.tokens + [assumed.token])
-        cap = min(policy.max_draft, self.max_draft, budget, self.drafter.max_context - len(nxt.base) - 1)
-        while not pending.done() and len(nxt.draft) < cap and assumed.token not in self.drafter.eos_token_ids:
+        guess = self.drafter.next_token()
+        nxt = self._new_round(rnd.base + rnd.tokens + [guess.token])
+        cap = min(self._cap(nxt.base), budget)
+        while not nav.done() and len(nxt.draft) < cap and not self._is_eos(guess.token):
             d = self.drafter.next_token()
             nxt.draft.append(d)
-            if d.token in self.drafter.eos_token_ids or policy.trigger.should_verify(nxt.draft):
+            if self._is_eos(d.token) or self.policy.verify_now(nxt.draft):
                 break
-            if self._closes_batch(policy, plan, len(nxt.draft)):
-                # Built on a prefix the verifier does not hold yet: it stages it only if NAV confirms it.
-                uploader.stage(self._batch(nxt, len(nxt.base), final=False))
-        stats.draft_s += time.perf_counter() - t
-        self._trace("draft", t, time.perf_counter())
+            if self.policy.closes_batch(len(nxt.draft)):
+                self.uploader.stage(nxt, len(nxt.base))
+        self._spent("draft", t)
         return nxt
 
-    def _batch(self, rnd: _Round, synced: int, final: bool) -> Batch:
-        """The round's next batch: its base as the verifier should hold it, and the tokens not yet sent."""
-        base_len = min(synced, len(rnd.base))
-        batch = Batch(rnd.id, base_len, prefix_hash(rnd.base[:base_len]) if base_len else b"",
-                      tuple(rnd.base[base_len:]), tuple(rnd.tokens[rnd.sent:]), offset=rnd.sent, final=final,
-                      sampling=self.sampling,
-                      q=tuple(d.q for d in rnd.draft[rnd.sent:]) if self.sampling else ())
-        rnd.sent = len(rnd.draft)
-        return batch
+    def _verdict(self, nav: Nav, rnd: Round, nxt: Round | None) -> tuple[VerifyResponse, Round | None]:
+        """(NAV result, the proactive round if still usable). A resync, a lost session or a broken
+        stream drops the proactive round and sends this one again in one piece."""
+        try:
+            return nav.result(), nxt
+        except TimeoutError:
+            if nxt is not None:
+                self.uploader.cancel(nxt)
+            raise
+        except (VerifierError, VerifierUnavailable) as exc:
+            if isinstance(exc, VerifierError) and not _resendable(exc):
+                raise
+            if nxt is not None:
+                self.uploader.cancel(nxt)
+            q = [d.q for d in rnd.draft]
+            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, exc), None
 
-    @staticmethod
-    def _closes_batch(policy: Policy, plan: BatchPlan | None, drafted: int) -> bool:
-        if policy.schedule == "per_token":
-            return True
-        return policy.schedule == "dp" and plan is not None and plan.ends_batch(drafted)
-
-    def _batch_plan(self, policy: Policy) -> BatchPlan | None:
-        """The DP plan over the predicted window; re-planned when the window or the link drifts."""
-        if policy.schedule != "dp":
-            return None
-        est, window = self.profiler.estimate(), self.window.value
-        if self._plan is None or self._plan_basis[1] != window or est.drifted_from(self._plan_basis[0]):
-            self._plan = BatchPlan(plan_batches(window, est.alpha, est.beta, est.gamma))
-            self._plan_basis = (est, window)
-        return self._plan
-
-    def _tune(self, policy: Policy) -> None:
-        if policy.autotune and isinstance(policy.trigger, DualThreshold):
-            # A seeded request must be reproducible: the tuner's settled thresholds, not a live candidate.
-            tuner = self.autotuner
-            policy.trigger.r1, policy.trigger.r2 = tuner.best_thresholds() if self._seeded else tuner.thresholds()
-
-    def _trace(self, kind: str, start: float, end: float) -> None:
-        if self.timeline is not None:
-            self.timeline.append((kind, start, end))
-
-    def _new_round(self, base: list[int]) -> _Round:
-        self._round_ids += 1
-        return _Round(self._round_ids, base)
-
-    # -- synchronous NAV (cloud-only rounds and recovery) --------------------------------
-    def _nav_whole(self, tokens: list[int], synced: int, draft: list[int], stats: GenerationStats,
-                   first_error: VerifierError | None = None, q: tuple = ()) -> tuple[VerifyResponse, int]:
-        """One round sent in one piece; a verifier that lost or disagrees with our prefix gets it resent."""
-        error = first_error
+    def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
+                first_error: Exception | None = None) -> VerifyResponse:
+        """A round sent whole until it is answered. A verifier that lost or disagrees with our prefix
+        gets all of it (after a new session if it lost ours); a lost reply is retried as it was: the
+        request names its base (length + hash), so a verifier that already acted answers "resync"
+        and the round goes again from the full prefix -- a retry never double-commits."""
+        error = first_error if first_error is not None and _resendable(first_error) else None
+        if error is not None:
+            synced = self._resync(error)
         lost = 0
-        for _ in range(2 + self.max_lost_replies):
-            if error is not None:
-                stats.resyncs += 1
-                if error.code == "unknown_session":
-                    self._open_session(stats)
-                synced = 0
-            self._call_deadline(len(draft))
-            t = time.perf_counter()
-            self._round_ids += 1
-            req = VerifyRequest(synced, tuple(tokens[synced:]), tuple(draft),
-                                prefix_hash(tokens[:synced]) if synced else b"", self._round_ids,
-                                sampling=self.sampling, q=q)
+        while True:
             try:
-                resp = self.verifier.verify(req)
+                return self.uploader.whole(prefix, synced, draft, q)
+            except TimeoutError:          # past the deadline: the caller goes offline, no retry
+                raise
             except VerifierUnavailable:
-                # A lost reply: retry. The request names its base (length + hash): a verifier that
-                # already acted on it answers "resync" and the round goes again from the full
-                # prefix, so a retry never double-commits.
                 lost += 1
-                if lost > self.max_lost_replies:
+                if lost > self.cloud.max_lost_replies:
                     raise
-                continue
             except VerifierError as exc:
-                if error is not None or exc.code not in ("resync", "unknown_session"):
+                if error is not None or not _resendable(exc):   # a second resync in a row: give up on it
                     raise
                 error = exc
+                synced = self._resync(error)
+
+    def _resync(self, error: VerifierError) -> int:
+        """The verifier lost our session or holds another prefix: a new session if need be; the whole
+        prefix goes again (returns the tokens the verifier now holds: none)."""
+        self.stats.resyncs += 1
+        if isinstance(error, SessionLost):
+            self._open_session()
+        return 0
+
+    def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
+        """Count the round, feed the profiler, and tell the policy how its round ended."""
+        self._count_round(len(rnd.draft), resp.accepted)
+        self.stats.verify_s += resp.verify_ms / 1e3
+        if nav.answered_at is not None:   # this NAV answered (not a resend): a sample of the link
+            self.profiler.observe_nav(nav.answered_at - nav.sent_at - resp.verify_ms / 1e3, nav.final_tokens)
+            self._trace("nav", nav.sent_at, nav.answered_at)
+        self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
+        self.policy.on_verdict(RoundVerdict(tuple(rnd.draft), resp.accepted, time.perf_counter() - t0,
+                                            self.profiler.estimate()))
+
+    # -- offline: the circuit breaker (offline.py, session.py) -----------------------------------
+    def _go_offline(self) -> None:
+        """A NAV failed or overran: open the breaker (the session prober takes over). Policy "wait"
+        first blocks up to `offline_wait_s` for the verifier to come back."""
+        if self.cloud.trip():
+            self.stats.breaker_trips += 1
+        if self.engine.offline == "wait":
+            t = time.perf_counter()
+            self.cloud.wait_online(self.engine.offline_wait_s)
+            self.stats.wait_s += time.perf_counter() - t
+
+    def _alone(self) -> Iterator[TokenEvent]:
+        """Breaker open: emit draft tokens (unverified) until the prober sees the verifier again, then
+        open a fresh session and, under verify_late, verify the unverified tail."""
+        out, stats = self.out, self.stats
+        self.cloud.keep_probing()         # a prober that gave up (its horizon passed) starts again
+        t0 = time.perf_counter()
+        while not out.finish_reason and not self.cloud.back_online:
+            if self.unverified_from is None:
+                self.unverified_from = len(out.tokens)
+            d = self._draft_one()
+            self._unverified_q[len(out.tokens)] = d.q
+            stats.unverified_tokens += 1
+            yield from out.commit([d.token], verified=False)
+        stats.offline_s += time.perf_counter() - t0
+        if not self.cloud.back_online:
+            return                      # generation over; the breaker stays open
+        self.cloud.resume()
+        self.synced = 0
+        try:
+            with self._waiting():
+                self._open_session()
+            if self.engine.offline == "verify_late" and self.unverified_from is not None:
+                yield from self._verify_late()
+            self.unverified_from = None
+        except (VerifierUnavailable, TimeoutError):
+            self._go_offline()
+
+    def _verify_late(self) -> Iterator[TokenEvent]:
+        """Verify the unverified tail as drafts, a chunk per NAV. Where the target disagrees, a
+        revision replaces the tail from the first rejected token."""
+        out, pos = self.out, self.unverified_from
+        while pos < len(out.tokens):
+            chunk = out.tokens[pos: pos + self.cloud.max_draft]
+            q = [self._unverified_q.get(pos + i) for i in range(len(chunk))]
+            with self._waiting():
+                resp = self._resend(out.tokens[:pos], min(self.synced, pos), chunk, q)
+            self.synced = resp.committed_len
+            self._count_round(len(chunk), resp.accepted)
+            # The target kept `accepted` tokens of the chunk and chose the one after them itself.
+            pos += resp.accepted
+            if pos == len(out.tokens):                      # the whole tail verified: its token is new
+                if not out.finish_reason:
+                    yield from out.commit([resp.token], verified=True)
+                return
+            if resp.accepted == len(chunk) and out.tokens[pos] == resp.token:
+                pos += 1                                     # the target's token is the next one we had
                 continue
-            if not draft:   # cloud-only: the whole round trip is waiting
-                stats.wait_s += time.perf_counter() - t
-                stats.verify_s += resp.verify_ms / 1e3
-            return resp, resp.committed_len
-        raise error or VerifierUnavailable("the verifier did not answer")
+            self.stats.revisions += 1                        # the target disagrees from here on
+            yield from out.revise(pos, resp.token)
+            return
 
-    def _call_deadline(self, draft_tokens: int = 0) -> None:
-        """Bound the next one-shot calls (handshake, whole NAV) by the NAV deadline of the profiled link."""
-        setter = getattr(self.verifier, "set_deadline", None)
-        if setter is not None:
-            est = self.profiler.estimate()
-            expected = (est.nav_network or 0.0) * max(1, draft_tokens) + est.verify   # lenient, as in _await_nav
-            setter(nav_deadline(expected, self.nav_deadline_s))
+    def _open_session(self) -> None:
+        self.cloud.open(self.cloud.nav_deadline(self.profiler.estimate(), 0))
 
-    def _open_session(self, stats: GenerationStats) -> None:
-        self._call_deadline()
+    @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Count the time inside as blocked on the cloud (stats.wait_s)."""
         t = time.perf_counter()
-        opened = self.verifier.open_session(OpenSession(self.fingerprint, self.drafter.vocab_size))
-        stats.wait_s += time.perf_counter() - t
-        if opened.vocab_fingerprint != self.fingerprint:  # the verifier should have refused already
-            raise VocabMismatchError(409, "vocab_mismatch", f"the target {opened.model!r} uses another vocabulary")
-        self.session = opened
-        self.max_draft = opened.max_draft
-        self.max_context = min(self.drafter.max_context, opened.max_context)
+        try:
+            yield
+        finally:
+            self.stats.wait_s += time.perf_counter() - t
 
-    @staticmethod
-    def _count_round(stats: GenerationStats, drafted: int, accepted: int) -> None:
-        stats.nav_rounds += 1
-        stats.draft_n += drafted
-        stats.draft_n_accepted += accepted
-        stats.rollback_rounds += accepted < drafted
+    # -- small helpers ----------------------------------------------------------------------
+    def _cap(self, base: list[int]) -> int:
+        """A round's draft length cap: the policy's, the verifier's, the token budget (every NAV round
+        commits accepted + 1 tokens, hence remaining - 1) and the context."""
+        context = min(self.drafter.max_context, self.cloud.max_context or self.drafter.max_context)
+        return min(self.policy.max_draft, self.cloud.max_draft, self.out.remaining - 1, context - len(base) - 1)
+
+    def _draft_one(self) -> DraftToken:
+        """The draft's next token after the whole output (offline and edge-only generation)."""
+        t = time.perf_counter()
+        self.drafter.set_context(self.out.tokens)
+        d = self.drafter.next_token()
+        self.stats.draft_s += time.perf_counter() - t
+        return d
+
+    def _is_eos(self, token: int) -> bool:
+        return token in self.drafter.eos_token_ids
+
+    def _new_round(self, base: list[int] | None = None) -> Round:
+        return Round(self.cloud.next_round_id(), list(self.out.tokens) if base is None else base)
+
+    def _count_round(self, drafted: int, accepted: int) -> None:
+        s = self.stats
+        s.nav_rounds += 1
+        s.draft_n += drafted
+        s.draft_n_accepted += accepted
+        s.rollback_rounds += accepted < drafted
+
+    def _spent(self, kind: str, start: float) -> None:
+        end = time.perf_counter()
+        self.stats.draft_s += end - start
+        self._trace(kind, start, end)
+
+    def _trace(self, kind: str, start: float, end: float) -> None:
+        if self.stats.timeline is not None:
+            self.stats.timeline.append((kind, start, end))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from privacy import ErrorCode
+
 
 class PipeSDError(Exception):
     """Base class of every error raised by edge_sdk."""
@@ -12,11 +14,32 @@ class ConfigError(PipeSDError, ValueError):
 
 
 class VerifierError(PipeSDError):
-    """The verifier answered with an error; ``code`` is its machine-readable error code."""
+    """The verifier answered with an error.
 
-    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
-        super().__init__(f"verifier error {status} {code}: {message}")
+    ``code`` is the wire's machine-readable code: an ``ErrorCode`` member when this SDK knows it
+    (compare with ``is``), else the string a newer verifier sent. ``status`` is the HTTP status.
+    """
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str, details: dict | None = None):
+        code = _known(code)
+        value = code.value if isinstance(code, ErrorCode) else code
+        super().__init__(f"verifier error {status} {value}: {message}")
         self.status, self.code, self.message, self.details = status, code, message, details or {}
+
+
+def _known(code: ErrorCode | str) -> ErrorCode | str:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return code
+
+
+class SessionLost(VerifierError):
+    """The verifier no longer holds this edge's session (it restarted, evicted it, or another replica
+    answered): open a new session and resend the committed prefix. The engine does that by itself."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, ErrorCode.UNAUTHENTICATED, message)
 
 
 class VocabMismatchError(VerifierError):
@@ -25,6 +48,10 @@ class VocabMismatchError(VerifierError):
 
 class VerifierUnavailable(PipeSDError):
     """The verifier could not be reached (connection refused, timeout, broken response)."""
+
+
+class VerifierTimeout(VerifierUnavailable, TimeoutError):
+    """The verifier did not answer within the deadline (it may be overloaded, or the link gone)."""
 
 
 class PromptTooLongError(ConfigError):

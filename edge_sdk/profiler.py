@@ -72,10 +72,11 @@ class LinkProfiler:
         """Seconds a NAV round trip with a one-token final batch spends on the network: a least-squares
         line through the recent (final batch size, time) pairs, read at one token; with one batch size
         only, its median less the profiled per-token upload time of the extra tokens."""
-        if not self._navs:
+        navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
+        if not navs:
             return None
-        xs = [float(n) for n, _ in self._navs]
-        ys = [t for _, t in self._navs]
+        xs = [float(n) for n, _ in navs]
+        ys = [t for _, t in navs]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
         if sxx == 0:
@@ -88,15 +89,17 @@ class LinkProfiler:
     @property
     def acceptance(self) -> float:
         """Accepted / drafted over the last rounds (a window: one round says little)."""
-        drafted = sum(d for d, _ in self._rounds)
-        return sum(a for _, a in self._rounds) / drafted if drafted else 0.5
+        rounds = tuple(self._rounds)
+        drafted = sum(d for d, _ in rounds)
+        return sum(a for _, a in rounds) / drafted if drafted else 0.5
 
     # -- estimates ------------------------------------------------------------------
     def alpha_beta(self) -> tuple[float, float]:
-        if not self._sends:
+        sends = tuple(self._sends)    # a snapshot: the uploader's threads append while the engine reads
+        if not sends:
             return self._prior
-        xs = [float(n) for n, _ in self._sends]
-        ys = [t for _, t in self._sends]
+        xs = [float(n) for n, _ in sends]
+        ys = [t for _, t in sends]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
         if sxx == 0:   # one batch size only: keep the prior slope, fit the intercept

@@ -1,6 +1,6 @@
 """Token-batch scheduling: which drafted tokens go up together, so that drafting and uploading overlap.
 
-Pure functions and plain objects, no I/O (DESIGN.md §3). The link is a serial resource: a
+Pure functions and plain objects, no I/O (docs/design.md §3). The link is a serial resource: a
 batch of n tokens occupies it for alpha + beta * n, and it can start once its last token has
 been drafted and the previous batch has gone. With token i ready at r_i = sum(gamma[:i]),
 
@@ -12,9 +12,11 @@ tokens j..i; backtracking the argmins gives the batch sizes (e.g. [1, 1, 4, 14])
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Sequence
+from typing import Protocol, Sequence
+
+from .profiler import LinkEstimate
 
 
 def plan_batches(n: int, alpha: float, beta: float, gamma: float | Sequence[float]) -> list[int]:
@@ -81,3 +83,62 @@ class WindowEstimator:
         if not self.lengths:
             return self.initial
         return max(self.minimum, min(self.maximum, round(sum(self.lengths) / len(self.lengths))))
+
+
+# -- upload schedules: what a policy answers when asked "does this token close a batch?" -------------
+class UploadSchedule(Protocol):
+    def plan(self, link: LinkEstimate) -> None:
+        """Before a round: (re)plan from the link as profiled now."""
+
+    def closes_batch(self, drafted: int) -> bool:
+        """Does the `drafted`-th token of the round close a (non-final) batch?"""
+
+    def observe(self, drafted: int) -> None:
+        """After a round: it drafted this many tokens."""
+
+
+class AtTrigger:
+    """The whole draft goes up in the final batch, when the trigger fires (the paper's baselines)."""
+
+    def plan(self, link: LinkEstimate) -> None:
+        pass
+
+    def closes_batch(self, drafted: int) -> bool:
+        return False
+
+    def observe(self, drafted: int) -> None:
+        pass
+
+
+class PerToken(AtTrigger):
+    """Every token goes up as soon as it is drafted (the ``pipesd_per_token`` ablation)."""
+
+    def closes_batch(self, drafted: int) -> bool:
+        return True
+
+
+@dataclass
+class DPSchedule:
+    """PipeSD's token batches: the DP plan over the predicted window N-hat, repeated past it, re-planned
+    when N-hat or the link (alpha, beta, gamma) drifts."""
+
+    window: WindowEstimator = field(default_factory=lambda: WindowEstimator())
+    _plan: BatchPlan | None = field(default=None, init=False, repr=False)
+    _basis: tuple[LinkEstimate, int] | None = field(default=None, init=False, repr=False)
+
+    def plan(self, link: LinkEstimate) -> None:
+        n = self.window.value
+        if self._basis is None or self._basis[1] != n or link.drifted_from(self._basis[0]):
+            self._plan = BatchPlan(plan_batches(n, link.alpha, link.beta, link.gamma))
+            self._basis = (link, n)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The batch sizes planned now (empty before the first round)."""
+        return list(self._plan.sizes) if self._plan else []
+
+    def closes_batch(self, drafted: int) -> bool:
+        return self._plan is not None and self._plan.ends_batch(drafted)
+
+    def observe(self, drafted: int) -> None:
+        self.window.observe(drafted)

@@ -1,4 +1,4 @@
-"""Per-request statistics, named as llama.cpp / vLLM name them (DESIGN.md §7)."""
+"""Per-request statistics, named as llama.cpp / vLLM name them (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ class GenerationStats:
     offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
     breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline
     revisions: int = 0             # verify_late: times the target replaced an unverified tail
-    finish_reason: str = ""        # eos | length | stop | context
+    finish_reason: str = ""        # eos | length | stop
+    # (kind, start, end) perf_counter spans of "draft", "upload" and "nav", when the request asked for
+    # them (``timeline=True``): what overlapped what, for plots.
+    timeline: list[tuple[str, float, float]] | None = None
 
     @property
     def acceptance_rate(self) -> float:

@@ -1,13 +1,15 @@
 """When to stop drafting and ask the cloud to verify: the NAV triggers, pure objects with no I/O.
 
 Each trigger sees the tokens drafted since the last NAV (with their confidences) and is told
-how each round ended. ``DualThreshold`` is PipeSD's; the others are the paper's baselines.
+how each round ended. ``DualThreshold`` is PipeSD's; the others are the paper's baselines. A
+round's length cap (the policy's ``max_draft``, the verifier's limit, the token budget) is the
+engine's, not the trigger's.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from .drafter import DraftToken
@@ -49,10 +51,9 @@ class LastTokenConfidence:
     """HSL: verify when the newest token's confidence P(d_n) drops below R2."""
 
     r2: float = 0.7
-    max_draft: int = 32
 
     def should_verify(self, draft) -> bool:
-        return draft[-1].confidence < self.r2 or len(draft) >= self.max_draft
+        return draft[-1].confidence < self.r2
 
     def on_round(self, drafted, accepted, draft) -> None:
         pass
@@ -64,11 +65,8 @@ class DualThreshold:
 
     r1: float | None = DEFAULT_R1
     r2: float | None = DEFAULT_R2
-    max_draft: int = 32
 
     def should_verify(self, draft) -> bool:
-        if len(draft) >= self.max_draft:
-            return True
         if self.r2 is not None and draft[-1].confidence < self.r2:
             return True
         return self.r1 is not None and cumulative_confidence(draft) < self.r1
@@ -89,11 +87,9 @@ class AdaptiveCumulative:
     threshold: float = 0.5
     floor: float = 0.01
     cap: float = 0.95
-    max_draft: int = 32
-    history: list[float] = field(default_factory=list, repr=False)
 
     def should_verify(self, draft) -> bool:
-        return len(draft) >= self.max_draft or cumulative_confidence(draft) < self.threshold
+        return cumulative_confidence(draft) < self.threshold
 
     def on_round(self, drafted, accepted, draft) -> None:
         if drafted == 0:
@@ -103,4 +99,3 @@ class AdaptiveCumulative:
         else:
             c = max(cumulative_confidence(draft[:drafted]), 1e-12)
             self.threshold = min(self.cap, self.threshold / c ** ((drafted - accepted) / drafted))
-        self.history.append(self.threshold)

@@ -1,81 +1,179 @@
-"""The uploader: each round's draft goes up batch by batch on one streamed request.
+"""The uploader: the one place where a generation's requests to the verifier are built and sent.
 
-The engine hands it batches as the schedule closes them and the final batch when the trigger
-fires; drafting goes on meanwhile, because each round's stream is written on its own thread.
-Batches follow one another on the same stream with no per-batch round trip, and the time each
-took to go out feeds the link profiler (alpha, beta). The final batch's reply is the NAV result,
-so the next (proactive) round's stream can already be going up while NAV runs. A round that
-went stale is abandoned: batches not yet on the wire are dropped.
+The engine hands it a round's batches as the policy closes them and the final batch when the
+policy asks for NAV. Non-final batches go up on the round's stream (``Verifier.open_round``),
+written on its own thread, so drafting goes on meanwhile; batches follow one another with no
+per-batch round trip, and the time each took on the link feeds the profiler (alpha, beta). The
+final batch's reply is the NAV result. A round that nothing overlaps -- no batch went ahead and
+nothing is drafted while it is verified -- goes up as one plain request (``Verifier.verify``), as
+do rounds resent whole after a resync; those run on the cloud session's request thread, so that
+every wait for the verifier, streamed or not, ends at the NAV deadline. A round that went stale
+is abandoned: batches not yet on the wire are dropped.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
-from privacy import SamplingParams, SparseDist, VerifyRequest
+from privacy import SamplingParams, SparseDist, VerifyRequest, VerifyResponse, prefix_hash
 
+from .drafter import DraftToken
+from .errors import VerifierError, VerifierUnavailable
 from .profiler import LinkProfiler
-from .transport import Verifier
+from .session import CloudSession
+from .transport import RoundChannel
 
 
-@dataclass(frozen=True)
-class Batch:
-    round: int
-    base_len: int
-    prefix_hash: bytes
-    append: tuple[int, ...]
-    tokens: tuple[int, ...]     # this batch's draft tokens
-    offset: int = 0             # position of `tokens` in the round's draft
-    final: bool = False
-    sampling: SamplingParams | None = None
-    q: tuple[SparseDist, ...] = ()   # sampling: the q each token was drawn from
+@dataclass
+class Round:
+    """A round: the tokens drafted since the last NAV and the committed prefix they build on
+    (assumed, for a round drafted proactively while the previous one is verified)."""
+
+    id: int
+    base: list[int]
+    draft: list[DraftToken] = field(default_factory=list)
+    sent: int = 0                 # draft tokens already handed to the uploader
+    named: int | None = None      # how much of `base` its batches say the verifier holds (set by the first)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [d.token for d in self.draft]
+
+
+@dataclass
+class Nav:
+    """A NAV request on its way: its reply, when it left, and how long it may take."""
+
+    future: "Future[VerifyResponse]"
+    sent_at: float
+    final_tokens: int             # draft tokens in the final batch
+    deadline_s: float
+    answered_at: float | None = None   # set when the verifier answered with a result
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> VerifyResponse:
+        """The verdict, waiting at most until the deadline (TimeoutError after it)."""
+        return self.future.result(timeout=max(0.0, self.deadline_s - (time.perf_counter() - self.sent_at)))
 
 
 class Uploader:
-    def __init__(self, verifier: Verifier, profiler: LinkProfiler, timeline: list | None = None):
-        self.verifier = verifier
-        self.profiler = profiler
+    """One generation's traffic: streamed batches, final batches, whole rounds."""
+
+    def __init__(self, cloud: CloudSession, profiler: LinkProfiler, sampling: SamplingParams | None,
+                 timeline: list | None = None):
+        self.cloud, self.verifier, self.profiler = cloud, cloud.verifier, profiler
+        self.sampling = sampling
         self.timeline = timeline               # ("upload", start, end) per batch, when recording
-        self._streams: dict[int, object] = {}
+        self._streams: dict[int, RoundChannel] = {}
+        self._lock = threading.Lock()          # streams report their sends from their own threads
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
 
-    def _stream(self, round_id: int):
-        stream = self._streams.get(round_id)
-        if stream is None:
-            stream = self._streams[round_id] = self.verifier.open_round()
-            stream.on_sent = self._sent
-        return stream
+    def stage(self, rnd: Round, synced: int) -> None:
+        """Send the round's tokens not yet sent as a non-final batch; `synced`: committed tokens the
+        verifier holds (for a proactive round: the base it will hold if the guess is right)."""
+        self._stream(rnd).send(self._batch(rnd, synced, final=False))
 
-    def _sent(self, tokens: int, start: float, end: float) -> None:
-        self.upload_s += end - start
-        self.profiler.observe_send(tokens, end - start)
-        if self.timeline is not None:
-            self.timeline.append(("upload", start, end))
+    def finalize(self, rnd: Round, synced: int, *, background: bool) -> Nav:
+        """Send the round's final batch and return at once: on its stream if batches went ahead or the
+        caller will draft meanwhile (`background`), else as one plain request."""
+        req = self._batch(rnd, synced, final=True)
+        if rnd.id in self._streams or background:
+            nav = self._nav(len(req.draft))
+            stream = self._stream(rnd)
+            del self._streams[rnd.id]
+            stream.send(req)
+            stream.result.add_done_callback(lambda f: _relay(f, nav))
+            return nav
+        return self._send(req)
 
-    def stage(self, batch: Batch) -> None:
-        self.batch_sizes.append(len(batch.tokens))
-        self._stream(batch.round).send(self._request(batch, final=False))
+    def whole(self, prefix: Sequence[int], synced: int, draft: Sequence[int],
+              q: Sequence[SparseDist | None] = ()) -> VerifyResponse:
+        """One round in one request, answered within the NAV deadline: `draft` after the committed
+        `prefix`, of which the verifier holds `synced` tokens (0: send it all). For resends after a
+        resync and for verifying an offline tail."""
+        base_len = min(synced, len(prefix))
+        return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
 
-    def finalize(self, batch: Batch) -> Future:
-        """Send the round's final batch; the future resolves to the NAV result."""
-        self.batch_sizes.append(len(batch.tokens))
-        stream = self._stream(batch.round)
-        stream.send(self._request(batch, final=True))
-        del self._streams[batch.round]
-        return stream.result
-
-    def cancel(self, round_id: int) -> None:
-        stream = self._streams.pop(round_id, None)
+    def cancel(self, rnd: Round) -> None:
+        stream = self._streams.pop(rnd.id, None)
         if stream is not None:
             stream.abandon()
 
     def close(self) -> None:
-        for round_id in list(self._streams):
-            self.cancel(round_id)
+        for stream in list(self._streams.values()):
+            stream.abandon()
+        self._streams.clear()
 
-    @staticmethod
-    def _request(batch: Batch, final: bool) -> VerifyRequest:
-        return VerifyRequest(batch.base_len, batch.append if batch.offset == 0 else (), batch.tokens,
-                             batch.prefix_hash, batch.round, batch.offset, final, batch.sampling, batch.q)
+    # -- building requests ---------------------------------------------------------------
+    def _batch(self, rnd: Round, synced: int, final: bool) -> VerifyRequest:
+        """The round's next batch: the tokens not yet sent, naming the base as the verifier should hold it."""
+        if rnd.named is None:
+            rnd.named = min(synced, len(rnd.base))
+        req = self._request(rnd.id, rnd.base, rnd.named, rnd.tokens[rnd.sent:], rnd.sent, final,
+                            [d.q for d in rnd.draft[rnd.sent:]])
+        rnd.sent = len(rnd.draft)
+        self.batch_sizes.append(len(req.draft))
+        return req
+
+    def _request(self, round_id: int, base: Sequence[int], base_len: int, draft: Sequence[int], offset: int,
+                 final: bool, q: Sequence[SparseDist | None]) -> VerifyRequest:
+        """Every request of the protocol: the round's first batch carries the committed tokens the
+        verifier lacks (`base[base_len:]`); all its batches name `base[:base_len]` by length and hash."""
+        return VerifyRequest(base_len, tuple(base[base_len:]) if offset == 0 else (), tuple(draft),
+                             prefix_hash(base[:base_len]) if base_len else b"", round_id, offset, final,
+                             self.sampling, tuple(q) if self.sampling is not None else ())
+
+    # -- sending -----------------------------------------------------------------------------
+    def _nav(self, final_tokens: int) -> Nav:
+        deadline = self.cloud.nav_deadline(self.profiler.estimate(), final_tokens)
+        return Nav(Future(), time.perf_counter(), final_tokens, deadline)
+
+    def _send(self, req: VerifyRequest) -> Nav:
+        """One plain request on the session's request thread; the transport's own timeouts end at the
+        deadline too, so a request the engine stopped waiting for does not hold that thread for long."""
+        nav = self._nav(len(req.draft))
+        self.verifier.set_deadline(nav.deadline_s)
+
+        def call() -> None:
+            try:
+                resp = self.verifier.verify(req)
+            except (VerifierError, VerifierUnavailable) as exc:
+                nav.future.set_exception(exc)
+            else:
+                nav.answered_at = time.perf_counter()
+                nav.future.set_result(resp)
+        self.cloud.submit(call)
+        return nav
+
+    def _stream(self, rnd: Round) -> RoundChannel:
+        stream = self._streams.get(rnd.id)
+        if stream is None:
+            stream = self._streams[rnd.id] = self.verifier.open_round()
+            stream.on_sent = self._sent
+        return stream
+
+    def _sent(self, tokens: int, start: float, end: float) -> None:
+        with self._lock:
+            self.upload_s += end - start
+            self.profiler.observe_send(tokens, end - start)
+            if self.timeline is not None:
+                self.timeline.append(("upload", start, end))
+
+
+def _relay(stream_result: Future, nav: Nav) -> None:
+    """Hand a stream's outcome to its Nav, stamping when a result (not a failure) came back first, so
+    that whoever waits on the Nav sees the time."""
+    if stream_result.cancelled():
+        nav.future.set_exception(VerifierUnavailable("the round's stream ended without a result"))
+    elif stream_result.exception() is not None:
+        nav.future.set_exception(stream_result.exception())
+    else:
+        nav.answered_at = time.perf_counter()
+        nav.future.set_result(stream_result.result())

@@ -6,7 +6,7 @@
     print(m.edge_j, m.edge_method)             # every figure says how it was obtained
 
 This package does not import the SDK: it measures callables and commands. ``pipesd energy`` (in
-``edge_sdk``) uses it to compare the decoding methods per scenario; ``python -m energy`` measures any
+``pipesd_lab``) uses it to compare the decoding methods per scenario; ``python -m energy`` measures any
 command and lists the meters this machine has. See docs/energy.md.
 """
 

@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="embedded", choices=["embedded", "smollm2"])
     ap.add_argument("--mode", default="pipesd", choices=MODES)
-    ap.add_argument("-k", "--draft-k", type=int, default=4)
+    ap.add_argument("-k", "--draft-k", type=int, help="draft length of --mode vanilla (default 4)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--compare", action="store_true", help="also run vanilla, cloud_only and edge_only")
     args = ap.parse_args()

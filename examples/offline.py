@@ -15,8 +15,8 @@ import threading
 
 import pipesd_models
 from cloud_verifier import LocalVerifier
-from edge_sdk import EdgeClient, LinkProfile, LlamaCppDrafter
-from edge_sdk.emulation import SlowedDrafter
+from edge_sdk import EdgeClient, LlamaCppDrafter
+from pipesd_lab.emulation import EmulatedLink, LinkProfile, SlowedDrafter
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     # A device drafting at 5 ms/token, so the cut lands mid-generation.
     drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), 0.005)
     with LocalVerifier(model="embedded") as verifier, \
-            EdgeClient(verifier.url, verifier_key=verifier.public_key, link=LinkProfile(rtt_ms=20),
+            EdgeClient(verifier=EmulatedLink.http(verifier.url, LinkProfile(rtt_ms=20), verifier_key=verifier.public_key),
                        drafter=drafter, offline=args.offline, offline_wait_s=2.0) as client:
         link = client.verifier
         reference = client.generate(args.prompt, max_new_tokens=96, mode="cloud_only")

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from edge_sdk.bench import MAIN_METHODS
+from pipesd_lab.bench import MAIN_METHODS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

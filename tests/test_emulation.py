@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from edge_sdk.bench import lower_bound_tpt
-from edge_sdk.emulation import BandwidthTrace, LinkDown, LinkProfile, SerialLink
-from edge_sdk.scenarios import PAPER_GAMMA_S, PAPER_PAYLOAD_BYTES, SCENARIOS, get_scenario
+from pipesd_lab.bench import lower_bound_tpt
+from pipesd_lab.emulation import BandwidthTrace, LinkDown, LinkProfile, SerialLink
+from pipesd_lab.scenarios import PAPER_GAMMA_S, PAPER_PAYLOAD_BYTES, SCENARIOS, get_scenario
 
 
 class FakeClock:

@@ -5,12 +5,12 @@ import time
 import pytest
 
 from edge_sdk import EdgeClient
-from edge_sdk.emulation import LinkProfile
-from edge_sdk.linkproxy import LinkProxy
+from pipesd_lab.emulation import LinkProfile
+from pipesd_lab.linkproxy import LinkProxy
 
 from .conftest import PROMPTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture()
@@ -45,8 +45,8 @@ def test_link_cut_goes_offline_and_recovers(verifier, client, proxy):
         assert cut.tokens == alone and cut.stats.unverified_tokens == 16 and cut.stats.breaker_trips == 1
         proxy.set_down(False)
         deadline = time.monotonic() + 10
-        while edge.engine.breaker.is_open and time.monotonic() < deadline:
+        while edge.is_offline and time.monotonic() < deadline:
             edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla")   # offline until the prober sees it
             time.sleep(0.05)
-        assert not edge.engine.breaker.is_open
+        assert not edge.is_offline
         assert edge.generate(PROMPTS[5], max_new_tokens=16, mode="vanilla").tokens == reference

@@ -8,6 +8,9 @@ import pytest
 
 import pipesd_models
 from edge_sdk import EdgeClient, VocabMismatchError
+from privacy import ErrorCode
+
+pytestmark = pytest.mark.integration
 
 
 def test_shipped_files_match_manifest():
@@ -53,7 +56,7 @@ def test_vocab_mismatch_is_refused(smoke_build, verifier):
                     threads=1) as c:
         with pytest.raises(VocabMismatchError) as err:
             c.generate("def f():", max_new_tokens=4)
-    assert err.value.status == 409 and err.value.code == "vocab_mismatch"
+    assert err.value.status == 409 and err.value.code is ErrorCode.VOCAB_MISMATCH
 
 
 def test_hf_directory_target_matches_its_gguf_export(smoke_build):

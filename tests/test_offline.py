@@ -8,8 +8,8 @@ import time
 import pytest
 
 import pipesd_models
-from edge_sdk import ConfigError, EdgeClient, LinkProfile, LlamaCppDrafter
-from edge_sdk.emulation import SlowedDrafter
+from edge_sdk import ConfigError, EdgeClient, LlamaCppDrafter
+from pipesd_lab.emulation import EmulatedLink, LinkProfile, SlowedDrafter
 from edge_sdk.offline import CircuitBreaker, nav_deadline
 
 from .conftest import PROMPTS
@@ -63,7 +63,8 @@ def reference(client):
 
 def linked(verifier, profile, **kw):
     drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), kw.pop("gamma", 0.0))
-    return EdgeClient(verifier.url, verifier_key=verifier.public_key, link=profile, drafter=drafter, **kw)
+    return EdgeClient(verifier=EmulatedLink.http(verifier.url, profile, verifier_key=verifier.public_key),
+                      drafter=drafter, **kw)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from edge_sdk import EdgeClient, LinkProfile
+from edge_sdk import EdgeClient
+from pipesd_lab.emulation import EmulatedLink, LinkProfile
 from edge_sdk.engine import proactive_survives
 from edge_sdk.policies import MODES
 
@@ -59,7 +60,7 @@ def test_every_policy_equals_target_greedy(client, reference, mode):
 def slow_link_client(verifier):
     """The same verifier behind an emulated 20 Mbps / 20 ms link with a 2 kB payload per draft token."""
     link = LinkProfile(up_mbps=20, down_mbps=200, rtt_ms=20, payload_bytes_per_token=2048)
-    with EdgeClient(verifier.url, verifier_key=verifier.public_key, threads=1, link=link) as c:
+    with EdgeClient(verifier=EmulatedLink.http(verifier.url, link, verifier_key=verifier.public_key), threads=1) as c:
         yield c
 
 

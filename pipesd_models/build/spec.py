@@ -48,7 +48,7 @@ class BuildSpec:
 
 
 PRESETS = {
-    # The shipped pair. ~12M / ~2M parameters (DESIGN.md §8).
+    # The shipped pair. ~12M / ~2M parameters (docs/design.md §8).
     "full": BuildSpec(name="full", vocab_size=2048,
                       target=ModelShape(hidden=384, layers=6, heads=6, ffn=1024),
                       draft=ModelShape(hidden=192, layers=3, heads=3, ffn=512),

@@ -28,8 +28,9 @@ from pathlib import Path
 from energy import METERS, RADIOS, Activity, CpuClock, Harness, Transfer, detect_meter
 from energy.report import markdown_table, plot, write_csv
 
+from edge_sdk.policies import MODES
+
 from .bench import PROMPTS, Bench, BenchConfig, git_commit
-from .policies import MODES
 from .scenarios import REGIMES, SCENARIOS, get_scenario
 
 DEVICE_MODELS = {"s1": "laptop", "s2": "phone", "s3": "iot", "s4": "laptop"}
@@ -77,7 +78,7 @@ class _Request:
             up.log, down.log = [], []
         drafter = self.client.drafter
         slept0 = getattr(drafter, "slept_s", 0.0)
-        stats = self.client.generate(prompt, max_new_tokens=self.tokens, mode=self.method).stats
+        stats = self.client.generate(prompt, max_new_tokens=self.tokens).stats
         self.tpt_s.append(stats.total_s / max(1, stats.output_tokens))
         transfers = []
         for direction, serial in (("up", up), ("down", down)):
@@ -122,7 +123,7 @@ class EnergyBench:
                     if "pipesd" in cfg.methods and r1 is None:
                         clients["pipesd"] = bench.client(v, cfg.pair, scenario, cfg.regime, "pipesd")
                         bench.tune(clients["pipesd"], PROMPTS)
-                        r1, r2 = clients["pipesd"].engine.autotuner.best_thresholds()
+                        r1, r2 = clients["pipesd"].policy().thresholds
                     for method in cfg.methods:
                         if method not in clients:
                             fixed = method.startswith("pipesd") and r1 is not None

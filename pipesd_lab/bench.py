@@ -1,4 +1,4 @@
-"""pipesd bench: the paper's evaluation (DESIGN.md §4) with real models and a real verifier.
+"""pipesd bench: the paper's evaluation (docs/design.md §4) with real models and a real verifier.
 
     pipesd bench --out docs/bench                  # every scenario, both regimes, >= 1000 tokens each
     pipesd bench --quick --out /tmp/bench          # one scenario, a few prompts: a smoke run
@@ -38,7 +38,11 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from .autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
+from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
+from edge_sdk.autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
+from edge_sdk.policies import MODES
+
+from .emulation import EmulatedLink, SlowedDrafter
 from .scenarios import PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n    def __init__(self):\n",
@@ -204,9 +208,6 @@ class Bench:
     def _drafter(self, pair: str, added_s: float):
         from pipesd_models import pair_paths
 
-        from .drafter import LlamaCppDrafter
-        from .emulation import SlowedDrafter
-
         return SlowedDrafter(LlamaCppDrafter(pair_paths(pair)[0], threads=1), added_s)
 
     def measure_gamma(self, pair: str) -> float:
@@ -222,17 +223,21 @@ class Bench:
         return (time.perf_counter() - t) / 64
 
     def client(self, verifier, pair: str, scenario: Scenario, regime: str, method: str, r1=None, r2=None,
-                up_mbps: float | None = None, make_tuner=None):
-        from .client import EdgeClient
-
+               up_mbps: float | None = None, make_tuner=None) -> EdgeClient:
+        """An edge client of its own for `method`: its own drafter (slowed to the scenario's device) and
+        its own emulated link to `verifier`. ``make_tuner``: PipeSD's tuner backend (BO, grid, random)."""
         drafter = self._drafter(pair, scenario.added_draft_seconds(regime, self.gamma[pair]))
         link = scenario.link(regime, self.config.payload, seed=self.config.seed, up_mbps=up_mbps,
                              vocab_size=drafter.vocab_size)
-        client = EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=method, link=link,
-                            drafter=drafter, r1=r1, r2=r2)
-        if make_tuner is not None:
-            client.engine.autotuner = OnlineAutotuner(make_tuner=make_tuner)
-        return client
+        thresholds = {"r1": r1, "r2": r2} if r1 is not None and method.startswith("pipesd") else {}
+        if method == "pipesd_c_only":
+            thresholds.pop("r2", None)
+        elif method == "pipesd_p_only":
+            thresholds.pop("r1", None)
+        tuner = OnlineAutotuner(make_tuner=make_tuner) if make_tuner is not None else None
+        policy = make_policy(method, tuner=tuner, **thresholds)
+        return EdgeClient(verifier=EmulatedLink.http(verifier.url, link, verifier_key=verifier.public_key),
+                          drafter=drafter, mode=policy)
 
     def _reference(self, pair: str, prompt: str) -> list[int]:
         """The target's own greedy decoding of `prompt` (cloud_only, no emulated link), cached."""
@@ -244,10 +249,9 @@ class Bench:
 
     def tune(self, client, prompts, bar=None) -> int:
         """Generate with PipeSD until its autotuner has finished (or the prompt cap)."""
-        tuner, used = client.engine.autotuner, 0
+        tuner, used = client.policy().tuner, 0
         while (tuner.tuning or not tuner.memory) and used < self.config.max_tune_prompts:
-            client.generate(prompts[used % len(prompts)], max_new_tokens=self.config.tokens_per_prompt,
-                            mode="pipesd")
+            client.generate(prompts[used % len(prompts)], max_new_tokens=self.config.tokens_per_prompt)
             used += 1
             tuner.wait()
             if bar is not None:
@@ -264,7 +268,7 @@ class Bench:
                 tally = tallies[method]
                 if tally.tokens >= min_tokens:
                     continue
-                result = client.generate(prompt, max_new_tokens=self.config.tokens_per_prompt, mode=method)
+                result = client.generate(prompt, max_new_tokens=self.config.tokens_per_prompt)
                 matches = None if method == "edge_only" else result.tokens == self._reference(tally.pair, prompt)
                 tally.add(result.stats, matches)
                 if bar is not None:
@@ -285,7 +289,7 @@ class Bench:
             if "pipesd" in methods:
                 clients["pipesd"] = self.client(verifier, pair, scenario, regime, "pipesd")
                 self.tune(clients["pipesd"], PROMPTS, bar)
-                r1, r2 = clients["pipesd"].engine.autotuner.best_thresholds()
+                r1, r2 = clients["pipesd"].policy().thresholds
                 self.tuned[(pair, regime, scenario.name)] = (r1, r2)
             for m in methods:
                 if m not in clients:
@@ -295,7 +299,7 @@ class Bench:
                     tallies[m].r1, tallies[m].r2 = r1, r2
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
                 for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
-                    client.generate(p, max_new_tokens=self.config.tokens_per_prompt, mode=m)
+                    client.generate(p, max_new_tokens=self.config.tokens_per_prompt)
             self._interleave(clients, tallies, self.config.min_tokens, bar)
         finally:
             for c in clients.values():
@@ -352,10 +356,9 @@ class Bench:
         for method in ("vanilla", "pipesd_fixed"):
             with self.client(verifier, pair, s1, regime, method,
                               *((r1, r2) if method == "pipesd_fixed" else ())) as client:
-                client.generate(PROMPTS[1], max_new_tokens=self.config.tokens_per_prompt, mode=method)   # warm
-                client.engine.timeline = spans = []
+                client.generate(PROMPTS[1], max_new_tokens=self.config.tokens_per_prompt)   # warm
                 t0 = time.perf_counter()
-                client.generate(PROMPTS[0], max_new_tokens=24, mode=method)
+                spans = client.generate(PROMPTS[0], max_new_tokens=24, timeline=True).stats.timeline
                 self.timelines[method] = [(k, s - t0, e - t0) for k, s, e in spans]
 
     def run_tuners(self, verifier, pair: str, bar=None) -> None:
@@ -366,13 +369,11 @@ class Bench:
         for name, make in makers.items():
             with self.client(verifier, pair, s1, regime, "pipesd", make_tuner=make) as client:
                 self.tune(client, PROMPTS, bar)
-                self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.engine.autotuner.evaluations]
+                self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.policy().tuner.evaluations]
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> None:
         from cloud_verifier import LocalVerifier
-
-        from .client import EdgeClient
 
         cfg = self.config
         verifier_cpus = self.pin_cores()
@@ -646,8 +647,6 @@ def config_from_args(args) -> BenchConfig:
             pair_paths(pair)
         except PairUnavailable as exc:
             raise ValueError(str(exc)) from None
-    from .policies import MODES
-
     for m in cfg.methods:
         if m not in MODES:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODES)}")

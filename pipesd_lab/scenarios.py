@@ -1,4 +1,4 @@
-"""The paper's four scenarios (DESIGN.md §4), in two regimes, as link profiles and device speeds.
+"""The paper's four scenarios (docs/design.md §4), in two regimes, as link profiles and device speeds.
 
 S1 laptop edge, S2 2.5 GHz phone, S3 1.2 GHz IoT board: 20 Mbps up / 200 Mbps down. S4 the
 laptop on a dynamic network (uplink 10-80 Mbps, downlink 150-280 Mbps, a new value every 20 s).

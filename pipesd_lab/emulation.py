@@ -1,6 +1,7 @@
 """Emulated conditions for experiments on one machine: a network link, and a slower device.
 
-``EmulatedLink``: a network link between the edge and a real verifier, in-process.
+``EmulatedLink``: a network link between the edge and a real verifier, in-process: a ``Verifier``
+an ``EdgeClient(verifier=...)`` uses like the real one.
 
 Wraps any ``Verifier`` (normally the real HTTP one on loopback) and delays each message as a
 store-and-forward link would: the uplink and the downlink are each a serial transmitter (a
@@ -33,9 +34,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy import BatchAck, OpenSession, SessionOpened, VerifyRequest, VerifyResponse, encode
+from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, encode
 
-from .errors import VerifierUnavailable
+from edge_sdk import HttpVerifier, VerifierUnavailable
 
 FRAME_OVERHEAD = 53   # frame header (37) + AEAD tag (16)
 
@@ -215,6 +216,11 @@ class EmulatedLink:
         self._drops = random.Random(profile.seed * 2 + 3)
         self._drops_lock = threading.Lock()
 
+    @classmethod
+    def http(cls, url: str, profile: LinkProfile, **http_args) -> "EmulatedLink":
+        """The real sealed-HTTP transport to `url` (``HttpVerifier(url, **http_args)``) behind this link."""
+        return cls(HttpVerifier(url, **http_args), profile)
+
     def reply_dropped(self) -> bool:
         if not self.profile.drop_replies:
             return False
@@ -258,13 +264,8 @@ class EmulatedLink:
     def verify(self, req: VerifyRequest) -> VerifyResponse:
         return self._round_trip(self._request_bytes(req), lambda: self.inner.verify(req), self._reply_bytes)
 
-    def stage(self, req: VerifyRequest) -> BatchAck:
-        return self._round_trip(self._request_bytes(req), lambda: self.inner.stage(req), self._reply_bytes)
-
     def set_deadline(self, seconds: float | None) -> None:
-        setter = getattr(self.inner, "set_deadline", None)
-        if setter is not None:
-            setter(seconds)
+        self.inner.set_deadline(seconds)
 
     def probe(self, timeout: float = 1.0) -> bool:
         """A health check across the link: False while it is cut."""
