@@ -1,4 +1,10 @@
-"""Shared fixtures: one real verifier process per test session, real models, loopback only."""
+"""Shared fixtures: one real verifier process per test session, real models, loopback only.
+
+Tests marked ``integration`` load a real model file and usually talk to a real verifier process;
+a test that asks for the ``verifier`` or ``client`` fixture is marked so here. Everything else --
+policies, the engine's logic on the toy pair (tests/engine_kit.py), the wire, the pure pieces --
+runs in seconds: ``make test-fast`` (``pytest -m "not integration"``).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,12 @@ PROMPTS = [
     "def encode(s, encoding='utf-8'):\n",
     "The quick brown fox",
 ]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if {"verifier", "client"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ from edge_sdk import LlamaCppDrafter
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def drafter():

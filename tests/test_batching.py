@@ -26,6 +26,8 @@ from edge_sdk import EdgeClient
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 # -- the pool inside the torch target ---------------------------------------------------------
 @pytest.fixture(scope="module")

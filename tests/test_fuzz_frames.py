@@ -17,6 +17,8 @@ from cloud_verifier import LocalVerifier
 from privacy import ClientHandshake, FrameType, OpenSession, StaticKey, pack_tokens
 from privacy.channel import FLAG_ZSTD, HEADER_BYTES, SecureChannel
 
+pytestmark = pytest.mark.integration
+
 FRAME = "application/x-pipesd-frame"
 N_FRAMES = 10_000
 MAX_FRAME = 64 * 1024

@@ -7,6 +7,8 @@ from edge_sdk import EdgeClient
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def lcpp_client():

@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 MAX_NEW = 48
 
 

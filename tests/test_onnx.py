@@ -12,6 +12,8 @@ from pipesd_models import draft_onnx_path, draft_path
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def onnx_drafter():

@@ -8,6 +8,8 @@ from edge_sdk import EdgeClient
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 class SocketUsed(Exception):
     pass

@@ -21,6 +21,8 @@ from edge_sdk import EdgeClient  # noqa: E402
 
 from .conftest import PROMPTS  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 MAX_NEW = 40
 REPLICA = "ServeReplica:pipesd:verifier"
 

@@ -12,6 +12,8 @@ from edge_sdk import EdgeClient
 
 from .conftest import PROMPTS
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def primary():

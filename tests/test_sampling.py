@@ -114,6 +114,7 @@ def real_pair():
 
 @pytest.mark.parametrize("params", [SamplingParams(0.7), SamplingParams(1.0), SamplingParams(1.0, top_p=0.9)],
                          ids=["T0.7", "T1.0", "top_p0.9"])
+@pytest.mark.integration
 def test_first_token_through_the_speculative_path_matches_the_target(real_pair, params):
     drafter, prefix, row = real_pair
     n, pos = 10_000, len(prefix)

@@ -18,6 +18,8 @@ from privacy import (
     prefix_hash,
 )
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def target():

@@ -9,6 +9,8 @@ import pipesd_models
 from cloud_verifier import LocalVerifier
 from edge_sdk import EdgeClient
 
+pytestmark = pytest.mark.integration
+
 try:
     pipesd_models.smollm2_path()
 except pipesd_models.PairUnavailable as exc:  # pragma: no cover - depends on the environment

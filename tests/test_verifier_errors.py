@@ -12,6 +12,8 @@ from cloud_verifier import LocalVerifier
 from privacy import ClientHandshake, FrameType, OpenSession, pack_tokens, prefix_hash
 from privacy.channel import MAGIC, Header
 
+pytestmark = pytest.mark.integration
+
 FRAME = "application/x-pipesd-frame"
 
 

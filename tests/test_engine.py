@@ -1,0 +1,335 @@
+"""The engine's logic, end to end, in milliseconds: no model file, no server (tests/engine_kit.py).
+
+Losslessness for every policy, the edge- and verifier-side rollbacks, proactive keep/discard, lost
+replies and resyncs, a verifier restart, offline fallback (continue, wait, verify_late), NAV
+deadlines, sampling's exactness and seeds -- on the toy pair through the real verifier service.
+"""
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_sdk.drafter import DRAFT_SUPPORT
+from edge_sdk.policies import make_policy
+from privacy.sampling import SamplingParams, truncate
+
+from .engine_kit import DRAFT, PROMPTS, SPECULATIVE, TARGET, Rig, reference
+
+N = 40
+PROACTIVE = ("pipesd", "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only",
+             "edgellm")
+
+
+@pytest.fixture
+def rig():
+    with Rig() as r:
+        yield r
+
+
+def verified_prefix(result) -> list[int]:
+    out = []
+    for e in result.events:
+        if e.token is None:
+            continue
+        if not e.verified:
+            break
+        out.append(e.token)
+    return out
+
+
+def test_the_toy_draft_agrees_with_its_target_often_but_not_always():
+    agree = total = 0
+    for prompt in PROMPTS:
+        ctx = list(prompt)
+        for t in reference(prompt, N):
+            agree += int(DRAFT.logits(ctx).argmax()) == t
+            total += 1
+            ctx.append(t)
+    assert 0.5 < agree / total < 0.9
+
+
+@pytest.mark.parametrize("mode", SPECULATIVE)
+def test_every_policy_equals_target_greedy(mode):
+    with Rig(latency_s=0.001) as r:      # a round trip long enough for proactive drafting to happen
+        totals = dict(drafted=0, accepted=0, rollbacks=0, kept=0, discarded=0, batches=0, rounds=0)
+        for prompt in PROMPTS:
+            result = r.generate(prompt, mode, N)
+            assert result.tokens == reference(prompt, N), f"{mode} diverged from target greedy on {prompt}"
+            assert all(e.verified for e in result.events)
+            s = result.stats
+            assert s.output_tokens == len(result.tokens) == s.draft_n_accepted + s.nav_rounds
+            for key, value in dict(drafted=s.draft_n, accepted=s.draft_n_accepted, rollbacks=s.rollback_rounds,
+                                   kept=s.proactive_kept, discarded=s.proactive_discarded,
+                                   batches=s.batches_sent, rounds=s.nav_rounds).items():
+                totals[key] += value
+        assert totals["accepted"] > 0 and totals["rollbacks"] > 0, "rounds should both accept and reject"
+        if mode in PROACTIVE:
+            assert totals["kept"] > 0 and totals["discarded"] > 0, "proactive rounds are kept and discarded"
+        else:
+            assert totals["kept"] == totals["discarded"] == 0
+        if mode == "pipesd_per_token":
+            assert totals["batches"] > totals["rounds"], "tokens should go up before the trigger"
+        if mode == "vanilla":
+            assert totals["drafted"] <= 4 * totals["rounds"]
+
+
+def test_cloud_only_commits_one_target_token_per_round(rig):
+    result = rig.generate(PROMPTS[0], "cloud_only", 12)
+    assert result.tokens == reference(PROMPTS[0], 12)
+    assert result.stats.nav_rounds == 12 and result.stats.draft_n == 0 and rig.drafter.evaluated == 0
+
+
+def test_edge_only_is_the_draft_alone_and_opens_nothing(rig):
+    result = rig.generate(PROMPTS[1], "edge_only", 20)
+    assert result.tokens == DRAFT.greedy(PROMPTS[1], 20)
+    assert not any(e.verified for e in result.events) and sum(rig.verifier.requests.values()) == 0
+
+
+def test_rollback_reuses_the_common_prefix_on_both_sides(rig):
+    prompt = PROMPTS[6]
+    result = rig.generate(prompt, "vanilla", 60)
+    s = result.stats
+    assert result.tokens == reference(prompt, 60) and s.rollback_rounds > 0
+    # The verifier runs each round's new tail once: its target token plus the draft (rollback keeps the
+    # accepted prefix); recomputing from scratch each round would cost prompt + output per round.
+    assert rig.target.positions_computed <= len(prompt) + s.draft_n + s.nav_rounds
+    # The drafter evaluates each position once, plus the corrections NAV sends back.
+    assert rig.drafter.evaluated <= len(prompt) + s.draft_n + s.nav_rounds
+
+
+def test_every_limit_ends_a_generation_exactly(rig):
+    for mode in ("pipesd_fixed", "vanilla", "cloud_only", "edge_only"):
+        for n in (1, 2, 7):
+            r = rig.generate(PROMPTS[4], mode, n)
+            assert len(r.tokens) == r.stats.output_tokens == n and r.stats.finish_reason == "length", (mode, n)
+    full = rig.generate(PROMPTS[2], "cloud_only", 30)
+    stop = full.text[12:14]
+    cut = rig.generate(PROMPTS[2], "pipesd_fixed", 30, stop=[stop])
+    assert cut.stats.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+
+
+def test_a_proactive_round_survives_only_on_what_nav_committed():
+    with Rig(latency_s=0.002) as r:
+        kept = discarded = 0
+        for prompt in PROMPTS:
+            result = r.generate(prompt, "pipesd_fixed", N)
+            assert result.tokens == reference(prompt, N)
+            kept, discarded = kept + result.stats.proactive_kept, discarded + result.stats.proactive_discarded
+        assert kept > 0 and discarded > 0
+
+
+@pytest.mark.parametrize("mode", ["pipesd_fixed", "vanilla", "cloud_only", "pipesd_per_token"])
+def test_lost_replies_are_retried_without_double_commits(rig, mode):
+    """The verifier acted but its reply was lost: the edge retries the round as it was, the verifier
+    answers resync (its prefix moved on), the round goes again whole. Output unchanged, never offline."""
+    prompt = PROMPTS[3]
+    gen = rig.stream(prompt, mode, N)
+    events = iter(gen)
+    head = [next(events).token for _ in range(5)]
+    rig.verifier.drop_replies = 2
+    tail = [e.token for e in events if e.token is not None]
+    assert head + tail == reference(prompt, N)
+    assert gen.stats.resyncs >= 1 and gen.stats.breaker_trips == 0 and rig.verifier.drop_replies == 0
+
+
+@pytest.mark.parametrize("pause_after", [1, 9])
+def test_a_verifier_restart_mid_generation_changes_nothing(rig, pause_after):
+    prompt = PROMPTS[5]
+    gen = rig.stream(prompt, "pipesd_fixed", N)
+    events = iter(gen)
+    head = [next(events).token for _ in range(pause_after)]
+    rig.verifier.restart()                     # every session is gone; the edge's next request finds out
+    tail = [e.token for e in events if e.token is not None]
+    assert head + tail == reference(prompt, N)
+    assert gen.stats.resyncs >= 1 and rig.verifier.requests["handshake"] == 2
+
+
+def test_verifier_down_for_a_whole_generation_equals_edge_only(rig):
+    rig.verifier.set_down()
+    result = rig.generate(PROMPTS[0], "pipesd", 24)
+    assert result.tokens == DRAFT.greedy(PROMPTS[0], 24)
+    assert result.stats.unverified_tokens == 24 and not any(e.verified for e in result.events)
+    assert result.stats.breaker_trips == 1 and rig.cloud.offline
+
+
+def test_collaboration_resumes_after_an_outage():
+    """The link goes down mid-generation and comes back: the draft fills the gap (unverified), then the
+    verifier takes over again, verifying against the text as emitted."""
+    with Rig(draft_seconds=0.0005) as r:
+        prompt = PROMPTS[2]
+        result = r.generate_through_outage(prompt, "pipesd_fixed", 120, down_after=6, up_after_unverified=8)
+        tokens = result.tokens
+        assert verified_prefix(result) == reference(prompt, 120)[: len(verified_prefix(result))]
+        last_unverified = max(i for i, e in enumerate(result.events) if e.token is not None and not e.verified)
+        after = tokens[last_unverified + 1:]
+        assert after and all(e.verified for e in result.events[last_unverified + 1:] if e.token is not None)
+        assert after == TARGET.greedy(prompt + tokens[: last_unverified + 1], len(after))
+        assert result.stats.breaker_trips == 1 and result.stats.unverified_tokens >= 8
+
+
+def test_verify_late_revises_the_offline_tail_to_target_greedy():
+    with Rig(offline="verify_late", draft_seconds=0.0005) as r:
+        prompt = PROMPTS[6]
+        result = r.generate_through_outage(prompt, "pipesd_fixed", 80, up_after_unverified=10)
+        assert result.tokens == reference(prompt, 80)
+        assert result.stats.unverified_tokens >= 10 and result.stats.output_tokens == len(result.tokens)
+        revisions = [e for e in result.events if e.revise_from is not None]
+        assert len(revisions) == result.stats.revisions >= 1
+        assert result.text == "".join(TARGET.pieces[t].decode() for t in result.tokens)
+
+
+def test_the_wait_policy_rides_out_a_short_outage():
+    with Rig(offline="wait", offline_wait_s=2.0) as r:
+        r.verifier.set_down()
+        threading.Timer(0.05, r.verifier.set_down, args=(False,)).start()
+        t = time.perf_counter()
+        result = r.generate(PROMPTS[7], "vanilla", N)
+        assert time.perf_counter() - t >= 0.04
+        assert result.tokens == reference(PROMPTS[7], N)
+        assert result.stats.unverified_tokens == 0 and result.stats.breaker_trips == 1
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "pipesd_fixed", "cloud_only"])
+def test_a_nav_past_its_deadline_sends_the_generation_offline(mode):
+    """Whole-round (vanilla, cloud_only) and streamed (pipesd_fixed) NAV alike: a verifier that stops
+    answering in time costs one deadline, then the draft carries on; nothing verified is wrong."""
+    with Rig(nav_deadline_s=0.05, draft_seconds=0.0002) as r:
+        prompt = PROMPTS[1]
+        gen = r.stream(prompt, mode, 30)
+        events = iter(gen)
+        head = [next(events) for _ in range(4)]
+        r.verifier.latency_s = 0.3             # from now on every reply misses the 50 ms deadline
+        t = time.perf_counter()
+        rest = list(events)
+        result = gen.result
+        assert time.perf_counter() - t < 3.0
+        assert all(e.verified for e in head)
+        assert verified_prefix(result) == reference(prompt, 30)[: len(verified_prefix(result))]
+        assert result.stats.breaker_trips >= 1 and result.stats.unverified_tokens > 0
+        assert len(result.tokens) == 30 and rest
+
+
+def test_timeline_shows_drafting_overlapping_uploads_and_nav():
+    with Rig(latency_s=0.002) as r:
+        spans = r.generate(PROMPTS[0], "pipesd_per_token", 30, timeline=True).stats.timeline
+        kinds = {k for k, _, _ in spans}
+        assert kinds == {"draft", "upload", "nav"} and all(s <= e for _, s, e in spans)
+        navs = [(s, e) for k, s, e in spans if k == "nav"]
+        drafts = [(s, e) for k, s, e in spans if k == "draft"]
+        assert any(ds < ne and de > ns for ns, ne in navs for ds, de in drafts), "proactive drafting during NAV"
+        assert r.generate(PROMPTS[0], "pipesd_per_token", 5).stats.timeline is None
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def first_token_distribution(prompt, sampling: SamplingParams) -> np.ndarray:
+    ids, p = truncate(TARGET.logits(prompt), sampling)
+    dense = np.zeros(TARGET.vocab_size)
+    dense[ids] = p
+    return dense
+
+
+@pytest.mark.parametrize("mode", ["pipesd_fixed", "vanilla"])
+def test_sampled_first_tokens_follow_the_targets_distribution(rig, mode):
+    """Speculative sampling through engine, wire and service: the committed first token is distributed
+    as the target's alone (chi-square, 1,000 requests; the draft's q differs from the target's p)."""
+    from scipy.stats import chisquare
+
+    prompt, params = PROMPTS[0], SamplingParams(0.9, 0, 0.95, 0)
+    expected = first_token_distribution(prompt, params)
+    counts = np.zeros(TARGET.vocab_size)
+    for seed in range(1000):
+        tokens = rig.generate(prompt, mode, 2, sampling=SamplingParams(0.9, 0, 0.95, seed)).tokens
+        counts[tokens[0]] += 1
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a token outside the target's truncated support was committed"
+    merged_exp, merged_obs = _merge_rare(expected[support] * counts.sum(), counts[support])
+    assert chisquare(merged_obs, merged_exp).pvalue > 1e-3
+
+
+def _merge_rare(expected, observed, floor=5.0):
+    """Pool the cells expected fewer than `floor` times into one (chi-square needs them filled)."""
+    rare = expected < floor
+    if rare.any():
+        expected = np.append(expected[~rare], expected[rare].sum())
+        observed = np.append(observed[~rare], observed[rare].sum())
+    return expected, observed
+
+
+def test_a_seed_gives_the_same_text_and_teaches_the_policy_nothing(rig):
+    from edge_sdk.client import EdgeClient
+
+    client = EdgeClient(verifier=rig.verifier, drafter=rig.drafter, mode="edgellm")
+    try:
+        before = client.policy().trigger.threshold
+        a = client.generate(PROMPTS[3], max_new_tokens=30, temperature=0.8, seed=11).tokens
+        b = client.generate(PROMPTS[3], max_new_tokens=30, temperature=0.8, seed=11).tokens
+        assert a == b and client.policy().trigger.threshold == before
+        assert client.generate(PROMPTS[3], max_new_tokens=30, temperature=0.8, seed=12).tokens != a
+        client.generate(PROMPTS[3], max_new_tokens=30)              # an unseeded request does teach it
+        assert client.policy().trigger.threshold != before
+    finally:
+        client.close()
+
+
+def test_the_draft_q_travels_with_bounded_support(rig):
+    result = rig.generate(PROMPTS[2], "pipesd_per_token", 20, sampling=SamplingParams(1.0, 0, 1.0, 5))
+    assert len(result.tokens) == 20 and result.stats.draft_n > 0
+    assert DRAFT_SUPPORT >= 1 and math.isfinite(result.stats.tpt_ms)
+
+
+def test_a_tuned_pipesd_moves_its_thresholds_online(rig):
+    from edge_sdk.autotune import OnlineAutotuner, RandomTuner
+
+    tuner = OnlineAutotuner(make_tuner=lambda: RandomTuner(budget=4, seed=1), tokens_per_trial=10)
+    policy = make_policy("pipesd", tuner=tuner)
+    for prompt in PROMPTS * 2:        # 4 candidates x 10 tokens: settled within a few generations
+        result = rig.generate(prompt, n=N, policy=policy)
+        assert result.tokens == reference(prompt, N)
+        tuner.wait()
+        if tuner.memory and not tuner.tuning:
+            break
+    assert tuner.memory and not tuner.tuning, "the tuner should have settled"
+    assert len({params for params, _ in tuner.evaluations}) == 4
+    policy.start_round(rig.engine.profiler.estimate())        # settled: the next round runs the best
+    best = min(tuner.evaluations, key=lambda e: e[1])[0]
+    assert (policy.trigger.r1, policy.trigger.r2) == tuner.best_thresholds() == best
+
+
+def test_reading_the_result_after_part_of_the_stream_continues_the_same_generation(rig):
+    gen = rig.stream(PROMPTS[0], "pipesd_fixed", 20)
+    first = next(iter(gen))
+    result = gen.result
+    assert result.tokens == reference(PROMPTS[0], 20) and result.tokens[0] == first.token
+    assert result.stats.output_tokens == 20
+
+
+def test_verify_late_verifies_a_long_tail_chunk_by_chunk_without_resyncs():
+    """A draft that agrees with the target (here: the target's own language) and a verifier that takes 8
+    draft tokens per round: the offline tail is verified in chunks, each chunk's bonus token confirming
+    the next unverified one, with no resync and no revision."""
+    from cloud_verifier.settings import VerifierSettings
+
+    settings = VerifierSettings(max_draft=8)
+    with Rig(offline="verify_late", draft_seconds=0.0005, settings=settings, draft=TARGET) as r:
+        result = r.generate_through_outage(PROMPTS[4], "vanilla", 90, up_after_unverified=40)
+        assert result.tokens == reference(PROMPTS[4], 90) and result.stats.unverified_tokens >= 40
+        assert result.stats.revisions == 0 and result.stats.resyncs == 0
+
+
+def test_restarts_while_proactive_rounds_are_in_flight_never_lose_the_new_session():
+    """A proactive round's stream still in flight when the verifier restarts gets its "unauthenticated"
+    back after the edge has already opened a new session: that late reply must not drop the new one."""
+    with Rig(latency_s=0.002) as r:
+        prompt = PROMPTS[6]
+        gen = r.stream(prompt, "pipesd_per_token", 80)
+        seen = 0
+        for _ in gen:
+            seen += 1
+            if seen % 6 == 0:
+                r.verifier.restart()
+        result = gen.result
+        assert result.tokens == reference(prompt, 80) and all(e.verified for e in result.events)
+        assert result.stats.resyncs >= 5 and result.stats.breaker_trips == 0
