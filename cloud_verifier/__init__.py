@@ -3,13 +3,32 @@
 ``create_app`` builds the ASGI app, ``VerifierService`` holds sessions and runs NAV,
 ``load_target`` picks a backend (transformers or llama.cpp), and ``LocalVerifier``
 starts a verifier process on loopback (tests, demos, benchmarks).
+
+Its libraries (FastAPI, uvicorn, torch, ...) are the ``verifier`` extra. The names below are
+imported when first used, so that ``pipesd-verifier`` on an edge-only install can say what to
+install instead of failing on import.
 """
 
-from .app import create_app
-from .local import LocalVerifier
-from .service import VerifierService
-from .settings import VerifierSettings
-from .target import LlamaCppTarget, Target, TorchTarget, load_target
+from __future__ import annotations
 
-__all__ = ["create_app", "LocalVerifier", "VerifierService", "VerifierSettings", "Target", "TorchTarget",
-           "LlamaCppTarget", "load_target"]
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .local import LocalVerifier
+    from .service import VerifierService
+    from .settings import VerifierSettings
+    from .target import LlamaCppTarget, Target, TorchTarget, load_target
+
+_WHERE = {"create_app": ".app", "LocalVerifier": ".local", "VerifierService": ".service",
+          "VerifierSettings": ".settings", "Target": ".target", "TorchTarget": ".target",
+          "LlamaCppTarget": ".target", "load_target": ".target"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cloud_verifier' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

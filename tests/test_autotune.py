@@ -96,3 +96,21 @@ def test_grid_and_random_search_baselines_share_the_budget_and_bounds():
     assert RandomTuner(seed=5)._candidates == rand._candidates != RandomTuner(seed=6)._candidates
     best = grid.best()
     assert best == min(grid.evaluations, key=lambda e: e[1])[0]
+
+
+def test_without_scikit_optimize_pipesd_tunes_by_grid(monkeypatch, caplog):
+    """The bare edge install has no scikit-optimize: the default tuner is the grid over the same bounds,
+    with the same budget, and the log says so once."""
+    import importlib.util
+
+    from edge_sdk import autotune
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skopt" else real(name, *a))
+    monkeypatch.setattr(autotune, "_said_grid", False)
+    with caplog.at_level("WARNING", logger="edge_sdk"):
+        first, second = autotune.default_tuner(), autotune.default_tuner()
+    assert isinstance(first, autotune.GridTuner) and first.budget == 16
+    assert sum("grid search" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert isinstance(autotune.default_tuner(), SkoptTuner)
