@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import zstandard
 
@@ -12,14 +13,19 @@ MIN_COMPRESS_BYTES = 256   # below this, zstd's frame overhead rarely pays
 MIN_SAVING = 0.9           # keep the compressed form only if it is at most 90% of the original
 LEVEL = 3
 
-_compressor = zstandard.ZstdCompressor(level=LEVEL)
+# A ZstdCompressor is not thread-safe (python-zstandard says so; shared, concurrent compress() calls
+# corrupted frames and crashed the process here): one per thread, as frames are sealed on several.
+_local = threading.local()
 
 
 def maybe_compress(body: bytes) -> tuple[bool, bytes]:
     """(compressed?, bytes): zstd when the body is large enough and shrinks by at least 10%."""
     if len(body) < MIN_COMPRESS_BYTES:
         return False, body
-    packed = _compressor.compress(body)
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=LEVEL)
+    packed = compressor.compress(body)
     return (True, packed) if len(packed) <= MIN_SAVING * len(body) else (False, body)
 
 

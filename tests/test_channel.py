@@ -52,6 +52,33 @@ def test_directions_do_not_mix():
     assert err.value.code is ErrorCode.UNAUTHENTICATED
 
 
+def test_frames_sealed_on_many_threads_at_once_all_open():
+    """A client seals on several threads (round streams, the request thread, the engine's own): every
+    frame must still open. A zstd compressor shared between threads corrupted some (and could crash)."""
+    import os
+    import threading
+
+    edge, cloud = pair(ChannelLimits(replay_window=1 << 16))
+    body = {"t": os.urandom(64) * 40}            # compressible: every frame goes through zstd
+    frames, failures = [], []
+
+    def seal_many():
+        for _ in range(400):
+            frames.append(edge.seal(FrameType.VERIFY, body))
+
+    threads = [threading.Thread(target=seal_many) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for frame in frames:
+        try:
+            assert cloud.open(frame)[1] == body
+        except WireError as exc:
+            failures.append(exc.code)
+    assert len(frames) == 2400 and not failures, f"{len(failures)} frames did not open: {set(failures)}"
+
+
 def test_compression_only_where_it_pays():
     edge, cloud = pair()
     small = edge.seal(FrameType.VERIFY, {"t": b"abc"})
