@@ -23,7 +23,8 @@ class GenerationStats:
     verify_s: float = 0.0          # the verifier's NAV compute, as it reports it (part of wait_s)
     bytes_up: int = 0              # sealed frames sent
     bytes_down: int = 0            # sealed frames received
-    batch_sizes: list[int] = field(default_factory=list)   # tokens in each batch sent (final batches included)
+    batch_sizes: list[int] = field(default_factory=list)   # draft tokens in each batch sent, final batches
+                                                           # included (cloud_only: an empty final per round)
     proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
     unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable

@@ -22,7 +22,7 @@ from typing import Sequence
 from privacy import SamplingParams, SparseDist, VerifyRequest, VerifyResponse, prefix_hash
 
 from .drafter import DraftToken
-from .errors import VerifierError, VerifierUnavailable
+from .errors import VerifierUnavailable
 from .profiler import LinkProfiler
 from .session import CloudSession
 from .transport import RoundChannel
@@ -144,7 +144,7 @@ class Uploader:
         def call() -> None:
             try:
                 resp = self.verifier.verify(req)
-            except (VerifierError, VerifierUnavailable) as exc:
+            except BaseException as exc:      # whatever it is, the engine waiting on the Nav gets it
                 nav.future.set_exception(exc)
             else:
                 nav.answered_at = time.perf_counter()
