@@ -329,16 +329,17 @@ class Decoding:
                 raise
             if nxt is not None:
                 self.uploader.cancel(nxt)
-            q = [d.q for d in rnd.draft]
-            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, exc), None
+            resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
+            return self._resend(self.out.tokens, self.synced, rnd.tokens, [d.q for d in rnd.draft], resync), None
 
     def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
-                first_error: Exception | None = None) -> VerifyResponse:
-        """A round sent whole until it is answered. A verifier that lost or disagrees with our prefix
-        gets all of it (after a new session if it lost ours); a lost reply is retried as it was: the
-        request names its base (length + hash), so a verifier that already acted answers "resync"
-        and the round goes again from the full prefix -- a retry never double-commits."""
-        error = first_error if first_error is not None and _resendable(first_error) else None
+                resync: VerifierError | None = None) -> VerifyResponse:
+        """A round sent whole until it is answered; `resync`: the verifier already said it lost or
+        disagrees with our prefix. Such a verifier gets all of it (after a new session if it lost ours);
+        a lost reply is retried as it was: the request names its base (length + hash), so a verifier that
+        already acted answers "resync" and the round goes again from the full prefix -- a retry never
+        double-commits."""
+        error = resync
         if error is not None:
             synced = self._resync(error)
         lost = 0
