@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="sessions whose KV cache the torch target keeps at once (at least --max-batch)")
     ap.add_argument("--reorder-wait", type=float, default=d.reorder_wait_s,
                     help="seconds a frame waits for a session's earlier frames before a gap is skipped")
+    ap.add_argument("--emulate-pass-ms", metavar="FIXED,PER_TOKEN", default=None,
+                    help="emulation for benchmarks: pad every target pass to FIXED + PER_TOKEN x rows ms "
+                         "(e.g. 20,0.2: a 7B model on a datacenter GPU)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -76,12 +79,31 @@ def settings_from_args(args: argparse.Namespace) -> VerifierSettings:
                             batch_wait_s=args.batch_wait, kv_slots=args.kv_slots)
 
 
-def target_loader(path: Path, backend: str, threads: int | None, settings: VerifierSettings):
+def parse_pass_ms(text: str | None) -> tuple[float, float] | None:
+    """"FIXED,PER_TOKEN" milliseconds (PER_TOKEN optional) as seconds; ValueError if malformed."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 2 or any(not (v >= 0 and v < 1e6) for v in values):
+        raise ValueError(f"--emulate-pass-ms takes FIXED[,PER_TOKEN] non-negative milliseconds, not {text!r}")
+    return values[0] / 1e3, (values[1] if len(values) == 2 else 0.0) / 1e3
+
+
+def target_loader(path: Path, backend: str, threads: int | None, settings: VerifierSettings,
+                  emulate_pass: tuple[float, float] | None = None):
     """A function that loads the target (called in the background once the server is up)."""
-    from .target import load_target
+    from .target import PaddedTarget, load_target
 
     extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {}
-    return lambda: load_target(path, backend, threads=threads, max_context=settings.max_context, **extra)
+
+    def load():
+        target = load_target(path, backend, threads=threads, max_context=settings.max_context, **extra)
+        return PaddedTarget(target, *emulate_pass) if emulate_pass else target
+    return load
 
 
 def main(argv=None) -> int:
@@ -119,10 +141,11 @@ def main(argv=None) -> int:
         return 2
     try:
         settings = settings_from_args(args)
+        emulate_pass = parse_pass_ms(args.emulate_pass_ms)
     except ValueError as exc:
         print(f"pipesd-verifier: {exc}", file=sys.stderr)
         return 2
-    app = create_app(target_loader(path, args.backend, args.threads, settings), settings,
+    app = create_app(target_loader(path, args.backend, args.threads, settings, emulate_pass), settings,
                      static_key=static_key, psk=psk)
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
     # TCP, and without it Nagle + delayed ACKs add ~40 ms to every response on loopback.

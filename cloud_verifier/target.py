@@ -8,6 +8,8 @@ logits rows the caller asks for. NAV (``nav.py``) never touches a model directly
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -233,6 +235,33 @@ class LlamaCppTarget:
         llm.eval(list(tokens[keep:]))
         state.tokens.extend(tokens[keep:])
         return np.array(llm.scores[first_row: len(tokens)], dtype=np.float32)
+
+
+class PaddedTarget:
+    """Emulation, for benchmarks: every target pass takes at least ``fixed_s + per_token_s * rows``.
+
+    Our targets are tiny CPU models whose passes take a few ms whatever their length; a 7B model on
+    a datacenter GPU takes ~20 ms a pass plus a little per token. Padding each pass (sleeping out the
+    rest of its budget) makes the cloud side of a benchmark cost what a real deployment's would,
+    without a GPU: ``pipesd-verifier --emulate-pass-ms 20,0.2``. Everything else is the real target.
+    """
+
+    def __init__(self, inner: Target, fixed_s: float, per_token_s: float = 0.0):
+        if fixed_s < 0 or per_token_s < 0:
+            raise ValueError("an emulated pass time cannot be negative")
+        self.inner, self.fixed_s, self.per_token_s = inner, fixed_s, per_token_s
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+        t0 = time.perf_counter()
+        out = self.inner.logits_many(jobs)
+        rows = sum(max(1, len(tokens) - first_row) for _, tokens, first_row in jobs)
+        rest = self.fixed_s + self.per_token_s * rows - (time.perf_counter() - t0)
+        if rest > 0:
+            time.sleep(rest)
+        return out
 
 
 def load_target(path: str | Path, backend: str = "torch", **kwargs) -> Target:
