@@ -3,13 +3,17 @@
 Pure bookkeeping, no clocks of its own: the engine reports what it measured. alpha and beta
 come from a least-squares fit of send time against batch size over recent non-final sends
 (NAV replies include verification and are excluded); gamma is an exponential moving average
-of the time to draft one token.
+of the time to draft one token. The NAV round trip is fitted against the size of the final batch
+(its intercept: the round trip with nothing to upload; its slope: the upload time of a final-batch
+token) and verification time against the draft length, for the round controller.
+
+Every fit weighs a sample by ``recency ** age`` (newest first): a link that changes is followed
+within a few rounds, not after a window's worth of them.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -22,12 +26,41 @@ class LinkEstimate:
     verify: float     # s of target compute per NAV round
     acceptance: float
     nav_network: float | None = None   # s: a NAV round trip with a one-token final batch, minus verification
+    nav_latency: float | None = None   # s: a drafted round's NAV line read at zero final-batch tokens
+    nav_per_token: float | None = None  # s: what each final-batch token adds to a NAV round trip
+    nav_empty: float | None = None     # s: a NAV round trip with no draft at all (the target decoding alone)
+    verify_fixed: float | None = None  # s: target compute of a NAV round, its fixed part ...
+    verify_per_token: float = 0.0      # ... and per drafted token
+    uplink_per_token: float | None = None   # s per token of non-final batches, when sizes varied enough to fit
+
+    @property
+    def upload_per_token(self) -> float:
+        """The best estimate of a drafted token's uplink time: non-final sends if they could be fitted,
+        else the final batches' slope, else the prior beta."""
+        for value in (self.uplink_per_token, self.nav_per_token):
+            if value is not None:
+                return value
+        return self.beta
+
+    @property
+    def batch_cost(self) -> float:
+        """What one more batch costs the round's pipeline: its start-up on the link, and the target
+        pass the verifier runs on it as it arrives (eager forward: one pass per batch, on a worker the
+        round's later batches queue behind). The DP plans with this, not with alpha alone: on a fast
+        link alpha is ~0 and a batch per token would queue a pass per token at the cloud."""
+        return self.alpha + (self.verify_fixed if self.verify_fixed is not None else self.verify)
+
+    def verify_time(self, drafted: int) -> float:
+        """Expected target compute of a NAV round over `drafted` tokens."""
+        if self.verify_fixed is None:
+            return self.verify
+        return self.verify_fixed + self.verify_per_token * drafted
 
     def drifted_from(self, other: "LinkEstimate", tolerance: float = 0.3) -> bool:
-        """Has alpha, beta or gamma moved by more than `tolerance` (relative) since `other`?"""
+        """Has a batch's cost, beta or gamma moved by more than `tolerance` (relative) since `other`?"""
         def moved(a, b, floor):
             return abs(a - b) > tolerance * max(abs(b), floor)
-        return (moved(self.alpha, other.alpha, 1e-3) or moved(self.beta, other.beta, 1e-4)
+        return (moved(self.batch_cost, other.batch_cost, 1e-3) or moved(self.beta, other.beta, 1e-4)
                 or moved(self.gamma, other.gamma, 1e-4))
 
     def regime(self) -> int | None:
@@ -41,50 +74,108 @@ class LinkEstimate:
         return round(math.log2(max(self.nav_network * 1e3, 0.25)))
 
 
+def weighted_line(points, recency: float) -> tuple[float, float | None, float]:
+    """(intercept, slope, weighted mean x) of a least-squares line through (x, y) pairs, oldest first,
+    each weighted ``recency ** age``. The slope is None when the xs do not vary (nothing to fit it by)."""
+    n = len(points)
+    weights = [recency ** (n - 1 - i) for i in range(n)]
+    total = sum(weights)
+    mx = sum(w * x for w, (x, _) in zip(weights, points)) / total
+    my = sum(w * y for w, (_, y) in zip(weights, points)) / total
+    sxx = sum(w * (x - mx) ** 2 for w, (x, _) in zip(weights, points))
+    if sxx < 1e-9 * total:
+        return my, None, mx
+    slope = sum(w * (x - mx) * (y - my) for w, (x, y) in zip(weights, points)) / sxx
+    return my - slope * mx, slope, mx
+
+
 class LinkProfiler:
-    def __init__(self, alpha: float = 0.005, beta: float = 0.0005, gamma: float = 0.002, window: int = 32,
-                 smoothing: float = 0.2, acceptance_window: int = 64):
+    def __init__(self, alpha: float = 0.001, beta: float = 0.0005, gamma: float = 0.002, window: int = 32,
+                 smoothing: float = 0.2, acceptance_window: int = 64, recency: float = 0.8):
         self._prior = (alpha, beta)
         self._sends: deque[tuple[int, float]] = deque(maxlen=window)
         self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
-        self._navs: deque[tuple[int, float]] = deque(maxlen=16)
+        self._navs: deque[tuple[int, float]] = deque(maxlen=16)        # rounds with a draft
+        self._empty_navs: deque[float] = deque(maxlen=16)               # rounds without (another code path)
+        self._verifies: deque[tuple[int, float]] = deque(maxlen=32)
         self.gamma = gamma
         self.verify = 0.005
         self._smoothing = smoothing
+        self.recency = recency
+        self._nav_slope: float | None = None    # the last slope the final batches allowed to fit
+        self._drafted = 0
 
     # -- observations ---------------------------------------------------------------
     def observe_send(self, tokens: int, seconds: float) -> None:
         self._sends.append((tokens, seconds))
 
     def observe_draft(self, seconds_per_token: float) -> None:
+        # The first measurement replaces the prior outright: a prior 10x off would otherwise take
+        # a dozen tokens to forget, and a controller that stops drafting stops measuring it.
+        if not self._drafted:
+            self.gamma = seconds_per_token
+        self._drafted += 1
         self.gamma += self._smoothing * (seconds_per_token - self.gamma)
 
     def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
         self.verify += self._smoothing * (verify_seconds - self.verify)
         self._rounds.append((drafted, accepted))
+        self._verifies.append((drafted, verify_seconds))
 
     def observe_nav(self, network_seconds: float, final_tokens: int = 1) -> None:
         """A NAV round trip minus the verifier's compute: latency plus sending the final batch of
-        `final_tokens` draft tokens."""
-        self._navs.append((max(1, final_tokens), max(0.0, network_seconds)))
+        `final_tokens` draft tokens (0: an empty draft, the target decoding alone)."""
+        if final_tokens <= 0 and network_seconds >= 0:
+            self._empty_navs.append(network_seconds)
+        else:
+            self._navs.append((max(1, final_tokens), max(0.0, network_seconds)))
 
-    def nav_network(self) -> float | None:
-        """Seconds a NAV round trip with a one-token final batch spends on the network: a least-squares
-        line through the recent (final batch size, time) pairs, read at one token; with one batch size
-        only, its median less the profiled per-token upload time of the extra tokens."""
+    def nav_empty(self) -> float | None:
+        """The recent round trip of a round without a draft (recency-weighted mean), None before any.
+        Kept apart from drafted rounds: an empty round goes up as one plain request, a drafted one
+        often on a round stream, and the line through both would price that difference per token."""
+        empty = tuple(self._empty_navs)
+        if not empty:
+            return None
+        weights = [self.recency ** (len(empty) - 1 - i) for i in range(len(empty))]
+        return sum(w * t for w, t in zip(weights, empty)) / sum(weights)
+
+    def nav_line(self) -> tuple[float, float | None] | None:
+        """(intercept at zero tokens, seconds per final-batch token) of the recent drafted rounds' NAVs;
+        the slope is the last one fitted while the final batches all had one size. None before any."""
         navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
         if not navs:
             return None
-        xs = [float(n) for n, _ in navs]
-        ys = [t for _, t in navs]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:
-            one = statistics.median(ys) - (mx - 1) * self.alpha_beta()[1]
-        else:
-            slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
-            one = my + slope * (1 - mx)
-        return one if one > 0 else min(ys)
+        intercept, slope, mx = weighted_line(navs, self.recency)
+        if slope is not None:
+            self._nav_slope = max(0.0, slope)
+            intercept = intercept if intercept > 0 else min(t for _, t in navs)
+            return intercept, self._nav_slope
+        per_token = self._nav_slope if self._nav_slope is not None else self.alpha_beta()[1]
+        return max(0.0, intercept - mx * per_token), self._nav_slope
+
+    def nav_network(self) -> float | None:
+        """Seconds a NAV round trip with a one-token final batch spends on the network: the NAV line
+        read at one token (without a fitted slope: the sizes seen, less the profiled per-token upload
+        time of the extra tokens)."""
+        line = self.nav_line()
+        if line is None:
+            empty = self.nav_empty()     # only empty rounds so far: they plus one token's upload
+            return None if empty is None else empty + self.alpha_beta()[1]
+        latency, slope = line
+        one = latency + (slope if slope is not None else self.alpha_beta()[1])
+        return one if one > 0 else min(t for _, t in self._navs)
+
+    def verify_line(self) -> tuple[float, float] | None:
+        """(fixed, per drafted token) seconds of target compute per NAV round, or None before any."""
+        rounds = tuple(self._verifies)
+        if not rounds:
+            return None
+        intercept, slope, _ = weighted_line(rounds, self.recency)
+        if slope is None:
+            return intercept, 0.0
+        slope = max(0.0, slope)
+        return max(0.0, intercept), slope
 
     @property
     def acceptance(self) -> float:
@@ -95,19 +186,26 @@ class LinkProfiler:
 
     # -- estimates ------------------------------------------------------------------
     def alpha_beta(self) -> tuple[float, float]:
+        return self._send_line()[:2]
+
+    def _send_line(self) -> tuple[float, float, bool]:
+        """(alpha, beta, whether beta was fitted) from the recent non-final sends."""
         sends = tuple(self._sends)    # a snapshot: the uploader's threads append while the engine reads
         if not sends:
-            return self._prior
-        xs = [float(n) for n, _ in sends]
-        ys = [t for _, t in sends]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx == 0:   # one batch size only: keep the prior slope, fit the intercept
+            return (*self._prior, False)
+        intercept, slope, mx = weighted_line(sends, self.recency)
+        if slope is None:   # one batch size only: keep the prior slope, fit the intercept
             beta = self._prior[1]
-            return max(0.0, my - beta * mx), beta
-        beta = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
-        return max(0.0, my - beta * mx), beta
+            return max(0.0, intercept - beta * mx), beta, False
+        beta = max(0.0, slope)
+        return max(0.0, intercept), beta, True
 
     def estimate(self) -> LinkEstimate:
-        alpha, beta = self.alpha_beta()
-        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance, self.nav_network())
+        alpha, beta, fitted = self._send_line()
+        line, verify = self.nav_line(), self.verify_line()
+        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance, self.nav_network(),
+                            nav_latency=line[0] if line else None, nav_per_token=line[1] if line else None,
+                            nav_empty=self.nav_empty(),
+                            verify_fixed=verify[0] if verify else None,
+                            verify_per_token=verify[1] if verify else 0.0,
+                            uplink_per_token=beta if fitted else None)

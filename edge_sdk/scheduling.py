@@ -41,6 +41,22 @@ def plan_batches(n: int, alpha: float, beta: float, gamma: float | Sequence[floa
     return sizes[::-1]
 
 
+def arrival_times(n_max: int, alpha: float, beta: float, gamma: float, batching: str = "dp") -> list[float]:
+    """F(0..n_max): when the i-th drafted token can have reached the cloud, for every i at once, as
+    `batching` sends them: "dp" (the DP's F(i), each i batched at its best), "per_token" or
+    "at_trigger" (all i in one batch). The round controller prices a round's uploads with it."""
+    if batching == "at_trigger":
+        return [0.0] + [i * gamma + alpha + beta * i for i in range(1, n_max + 1)]
+    best = [0.0] * (n_max + 1)
+    for i in range(1, n_max + 1):
+        ready = i * gamma
+        if batching == "per_token":
+            best[i] = max(best[i - 1], ready) + alpha + beta
+        else:
+            best[i] = min(max(best[j - 1], ready) + alpha + beta * (i - j + 1) for j in range(1, i + 1))
+    return best
+
+
 def arrival_time(sizes: Sequence[int], alpha: float, beta: float, gamma: float | Sequence[float]) -> float:
     """When the last token of a schedule reaches the cloud (the quantity plan_batches minimises)."""
     n = sum(sizes)
@@ -129,7 +145,7 @@ class DPSchedule:
     def plan(self, link: LinkEstimate) -> None:
         n = self.window.value
         if self._basis is None or self._basis[1] != n or link.drifted_from(self._basis[0]):
-            self._plan = BatchPlan(plan_batches(n, link.alpha, link.beta, link.gamma))
+            self._plan = BatchPlan(plan_batches(n, link.batch_cost, link.beta, link.gamma))
             self._basis = (link, n)
 
     @property
