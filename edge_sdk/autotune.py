@@ -299,3 +299,89 @@ class OnlineAutotuner:
         """Wait for a background tuner step (tests and benchmarks)."""
         if self._pending is not None:
             self._pending.join(timeout)
+
+
+class CorrectionTuner:
+    """BO over a small correction of the round controller's model point, never over the thresholds.
+
+    The controller (``controller.py``) already puts its thresholds where its cost model says; what
+    the model gets wrong is a bias, the same under every link: how optimistic it is about tokens not
+    yet drafted, and how much it values a token against a second of cost. The tuner searches
+    (log-scale of rho, logit bias of the acceptance model) in [-bound, bound]^2, starting at (0, 0)
+    -- the model's own point -- so it never starts from scratch, and it runs once: a link change
+    moves the model's point, not the correction. The best candidate replaces (0, 0) only if it
+    beat it by more than `margin` (trials are noisy). Each candidate runs for `tokens_per_trial`
+    committed tokens, scored by seconds per token; the GP step runs on a background thread.
+    """
+
+    def __init__(self, budget: int = 10, tokens_per_trial: int = 40, bound: float = 0.7, margin: float = 0.03,
+                 seed: int = 0, use_bo: bool | None = None):
+        self.budget, self.tokens_per_trial, self.bound, self.margin = budget, tokens_per_trial, bound, margin
+        self.evaluations: list[tuple[tuple[float, float], float]] = []
+        self._lock = threading.Lock()
+        self._pending: threading.Thread | None = None
+        self._trial = _Trial((0.0, 0.0))
+        self._best = (0.0, 0.0)
+        use_bo = importlib.util.find_spec("skopt") is not None if use_bo is None else use_bo
+        self._optimizer = None
+        if use_bo:
+            from skopt import Optimizer
+            from skopt.space import Real
+
+            self._optimizer = Optimizer([Real(-bound, bound), Real(-bound, bound)], base_estimator="GP",
+                                        acq_func="EI", acq_func_kwargs={"xi": 0.1}, n_initial_points=3,
+                                        random_state=seed)
+        h = bound / 2
+        self._list = [(-h, 0.0), (h, 0.0), (0.0, -h), (0.0, h), (-h, -h), (h, h), (-h, h), (h, -h),
+                      (-bound, 0.0), (bound, 0.0), (0.0, bound), (0.0, -bound)]
+
+    @property
+    def tuning(self) -> bool:
+        return len(self.evaluations) < self.budget
+
+    def correction(self) -> tuple[float, float]:
+        """The correction to apply now: a candidate while tuning, then the best found."""
+        with self._lock:
+            return self._trial.params if self._trial is not None else self._best
+
+    def best(self) -> tuple[float, float]:
+        with self._lock:
+            return self._best
+
+    def record(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            trial = self._trial
+            if trial is None:
+                return
+            trial.tokens += tokens
+            trial.seconds += seconds
+            if trial.tokens < self.tokens_per_trial:
+                return
+            self._trial = None
+            self.evaluations.append((trial.params, trial.seconds / trial.tokens))
+            done = len(self.evaluations) >= self.budget
+
+        def advance():
+            with self._lock:
+                evaluations = list(self.evaluations)
+            if self._optimizer is not None:
+                self._optimizer.tell(list(evaluations[-1][0]), evaluations[-1][1])
+            if done:
+                origin = evaluations[0][1]
+                params, score = min(evaluations, key=lambda e: e[1])
+                with self._lock:
+                    self._best = params if score < origin * (1 - self.margin) else (0.0, 0.0)
+                return
+            if self._optimizer is not None:
+                nxt = tuple(float(v) for v in self._optimizer.ask())
+            else:
+                nxt = self._list[(len(evaluations) - 1) % len(self._list)]
+            with self._lock:
+                self._trial = _Trial(nxt)
+
+        self._pending = threading.Thread(target=advance, name="correction-tune", daemon=True)
+        self._pending.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._pending is not None:
+            self._pending.join(timeout)

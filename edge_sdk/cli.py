@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .client import EdgeClient
 from .errors import PipeSDError
+from .controller import OBJECTIVES
 from .policies import MODES
 
 LAB_COMMANDS = {
@@ -32,6 +33,7 @@ def _generate(args) -> int:
     psk = args.psk_file.read_bytes().strip() if args.psk_file else None
     client = EdgeClient(args.verifier, verifier_key=args.verifier_key, psk=psk, pair=args.pair,
                         draft_model=args.draft_model, draft_backend=args.draft_backend, mode=args.mode, draft_k=args.k, r1=args.r1, r2=args.r2,
+                        objective=args.objective,
                         threads=args.threads,
                         local_only=args.local_only)
     with client:
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     g.add_argument("-k", type=int, help="draft length (vanilla; default 4)")
     g.add_argument("--r1", type=float, help="fixed C_n threshold (PipeSD policies; default: tuned online)")
     g.add_argument("--r2", type=float, help="fixed P(d_n) threshold (PipeSD policies, HSL)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="what PipeSD's round controller minimises per token (default latency)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--pair", default="embedded", help="model pair: embedded (default) or smollm2")

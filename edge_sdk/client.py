@@ -88,14 +88,17 @@ class EdgeClient:
         draft_model: path of a draft model instead of the pair's (GGUF, or .onnx with ``draft_backend="onnx"``).
         draft_backend: "llamacpp" (default, GGUF) or "onnx" (onnxruntime, a model exported by
             ``pipesd_models.build.onnx_export``; the embedded pair ships one).
-        mode: the decoding policy, by name -- "pipesd" (default: dual-threshold trigger tuned online,
-            DP token batches, proactive drafting), the baselines "vanilla" (fixed draft length),
-            "hsl", "edgellm", the ablations "pipesd_*", or "cloud_only" / "edge_only" (see
-            policies.py) -- or a ``Policy`` object of your own.
+        mode: the decoding policy, by name -- "pipesd" (default: the round controller, which prices
+            every round from the live link and a calibrated acceptance model, DP token batches,
+            proactive drafting), "pipesd_bo" (the paper's dual threshold tuned by BO), the baselines
+            "vanilla" (fixed draft length), "hsl", "edgellm", the ablations "pipesd_*", or
+            "cloud_only" / "edge_only" (see policies.py) -- or a ``Policy`` object of your own.
+        objective: what PipeSD's controller minimises per output token: "latency" (default),
+            "cloud_cost" (target compute) or "edge_energy" (modelled device joules).
         draft_k: draft length of the vanilla mode (default 4).
-        r1, r2: fixed dual thresholds (C_n < r1 or P(d_n) < r2) of the PipeSD modes instead of
-            online tuning; ``r2`` is also HSL's threshold. A mode given a setting it has no use for
-            is a ``ConfigError``.
+        r1, r2: fixed dual thresholds (C_n < r1 or P(d_n) < r2) of the paper's modes
+            ("pipesd_bo", "pipesd_fixed", ...); ``r2`` is also HSL's threshold. A mode given a
+            setting it has no use for is a ``ConfigError``.
         threads: draft compute threads (default: available cores, at most 4).
         n_ctx: draft context length (default: the model's trained context).
         verifier: a ``Verifier`` implementation to use instead of HTTP (an emulated link, an
@@ -113,17 +116,19 @@ class EdgeClient:
     def __init__(self, verifier_url: str | Sequence[str] | None = None, *, verifier_key: str | bytes | None = None,
                  psk: str | bytes | None = None, pair: str = "embedded", draft_model: str | Path | None = None,
                  draft_backend: str = "llamacpp", mode: str | Policy = "pipesd", draft_k: int | None = None,
-                 r1: float | None = None, r2: float | None = None, threads: int | None = None,
+                 r1: float | None = None, r2: float | None = None, objective: str | None = None,
+                 threads: int | None = None,
                  n_ctx: int | None = None, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                  local_only: bool = False, verifier: Verifier | None = None, drafter: Drafter | None = None,
                  offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None):
         # Everything that can be checked is checked before a model loads or a socket opens.
         if isinstance(mode, Policy):
-            if draft_k is not None or r1 is not None or r2 is not None:
-                raise ConfigError("draft_k, r1 and r2 configure a mode given by name; build your Policy with them")
+            if draft_k is not None or r1 is not None or r2 is not None or objective is not None:
+                raise ConfigError("draft_k, r1, r2 and objective configure a mode given by name; "
+                                  "build your Policy with them")
             self._mode, self._settings = None, {}
         else:
-            self._mode, self._settings = mode, {"draft_k": draft_k, "r1": r1, "r2": r2}
+            self._mode, self._settings = mode, {"draft_k": draft_k, "r1": r1, "r2": r2, "objective": objective}
         self._policies: dict[tuple, Policy] = {}   # adaptive policies keep what they learn across requests
         default = mode if isinstance(mode, Policy) else self._make(mode, **self._settings)
         if offline not in OFFLINE_POLICIES:
@@ -162,7 +167,7 @@ class EdgeClient:
         """The policy a request with these arguments runs: the same object each time, so that what an
         adaptive policy learns (EdgeLLM's threshold, PipeSD's tuner and batch plan) carries over.
 
-        The client's own settings (``draft_k``, ``r1``, ``r2``) belong to its mode: a request for
+        The client's own settings (``draft_k``, ``r1``, ``r2``, ``objective``) belong to its mode: a request for
         another mode by name starts from that mode's defaults (plus its own ``draft_k``)."""
         if isinstance(mode, Policy):
             if draft_k is not None:

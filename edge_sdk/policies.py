@@ -10,19 +10,21 @@ the spirit of transformers' ``CandidateGenerator`` (``get_candidates`` /
 * ``on_verdict(verdict)`` -- NAV answered: learn from it (adaptive thresholds, the window, the tuner);
 
 plus three plain facts: ``uses_cloud``, ``proactive`` (draft the next round while NAV is in
-flight) and ``max_draft`` (a round's length cap; 0: the target decodes alone). So PipeSD and the
-paper's baselines run on one engine:
+flight) and ``max_draft`` (a round's length cap, which a policy may set per round in
+``start_round``; 0: the target decodes alone). So PipeSD and the paper's baselines run on one engine:
 
 | policy | verify when | batches | drafts during NAV |
 |---|---|---|---|
 | vanilla | every k tokens | whole draft at the trigger | no |
 | hsl | P(d_n) < R2 | whole draft at the trigger | no |
 | edgellm | C_n < adaptive threshold | whole draft at the trigger | yes (uploaded at the next trigger) |
-| pipesd | C_n < R1 or P(d_n) < R2, tuned online by BO | DP token batches | yes, uploaded as drafted |
+| pipesd | calibrated survival < a threshold priced from live costs (``controller.py``); no draft where none pays | DP token batches | yes, uploaded as drafted |
+| pipesd_bo | the paper's: C_n < R1 or P(d_n) < R2, tuned online by BO | DP token batches | yes |
 
-and the ablations ``pipesd_per_token``, ``pipesd_at_trigger`` (no DP), ``pipesd_c_only``,
-``pipesd_p_only`` (single threshold), ``pipesd_no_proactive`` and ``pipesd_fixed`` (no BO);
-``cloud_only`` (the target alone, the reference output) and ``edge_only`` (the draft alone).
+and the ablations: of the controller ``pipesd_model`` (no BO correction), ``pipesd_per_token``,
+``pipesd_at_trigger`` (no DP), ``pipesd_no_proactive``; of the paper's trigger ``pipesd_fixed``
+(no BO), ``pipesd_c_only``, ``pipesd_p_only`` (single threshold); ``cloud_only`` (the target alone,
+the reference output) and ``edge_only`` (the draft alone).
 ``make_policy`` builds one by name and refuses arguments the mode has no use for.
 """
 
@@ -30,10 +32,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
-from .autotune import OnlineAutotuner
+from .autotune import CorrectionTuner, OnlineAutotuner
+from .controller import OBJECTIVES, AcceptanceModel, DevicePower, RoundPlan, plan_round, round_costs
 from .drafter import DraftToken
 from .errors import ConfigError
 from .profiler import LinkEstimate
@@ -147,15 +151,16 @@ class Speculative(Policy):
                 f"proactive={self.proactive}, max_draft={self.max_draft})")
 
 
-class PipeSD(Speculative):
-    """PipeSD: the dual threshold C_n < R1 or P(d_n) < R2, DP token batches, proactive drafting.
+class PaperPipeSD(Speculative):
+    """The paper's PipeSD: the dual threshold C_n < R1 or P(d_n) < R2, DP token batches, proactive
+    drafting (``pipesd_bo``, and the fixed-threshold ablations).
 
     With a ``tuner`` it owns its tuning: each round starts at the thresholds the tuner proposes
     (a candidate while it explores, the best known for the network regime once it has settled),
     and each verdict scores them by seconds per committed token. Without one the thresholds stay.
     """
 
-    def __init__(self, name: str = "pipesd", trigger: DualThreshold | None = None,
+    def __init__(self, name: str = "pipesd_bo", trigger: DualThreshold | None = None,
                  schedule: UploadSchedule | None = None, *, proactive: bool = True, max_draft: int = MAX_DRAFT,
                  tuner: OnlineAutotuner | None = None):
         super().__init__(name, trigger if trigger is not None else DualThreshold(),
@@ -177,50 +182,193 @@ class PipeSD(Speculative):
         if self.tuner is not None:
             self.tuner.record(verdict.committed, verdict.seconds, verdict.link.regime(), verdict.link.acceptance)
 
-    def reproducible(self) -> "PipeSD":
+    def reproducible(self) -> "PaperPipeSD":
         r1, r2 = self.thresholds
-        return PipeSD(self.name, DualThreshold(r1, r2), copy.deepcopy(self.schedule), proactive=self.proactive,
-                      max_draft=self.max_draft)
+        return PaperPipeSD(self.name, DualThreshold(r1, r2), copy.deepcopy(self.schedule), proactive=self.proactive,
+                           max_draft=self.max_draft)
 
 
-MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_fixed", "pipesd_per_token",
-         "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only", "pipesd_no_proactive")
+class PipeSD(Policy):
+    """PipeSD: the model-based round controller (``controller.py``), DP token batches, proactive drafting.
 
-# PipeSD's variants: (upload schedule, proactive, which thresholds the trigger uses).
-_PIPESD = {
-    "pipesd": (DPSchedule, True, "r1 r2"),
-    "pipesd_fixed": (DPSchedule, True, "r1 r2"),
-    "pipesd_per_token": (PerToken, True, "r1 r2"),
-    "pipesd_at_trigger": (AtTrigger, True, "r1 r2"),
-    "pipesd_c_only": (DPSchedule, True, "r1"),
-    "pipesd_p_only": (DPSchedule, True, "r2"),
-    "pipesd_no_proactive": (DPSchedule, False, "r1 r2"),
+    Each round starts with a plan from the profiler's live costs (``RoundPlan``: the rate to beat and
+    a survival threshold per position); after each drafted token the acceptance model's probability
+    for it extends the round's survival, and the round stops when that falls below the threshold.
+    A plan in which no draft pays makes the round draft nothing (the target decodes alone); while
+    that holds, and a faster uplink could make drafting pay, a one-token probe now and then
+    (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink. ``objective``
+    chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute) or
+    ``edge_energy`` (modelled device joules; no proactive drafting, which spends them on guesses).
+    With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
+    """
+
+    PROBE_FIRST, PROBE_MAX = 4, 256
+
+    def __init__(self, name: str = "pipesd", *, objective: str = "latency", schedule: UploadSchedule | None = None,
+                 proactive: bool = True, max_draft: int = MAX_DRAFT, tuner: CorrectionTuner | None = None,
+                 model: AcceptanceModel | None = None, power: DevicePower = DevicePower()):
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        self.name, self.objective, self.power = name, objective, power
+        self.proactive = proactive and objective != "edge_energy"
+        self.schedule = schedule if schedule is not None else DPSchedule()
+        self.cap = self.max_draft = max_draft
+        self.tuner = tuner
+        self.model = model if model is not None else AcceptanceModel()
+        self.plan: RoundPlan | None = None
+        self.frozen: LinkEstimate | None = None     # reproducible(): plan from this, learn nothing
+        self._outcomes: deque[tuple[int, int]] = deque(maxlen=64)   # (accepted, rejected) per round
+        self._lengths: deque[int] = deque(maxlen=8)
+        self._tracked: tuple[list, int, float] | None = None         # (draft, its length, survival)
+        self._probe_gap, self._cloud_rounds = self.PROBE_FIRST, 0
+        self.rounds = self.cloud_only_rounds = self.probes = 0
+
+    # -- what the controller believes --------------------------------------------------------
+    @property
+    def acceptance(self) -> float:
+        """a: the acceptance of a draft token not yet seen -- accepted / (accepted + rejections) over
+        the recent rounds (the geometric MLE), starting from a weak prior of 0.6."""
+        accepted = 3 + sum(a for a, _ in self._outcomes)
+        return accepted / (accepted + 2 + sum(r for _, r in self._outcomes))
+
+    @property
+    def thresholds(self) -> tuple[float, float] | tuple[None, None]:
+        """(R1, R2) of the current plan, on the calibrated scale (``RoundPlan.thresholds``)."""
+        return self.plan.thresholds if self.plan is not None else (None, None)
+
+    def _plan(self, link: LinkEstimate, beta: float | None = None) -> RoundPlan:
+        scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
+        self.model.bias = bias
+        a = self.acceptance
+        a = 1 / (1 + math.exp(-(math.log(a / (1 - a)) + bias)))
+        # What a kept proactive round hides is the next round's drafting: priced at the length this
+        # plan itself chooses (one fixed-point step from the recent mean).
+        length = sum(self._lengths) / len(self._lengths) if self._lengths else 4.0
+        for _ in range(2):
+            costs = round_costs(link, self.cap, self.objective, self.schedule, self.proactive, length,
+                                self.power, beta)
+            plan = plan_round(costs, a, math.exp(scale))
+            if not self.proactive or max(1, plan.best_length) == round(length):
+                break
+            length = max(1, plan.best_length)
+        return plan
+
+    # -- the policy contract -------------------------------------------------------------------
+    def start_round(self, link: LinkEstimate) -> None:
+        link = self.frozen if self.frozen is not None else link
+        self._last_link = link
+        self.schedule.plan(link)
+        self.plan = self._plan(link)
+        self.rounds += 1
+        if self.plan.best_length > 0:
+            self.max_draft, self._probe_gap, self._cloud_rounds = self.cap, self.PROBE_FIRST, 0
+            return
+        self.max_draft, self._cloud_rounds = 0, self._cloud_rounds + 1
+        self.cloud_only_rounds += 1
+        if self.frozen is None and self._cloud_rounds >= self._probe_gap and self._plan(link, beta=0.0).best_length:
+            # Drafting would pay on a faster uplink: one token re-measures it.
+            self.max_draft, self._cloud_rounds = 1, 0
+            self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
+            self.probes += 1
+
+    def verify_now(self, draft: Sequence[DraftToken]) -> bool:
+        n = len(draft)
+        tracked = self._tracked
+        if tracked is not None and tracked[0] is draft and tracked[1] == n:
+            survival = tracked[2]
+        elif tracked is not None and tracked[0] is draft and tracked[1] == n - 1:
+            survival = tracked[2] * self.model.predict(draft[-1].confidence, n)
+        else:
+            survival = math.prod(self.model.predict(d.confidence, i + 1) for i, d in enumerate(draft))
+        self._tracked = (draft, n, survival)   # type: ignore[assignment]
+        stop = self.plan.stop_below if self.plan is not None else ()
+        return n >= len(stop) or survival < stop[n]
+
+    def closes_batch(self, drafted: int) -> bool:
+        return self.schedule.closes_batch(drafted)
+
+    def on_verdict(self, verdict: RoundVerdict) -> None:
+        drafted = len(verdict.draft)
+        self.schedule.observe(drafted)
+        if self.frozen is not None or drafted == 0:
+            return
+        self.model.observe(verdict.draft, verdict.accepted)
+        self._outcomes.append((verdict.accepted, int(verdict.accepted < drafted)))
+        self._lengths.append(drafted)
+        if self.tuner is not None:
+            self.tuner.record(verdict.committed, verdict.seconds)
+
+    def reproducible(self) -> "PipeSD":
+        """A controller frozen at what this one knows now: the same plan every round (from the link as
+        last profiled), an acceptance model that no longer learns, no tuner. Its decisions then depend on
+        the draft's confidences alone, so a seeded request gives the same text every time."""
+        tuner, self.tuner = self.tuner, None       # a tuner holds threads and locks: not copied
+        try:
+            clone = copy.deepcopy(self)
+        finally:
+            self.tuner = tuner
+        clone.frozen = self._last_link if self._last_link is not None else LinkEstimate(0.005, 0.0005, 0.002, 0.005, 0.5)
+        if self.tuner is not None:
+            clone.fixed_correction = self.tuner.best()
+        return clone
+
+    _last_link: LinkEstimate | None = None
+    fixed_correction: tuple[float, float] = (0.0, 0.0)   # (log rho scale, logit bias) without a tuner
+
+    def __repr__(self) -> str:
+        return (f"PipeSD({self.name!r}, objective={self.objective!r}, {type(self.schedule).__name__}, "
+                f"proactive={self.proactive}, tuner={type(self.tuner).__name__ if self.tuner else None})")
+
+
+MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_bo",
+         "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
+         "pipesd_p_only")
+
+# The controller's variants: (upload schedule, proactive, BO correction).
+_CONTROLLED = {
+    "pipesd": (DPSchedule, True, True),
+    "pipesd_model": (DPSchedule, True, False),        # the model alone, no BO correction
+    "pipesd_per_token": (PerToken, True, False),
+    "pipesd_at_trigger": (AtTrigger, True, False),
+    "pipesd_no_proactive": (DPSchedule, False, False),
 }
+# The paper's dual threshold: which thresholds the trigger uses (pipesd_bo tunes both online).
+_PAPER = {"pipesd_bo": "r1 r2", "pipesd_fixed": "r1 r2", "pipesd_c_only": "r1", "pipesd_p_only": "r2"}
 
 
 def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = None, r2: float | None = None,
-                tuner: OnlineAutotuner | None = None) -> Policy:
+                tuner: OnlineAutotuner | CorrectionTuner | None = None, objective: str | None = None) -> Policy:
     """A fresh policy by name. Each mode takes only the arguments it uses; any other is a ConfigError.
 
-    ``draft_k``: vanilla's draft length (default 4). ``r1`` / ``r2``: the thresholds of the PipeSD
-    modes (fixing either switches ``pipesd``'s online tuning off), ``r2`` also HSL's (default 0.7).
-    ``tuner``: the online autotuner ``pipesd`` uses (default: a fresh ``OnlineAutotuner``).
+    ``draft_k``: vanilla's draft length (default 4). ``r1`` / ``r2``: the thresholds of the paper's
+    dual-threshold modes (``pipesd_bo``: fixing either switches its BO off; ``pipesd_fixed``,
+    ``pipesd_c_only``, ``pipesd_p_only``), ``r2`` also HSL's (default 0.7). ``objective``: what the
+    round controller minimises per token (``pipesd`` and its controller variants; default
+    ``latency``). ``tuner``: ``pipesd``'s ``CorrectionTuner`` or ``pipesd_bo``'s ``OnlineAutotuner``
+    (default: a fresh one).
     """
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    given = {name for name, value in (("draft_k", draft_k), ("r1", r1), ("r2", r2), ("tuner", tuner))
-             if value is not None}
-    uses = {"vanilla": {"draft_k"}, "hsl": {"r2"}, "pipesd": {"r1", "r2", "tuner"}}.get(mode, set())
-    if mode in _PIPESD and mode != "pipesd":
-        uses = set(_PIPESD[mode][2].split())
+    given = {name for name, value in (("draft_k", draft_k), ("r1", r1), ("r2", r2), ("tuner", tuner),
+                                      ("objective", objective)) if value is not None}
+    uses = {"vanilla": {"draft_k"}, "hsl": {"r2"}, "pipesd": {"tuner", "objective"},
+            "pipesd_bo": {"r1", "r2", "tuner"}}.get(mode, set())
+    if mode in _CONTROLLED and mode != "pipesd":
+        uses = {"objective"}
+    elif mode in _PAPER and mode != "pipesd_bo":
+        uses = set(_PAPER[mode].split())
     if given - uses:
         unused = ", ".join(sorted(given - uses))
         takes = ", ".join(sorted(uses - {"tuner"})) or "no settings"
-        raise ConfigError(f"mode {mode!r} has no use for {unused} (it takes {takes})")
+        hint = (" (its thresholds come from the round controller; fixed thresholds: mode 'pipesd_fixed')"
+                if mode in _CONTROLLED and {"r1", "r2"} & given else "")
+        raise ConfigError(f"mode {mode!r} has no use for {unused} (it takes {takes}){hint}")
     for name, value in (("r1", r1), ("r2", r2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not (0 < value <= 1 and math.isfinite(value))):
             raise ConfigError(f"{name} is a confidence threshold in (0, 1], not {value!r}")
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if mode == "edge_only":
         return EdgeOnly()
     if mode == "cloud_only":
@@ -234,15 +382,25 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
         return Speculative(mode, LastTokenConfidence(0.7 if r2 is None else r2))
     if mode == "edgellm":
         return Speculative(mode, AdaptiveCumulative(), proactive=True)
-    schedule, proactive, thresholds = _PIPESD[mode]
+    if mode in _CONTROLLED:
+        schedule, proactive, corrected = _CONTROLLED[mode]
+        objective = objective or "latency"
+        if tuner is not None and not isinstance(tuner, CorrectionTuner):
+            raise ConfigError("pipesd's tuner is a CorrectionTuner (an OnlineAutotuner tunes pipesd_bo)")
+        if corrected and tuner is None and objective == "latency":
+            tuner = CorrectionTuner()      # it scores seconds per token: a correction for latency only
+        return PipeSD(mode, objective=objective, schedule=schedule(), proactive=proactive, tuner=tuner)
+    thresholds = _PAPER[mode]
     trigger = DualThreshold(DEFAULT_R1 if r1 is None else r1, DEFAULT_R2 if r2 is None else r2)
     if "r1" not in thresholds:
         trigger.r1 = None
     if "r2" not in thresholds:
         trigger.r2 = None
-    if mode == "pipesd" and (r1 is not None or r2 is not None):
+    if tuner is not None and not isinstance(tuner, OnlineAutotuner):
+        raise ConfigError("pipesd_bo's tuner is an OnlineAutotuner")
+    if mode == "pipesd_bo" and (r1 is not None or r2 is not None):
         if tuner is not None:
-            raise ConfigError("pipesd takes fixed thresholds (r1, r2) or a tuner, not both")
-    elif mode == "pipesd":
+            raise ConfigError("pipesd_bo takes fixed thresholds (r1, r2) or a tuner, not both")
+    elif mode == "pipesd_bo":
         tuner = tuner if tuner is not None else OnlineAutotuner()
-    return PipeSD(mode, trigger, schedule(), proactive=proactive, tuner=tuner)
+    return PaperPipeSD(mode, trigger, DPSchedule(), tuner=tuner)

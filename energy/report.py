@@ -33,7 +33,8 @@ def _f(x, digits: int = 3) -> str:
 def markdown_table(rows: list[dict], *, baselines: tuple[str, ...] = ("vanilla", "hsl", "edgellm"),
                    ours: str = "pipesd") -> str:
     """Per scenario: edge and cloud J per output token (mean ± 95% CI), the edge's phase split, and
-    PipeSD's change against each baseline."""
+    the change of each PipeSD method (``ours`` and its variants: ``pipesd_model``, ``pipesd:cloud_cost``)
+    against each baseline."""
     out = []
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         sr = [r for r in rows if r["scenario"] == scenario]
@@ -47,12 +48,12 @@ def markdown_table(rows: list[dict], *, baselines: tuple[str, ...] = ("vanilla",
                        f"{_f(r['cloud_j_per_token'], 4)} ± {_f(r['cloud_j_per_token_ci95'], 4)} | "
                        + " | ".join(_f(r[f"edge_{p}_j_per_token"]) for p in PHASES)
                        + f" | {_f(r.get('tpt_ms'), 1)} | {r['repetitions']} |")
-        mine = next((r for r in sr if r["method"] == ours), None)
-        if mine:
+        for mine in (r for r in sr if r["method"] == ours or r["method"].startswith((ours + ":", ours + "_"))):
             for b in baselines:
                 base = next((r for r in sr if r["method"] == b), None)
                 if base:
-                    out.append(f"\n{ours} vs {b}: edge {_change(mine['edge_j_per_token'], base['edge_j_per_token'])}, "
+                    out.append(f"\n{mine['method']} vs {b}: edge "
+                               f"{_change(mine['edge_j_per_token'], base['edge_j_per_token'])}, "
                                f"cloud {_change(mine['cloud_j_per_token'], base['cloud_j_per_token'])}")
         out.append("")
     methods = sorted({(r["side"], r["meter"]) for r in _labels(rows)})

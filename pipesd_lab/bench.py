@@ -28,6 +28,7 @@ TPT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -40,10 +41,11 @@ from pathlib import Path
 
 from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
 from edge_sdk.autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
+from edge_sdk.controller import OBJECTIVES
 from edge_sdk.policies import MODES
 
 from .emulation import EmulatedLink, SlowedDrafter
-from .scenarios import PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
+from .scenarios import DEVICE_PASS_MS, PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n    def __init__(self):\n",
            "    def __repr__(self):\n        return ", "for i in range(10):\n", 'if __name__ == "__main__":\n',
@@ -53,9 +55,20 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n
            "def main(argv=None):\n    parser = argparse."]
 BASELINES = ("vanilla", "hsl", "edgellm")
 MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd")
-ABLATIONS = ("pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
-             "pipesd_p_only")
+# What each piece of PipeSD buys: the controller without its BO correction, the paper's BO-tuned dual
+# threshold instead of the controller, no DP batches (two ways), no proactive drafting. The paper's
+# threshold ablations (pipesd_fixed, pipesd_c_only, pipesd_p_only) run with --methods.
+ABLATIONS = ("pipesd_model", "pipesd_bo", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive")
+PAPER_TRIGGER = ("pipesd_bo", "pipesd_fixed", "pipesd_c_only", "pipesd_p_only")   # share pipesd_bo's thresholds
 SWEEP_MBPS = (10.0, 20.0, 40.0, 80.0)
+
+
+def method_known(method: str) -> bool:
+    """A mode name, or a controller mode with its objective ("pipesd:cloud_cost")."""
+    mode, sep, objective = method.partition(":")
+    if not sep:
+        return mode in MODES
+    return mode in MODES and mode.startswith("pipesd") and mode not in PAPER_TRIGGER and objective in OBJECTIVES
 
 
 @dataclass
@@ -131,7 +144,8 @@ class Tally:
                  up_bytes_per_token=per_token(self.bytes_up), down_bytes_per_token=per_token(self.bytes_down),
                  draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
                  wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
-                 efficiency=self.efficiency)
+                 efficiency=self.efficiency,
+                 passes_per_token=per_token(self.batches))   # every batch the verifier got ran a target pass
         return d
 
 
@@ -143,10 +157,11 @@ def lower_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: flo
     token is rejected (probability 1 - a^n with per-token acceptance a), the next round cannot
     start before the verdict: verify plus a round trip are exposed. When all are accepted,
     proactive drafting may hide them entirely. Each round yields a(1 - a^n)/(1 - a) + 1 tokens in
-    expectation. The bound is the best n; it assumes independent acceptance per token.
+    expectation. The bound is the best n, n = 0 (the target alone: verify + a round trip per token)
+    included, since a controller may choose it; it assumes independent acceptance per token.
     """
     a = min(max(a, 0.0), 0.999)
-    best = math.inf
+    best = verify + rtt          # n = 0: the target alone, one round trip and one pass per token
     for n in range(1, max_n + 1):
         accepted = a * (1 - a ** n) / (1 - a) if a > 0 else 0.0
         cost = max(n * gamma, n * beta) + (1 - a ** n) * (verify + rtt)
@@ -162,6 +177,7 @@ class BenchConfig:
     methods: tuple[str, ...] = MAIN_METHODS + ABLATIONS
     ablation_scenarios: tuple[str, ...] = ("s1",)   # where the pipesd_* ablations run (all: every scenario)
     payload: str = "ids"
+    objective: str = "latency"        # what PipeSD's controller (and its controller ablations) minimise
     min_tokens: int = 1000
     tokens_per_prompt: int = 64
     max_tune_prompts: int = 60
@@ -229,13 +245,16 @@ class Bench:
         drafter = self._drafter(pair, scenario.added_draft_seconds(regime, self.gamma[pair]))
         link = scenario.link(regime, self.config.payload, seed=self.config.seed, up_mbps=up_mbps,
                              vocab_size=drafter.vocab_size)
-        thresholds = {"r1": r1, "r2": r2} if r1 is not None and method.startswith("pipesd") else {}
+        thresholds = {"r1": r1, "r2": r2} if r1 is not None and method in PAPER_TRIGGER else {}
         if method == "pipesd_c_only":
             thresholds.pop("r2", None)
         elif method == "pipesd_p_only":
             thresholds.pop("r1", None)
         tuner = OnlineAutotuner(make_tuner=make_tuner) if make_tuner is not None else None
-        policy = make_policy(method, tuner=tuner, **thresholds)
+        mode, _, objective = method.partition(":")           # "pipesd:cloud_cost": the controller's objective
+        if not objective and mode.startswith("pipesd") and mode not in PAPER_TRIGGER:
+            objective = self.config.objective
+        policy = make_policy(mode, tuner=tuner, objective=objective or None, **thresholds)
         return EdgeClient(verifier=EmulatedLink.http(verifier.url, link, verifier_key=verifier.public_key),
                           drafter=drafter, mode=policy)
 
@@ -248,14 +267,20 @@ class Bench:
         return self._references[key]
 
     def tune(self, client, prompts, bar=None) -> int:
-        """Generate with PipeSD until its autotuner has finished (or the prompt cap)."""
-        tuner, used = client.policy().tuner, 0
-        while (tuner.tuning or not tuner.memory) and used < self.config.max_tune_prompts:
+        """Generate with a tuning policy until its tuner has finished (or the prompt cap): pipesd_bo's
+        OnlineAutotuner, pipesd's CorrectionTuner."""
+        policy, used = client.policy(), 0
+        tuner = getattr(policy, "tuner", None)
+        if tuner is None:
+            return 0
+        busy = (lambda: tuner.tuning or not tuner.memory) if isinstance(tuner, OnlineAutotuner) else (lambda: tuner.tuning)
+        while busy() and used < self.config.max_tune_prompts:
             client.generate(prompts[used % len(prompts)], max_new_tokens=self.config.tokens_per_prompt)
             used += 1
             tuner.wait()
             if bar is not None:
-                bar.set_postfix_str(f"tuning pipesd: {tuner.trials_done} candidates")
+                done = tuner.trials_done if isinstance(tuner, OnlineAutotuner) else len(tuner.evaluations)
+                bar.set_postfix_str(f"tuning {policy.name}: {done} candidates")
         return used
 
     def _interleave(self, clients: dict, tallies: dict, min_tokens: int, bar=None) -> None:
@@ -289,14 +314,19 @@ class Bench:
             if "pipesd" in methods:
                 clients["pipesd"] = self.client(verifier, pair, scenario, regime, "pipesd")
                 self.tune(clients["pipesd"], PROMPTS, bar)
-                r1, r2 = clients["pipesd"].policy().thresholds
+            if any(m in PAPER_TRIGGER for m in methods):    # the paper's trigger: BO first, as the paper did
+                clients["pipesd_bo"] = self.client(verifier, pair, scenario, regime, "pipesd_bo")
+                self.tune(clients["pipesd_bo"], PROMPTS, bar)
+                r1, r2 = clients["pipesd_bo"].policy().thresholds
                 self.tuned[(pair, regime, scenario.name)] = (r1, r2)
             for m in methods:
                 if m not in clients:
-                    fixed = m.startswith("pipesd_") and r1 is not None
+                    fixed = m in PAPER_TRIGGER and r1 is not None
                     clients[m] = self.client(verifier, pair, scenario, regime, m, *((r1, r2) if fixed else ()))
-                if m.startswith("pipesd"):
+                if m in PAPER_TRIGGER:
                     tallies[m].r1, tallies[m].r2 = r1, r2
+            if "pipesd_bo" not in methods and "pipesd_bo" in clients:   # tuned only for the ablations' thresholds
+                clients.pop("pipesd_bo").close()
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
                 for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
                     client.generate(p, max_new_tokens=self.config.tokens_per_prompt)
@@ -335,7 +365,7 @@ class Bench:
     def run_sweep(self, verifier, pair: str, bar=None) -> None:
         s1, regime = get_scenario("s1"), self.config.sweep_regime
         r1, r2 = self.tuned.get((pair, regime, "s1"), (None, None))
-        methods = [m for m in ("vanilla", "hsl", "edgellm", "pipesd_fixed") if m in self.config.methods
+        methods = [m for m in ("vanilla", "hsl", "edgellm", "pipesd_fixed", "pipesd") if m in self.config.methods
                    or m == "pipesd_fixed"]
         for mbps in SWEEP_MBPS:
             sc = s1.with_uplink(mbps)
@@ -367,7 +397,7 @@ class Bench:
         makers = {"bo": partial(SkoptTuner, seed=self.config.seed), "grid": GridTuner,
                   "random": partial(RandomTuner, seed=self.config.seed)}
         for name, make in makers.items():
-            with self.client(verifier, pair, s1, regime, "pipesd", make_tuner=make) as client:
+            with self.client(verifier, pair, s1, regime, "pipesd_bo", make_tuner=make) as client:
                 self.tune(client, PROMPTS, bar)
                 self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.policy().tuner.evaluations]
 
@@ -387,12 +417,20 @@ class Bench:
                 self.gamma[pair] = self.measure_gamma(pair)
                 with LocalVerifier(model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus) as v, \
                         EdgeClient(v.url, verifier_key=v.public_key, pair=pair, mode="cloud_only",
-                                   threads=1) as ref:
+                                   threads=1) as ref, contextlib.ExitStack() as padded:
                     self._ref_clients[pair] = ref
+                    device_verifier = None
                     for _, regime, name in [c for c in cells if c[0] == pair]:
                         if bar is not None:
                             bar.set_description(f"{pair} {regime} {name}")
-                        self.results.extend(self.run_cell(v, pair, get_scenario(name), regime, bar))
+                        verifier = v
+                        if regime == "device":    # its own verifier: every target pass padded to a GPU's
+                            if device_verifier is None:
+                                device_verifier = padded.enter_context(LocalVerifier(
+                                    model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus,
+                                    extra_args=["--emulate-pass-ms", ",".join(f"{x:g}" for x in DEVICE_PASS_MS)]))
+                            verifier = device_verifier
+                        self.results.extend(self.run_cell(verifier, pair, get_scenario(name), regime, bar))
                     if cfg.sweep:
                         if bar is not None:
                             bar.set_description(f"{pair} bandwidth sweep")
@@ -456,8 +494,8 @@ class Bench:
                 lines.append("")
                 lines += [f"Details ({pair}, {regime}):", "",
                           "| scenario | method | TPT ms | bound ms | efficiency | acceptance | NAV rounds "
-                          "| rollback rate | mean draft | sealed up B/tok | down B/tok | draft / upload (non-final batches) / "
-                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 14]
+                          "| target passes / token | rollback rate | mean draft | sealed up B/tok | down B/tok | draft / upload (non-final batches) / "
+                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 15]
                 for t in cell:
                     r = t.row()
                     thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
@@ -467,7 +505,8 @@ class Bench:
                         lossless += f", {t.unverified} tokens unverified (went offline)"
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
-                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {t.rounds} | {_fmt(t.rollback_rate, 2)} "
+                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
+                        f"| {_fmt(t.rollback_rate, 2)} "
                         f"| {_fmt(r['mean_draft_len'])} | {_fmt(r['up_bytes_per_token'], 0)} "
                         f"| {_fmt(r['down_bytes_per_token'], 0)} | {_fmt(r['draft_ms_per_token'])} / "
                         f"{_fmt(r['upload_ms_per_token'])} / {_fmt(r['wait_ms_per_token'])} / "
@@ -602,7 +641,9 @@ def plot_all(bench: Bench, out: Path) -> list[Path]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pairs", default="embedded", help="comma-separated model pairs (embedded, smollm2)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: s1,s2,s3,s4")
-    ap.add_argument("--regimes", default=",".join(REGIMES), help="paper and/or native")
+    ap.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: paper, native, device")
+    ap.add_argument("--objective", default="latency", choices=OBJECTIVES,
+                    help="what PipeSD's round controller minimises per token")
     ap.add_argument("--methods", default=",".join(MAIN_METHODS + ABLATIONS))
     ap.add_argument("--ablation-scenarios", default="s1", help="scenarios where the pipesd_* ablations run, or all")
     ap.add_argument("--payload", default="ids", choices=PAYLOADS, help="native regime payload per token")
@@ -625,7 +666,7 @@ def config_from_args(args) -> BenchConfig:
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())   # noqa: E731
     cfg = BenchConfig(pairs=split(args.pairs), scenarios=split(args.scenarios), regimes=split(args.regimes),
                       methods=split(args.methods), ablation_scenarios=split(args.ablation_scenarios),
-                      payload=args.payload, min_tokens=args.min_tokens,
+                      payload=args.payload, objective=args.objective, min_tokens=args.min_tokens,
                       tokens_per_prompt=args.tokens_per_prompt, max_tune_prompts=args.max_tune_prompts,
                       sweep=not args.no_sweep, sweep_tokens=args.sweep_tokens, timeline=not args.no_timeline,
                       tuners=not args.no_tuners, pin=args.pin, seed=args.seed, out=args.out,
@@ -648,8 +689,9 @@ def config_from_args(args) -> BenchConfig:
         except PairUnavailable as exc:
             raise ValueError(str(exc)) from None
     for m in cfg.methods:
-        if m not in MODES:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODES)}")
+        if not method_known(m):
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODES)} (a controller mode may name "
+                             f"its objective: pipesd:{'|'.join(OBJECTIVES)})")
     for r in cfg.regimes:
         if r not in REGIMES:
             raise ValueError(f"unknown regime {r!r}; choose from {', '.join(REGIMES)}")

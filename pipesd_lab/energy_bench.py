@@ -4,7 +4,9 @@
     pipesd energy --quick --out /tmp/energy           # S1 native, 3 methods, short requests
 
 Per scenario, one ``EdgeClient`` per method on the scenario's emulated link (as ``pipesd bench``),
-PipeSD's thresholds tuned online first (or fixed with ``--r1/--r2``). For each method the ``energy``
+PipeSD's round controller corrected by its tuner first (the paper's ``pipesd_bo`` tuned, or fixed
+with ``--r1/--r2``). A method may name the controller's objective: ``pipesd:cloud_cost``,
+``pipesd:edge_energy``. For each method the ``energy``
 harness runs a warm-up request, then >= 5 measured requests (one prompt each, prompts in turn), after
 an idle baseline that it subtracts. Each request reports an ``energy.Activity``: output tokens, seconds
 drafting / offline / waiting, the compute the scenario emulated by sleeping (a slow device's drafting),
@@ -30,7 +32,7 @@ from energy.report import markdown_table, plot, write_csv
 
 from edge_sdk.policies import MODES
 
-from .bench import PROMPTS, Bench, BenchConfig, git_commit
+from .bench import PAPER_TRIGGER, PROMPTS, Bench, BenchConfig, git_commit, method_known
 from .scenarios import REGIMES, SCENARIOS, get_scenario
 
 DEVICE_MODELS = {"s1": "laptop", "s2": "phone", "s3": "iot", "s4": "laptop"}
@@ -50,7 +52,7 @@ class EnergyConfig:
     edge_meter: str = "auto"
     cloud_meter: str = "auto"
     radio: str = "wifi"
-    r1: float | None = None          # fixed PipeSD thresholds (default: tuned online per scenario)
+    r1: float | None = None          # fixed thresholds of the paper's trigger modes (default: pipesd_bo tunes them)
     r2: float | None = None
     max_tune_prompts: int = 40
     pin: bool = False
@@ -120,20 +122,22 @@ class EnergyBench:
                 r1, r2 = cfg.r1, cfg.r2
                 clients = {}
                 try:
-                    if "pipesd" in cfg.methods and r1 is None:
-                        clients["pipesd"] = bench.client(v, cfg.pair, scenario, cfg.regime, "pipesd")
-                        bench.tune(clients["pipesd"], PROMPTS)
-                        r1, r2 = clients["pipesd"].policy().thresholds
+                    paper = [m for m in cfg.methods if m in PAPER_TRIGGER]
+                    if paper and r1 is None:      # the paper's trigger: BO first, as the paper did
+                        clients["pipesd_bo"] = bench.client(v, cfg.pair, scenario, cfg.regime, "pipesd_bo")
+                        bench.tune(clients["pipesd_bo"], PROMPTS)
+                        r1, r2 = clients["pipesd_bo"].policy().thresholds
                     for method in cfg.methods:
                         if method not in clients:
-                            fixed = method.startswith("pipesd") and r1 is not None
+                            fixed = method in PAPER_TRIGGER and r1 is not None
                             clients[method] = bench.client(v, cfg.pair, scenario, cfg.regime, method,
                                                             *((r1, r2) if fixed else ()))
+                            bench.tune(clients[method], PROMPTS)      # pipesd's correction (others: none)
                         request = _Request(clients[method], method, cfg.tokens)
                         m = harness.measure(request, label=f"{name} {method}")
                         row = dict(scenario=name, method=method, regime=cfg.regime, pair=cfg.pair, device=device,
-                                   radio=cfg.radio, r1=r1 if method.startswith("pipesd") else None,
-                                   r2=r2 if method.startswith("pipesd") else None,
+                                   radio=cfg.radio, r1=r1 if method in PAPER_TRIGGER else None,
+                                   r2=r2 if method in PAPER_TRIGGER else None,
                                    tpt_ms=1e3 * sum(request.tpt_s[-cfg.repetitions:]) / cfg.repetitions, **m.row())
                         self.rows.append(row)
                         if cfg.progress:
@@ -171,7 +175,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--edge-meter", choices=METERS, default="auto")
     ap.add_argument("--cloud-meter", choices=METERS, default="auto")
     ap.add_argument("--radio", choices=sorted(RADIOS), default="wifi")
-    ap.add_argument("--r1", type=float, help="fixed PipeSD thresholds (default: tuned online)")
+    ap.add_argument("--r1", type=float, help="fixed thresholds of the paper's trigger modes (pipesd_bo, "
+                                             "pipesd_fixed, ...; default: tuned online)")
     ap.add_argument("--r2", type=float)
     ap.add_argument("--max-tune-prompts", type=int, default=40)
     ap.add_argument("--pin", action="store_true", help="edge and verifier on separate cores")
@@ -190,12 +195,10 @@ def config_from_args(args) -> EnergyConfig:
                        progress=not args.no_progress, out=args.out)
     if args.quick:
         cfg.scenarios, cfg.regime, cfg.methods, cfg.tokens, cfg.idle_s = ("s1",), "native", \
-            ("cloud_only", "vanilla", "pipesd"), 16, 0.5
-        cfg.r1 = cfg.r1 if cfg.r1 is not None else 0.05
-        cfg.r2 = cfg.r2 if cfg.r2 is not None else 0.05
+            ("cloud_only", "vanilla", "pipesd_model"), 16, 0.5
     for s in cfg.scenarios:
         get_scenario(s)
-    bad = [m for m in cfg.methods if m not in MODES]
+    bad = [m for m in cfg.methods if not method_known(m)]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     if cfg.repetitions < 5:

@@ -21,6 +21,11 @@ Regimes:
 * ``native``: our real draft speed (× slowdown for S2/S3) and our real payloads: ``ids`` (token ids
   only, what greedy sends), ``topk`` (sparse top-8 ids + float16 probabilities, 48 B/token: what
   sampling would send), ``full`` (the draft's whole vocabulary as float32: 8,192 B/token for our 2048 tokens).
+* ``device``: a realistic deployment. A phone-class draft (25 ms per token on the S1 device, × the
+  S2/S3 slow-downs: a ~1B draft on a phone CPU), token-id payload, RTT 50 ms with ±10 ms jitter
+  (each one-way delay uniform in ±5 ms), and a target whose every pass takes 20 ms + 0.2 ms per
+  token (a 7B model on a datacenter GPU, emulated by the verifier's ``--emulate-pass-ms 20,0.2``:
+  see ``DEVICE_PASS_MS``). The bandwidths are the scenario's.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ PAPER_GAMMA_S = 0.036
 PAPER_PAYLOAD_BYTES = 290_000
 RTT_MS = 20.0
 PAYLOADS = ("ids", "topk", "full")
+DEVICE_GAMMA_S = 0.025
+DEVICE_RTT_MS, DEVICE_JITTER_MS = 50.0, 5.0     # ±5 ms per direction: ±10 ms on the round trip
+DEVICE_PASS_MS = (20.0, 0.2)                    # the verifier's emulated target pass: fixed, per token
 
 
 def payload_bytes(payload: str, vocab_size: int) -> int:
     """Extra uplink bytes per drafted token of a native payload mode."""
     return {"ids": 0, "topk": 8 * (4 + 2), "full": vocab_size * 4}[payload]
-REGIMES = ("paper", "native")
+REGIMES = ("paper", "native", "device")
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,17 @@ class Scenario:
         if payload not in PAYLOADS:
             raise ValueError(f"payload must be one of {PAYLOADS}, not {payload!r}")
         extra = PAPER_PAYLOAD_BYTES if regime == "paper" else payload_bytes(payload, vocab_size)
+        jitter = 0.0
+        if regime == "device":
+            extra, rtt_ms, jitter = 0, DEVICE_RTT_MS, DEVICE_JITTER_MS
         trace = BandwidthTrace.generated(seed) if self.dynamic else None
         return LinkProfile(up_mbps if up_mbps is not None else self.up_mbps, self.down_mbps, rtt_ms, extra,
-                           trace=trace, seed=seed)
+                           jitter_ms=jitter, trace=trace, seed=seed)
 
     def added_draft_seconds(self, regime: str, measured_gamma_s: float) -> float:
         """Time to add per drafted token so the device drafts as this scenario's does."""
-        target = PAPER_GAMMA_S * self.slowdown if regime == "paper" else measured_gamma_s * self.slowdown
+        base = {"paper": PAPER_GAMMA_S, "device": DEVICE_GAMMA_S}.get(regime, measured_gamma_s)
+        target = base * self.slowdown
         return max(0.0, target - measured_gamma_s)
 
     def with_uplink(self, up_mbps: float) -> "Scenario":

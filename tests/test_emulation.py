@@ -147,8 +147,10 @@ def test_scenarios_follow_the_paper():
 
 
 def test_lower_bound():
-    # No acceptance: one token per round, the verdict always exposed.
-    assert lower_bound_tpt(0.01, 0.001, 0.005, 0.02, 0.0) == pytest.approx(0.01 + 0.025)
+    # No acceptance: drafting never pays; the target alone (verify + a round trip per token) is the bound.
+    assert lower_bound_tpt(0.01, 0.001, 0.005, 0.02, 0.0) == pytest.approx(0.025)
+    # ... and it is never above the target alone, whatever the draft.
+    assert lower_bound_tpt(0.2, 0.3, 0.005, 0.02, 0.9) == pytest.approx(0.025)
     # Perfect acceptance: latency hides behind proactive drafting; the slower of draft and uplink
     # rules, and each one-token round also yields the target's bonus token: 0.03 / 2.
     assert lower_bound_tpt(0.01, 0.03, 0.005, 0.02, 1.0) == pytest.approx(0.015, rel=0.01)

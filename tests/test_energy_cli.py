@@ -30,7 +30,7 @@ def test_quick_energy_writes_labelled_results(quick_run):
     for name in ("energy.csv", "energy.json", "energy.md", "energy.png"):
         assert (quick_run / name).stat().st_size > 0
     rows = list(csv.DictReader(open(quick_run / "energy.csv")))
-    assert [r["method"] for r in rows] == ["cloud_only", "vanilla", "pipesd"]
+    assert [r["method"] for r in rows] == ["cloud_only", "vanilla", "pipesd_model"]
     for r in rows:
         assert int(r["repetitions"]) >= 5 and int(r["tokens"]) >= 5 * 8
         assert r["edge_method"].startswith("modelled:laptop") and "modelled radio (wifi" in r["edge_method"]
@@ -45,7 +45,7 @@ def test_quick_energy_writes_labelled_results(quick_run):
     meta = json.loads((quick_run / "energy.json").read_text())["meta"]
     assert meta["command"].startswith("pipesd energy --quick") and meta["meters"]["s1"][0] == "edge: modelled"
     md = (quick_run / "energy.md").read_text()
-    assert "pipesd vs vanilla" in md and "modelled:server" in md
+    assert "pipesd_model vs vanilla" in md and "modelled:server" in md
 
 
 @pytest.mark.parametrize("args, message", [(["--reps", "3"], ">= 5"), (["--scenarios", "s9"], "unknown scenario"),

@@ -19,7 +19,7 @@ from privacy.sampling import SamplingParams, truncate
 from .engine_kit import DRAFT, PROMPTS, SPECULATIVE, TARGET, Rig, reference
 
 N = 40
-PROACTIVE = ("pipesd", "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only",
+PROACTIVE = ("pipesd", "pipesd_model", "pipesd_bo", "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only",
              "edgellm")
 
 
@@ -53,7 +53,7 @@ def test_the_toy_draft_agrees_with_its_target_often_but_not_always():
 
 @pytest.mark.parametrize("mode", SPECULATIVE)
 def test_every_policy_equals_target_greedy(mode):
-    with Rig(latency_s=0.001) as r:      # a round trip long enough for proactive drafting to happen
+    with Rig(latency_s=0.002) as r:      # a round trip long enough for proactive drafting (and drafting) to pay
         totals = dict(drafted=0, accepted=0, rollbacks=0, kept=0, discarded=0, batches=0, rounds=0)
         for prompt in PROMPTS:
             result = r.generate(prompt, mode, N)
@@ -280,11 +280,11 @@ def test_the_draft_q_travels_with_bounded_support(rig):
     assert DRAFT_SUPPORT >= 1 and math.isfinite(result.stats.tpt_ms)
 
 
-def test_a_tuned_pipesd_moves_its_thresholds_online(rig):
+def test_the_papers_pipesd_moves_its_thresholds_online(rig):
     from edge_sdk.autotune import OnlineAutotuner, RandomTuner
 
     tuner = OnlineAutotuner(make_tuner=lambda: RandomTuner(budget=4, seed=1), tokens_per_trial=10)
-    policy = make_policy("pipesd", tuner=tuner)
+    policy = make_policy("pipesd_bo", tuner=tuner)
     for prompt in PROMPTS * 2:        # 4 candidates x 10 tokens: settled within a few generations
         result = rig.generate(prompt, n=N, policy=policy)
         assert result.tokens == reference(prompt, N)

@@ -7,7 +7,7 @@ import pytest
 from edge_sdk import ConfigError
 from edge_sdk.autotune import OnlineAutotuner
 from edge_sdk.drafter import DraftToken
-from edge_sdk.policies import MODES, CloudOnly, EdgeOnly, PipeSD, Policy, RoundVerdict, Speculative, make_policy
+from edge_sdk.policies import MODES, CloudOnly, EdgeOnly, PaperPipeSD, PipeSD, Policy, RoundVerdict, Speculative, make_policy
 from edge_sdk.profiler import LinkEstimate
 from edge_sdk.scheduling import AtTrigger, DPSchedule, PerToken
 from edge_sdk.triggers import AdaptiveCumulative, DualThreshold
@@ -34,7 +34,8 @@ def test_every_mode_builds_and_is_a_policy(mode):
 @pytest.mark.parametrize("mode, settings", [
     ("pipesd", {"draft_k": 4}), ("edgellm", {"draft_k": 8}), ("cloud_only", {"draft_k": 8}),
     ("edge_only", {"r1": 0.1}), ("vanilla", {"r2": 0.5}), ("hsl", {"r1": 0.1}), ("pipesd_c_only", {"r2": 0.3}),
-    ("pipesd_p_only", {"r1": 0.3}), ("pipesd_fixed", {"tuner": OnlineAutotuner()}),
+    ("pipesd_p_only", {"r1": 0.3}), ("pipesd_fixed", {"tuner": OnlineAutotuner()}), ("pipesd", {"r1": 0.3}),
+    ("pipesd_bo", {"objective": "latency"}), ("pipesd_model", {"r2": 0.3}),
 ])
 def test_a_setting_the_mode_has_no_use_for_is_refused(mode, settings):
     with pytest.raises(ConfigError, match="has no use for"):
@@ -57,7 +58,9 @@ def test_unknown_mode_and_conflicting_settings():
     with pytest.raises(ConfigError, match="unknown mode"):
         make_policy("fastest")
     with pytest.raises(ConfigError, match="not both"):
-        make_policy("pipesd", r1=0.1, tuner=OnlineAutotuner())
+        make_policy("pipesd_bo", r1=0.1, tuner=OnlineAutotuner())
+    with pytest.raises(ConfigError, match="CorrectionTuner"):
+        make_policy("pipesd", tuner=OnlineAutotuner())
 
 
 def test_vanilla_verifies_every_k_and_sends_the_draft_whole():
@@ -72,14 +75,17 @@ def test_hsl_verifies_on_a_low_latest_token():
 
 
 def test_pipesd_variants_differ_in_one_respect():
-    base = make_policy("pipesd_fixed")
-    assert isinstance(base.schedule, DPSchedule) and base.proactive and base.tuner is None
+    base = make_policy("pipesd_model")
+    assert isinstance(base, PipeSD) and isinstance(base.schedule, DPSchedule) and base.proactive and base.tuner is None
     assert make_policy("pipesd").tuner is not None
     assert isinstance(make_policy("pipesd_per_token").schedule, PerToken)
     assert isinstance(make_policy("pipesd_at_trigger").schedule, AtTrigger)
     assert not make_policy("pipesd_no_proactive").proactive
+    paper = make_policy("pipesd_fixed")
+    assert isinstance(paper, PaperPipeSD) and isinstance(paper.schedule, DPSchedule) and paper.tuner is None
     assert make_policy("pipesd_c_only").trigger.r2 is None and make_policy("pipesd_p_only").trigger.r1 is None
-    assert make_policy("pipesd", r1=0.1, r2=0.5).tuner is None     # fixed thresholds switch BO off
+    assert make_policy("pipesd_bo").tuner is not None
+    assert make_policy("pipesd_bo", r1=0.1, r2=0.5).tuner is None     # fixed thresholds switch BO off
     assert make_policy("pipesd_fixed", r1=0.1).thresholds == (0.1, 0.2)
 
 
@@ -130,10 +136,10 @@ class FixedTuner(OnlineAutotuner):
         self.recorded.append((tokens, seconds, regime, acceptance))
 
 
-def test_pipesd_owns_its_tuning():
+def test_the_papers_pipesd_owns_its_tuning():
     tuner = FixedTuner()
-    p = make_policy("pipesd", tuner=tuner)
-    assert isinstance(p, PipeSD) and isinstance(p.trigger, DualThreshold)
+    p = make_policy("pipesd_bo", tuner=tuner)
+    assert isinstance(p, PaperPipeSD) and isinstance(p.trigger, DualThreshold)
     p.start_round(LINK)
     assert (p.trigger.r1, p.trigger.r2) == (0.01, 0.5)      # the tuner's candidate is what decides
     assert p.verify_now(draft(0.9, 0.4)) and not p.verify_now(draft(0.9, 0.6))

@@ -204,16 +204,23 @@ def test_batching_and_proactive_drafting_do_not_change_sampled_text(verifier):
     draft is uploaded or whether the next round is drafted during NAV, never in round boundaries:
     with the same seed and thresholds they must produce the same tokens. (Their distribution is then
     the one the rule guarantees for the round boundaries of the dual threshold.)"""
+    from edge_sdk.policies import PaperPipeSD
+    from edge_sdk.scheduling import AtTrigger, DPSchedule, PerToken
+    from edge_sdk.triggers import DualThreshold
+
+    variants = {"dp": (DPSchedule, True), "per_token": (PerToken, True), "at_trigger": (AtTrigger, True),
+                "no_proactive": (DPSchedule, False)}
     outs, kept = {}, 0
-    for mode in ("pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive"):
-        with EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=mode, r1=0.3, r2=0.4, threads=1) as c:
+    for mode, (schedule, proactive) in variants.items():
+        policy = PaperPipeSD(mode, DualThreshold(0.3, 0.4), schedule(), proactive=proactive)
+        with EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=policy, threads=1) as c:
             results = [c.generate(p, max_new_tokens=48, temperature=0.9, seed=s)
                        for s, p in enumerate(["def main():\n", "class Stack:\n", "import os\n", "for i in range(10):\n"])]
             outs[mode] = [r.tokens for r in results]
-            if mode == "pipesd_fixed":
+            if mode == "dp":
                 kept = sum(r.stats.proactive_kept for r in results)
     assert kept > 0                      # proactive rounds were kept, so the comparison means something
-    first = outs["pipesd_fixed"]
+    first = outs["dp"]
     assert all(o == first for o in outs.values())
 
 

@@ -1,0 +1,251 @@
+"""The round controller: its acceptance model, its cost model, its decisions. Pure objects, microseconds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from edge_sdk.autotune import CorrectionTuner
+from edge_sdk.controller import AcceptanceModel, DevicePower, plan_round, round_costs
+from edge_sdk.drafter import DraftToken
+from edge_sdk.errors import ConfigError
+from edge_sdk.policies import PipeSD, RoundVerdict, make_policy
+from edge_sdk.profiler import LinkEstimate, LinkProfiler
+from edge_sdk.scheduling import AtTrigger, DPSchedule, arrival_times, plan_batches, arrival_time
+
+# Links as the profiler would report them (seconds): alpha, beta, gamma, verify, acceptance, nav_network.
+NATIVE = LinkEstimate(0.0005, 0.00002, 0.0003, 0.004, 0.7, 0.021, nav_latency=0.021, nav_per_token=0.00002,
+                      verify_fixed=0.004, verify_per_token=0.0001, uplink_per_token=0.00002)
+PAPER = LinkEstimate(0.001, 0.116, 0.036, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
+                     verify_fixed=0.005, verify_per_token=0.0001, uplink_per_token=0.116)
+DEVICE = LinkEstimate(0.0005, 0.00002, 0.025, 0.021, 0.7, 0.051, nav_latency=0.051, nav_per_token=0.00002,
+                      verify_fixed=0.021, verify_per_token=0.0002, uplink_per_token=0.00002)
+
+
+def tok(conf: float) -> DraftToken:
+    return DraftToken(1, conf, conf)
+
+
+def plan(link, a=0.7, objective="latency", schedule=None, proactive=True):
+    costs = round_costs(link, 32, objective, schedule or DPSchedule(), proactive, 4.0, DevicePower())
+    return plan_round(costs, a)
+
+
+# -- the acceptance model ---------------------------------------------------------------------------
+def synthetic_rounds(model: AcceptanceModel, rounds: int, true_p, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        draft, accepted = [], None
+        for i in range(8):
+            conf = rng.random()
+            draft.append(tok(conf))
+            if accepted is None and rng.random() >= true_p(conf, i + 1):
+                accepted = i
+        model.observe(draft, 8 if accepted is None else accepted)
+
+
+def test_the_acceptance_model_starts_at_the_drafts_own_confidence():
+    model = AcceptanceModel()
+    assert model.predict(0.3, 1) == pytest.approx(0.3, abs=1e-3)
+    assert model.predict(0.9, 5) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_the_acceptance_model_learns_an_under_confident_draft_and_says_how_well():
+    # Like the embedded draft: tokens it gives 0.3 are accepted ~70% of the time.
+    truth = lambda conf, n: 0.45 + 0.5 * conf   # noqa: E731
+    model = AcceptanceModel()
+    synthetic_rounds(model, 600, truth)
+    for conf in (0.1, 0.3, 0.6, 0.9):
+        assert model.predict(conf, 1) == pytest.approx(truth(conf, 1), abs=0.08)
+    cal = model.calibration
+    assert cal.count > 1000 and cal.brier < cal.raw_brier        # better than the raw confidence
+    for predicted, observed, n in cal.reliability():
+        if n > 200:
+            assert abs(predicted - observed) < 0.08
+    assert sum(n for *_, n in cal.reliability()) == cal.count
+
+
+def test_only_tokens_up_to_the_first_rejection_are_learnt():
+    model = AcceptanceModel()
+    model.observe([tok(0.5)] * 6, 2)          # two accepted, the third rejected, three unobserved
+    assert model.calibration.count == 3
+    model.observe([tok(0.5)] * 4, 4)          # all accepted
+    assert model.calibration.count == 7
+
+
+# -- the cost model and the plan --------------------------------------------------------------------
+def test_arrival_times_are_the_dps_for_every_length():
+    for n in (1, 3, 7, 12):
+        sizes = plan_batches(n, 0.004, 0.002, 0.001)
+        assert arrival_times(n, 0.004, 0.002, 0.001)[n] == pytest.approx(arrival_time(sizes, 0.004, 0.002, 0.001))
+    assert arrival_times(3, 0.004, 0.002, 0.001, "at_trigger")[3] == pytest.approx(3 * 0.001 + 0.004 + 3 * 0.002)
+
+
+def test_a_fast_cheap_draft_drafts_long_and_a_costly_upload_drafts_nothing():
+    native, paper = plan(NATIVE), plan(PAPER)
+    assert native.best_length >= 6
+    assert native.stop_below[4] < 0.2            # keeps drafting while a token in five survives
+    assert paper.best_length == 0                # 116 ms of uplink per token: the target alone is faster
+    assert 1 / paper.rate < 0.036 + 0.116        # ... and its rate is the empty round's
+
+
+def test_the_stop_threshold_is_the_paper_dual_threshold_on_the_calibrated_scale():
+    p = plan(NATIVE)
+    r1, r2 = p.thresholds
+    assert 0 < r2 < 1 and 0 < r1 < 1
+    assert r1 == p.stop_below[p.best_length] and r2 == p.stop_below[1]
+
+
+def test_a_dearer_link_means_shorter_rounds_and_a_better_draft_longer_ones():
+    assert plan(DEVICE, a=0.7).best_length < plan(NATIVE, a=0.7).best_length
+    assert plan(DEVICE, a=0.5).best_length <= plan(DEVICE, a=0.85).best_length
+
+
+def test_objectives_price_the_same_round_differently():
+    latency, cloud = plan(DEVICE), plan(DEVICE, objective="cloud_cost")
+    energy = plan(DEVICE, objective="edge_energy", proactive=False)
+    # Target compute hardly grows with the draft: cloud cost drafts longer than latency does.
+    assert cloud.best_length > latency.best_length
+    # A drafted token costs 25 ms at 7 W; waiting costs 2 W: energy prefers shorter drafts than cloud cost.
+    assert energy.best_length < cloud.best_length
+    with pytest.raises(ConfigError):
+        round_costs(DEVICE, 8, "speed", DPSchedule(), True, 4.0)
+
+
+# -- the policy ------------------------------------------------------------------------------------
+def verdict(draft, accepted, link, seconds=0.05):
+    return RoundVerdict(tuple(draft), accepted, seconds, link)
+
+
+def run_round(policy: PipeSD, link: LinkEstimate, confs, accepted=None) -> int:
+    """A round as the engine runs it: start, draft until verify_now or the cap, verdict. Returns its length."""
+    policy.start_round(link)
+    draft = []
+    for c in confs:
+        if len(draft) >= policy.max_draft:
+            break
+        draft.append(tok(c))
+        if policy.verify_now(draft):
+            break
+    policy.on_verdict(verdict(draft, len(draft) if accepted is None else min(accepted, len(draft)), link))
+    return len(draft)
+
+
+def test_pipesd_decodes_cloud_only_while_no_draft_pays_and_drafts_again_when_the_link_recovers():
+    policy = make_policy("pipesd_model")
+    assert run_round(policy, PAPER, [0.9] * 32) == 0 and policy.max_draft == 0
+    assert policy.cloud_only_rounds == 1
+    assert run_round(policy, NATIVE, [0.9] * 32) > 4          # the link is back: drafting again at once
+
+
+def test_a_one_token_probe_remeasures_the_uplink_only_when_a_faster_one_could_pay():
+    # A fading link with the paper's payload: 116 ms of uplink per token against a 3 ms draft.
+    fading = LinkEstimate(0.001, 0.116, 0.003, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
+                          verify_fixed=0.005, uplink_per_token=0.116)
+    policy = make_policy("pipesd_model")
+    lengths = [run_round(policy, fading, [0.9] * 32) for _ in range(40)]
+    probes = [i for i, n in enumerate(lengths) if n]
+    assert lengths[:PipeSD.PROBE_FIRST - 1] == [0] * (PipeSD.PROBE_FIRST - 1)
+    assert probes and all(lengths[i] == 1 for i in probes)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(gaps) >= 2 and all(later == 2 * earlier for earlier, later in zip(gaps, gaps[1:]))   # ever rarer
+    # A device too slow for any uplink to help (a 1 s draft token): no probes at all.
+    slow = LinkEstimate(0.001, 0.116, 1.0, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
+                        verify_fixed=0.005, uplink_per_token=0.116)
+    policy = make_policy("pipesd_model")
+    assert [run_round(policy, slow, [0.9] * 32) for _ in range(40)] == [0] * 40 and policy.probes == 0
+
+
+def test_a_bandwidth_step_changes_the_draft_length_within_three_rounds():
+    """End to end through the profiler: rounds timed on one uplink, then on one 200x slower, then back."""
+    profiler, policy = LinkProfiler(), make_policy("pipesd_model")
+
+    def one_round(beta: float) -> int:
+        n = run_round(policy, profiler.estimate(), [0.8] * 32, accepted=3)
+        for size in (1, 2, 4):                              # non-final batches, as the uploader times them
+            profiler.observe_send(size, 0.0005 + beta * size)
+        profiler.observe_draft(0.002)
+        profiler.observe_nav(0.040 + beta * max(1, n // 3), max(1, n // 3))
+        profiler.observe_round(n, min(3, n), 0.005)
+        return n
+
+    fast = [one_round(0.0001) for _ in range(20)]
+    slow = [one_round(0.02) for _ in range(8)]
+    back = [one_round(0.0001) for _ in range(8)]
+    assert fast[-3:] == [fast[-1]] * 3                       # settled
+    assert slow[2] < fast[-1] and slow[2] <= slow[-1] + 1    # shorter by the third round, near where it settles
+    assert back[2] > slow[-1]                                # and longer again by the third round back
+
+
+def test_a_seeded_request_runs_a_frozen_controller():
+    policy = make_policy("pipesd")
+    for _ in range(5):
+        run_round(policy, DEVICE, [0.8, 0.7, 0.4, 0.9, 0.2, 0.9], accepted=2)
+    frozen = policy.reproducible()
+    lengths = {run_round(frozen, NATIVE if i % 2 else PAPER, [0.8, 0.7, 0.4, 0.9, 0.2, 0.9], accepted=1)
+               for i in range(6)}
+    assert len(lengths) == 1                                   # the link no longer moves it
+    assert frozen.tuner is None and frozen.model.calibration.count == policy.model.calibration.count
+
+
+def test_pipesd_modes_take_an_objective_and_refuse_thresholds():
+    assert make_policy("pipesd").objective == "latency"
+    assert isinstance(make_policy("pipesd").tuner, CorrectionTuner)
+    assert make_policy("pipesd", objective="cloud_cost").tuner is None     # the tuner scores seconds
+    assert not make_policy("pipesd", objective="edge_energy").proactive
+    assert isinstance(make_policy("pipesd_at_trigger").schedule, AtTrigger)
+    with pytest.raises(ConfigError, match="pipesd_fixed"):
+        make_policy("pipesd", r1=0.1)
+    with pytest.raises(ConfigError, match="objective"):
+        make_policy("pipesd", objective="fast")
+    with pytest.raises(ConfigError, match="no use for objective"):
+        make_policy("vanilla", objective="latency")
+
+
+def test_the_correction_tuner_starts_at_the_models_point_and_keeps_it_unless_beaten():
+    tuner = CorrectionTuner(budget=4, tokens_per_trial=10, use_bo=False)
+    assert tuner.correction() == (0.0, 0.0)
+    scores = iter([1.0, 0.999, 1.2, 1.1])          # nothing beats the model's point by 3%
+    while tuner.tuning:
+        tuner.record(10, 10 * next(scores))
+        tuner.wait()
+    assert tuner.evaluations[0][0] == (0.0, 0.0) and len(tuner.evaluations) == 4
+    assert tuner.best() == (0.0, 0.0) == tuner.correction()
+    tuner = CorrectionTuner(budget=3, tokens_per_trial=10, use_bo=False)
+    for score in (1.0, 0.5, 1.0):
+        tuner.record(10, 10 * score)
+        tuner.wait()
+    assert tuner.best() == tuner.evaluations[1][0] != (0.0, 0.0)
+
+
+def test_device_power_defaults_are_energys_models():
+    from energy.meters import CPU_MODELS
+    from energy.radio import RADIOS
+
+    laptop, wifi = CPU_MODELS["laptop"], RADIOS["wifi"]
+    p = DevicePower()
+    assert (p.active_w, p.idle_w) == (laptop.active_w, laptop.idle_w)
+    assert p.radio_w == pytest.approx(wifi.beta + wifi.alpha_up * 20)
+
+
+def test_deciding_is_cheap_enough_to_run_per_token():
+    """Not a timing assertion: the decision is a product and a comparison (no fit, no plan)."""
+    policy = make_policy("pipesd_model")
+    policy.start_round(NATIVE)
+    draft = []
+    calls = 0
+    real = policy.model.predict
+
+    def counting(*a):
+        nonlocal calls
+        calls += 1
+        return real(*a)
+    policy.model.predict = counting
+    for _ in range(10):
+        draft.append(tok(0.95))
+        if policy.verify_now(draft):
+            break
+    assert calls == len(draft)                     # one prediction per drafted token, never a recomputation
+    assert math.isfinite(policy.thresholds[0])
