@@ -16,6 +16,9 @@ class Metrics:
         self.draft_tokens = Counter("pipesd_draft_tokens", "draft tokens verified", registry=r)
         self.accepted_tokens = Counter("pipesd_accepted_tokens", "draft tokens accepted", registry=r)
         self.resyncs = Counter("pipesd_resyncs", "rounds answered with resync", registry=r)
+        self.conditional_dropped = Counter("pipesd_conditional_dropped",
+                                           "pipelined rounds dropped because the round before them was not "
+                                           "accepted whole (or the target's token was another)", registry=r)
         self.rejections = Counter("pipesd_rejections", "requests refused, by error code", ["cause"], registry=r)
         self.sessions_opened = Counter("pipesd_sessions_opened", "handshakes completed", registry=r)
         self.evictions = Counter("pipesd_session_evictions", "sessions evicted", ["reason"], registry=r)

@@ -267,7 +267,10 @@ class VerifierService:
                       req.round, req.offset, req.final, held.round if held else None,
                       len(held.tokens) if held else None, len(session.committed))
             if req.final:
-                self.metrics.resyncs.inc()
+                if req.conditional:      # pipelined NAV whose assumption failed: the edge dropped it already
+                    self.metrics.conditional_dropped.inc()
+                else:
+                    self.metrics.resyncs.inc()
                 raise WireError(ErrorCode.RESYNC, "the verifier holds a different committed prefix or round: "
                                 "resend the round from offset 0", committed_len=len(session.committed))
             same = session.pending is not None and session.pending.round == req.round

@@ -32,6 +32,7 @@ Plain objects, no I/O, no clocks: testable in microseconds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,8 +82,16 @@ class AcceptanceModel:
         return 1.0, _logit(confidence), math.log(position)
 
     def predict(self, confidence: float, position: int) -> float:
-        w0, w1, w2 = self.w
+        w0, w1, w2 = self._weights
         return _sigmoid(w0 + w1 * _logit(confidence) + w2 * math.log(position) + self.bias)
+
+    @property
+    def w(self) -> np.ndarray:
+        return np.array(self._weights)
+
+    @w.setter
+    def w(self, value) -> None:
+        self._weights = tuple(float(v) for v in value)      # plain floats: predict runs per drafted token
 
     def observe(self, draft: Sequence[DraftToken], accepted: int) -> None:
         """A verdict: the first `accepted` tokens of `draft` were kept, the next (if any) rejected."""
@@ -166,6 +175,18 @@ class DevicePower:
     radio_w: float = 0.13286 + 0.28317 * 20    # W while uploading: beta + alpha_up * Mbps (energy.radio, wifi)
 
 
+def _q(x: float) -> float:
+    """Three significant digits: a profiled cost moves a little every round; the plan need not."""
+    return float(f"{x:.3g}")
+
+
+@functools.lru_cache(maxsize=256)
+def _arrivals(n_max: int, batch_cost: float, beta: float, gamma: float, batching: str) -> np.ndarray:
+    out = np.array(arrival_times(n_max, batch_cost, beta, gamma, batching))
+    out.flags.writeable = False
+    return out
+
+
 @dataclass(frozen=True)
 class RoundCosts:
     """A round's cost curve at the current link, for n = 0 .. len - 1 drafted tokens."""
@@ -176,8 +197,14 @@ class RoundCosts:
 
 
 def round_costs(link: LinkEstimate, n_max: int, objective: str, schedule: UploadSchedule, proactive: bool,
-                mean_draft: float, power: DevicePower = DevicePower(), beta: float | None = None) -> RoundCosts:
-    """The cost model (module docstring); `beta` overrides the link's uplink time per token."""
+                mean_draft: float, power: DevicePower = DevicePower(), beta: float | None = None, *,
+                pipelined: bool = False) -> RoundCosts:
+    """The cost model (module docstring); `beta` overrides the link's uplink time per token.
+
+    What a fully accepted round hides of the next (of `mean_draft` tokens): its drafting, up to the
+    time this round's verdict takes after its last token; with pipelined NAV its final batch goes up
+    as soon as it is drafted and is verified right after ours, so its round trip hides too, up to that
+    same exposed time."""
     gamma = max(link.gamma, 1e-6)
     beta = link.upload_per_token if beta is None else beta
     latency = link.nav_latency if link.nav_latency is not None else (
@@ -185,13 +212,21 @@ def round_costs(link: LinkEstimate, n_max: int, objective: str, schedule: Upload
     latency = max(latency, 0.0)
     empty = link.nav_empty if link.nav_empty is not None else latency
     batching = "at_trigger" if type(schedule) is AtTrigger else ("per_token" if type(schedule) is PerToken else "dp")
-    arrival = np.array(arrival_times(n_max, link.batch_cost, beta, gamma, batching))
+    arrival = _arrivals(n_max, _q(link.batch_cost), _q(beta), _q(gamma), batching)
     n = np.arange(n_max + 1)
     verify = np.array([link.verify_time(int(k)) for k in n])
     # The final batch's own start-up and pass are in the NAV round trip and the verify time.
     time = np.where(n > 0, arrival - link.batch_cost + latency, empty) + verify
     exposed = time - n * gamma                       # from the last drafted token to the verdict
-    hidden = np.minimum(exposed, max(mean_draft, 1.0) * gamma) if proactive else np.zeros(n_max + 1)
+    length = max(1, min(n_max, round(mean_draft)))
+    next_drafting = length * gamma
+    hidden = np.minimum(exposed, next_drafting) if proactive else np.zeros(n_max + 1)
+    if proactive and pipelined:
+        # The next round's verdict then comes about one target pass after ours instead of a whole round
+        # trip after it: it hides its drafting and its round trip, never more than our own exposed time.
+        # The uplink is one serial resource: the next round's upload queues behind ours, so only its
+        # drafting and its round trip's latency hide.
+        hidden = np.minimum(exposed, next_drafting + latency)
     hidden[0] = 0.0                                  # an empty round drafts nothing ahead
     if objective == "latency":
         return RoundCosts(time, time, hidden)
@@ -233,14 +268,16 @@ def plan_round(costs: RoundCosts, a: float, rate_scale: float = 1.0) -> RoundPla
     best = int(np.argmax(rates))
     rho = float(rates[best]) * rate_scale
     gains = np.concatenate(([0.0], np.cumsum(survive[1:])))      # G(k) = a + ... + a^k
-    stop = np.full(n_max + 1, math.inf)
-    for i in range(1, n_max):
-        k = np.arange(1, n_max - i + 1)
-        # Drafting on to i + k: S_i * (G(k) + rho * a^(k+1) * hidden(i+k)) - rho * (C(i+k) - C(i)) beats
-        # stopping (S_i * rho * a * hidden(i)) exactly when S_i > B / A.
-        gain = gains[k] + rho * (a ** (k + 1) * costs.hidden[i + k] - a * costs.hidden[i])
-        extra = rho * (costs.cost[i + k] - costs.cost[i])
-        ok = gain > 0
-        if ok.any():
-            stop[i] = max(0.0, float(np.min(extra[ok] / gain[ok])))
+    # All (i, k) at once: drafting on from i to j = i + k earns S_i * (G(k) + rho * a^(k+1) * hidden(j)
+    # - rho * a * hidden(i)) - rho * (C(j) - C(i)), which beats stopping at i exactly when S_i > B / A.
+    i, j = np.meshgrid(n, n, indexing="ij")
+    k = j - i
+    valid = (k >= 1) & (i >= 1)
+    kk = np.where(valid, k, 0)
+    gain = gains[kk] + rho * (a ** (kk + 1) * costs.hidden[j] - a * costs.hidden[i])
+    extra = rho * (costs.cost[j] - costs.cost[i])
+    ok = valid & (gain > 0)
+    ratio = np.where(ok, extra / np.where(ok, gain, 1.0), math.inf)
+    stop = np.maximum(ratio.min(axis=1), 0.0)
+    stop[0] = math.inf
     return RoundPlan(rho, best, stop, a)

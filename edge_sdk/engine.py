@@ -1,7 +1,8 @@
 """The decoding engine: one file where a round reads top to bottom (``Decoding._round``).
 
     draft -> (batches go up as the policy closes them) -> policy says verify -> final batch -> NAV
-          -> (meanwhile: proactive drafting of the next round) -> commit -> keep or roll back
+          -> (meanwhile: proactive drafting of the next round, its final batch too if it is complete
+              in time) -> commit -> keep or roll back
 
 Each round the drafter moves to the round's base (its KV cache keeps the common prefix: that
 is the edge-side rollback) and drafts until the policy asks for NAV. The uploader sends the
@@ -9,6 +10,9 @@ draft in batches on its own thread; the final batch asks the verifier for NAV, w
 the longest correct prefix and adds the target's own next token. While that is in flight a
 proactive policy drafts on, assuming every token is accepted and the target's token equals the
 draft's own next one; those tokens (and their uploads) survive only if both assumptions hold.
+A pipelined policy sends such a round's final batch before the verdict, marked conditional: the
+verifier runs it right after the verdict that makes its base true, so a fully accepted round costs
+no extra round trip, and drops it otherwise.
 The committed sequence only ever grows by tokens the target chose, so greedy output equals
 target-only greedy decoding for every policy.
 
@@ -249,14 +253,16 @@ class Decoding:
         """One speculative round, top to bottom; returns the round to run next."""
         t0, policy = time.perf_counter(), self.policy
         policy.start_round(self.profiler.estimate())
-        # 1. Draft until the policy asks for NAV; each batch it closes goes up at once.
-        self._draft(rnd, self._cap(rnd.base))
+        # 1. Draft until the policy asks for NAV; each batch it closes goes up at once. (A round whose
+        #    final batch already went up during the round before -- pipelined NAV -- is complete.)
+        if rnd.nav is None:
+            self._draft(rnd, self._cap(rnd.base))
         # 2. The final batch asks for NAV (the round's first batch also carries the committed tail
         #    the verifier lacks).
         ahead = policy.proactive and bool(rnd.draft) and not self._is_eos(rnd.draft[-1].token)
-        nav = self.uploader.finalize(rnd, self.synced, background=ahead)
+        nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
-        nxt = self._draft_ahead(rnd, nav) if ahead else None
+        nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
         # 4. The verdict, within the deadline; a resync or a lost reply sends the round again whole.
         with self._waiting():
             resp, nxt = self._verdict(nav, rnd, nxt)
@@ -268,10 +274,8 @@ class Decoding:
         #    target's token (the drafter's set_context keeps the common prefix of its KV cache).
         if nxt is not None and proactive_survives(nxt.base, self.out.tokens):
             self.stats.proactive_kept += len(nxt.draft)
-            return nxt
-        if nxt is not None:
-            self.stats.proactive_discarded += len(nxt.draft) + 1
-            self.uploader.cancel(nxt)
+            return nxt                     # with the rounds drafted on top of it, if any
+        self._drop(nxt)
         return self._new_round()
 
     def _draft(self, rnd: Round, cap: int) -> None:
@@ -294,26 +298,66 @@ class Decoding:
         self._spent("draft", t)
 
     def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
-        """Proactive drafting while NAV is in flight. The first token is the draft's guess of the
-        target's token after a fully accepted round; the rest are the next round's draft, whose batches
-        name a base the verifier will hold only if that guess is right (else it refuses them)."""
-        budget = self.out.remaining - len(rnd.draft) - 2
-        if budget < 1:
-            return None
+        """Proactive drafting while `rnd`'s NAV is in flight; returns the round drafted on top of it.
+
+        Each round drafted ahead starts with the draft's guess of the target's token after a fully
+        accepted round before it (that guess joins its base); its batches name a base the verifier will
+        hold only if that guess is right (else it refuses them). A pipelined policy goes further: a round
+        complete before the verdict sends its final batch at once (conditional) and the next is drafted
+        on top of it, up to ``MAX_AHEAD`` rounds: a chain the verifier runs one after another while each
+        verdict holds. Rounds drafted ahead during earlier NAVs are extended, not drafted again."""
         t = time.perf_counter()
-        self.drafter.set_context(rnd.base + rnd.tokens)
-        guess = self.drafter.next_token()
-        nxt = self._new_round(rnd.base + rnd.tokens + [guess.token])
-        cap = min(self._cap(nxt.base), budget)
-        while not nav.done() and len(nxt.draft) < cap and not self._is_eos(guess.token):
-            d = self.drafter.next_token()
-            nxt.draft.append(d)
-            if self._is_eos(d.token) or self.policy.verify_now(nxt.draft):
+        tip, depth = rnd, 0
+        while tip.then is not None:
+            tip, depth = tip.then, depth + 1
+        limit = self.MAX_AHEAD if self.policy.pipelined else 1
+        while not nav.done():
+            if tip is not rnd and tip.nav is None and not self._complete(tip):
+                if not self._draft_into(tip, nav):
+                    break                        # the verdict came first
+                if self.policy.pipelined:
+                    tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
+                continue
+            if depth >= limit or (tip is not rnd and tip.nav is None):
                 break
-            if self.policy.closes_batch(len(nxt.draft)):
-                self.uploader.stage(nxt, len(nxt.base))
+            new = self._round_on(tip)
+            if new is None:
+                break
+            tip.then, tip, depth = new, new, depth + 1
         self._spent("draft", t)
-        return nxt
+        return rnd.then
+
+    MAX_AHEAD = 4       # pipelined rounds in flight beyond the one being verified
+
+    def _round_on(self, tip: Round) -> Round | None:
+        """A round on top of `tip` assuming it is accepted whole: its base ends with the draft's guess of
+        the target's next token. None when the token budget leaves no room or `tip` ends the output."""
+        ahead = len(tip.base) + len(tip.draft) - len(self.out.tokens)     # tokens assumed beyond the output
+        budget = self.out.remaining - ahead - 2
+        if budget < 1 or (tip.draft and self._is_eos(tip.draft[-1].token)):
+            return None
+        self.drafter.set_context(tip.base + tip.tokens)
+        guess = self.drafter.next_token()
+        new = self._new_round(tip.base + tip.tokens + [guess.token])
+        new.cap = 0 if self._is_eos(guess.token) else min(self._cap(new.base), budget)
+        return new
+
+    def _complete(self, rnd: Round) -> bool:
+        """Is a round drafted ahead complete: its cap reached, EOS, or the policy asked for NAV?"""
+        return (len(rnd.draft) >= rnd.cap or (bool(rnd.draft) and self._is_eos(rnd.draft[-1].token))
+                or (bool(rnd.draft) and self.policy.verify_now(rnd.draft)))
+
+    def _draft_into(self, rnd: Round, nav: Nav) -> bool:
+        """Draft a round ahead until it is complete (True) or `nav` answers first (False)."""
+        self.drafter.set_context(rnd.base + rnd.tokens)
+        while not nav.done():
+            d = self.drafter.next_token()
+            rnd.draft.append(d)
+            if self._complete(rnd):
+                return True
+            if self.policy.closes_batch(len(rnd.draft)):
+                self.uploader.stage(rnd, len(rnd.base))
+        return False
 
     def _verdict(self, nav: Nav, rnd: Round, nxt: Round | None) -> tuple[VerifyResponse, Round | None]:
         """(NAV result, the proactive round if still usable). A resync, a lost session or a broken
@@ -321,16 +365,20 @@ class Decoding:
         try:
             return nav.result(), nxt
         except TimeoutError:
-            if nxt is not None:
-                self.uploader.cancel(nxt)
+            self._drop(nxt)
             raise
         except (VerifierError, VerifierUnavailable) as exc:
             if isinstance(exc, VerifierError) and not _resendable(exc):
                 raise
-            if nxt is not None:
-                self.uploader.cancel(nxt)
+            self._drop(nxt)
             resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
             return self._resend(self.out.tokens, self.synced, rnd.tokens, [d.q for d in rnd.draft], resync), None
+
+    def _drop(self, nxt: Round | None) -> None:
+        """Throw away rounds drafted ahead (and anything of theirs not yet on the wire)."""
+        for r in nxt.chain() if nxt is not None else ():
+            self.stats.proactive_discarded += len(r.draft) + 1
+            self.uploader.cancel(r)
 
     def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
                 resync: VerifierError | None = None) -> VerifyResponse:
@@ -353,8 +401,14 @@ class Decoding:
                 if lost > self.cloud.max_lost_replies:
                     raise
             except VerifierError as exc:
-                if error is not None or not _resendable(exc):   # a second resync in a row: give up on it
+                if not _resendable(exc):
                     raise
+                if isinstance(exc, SessionLost):   # restarted again (or evicted): bounded like lost replies
+                    lost += 1
+                    if lost > self.cloud.max_lost_replies:
+                        raise
+                elif error is not None and not isinstance(error, SessionLost):
+                    raise                          # a second resync in a row: the prefixes disagree, give up
                 error = exc
                 synced = self._resync(error)
 
@@ -370,7 +424,8 @@ class Decoding:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
         self._count_round(len(rnd.draft), resp.accepted)
         self.stats.verify_s += resp.verify_ms / 1e3
-        if nav.answered_at is not None:   # this NAV answered (not a resend): a sample of the link
+        self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
+        if nav.answered_at is not None and not nav.pipelined:   # answered, not resent or queued: a link sample
             self.profiler.observe_nav(nav.answered_at - nav.sent_at - resp.verify_ms / 1e3, nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)
         self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)

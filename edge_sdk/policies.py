@@ -9,8 +9,9 @@ the spirit of transformers' ``CandidateGenerator`` (``get_candidates`` /
 * ``closes_batch(n)`` -- if not: does the n-th token close a batch that goes up at once?
 * ``on_verdict(verdict)`` -- NAV answered: learn from it (adaptive thresholds, the window, the tuner);
 
-plus three plain facts: ``uses_cloud``, ``proactive`` (draft the next round while NAV is in
-flight) and ``max_draft`` (a round's length cap, which a policy may set per round in
+plus four plain facts: ``uses_cloud``, ``proactive`` (draft the next round while NAV is in
+flight), ``pipelined`` (a proactive round complete before that NAV answers sends its final batch
+at once, for the verifier to run right after the verdict it assumes: pipelined NAV) and ``max_draft`` (a round's length cap, which a policy may set per round in
 ``start_round``; 0: the target decodes alone). So PipeSD and the paper's baselines run on one engine:
 
 | policy | verify when | batches | drafts during NAV |
@@ -21,7 +22,8 @@ flight) and ``max_draft`` (a round's length cap, which a policy may set per roun
 | pipesd | calibrated survival < a threshold priced from live costs (``controller.py``); no draft where none pays | DP token batches | yes, uploaded as drafted |
 | pipesd_bo | the paper's: C_n < R1 or P(d_n) < R2, tuned online by BO | DP token batches | yes |
 
-and the ablations: of the controller ``pipesd_model`` (no BO correction), ``pipesd_per_token``,
+and the ablations: of the controller ``pipesd_model`` (no BO correction), ``pipesd_no_pipeline``
+(no pipelined NAV), ``pipesd_per_token``,
 ``pipesd_at_trigger`` (no DP), ``pipesd_no_proactive``; of the paper's trigger ``pipesd_fixed``
 (no BO), ``pipesd_c_only``, ``pipesd_p_only`` (single threshold); ``cloud_only`` (the target alone,
 the reference output) and ``edge_only`` (the draft alone).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -78,6 +81,7 @@ class Policy:
     name: str = "policy"
     uses_cloud: bool = True     # False: the draft's tokens are the output (edge_only)
     proactive: bool = False     # keep drafting the next round while NAV is in flight
+    pipelined: bool = False     # ... and send its final batch then (verified as soon as the verdict allows)
     max_draft: int = MAX_DRAFT  # a round's draft cap (0: no draft, the target decodes alone)
 
     def start_round(self, link: LinkEstimate) -> None:
@@ -203,14 +207,17 @@ class PipeSD(Policy):
     """
 
     PROBE_FIRST, PROBE_MAX = 4, 256
+    EMPTY_EVERY = 32        # drafted rounds between empty ones, while batch sizes cannot fit the uplink
 
     def __init__(self, name: str = "pipesd", *, objective: str = "latency", schedule: UploadSchedule | None = None,
-                 proactive: bool = True, max_draft: int = MAX_DRAFT, tuner: CorrectionTuner | None = None,
-                 model: AcceptanceModel | None = None, power: DevicePower = DevicePower()):
+                 proactive: bool = True, pipelined: bool = True, max_draft: int = MAX_DRAFT,
+                 tuner: CorrectionTuner | None = None, model: AcceptanceModel | None = None,
+                 power: DevicePower = DevicePower()):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         self.name, self.objective, self.power = name, objective, power
         self.proactive = proactive and objective != "edge_energy"
+        self.pipelined = pipelined and self.proactive
         self.schedule = schedule if schedule is not None else DPSchedule()
         self.cap = self.max_draft = max_draft
         self.tuner = tuner
@@ -219,9 +226,14 @@ class PipeSD(Policy):
         self.frozen: LinkEstimate | None = None     # reproducible(): plan from this, learn nothing
         self._outcomes: deque[tuple[int, int]] = deque(maxlen=64)   # (accepted, rejected) per round
         self._lengths: deque[int] = deque(maxlen=8)
-        self._tracked: tuple[list, int, float] | None = None         # (draft, its length, survival)
+        self._tracked: dict[int, tuple[list, int, float]] = {}       # id -> (draft, its length, survival)
+        self._stop: list[float] = []                                 # the plan's S*(n), as plain floats
         self._probe_gap, self._cloud_rounds = self.PROBE_FIRST, 0
+        self._since_empty = self.EMPTY_EVERY - 4        # the first empty round comes early
+        self.empty_probes = 0
         self.rounds = self.cloud_only_rounds = self.probes = 0
+        # What deciding costs (it runs in the per-token loop): seconds in verify_now / start_round.
+        self.decisions, self.decide_s, self.plan_s = 0, 0.0, 0.0
 
     # -- what the controller believes --------------------------------------------------------
     @property
@@ -246,7 +258,7 @@ class PipeSD(Policy):
         length = sum(self._lengths) / len(self._lengths) if self._lengths else 4.0
         for _ in range(2):
             costs = round_costs(link, self.cap, self.objective, self.schedule, self.proactive, length,
-                                self.power, beta)
+                                self.power, beta, pipelined=self.pipelined)
             plan = plan_round(costs, a, math.exp(scale))
             if not self.proactive or max(1, plan.best_length) == round(length):
                 break
@@ -255,14 +267,24 @@ class PipeSD(Policy):
 
     # -- the policy contract -------------------------------------------------------------------
     def start_round(self, link: LinkEstimate) -> None:
+        t = time.perf_counter()
         link = self.frozen if self.frozen is not None else link
         self._last_link = link
         self.schedule.plan(link)
         self.plan = self._plan(link)
+        self._stop = self.plan.stop_below.tolist()
         self.rounds += 1
+        self.plan_s += time.perf_counter() - t
         if self.plan.best_length > 0:
             self.max_draft, self._probe_gap, self._cloud_rounds = self.cap, self.PROBE_FIRST, 0
+            self._since_empty += 1
+            if self.frozen is None and link.uplink_per_token is None and self._since_empty >= self.EMPTY_EVERY:
+                # Non-final batches cannot tell what a drafted token costs on the link (one size only):
+                # an empty round now and then measures the round trip without one.
+                self.max_draft, self._since_empty = 0, 0
+                self.empty_probes += 1
             return
+        self._since_empty = 0
         self.max_draft, self._cloud_rounds = 0, self._cloud_rounds + 1
         self.cloud_only_rounds += 1
         if self.frozen is None and self._cloud_rounds >= self._probe_gap and self._plan(link, beta=0.0).best_length:
@@ -272,16 +294,27 @@ class PipeSD(Policy):
             self.probes += 1
 
     def verify_now(self, draft: Sequence[DraftToken]) -> bool:
+        t = time.perf_counter()
+        stop = self._decide(draft)
+        self.decide_s += time.perf_counter() - t
+        self.decisions += 1
+        return stop
+
+    def _decide(self, draft: Sequence[DraftToken]) -> bool:
+        # The survival of each draft in play (a round and those drafted ahead of it), extended by one
+        # prediction per new token: the decision is a product and a comparison.
         n = len(draft)
-        tracked = self._tracked
+        tracked = self._tracked.get(id(draft))
         if tracked is not None and tracked[0] is draft and tracked[1] == n:
             survival = tracked[2]
         elif tracked is not None and tracked[0] is draft and tracked[1] == n - 1:
             survival = tracked[2] * self.model.predict(draft[-1].confidence, n)
         else:
             survival = math.prod(self.model.predict(d.confidence, i + 1) for i, d in enumerate(draft))
-        self._tracked = (draft, n, survival)   # type: ignore[assignment]
-        stop = self.plan.stop_below if self.plan is not None else ()
+        if len(self._tracked) > 16 and id(draft) not in self._tracked:
+            self._tracked.clear()
+        self._tracked[id(draft)] = (draft, n, survival)
+        stop = self._stop
         return n >= len(stop) or survival < stop[n]
 
     def closes_batch(self, drafted: int) -> bool:
@@ -317,20 +350,22 @@ class PipeSD(Policy):
 
     def __repr__(self) -> str:
         return (f"PipeSD({self.name!r}, objective={self.objective!r}, {type(self.schedule).__name__}, "
-                f"proactive={self.proactive}, tuner={type(self.tuner).__name__ if self.tuner else None})")
+                f"proactive={self.proactive}, pipelined={self.pipelined}, tuner={type(self.tuner).__name__ if self.tuner else None})")
 
 
-MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_bo",
+MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",
+         "pipesd_bo",
          "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
          "pipesd_p_only")
 
-# The controller's variants: (upload schedule, proactive, BO correction).
+# The controller's variants: (upload schedule, proactive, pipelined NAV, BO correction).
 _CONTROLLED = {
-    "pipesd": (DPSchedule, True, True),
-    "pipesd_model": (DPSchedule, True, False),        # the model alone, no BO correction
-    "pipesd_per_token": (PerToken, True, False),
-    "pipesd_at_trigger": (AtTrigger, True, False),
-    "pipesd_no_proactive": (DPSchedule, False, False),
+    "pipesd": (DPSchedule, True, True, True),
+    "pipesd_model": (DPSchedule, True, True, False),        # the model alone, no BO correction
+    "pipesd_no_pipeline": (DPSchedule, True, False, False),  # a kept proactive round waits for its own NAV
+    "pipesd_per_token": (PerToken, True, True, False),
+    "pipesd_at_trigger": (AtTrigger, True, True, False),
+    "pipesd_no_proactive": (DPSchedule, False, False, False),
 }
 # The paper's dual threshold: which thresholds the trigger uses (pipesd_bo tunes both online).
 _PAPER = {"pipesd_bo": "r1 r2", "pipesd_fixed": "r1 r2", "pipesd_c_only": "r1", "pipesd_p_only": "r2"}
@@ -383,13 +418,14 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
     if mode == "edgellm":
         return Speculative(mode, AdaptiveCumulative(), proactive=True)
     if mode in _CONTROLLED:
-        schedule, proactive, corrected = _CONTROLLED[mode]
+        schedule, proactive, pipelined, corrected = _CONTROLLED[mode]
         objective = objective or "latency"
         if tuner is not None and not isinstance(tuner, CorrectionTuner):
             raise ConfigError("pipesd's tuner is a CorrectionTuner (an OnlineAutotuner tunes pipesd_bo)")
         if corrected and tuner is None and objective == "latency":
             tuner = CorrectionTuner()      # it scores seconds per token: a correction for latency only
-        return PipeSD(mode, objective=objective, schedule=schedule(), proactive=proactive, tuner=tuner)
+        return PipeSD(mode, objective=objective, schedule=schedule(), proactive=proactive, pipelined=pipelined,
+                      tuner=tuner)
     thresholds = _PAPER[mode]
     trigger = DualThreshold(DEFAULT_R1 if r1 is None else r1, DEFAULT_R2 if r2 is None else r2)
     if "r1" not in thresholds:

@@ -35,12 +35,10 @@ class LinkEstimate:
 
     @property
     def upload_per_token(self) -> float:
-        """The best estimate of a drafted token's uplink time: non-final sends if they could be fitted,
-        else the final batches' slope, else the prior beta."""
-        for value in (self.uplink_per_token, self.nav_per_token):
-            if value is not None:
-                return value
-        return self.beta
+        """The best estimate of a drafted token's uplink time: the larger of what non-final sends and
+        final batches say (each can lag: sends of one size only keep an old slope), else the prior beta."""
+        known = [v for v in (self.uplink_per_token, self.nav_per_token) if v is not None]
+        return max(known) if known else self.beta
 
     @property
     def batch_cost(self) -> float:
@@ -74,19 +72,29 @@ class LinkEstimate:
         return round(math.log2(max(self.nav_network * 1e3, 0.25)))
 
 
-def weighted_line(points, recency: float) -> tuple[float, float | None, float]:
+def weighted_line(points, recency: float, min_spread: float = 0.1) -> tuple[float, float | None, float]:
     """(intercept, slope, weighted mean x) of a least-squares line through (x, y) pairs, oldest first,
-    each weighted ``recency ** age``. The slope is None when the xs do not vary (nothing to fit it by)."""
+    each weighted ``recency ** age``. The slope is None when the xs' weighted variance is below
+    `min_spread` (nothing recent to fit it by)."""
     n = len(points)
     weights = [recency ** (n - 1 - i) for i in range(n)]
     total = sum(weights)
     mx = sum(w * x for w, (x, _) in zip(weights, points)) / total
     my = sum(w * y for w, (_, y) in zip(weights, points)) / total
     sxx = sum(w * (x - mx) ** 2 for w, (x, _) in zip(weights, points))
-    if sxx < 1e-9 * total:
+    if sxx < min_spread * total:     # the recent xs hardly vary: a slope would rest on old samples
         return my, None, mx
     slope = sum(w * (x - mx) * (y - my) for w, (x, y) in zip(weights, points)) / sxx
     return my - slope * mx, slope, mx
+
+
+def _jumped(predicted: float | None, observed: float, relative: float = 0.4, floor: float = 0.005) -> bool:
+    """A sample this far from the fit means the link changed: start the fit again from it (a slow
+    sample among fast ones, or a fast one among slow, after a bandwidth step or a fade)."""
+    if predicted is None:
+        return False
+    gap = abs(observed - predicted)
+    return gap > floor and gap > relative * min(predicted, observed)
 
 
 class LinkProfiler:
@@ -104,10 +112,16 @@ class LinkProfiler:
         self.recency = recency
         self._nav_slope: float | None = None    # the last slope the final batches allowed to fit
         self._drafted = 0
+        self._rounds_since_send = 0
 
     # -- observations ---------------------------------------------------------------
     def observe_send(self, tokens: int, seconds: float) -> None:
+        alpha, beta, fitted = self._send_line()
+        same = all(k == tokens for k, _ in self._sends)
+        if self._sends and (fitted or same) and _jumped(alpha + beta * tokens, seconds):
+            self._sends.clear()
         self._sends.append((tokens, seconds))
+        self._rounds_since_send = 0
 
     def observe_draft(self, seconds_per_token: float) -> None:
         # The first measurement replaces the prior outright: a prior 10x off would otherwise take
@@ -120,15 +134,25 @@ class LinkProfiler:
     def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
         self.verify += self._smoothing * (verify_seconds - self.verify)
         self._rounds.append((drafted, accepted))
+        self._rounds_since_send += 1
         self._verifies.append((drafted, verify_seconds))
 
     def observe_nav(self, network_seconds: float, final_tokens: int = 1) -> None:
         """A NAV round trip minus the verifier's compute: latency plus sending the final batch of
         `final_tokens` draft tokens (0: an empty draft, the target decoding alone)."""
         if final_tokens <= 0 and network_seconds >= 0:
+            if _jumped(self.nav_empty(), network_seconds):
+                self._empty_navs.clear()
             self._empty_navs.append(network_seconds)
-        else:
-            self._navs.append((max(1, final_tokens), max(0.0, network_seconds)))
+            return
+        n, t = max(1, final_tokens), max(0.0, network_seconds)
+        line = self.nav_line()
+        # A jump is judged where the fit can predict: along a fitted slope, or at the size it has seen.
+        comparable = line is not None and (self._nav_slope is not None or all(k == n for k, _ in self._navs))
+        if comparable and _jumped(line[0] + (line[1] or 0.0) * n, t):
+            self._navs.clear()
+            self._nav_slope = None
+        self._navs.append((n, t))
 
     def nav_empty(self) -> float | None:
         """The recent round trip of a round without a draft (recency-weighted mean), None before any.
@@ -151,6 +175,12 @@ class LinkProfiler:
             self._nav_slope = max(0.0, slope)
             intercept = intercept if intercept > 0 else min(t for _, t in navs)
             return intercept, self._nav_slope
+        empty = self.nav_empty()
+        if empty is not None:
+            # One final-batch size only, but empty rounds too: what a drafted round costs over an
+            # empty one is per token (whatever its cause: upload, a round stream's overhead).
+            self._nav_slope = max(0.0, intercept - empty) / mx
+            return empty, self._nav_slope
         per_token = self._nav_slope if self._nav_slope is not None else self.alpha_beta()[1]
         return max(0.0, intercept - mx * per_token), self._nav_slope
 
@@ -208,4 +238,4 @@ class LinkProfiler:
                             nav_empty=self.nav_empty(),
                             verify_fixed=verify[0] if verify else None,
                             verify_per_token=verify[1] if verify else 0.0,
-                            uplink_per_token=beta if fitted else None)
+                            uplink_per_token=beta if fitted and self._rounds_since_send <= 3 else None)

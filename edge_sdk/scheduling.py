@@ -52,8 +52,15 @@ def arrival_times(n_max: int, alpha: float, beta: float, gamma: float, batching:
         ready = i * gamma
         if batching == "per_token":
             best[i] = max(best[i - 1], ready) + alpha + beta
-        else:
-            best[i] = min(max(best[j - 1], ready) + alpha + beta * (i - j + 1) for j in range(1, i + 1))
+            continue
+        # The last batch holds tokens j..i; with one gamma the best j is the first whose predecessor
+        # batch is done by the time token i is ready (later j only add start-ups), or the one before it.
+        cands = []
+        for j in range(i, 0, -1):
+            cands.append(max(best[j - 1], ready) + alpha + beta * (i - j + 1))
+            if best[j - 1] <= ready:
+                break
+        best[i] = min(cands)
     return best
 
 

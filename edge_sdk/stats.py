@@ -27,6 +27,7 @@ class GenerationStats:
                                                            # included (cloud_only: an empty final per round)
     proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
+    pipelined_rounds: int = 0      # rounds verified on a final batch sent before the verdict they built on
     unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable
     offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
     breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline

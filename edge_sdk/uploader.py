@@ -13,6 +13,7 @@ is abandoned: batches not yet on the wire are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import Future
@@ -38,6 +39,17 @@ class Round:
     draft: list[DraftToken] = field(default_factory=list)
     sent: int = 0                 # draft tokens already handed to the uploader
     named: int | None = None      # how much of `base` its batches say the verifier holds (set by the first)
+    nav: "Nav | None" = None      # its final batch already went up (pipelined NAV, during the round before)
+    cap: int = 0                  # its draft length cap (a round drafted ahead)
+    then: "Round | None" = None   # the round drafted ahead on top of it, assuming it is accepted whole
+
+    def chain(self) -> "list[Round]":
+        """This round and every round drafted ahead on top of it."""
+        out, r = [], self
+        while r is not None:
+            out.append(r)
+            r = r.then
+        return out
 
     @property
     def tokens(self) -> list[int]:
@@ -53,6 +65,7 @@ class Nav:
     final_tokens: int             # draft tokens in the final batch
     deadline_s: float
     answered_at: float | None = None   # set when the verifier answered with a result
+    pipelined: bool = False       # sent while the round before was verified: its time includes that wait
 
     def done(self) -> bool:
         return self.future.done()
@@ -80,12 +93,15 @@ class Uploader:
         verifier holds (for a proactive round: the base it will hold if the guess is right)."""
         self._stream(rnd).send(self._batch(rnd, synced, final=False))
 
-    def finalize(self, rnd: Round, synced: int, *, background: bool) -> Nav:
+    def finalize(self, rnd: Round, synced: int, *, background: bool, conditional: bool = False) -> Nav:
         """Send the round's final batch and return at once: on its stream if batches went ahead or the
-        caller will draft meanwhile (`background`), else as one plain request."""
-        req = self._batch(rnd, synced, final=True)
-        if rnd.id in self._streams or background:
+        caller will draft meanwhile (`background`), else as one plain request. `conditional`: pipelined
+        NAV, a proactive round whose base the verifier will hold only if the round before is accepted
+        whole (always on its stream)."""
+        req = dataclasses.replace(self._batch(rnd, synced, final=True), conditional=conditional)
+        if rnd.id in self._streams or background or conditional:
             nav = self._nav(len(req.draft))
+            nav.pipelined = conditional
             stream = self._stream(rnd)
             del self._streams[rnd.id]
             stream.send(req)

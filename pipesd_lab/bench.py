@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -41,7 +42,8 @@ from pathlib import Path
 
 from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
 from edge_sdk.autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
-from edge_sdk.controller import OBJECTIVES
+from edge_sdk.controller import OBJECTIVES, Calibration
+from edge_sdk.policies import PipeSD
 from edge_sdk.policies import MODES
 
 from .emulation import EmulatedLink, SlowedDrafter
@@ -61,6 +63,35 @@ MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd"
 ABLATIONS = ("pipesd_model", "pipesd_bo", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive")
 PAPER_TRIGGER = ("pipesd_bo", "pipesd_fixed", "pipesd_c_only", "pipesd_p_only")   # share pipesd_bo's thresholds
 SWEEP_MBPS = (10.0, 20.0, 40.0, 80.0)
+
+
+def _controller_counts(policy):
+    """(decisions, decide_s, rounds, plan_s, cloud-only rounds, calibration) of a round controller, else None."""
+    if not isinstance(policy, PipeSD):
+        return None
+    return (policy.decisions, policy.decide_s, policy.rounds, policy.plan_s, policy.cloud_only_rounds,
+            copy.deepcopy(policy.model.calibration))
+
+
+def _controller_report(tally: "Tally", policy, before) -> None:
+    """What the controller did during the measured part of a cell (warm-up and tuning excluded)."""
+    decisions, decide_s, rounds, plan_s, cloud_rounds, cal0 = before
+    cal = policy.model.calibration
+    measured = Calibration(cal.bins)
+    measured.count, measured.brier_sum = cal.count - cal0.count, cal.brier_sum - cal0.brier_sum
+    measured.raw_brier_sum = cal.raw_brier_sum - cal0.raw_brier_sum
+    measured.bin_n = [a - b for a, b in zip(cal.bin_n, cal0.bin_n)]
+    measured.bin_p = [a - b for a, b in zip(cal.bin_p, cal0.bin_p)]
+    measured.bin_y = [a - b for a, b in zip(cal.bin_y, cal0.bin_y)]
+    if measured.count:
+        tally.brier, tally.raw_brier = measured.brier, measured.raw_brier
+        tally.reliability = [list(b) for b in measured.reliability()]
+    if policy.decisions > decisions:
+        tally.decide_us = 1e6 * (policy.decide_s - decide_s) / (policy.decisions - decisions)
+    if policy.rounds > rounds:
+        tally.plan_us = 1e6 * (policy.plan_s - plan_s) / (policy.rounds - rounds)
+    tally.cloud_only_rounds = policy.cloud_only_rounds - cloud_rounds
+    tally.r1, tally.r2 = policy.thresholds
 
 
 def method_known(method: str) -> bool:
@@ -98,6 +129,14 @@ class Tally:
     lower_bound_ms: float = 0.0
     r1: float | None = None
     r2: float | None = None
+    # The round controller's (pipesd and its controller ablations): acceptance-model calibration over
+    # the cell (prequential: Brier, the raw confidence's Brier, reliability bins), what deciding cost.
+    brier: float | None = None
+    raw_brier: float | None = None
+    reliability: list | None = None
+    decide_us: float | None = None       # per drafted token (verify_now)
+    plan_us: float | None = None         # per round (start_round)
+    cloud_only_rounds: int = 0
 
     def add(self, stats, matches: bool | None) -> None:
         self.generations += 1
@@ -330,7 +369,11 @@ class Bench:
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
                 for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
                     client.generate(p, max_new_tokens=self.config.tokens_per_prompt)
+            before = {m: _controller_counts(c.policy()) for m, c in clients.items()}
             self._interleave(clients, tallies, self.config.min_tokens, bar)
+            for m, c in clients.items():
+                if m in tallies and before[m] is not None:
+                    _controller_report(tallies[m], c.policy(), before[m])
         finally:
             for c in clients.values():
                 c.close()
@@ -512,6 +555,15 @@ class Bench:
                         f"{_fmt(r['upload_ms_per_token'])} / {_fmt(r['wait_ms_per_token'])} / "
                         f"{_fmt(r['verify_ms_per_token'])} | {thr} | {lossless} |")
                 lines.append("")
+                ctl = [t for t in cell if t.decide_us is not None]
+                if ctl:
+                    lines += [f"Round controller ({pair}, {regime}; R1 / R2 above are its thresholds on the "
+                              "calibrated scale, inf: stop after one token):", "",
+                              "| scenario | method | cloud-only rounds | acceptance model Brier | draft confidence "
+                              "as the prediction: Brier | decide µs / token | plan µs / round |", "|" + "---|" * 7]
+                    lines += [f"| {t.scenario} | {t.method} | {t.cloud_only_rounds} / {t.rounds} | {_fmt(t.brier, 3)} "
+                              f"| {_fmt(t.raw_brier, 3)} | {_fmt(t.decide_us, 1)} | {_fmt(t.plan_us, 0)} |" for t in ctl]
+                    lines.append("")
         if self.sweep:
             lines += ["### Bandwidth sweep (S1, uplink Mbps): TPT ms", ""]
             cols = list(dict.fromkeys(t.scenario for t in self.sweep))

@@ -110,6 +110,11 @@ class VerifyRequest:
     after the batches sent before (a round sent in one piece has offset 0). An empty
     final draft asks the target for its next token alone (cloud-only decoding).
 
+    ``conditional``: a final batch sent while the round before it is still being verified (pipelined
+    NAV). The round names the base that round's verdict would leave if everything was accepted and
+    the target's token is the one the edge assumed; the verifier runs it as soon as that holds, and
+    answers RESYNC if it does not (the edge has dropped it by then; it is not counted as a resync).
+
     Sampling (``sampling`` set, temperature > 0): ``q`` carries, per draft token, the draft's
     truncated distribution it was sampled from (sparse: support ids + float16 probabilities), and
     the verifier applies the speculative-sampling rule instead of argmax matching. Greedy requests
@@ -125,10 +130,13 @@ class VerifyRequest:
     final: bool = True
     sampling: SamplingParams | None = None
     q: tuple[SparseDist, ...] = ()
+    conditional: bool = False
 
     def to_dict(self) -> dict:
         d = {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
              "draft": pack_tokens(self.draft), "round": self.round, "offset": self.offset, "final": self.final}
+        if self.conditional:
+            d["cond"] = True
         if self.sampling is not None and not self.sampling.greedy:
             d["s"] = self.sampling.to_dict()
             d["q_n"] = pack_tokens([len(q) for q in self.q])
@@ -141,7 +149,7 @@ class VerifyRequest:
         req = cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
                   unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""),
                   _count(d, "round") if "round" in d else 0, _count(d, "offset") if "offset" in d else 0,
-                  _field(d, "final", bool, True), *_sampling_from(d))
+                  _field(d, "final", bool, True), *_sampling_from(d), _field(d, "cond", bool, False))
         if len(req.prefix_hash) != (16 if req.base_len else 0):
             raise WireError(ErrorCode.MALFORMED, "'prefix_hash' must be 16 bytes when base_len > 0, else empty")
         if req.sampling is not None and len(req.q) != len(req.draft):

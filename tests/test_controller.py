@@ -158,25 +158,44 @@ def test_a_one_token_probe_remeasures_the_uplink_only_when_a_faster_one_could_pa
     assert [run_round(policy, slow, [0.9] * 32) for _ in range(40)] == [0] * 40 and policy.probes == 0
 
 
+def timed_rounds(profiler: LinkProfiler, policy: PipeSD, beta: float, rounds: int) -> list[int]:
+    """Rounds as the engine would time them on an uplink of `beta` s per token (40 ms round trip):
+    the DP's non-final batches, the final batch's NAV, verification. Returns their draft lengths."""
+    lengths = []
+    for _ in range(rounds):
+        n = run_round(policy, profiler.estimate(), [0.8] * 32, accepted=3)
+        for size in (1, 2, 4)[: max(0, n - 1)]:
+            profiler.observe_send(size, 0.0005 + beta * size)
+        if n:
+            profiler.observe_draft(0.002)
+        final = n // 3 or n
+        profiler.observe_nav(0.040 + beta * final, final)
+        profiler.observe_round(n, min(3, n), 0.005)
+        lengths.append(n)
+    return lengths
+
+
 def test_a_bandwidth_step_changes_the_draft_length_within_three_rounds():
     """End to end through the profiler: rounds timed on one uplink, then on one 200x slower, then back."""
-    profiler, policy = LinkProfiler(), make_policy("pipesd_model")
-
-    def one_round(beta: float) -> int:
-        n = run_round(policy, profiler.estimate(), [0.8] * 32, accepted=3)
-        for size in (1, 2, 4):                              # non-final batches, as the uploader times them
-            profiler.observe_send(size, 0.0005 + beta * size)
-        profiler.observe_draft(0.002)
-        profiler.observe_nav(0.040 + beta * max(1, n // 3), max(1, n // 3))
-        profiler.observe_round(n, min(3, n), 0.005)
-        return n
-
-    fast = [one_round(0.0001) for _ in range(20)]
-    slow = [one_round(0.02) for _ in range(8)]
-    back = [one_round(0.0001) for _ in range(8)]
+    profiler, policy = LinkProfiler(), make_policy("pipesd_no_pipeline")
+    fast = timed_rounds(profiler, policy, 0.0001, 20)
+    slow = timed_rounds(profiler, policy, 0.02, 8)
+    back = timed_rounds(profiler, policy, 0.0001, 8)
     assert fast[-3:] == [fast[-1]] * 3                       # settled
     assert slow[2] < fast[-1] and slow[2] <= slow[-1] + 1    # shorter by the third round, near where it settles
     assert back[2] > slow[-1]                                # and longer again by the third round back
+
+
+def test_a_link_where_no_draft_pays_goes_cloud_only_and_comes_back():
+    """The paper's payload on a fading link (200 ms of uplink per drafted token): PipeSD stops drafting
+    within three rounds, and a probe brings drafting back within a few rounds of the link recovering."""
+    profiler, policy = LinkProfiler(), make_policy("pipesd_model")
+    fast = timed_rounds(profiler, policy, 0.0001, 20)
+    faded = timed_rounds(profiler, policy, 0.2, 12)
+    back = timed_rounds(profiler, policy, 0.0001, 8)
+    assert sum(fast[-8:]) >= 8
+    assert 0 in faded[:3] and sum(faded[3:]) <= 1             # cloud-only, but for a one-token probe or so
+    assert min(back[PipeSD.PROBE_FIRST:]) >= 1                 # drafting again once a probe saw the link
 
 
 def test_a_seeded_request_runs_a_frozen_controller():

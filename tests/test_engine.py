@@ -111,6 +111,23 @@ def test_every_limit_ends_a_generation_exactly(rig):
     assert cut.stats.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
 
 
+def test_pipelined_nav_verifies_rounds_drafted_ahead_without_another_round_trip():
+    """A slow draft against a long round trip: rounds complete during NAV go up at once, several deep,
+    and the verifier runs them as soon as the verdict before them holds; the output stays the target's."""
+    with Rig(latency_s=0.004, draft_seconds=0.001) as r:
+        stats = []
+        for prompt in PROMPTS[:4]:
+            result = r.generate(prompt, "pipesd_model", N)
+            assert result.tokens == reference(prompt, N)
+            stats.append(result.stats)
+        assert sum(s.pipelined_rounds for s in stats) > 0
+        assert sum(s.proactive_discarded for s in stats) > 0          # and chains were dropped on rejections
+        dropped = r.verifier.service.metrics.conditional_dropped._value.get()
+        assert dropped > 0 and r.verifier.service.metrics.resyncs._value.get() == 0
+        policy = make_policy("pipesd_no_pipeline")
+        assert r.generate(PROMPTS[0], n=N, policy=policy).stats.pipelined_rounds == 0
+
+
 def test_a_proactive_round_survives_only_on_what_nav_committed():
     with Rig(latency_s=0.002) as r:
         kept = discarded = 0
@@ -213,14 +230,19 @@ def test_a_nav_past_its_deadline_sends_the_generation_offline(mode):
 
 
 def test_timeline_shows_drafting_overlapping_uploads_and_nav():
+    from edge_sdk.policies import PaperPipeSD
+    from edge_sdk.scheduling import PerToken
+    from edge_sdk.triggers import DualThreshold
+
+    per_token = PaperPipeSD("per_token", DualThreshold(0.05, 0.2), PerToken())   # every token goes up at once
     with Rig(latency_s=0.002) as r:
-        spans = r.generate(PROMPTS[0], "pipesd_per_token", 30, timeline=True).stats.timeline
+        spans = r.generate(PROMPTS[0], n=30, policy=per_token, timeline=True).stats.timeline
         kinds = {k for k, _, _ in spans}
         assert kinds == {"draft", "upload", "nav"} and all(s <= e for _, s, e in spans)
         navs = [(s, e) for k, s, e in spans if k == "nav"]
         drafts = [(s, e) for k, s, e in spans if k == "draft"]
         assert any(ds < ne and de > ns for ns, ne in navs for ds, de in drafts), "proactive drafting during NAV"
-        assert r.generate(PROMPTS[0], "pipesd_per_token", 5).stats.timeline is None
+        assert r.generate(PROMPTS[0], n=5, policy=per_token).stats.timeline is None
 
 
 # -- sampling -----------------------------------------------------------------------------------
