@@ -210,9 +210,9 @@ class EdgeClient:
         ``top_k`` (0: off) and ``top_p`` (1: off), exactly (speculative sampling: the draft's q goes
         up sparse and the verifier keeps or resamples each token). ``seed`` makes it reproducible:
         the same seed and policy give the same text. A seeded request runs ``policy.reproducible()``
-        (an adaptive policy from its initial state, PipeSD at the thresholds its tuner has settled on;
-        make the client with ``r1``/``r2`` to fix them for good) and teaches the client's policy
-        nothing. Without a seed each request draws one.
+        (an adaptive policy from its initial state; PipeSD's controller frozen at its current plan and
+        acceptance model, which later unseeded requests may still move; ``mode="pipesd_fixed"`` with
+        ``r1``/``r2`` fixes round boundaries for good) and teaches the client's policy nothing. Without a seed each request draws one.
 
         ``timeline=True`` records when drafting, uploads and NAV happened in ``stats.timeline``.
         """

@@ -333,13 +333,13 @@ class Decoding:
         """A round on top of `tip` assuming it is accepted whole: its base ends with the draft's guess of
         the target's next token. None when the token budget leaves no room or `tip` ends the output."""
         ahead = len(tip.base) + len(tip.draft) - len(self.out.tokens)     # tokens assumed beyond the output
-        budget = self.out.remaining - ahead - 2
-        if budget < 1 or (tip.draft and self._is_eos(tip.draft[-1].token)):
-            return None
+        cap = min(self._cap(tip.base + tip.tokens + [0]), self.out.remaining - ahead - 2)
+        if cap < 1 or (tip.draft and self._is_eos(tip.draft[-1].token)):
+            return None                  # no room, the end of the output, or the policy drafts nothing now
         self.drafter.set_context(tip.base + tip.tokens)
         guess = self.drafter.next_token()
         new = self._new_round(tip.base + tip.tokens + [guess.token])
-        new.cap = 0 if self._is_eos(guess.token) else min(self._cap(new.base), budget)
+        new.cap = 0 if self._is_eos(guess.token) else cap
         return new
 
     def _complete(self, rnd: Round) -> bool:
@@ -425,7 +425,7 @@ class Decoding:
         self._count_round(len(rnd.draft), resp.accepted)
         self.stats.verify_s += resp.verify_ms / 1e3
         self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
-        if nav.answered_at is not None and not nav.pipelined:   # answered, not resent or queued: a link sample
+        if nav.answered_at is not None and not (nav.pipelined or nav.contended):   # a clean sample of the link
             self.profiler.observe_nav(nav.answered_at - nav.sent_at - resp.verify_ms / 1e3, nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)
         self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)

@@ -216,8 +216,8 @@ class PipeSD(Policy):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         self.name, self.objective, self.power = name, objective, power
-        self.proactive = proactive and objective != "edge_energy"
-        self.pipelined = pipelined and self.proactive
+        self._proactive = self.proactive = proactive and objective != "edge_energy"
+        self._pipelined = self.pipelined = pipelined and self.proactive
         self.schedule = schedule if schedule is not None else DPSchedule()
         self.cap = self.max_draft = max_draft
         self.tuner = tuner
@@ -229,7 +229,7 @@ class PipeSD(Policy):
         self._tracked: dict[int, tuple[list, int, float]] = {}       # id -> (draft, its length, survival)
         self._stop: list[float] = []                                 # the plan's S*(n), as plain floats
         self._probe_gap, self._cloud_rounds = self.PROBE_FIRST, 0
-        self._since_empty = self.EMPTY_EVERY - 4        # the first empty round comes early
+        self._since_empty = 0
         self.empty_probes = 0
         self.rounds = self.cloud_only_rounds = self.probes = 0
         # What deciding costs (it runs in the per-token loop): seconds in verify_now / start_round.
@@ -275,12 +275,15 @@ class PipeSD(Policy):
         self._stop = self.plan.stop_below.tolist()
         self.rounds += 1
         self.plan_s += time.perf_counter() - t
+        self.proactive, self.pipelined = self._proactive, self._pipelined
         if self.plan.best_length > 0:
             self.max_draft, self._probe_gap, self._cloud_rounds = self.cap, self.PROBE_FIRST, 0
             self._since_empty += 1
-            if self.frozen is None and link.uplink_per_token is None and self._since_empty >= self.EMPTY_EVERY:
-                # Non-final batches cannot tell what a drafted token costs on the link (one size only):
-                # an empty round now and then measures the round trip without one.
+            if self.frozen is None and (link.nav_empty is None and self._since_empty >= 2 or (
+                    link.uplink_per_token is None and self._since_empty >= self.EMPTY_EVERY)):
+                # Without an empty round measured, drafting cannot be priced against not drafting; and
+                # while non-final batches cannot tell what a drafted token costs on the link (one size
+                # only), an empty round now and then measures the round trip without one.
                 self.max_draft, self._since_empty = 0, 0
                 self.empty_probes += 1
             return
@@ -288,8 +291,10 @@ class PipeSD(Policy):
         self.max_draft, self._cloud_rounds = 0, self._cloud_rounds + 1
         self.cloud_only_rounds += 1
         if self.frozen is None and self._cloud_rounds >= self._probe_gap and self._plan(link, beta=0.0).best_length:
-            # Drafting would pay on a faster uplink: one token re-measures it.
+            # Drafting would pay on a faster uplink: one token re-measures it (and nothing drafted
+            # ahead of it: on this link every drafted token is a cost).
             self.max_draft, self._cloud_rounds = 1, 0
+            self.proactive = self.pipelined = False
             self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
             self.probes += 1
 

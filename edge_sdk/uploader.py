@@ -66,6 +66,7 @@ class Nav:
     deadline_s: float
     answered_at: float | None = None   # set when the verifier answered with a result
     pipelined: bool = False       # sent while the round before was verified: its time includes that wait
+    contended: bool = False       # other NAVs were in flight when it left: its time includes their uploads
 
     def done(self) -> bool:
         return self.future.done()
@@ -87,6 +88,7 @@ class Uploader:
         self._lock = threading.Lock()          # streams report their sends from their own threads
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
+        self._navs_in_flight = 0
 
     def stage(self, rnd: Round, synced: int) -> None:
         """Send the round's tokens not yet sent as a non-final batch; `synced`: committed tokens the
@@ -149,7 +151,16 @@ class Uploader:
     # -- sending -----------------------------------------------------------------------------
     def _nav(self, final_tokens: int) -> Nav:
         deadline = self.cloud.nav_deadline(self.profiler.estimate(), final_tokens)
-        return Nav(Future(), time.perf_counter(), final_tokens, deadline)
+        nav = Nav(Future(), time.perf_counter(), final_tokens, deadline)
+        with self._lock:
+            nav.contended = self._navs_in_flight > 0
+            self._navs_in_flight += 1
+        nav.future.add_done_callback(self._nav_done)
+        return nav
+
+    def _nav_done(self, _future) -> None:
+        with self._lock:
+            self._navs_in_flight -= 1
 
     def _send(self, req: VerifyRequest) -> Nav:
         """One plain request on the session's request thread; the transport's own timeouts end at the
