@@ -322,15 +322,11 @@ class CorrectionTuner:
         self._pending: threading.Thread | None = None
         self._trial = _Trial((0.0, 0.0))
         self._best = (0.0, 0.0)
-        use_bo = importlib.util.find_spec("skopt") is not None if use_bo is None else use_bo
+        # The first trial is the model's own point, so the optimiser (and scikit-optimize's ~1 s import)
+        # is only built on the background thread, once that trial has been scored.
+        self._use_bo = importlib.util.find_spec("skopt") is not None if use_bo is None else use_bo
+        self._seed = seed
         self._optimizer = None
-        if use_bo:
-            from skopt import Optimizer
-            from skopt.space import Real
-
-            self._optimizer = Optimizer([Real(-bound, bound), Real(-bound, bound)], base_estimator="GP",
-                                        acq_func="EI", acq_func_kwargs={"xi": 0.1}, n_initial_points=3,
-                                        random_state=seed)
         h = bound / 2
         self._list = [(-h, 0.0), (h, 0.0), (0.0, -h), (0.0, h), (-h, -h), (h, h), (-h, h), (h, -h),
                       (-bound, 0.0), (bound, 0.0), (0.0, bound), (0.0, -bound)]
@@ -364,6 +360,16 @@ class CorrectionTuner:
         def advance():
             with self._lock:
                 evaluations = list(self.evaluations)
+            if self._use_bo and self._optimizer is None:
+                from skopt import Optimizer
+                from skopt.space import Real
+
+                b = self.bound
+                self._optimizer = Optimizer([Real(-b, b), Real(-b, b)], base_estimator="GP", acq_func="EI",
+                                            acq_func_kwargs={"xi": 0.1}, n_initial_points=3,
+                                            random_state=self._seed)
+                for params, score in evaluations[:-1]:
+                    self._optimizer.tell(list(params), score)
             if self._optimizer is not None:
                 self._optimizer.tell(list(evaluations[-1][0]), evaluations[-1][1])
             if done:

@@ -72,7 +72,14 @@ def test_lossless_over_an_emulated_link(slow_link_client, reference, mode):
 
 
 def test_pipelined_stats_are_reported(slow_link_client):
-    r = slow_link_client.generate(PROMPTS[2], max_new_tokens=40, mode="pipesd_per_token")
+    from edge_sdk.policies import PaperPipeSD
+    from edge_sdk.scheduling import PerToken
+    from edge_sdk.triggers import DualThreshold
+
+    # Rounds of several tokens by rule (the controller may choose one-token rounds here), each token
+    # uploaded as it is drafted.
+    per_token = PaperPipeSD("per_token", DualThreshold(0.05, 0.2), PerToken())
+    r = slow_link_client.generate(PROMPTS[2], max_new_tokens=40, mode=per_token)
     s = r.stats
     assert s.batches_sent == len(s.batch_sizes) > s.nav_rounds
     assert sum(s.batch_sizes) >= s.draft_n            # every drafted token went up (some twice on refusal)
