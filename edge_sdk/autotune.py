@@ -150,6 +150,12 @@ class _Trial:
     tokens: int = 0
     seconds: float = 0.0
 
+    def add(self, tokens: int, seconds: float, needed: int) -> bool:
+        """Count a round; True once the trial has its `needed` tokens."""
+        self.tokens += tokens
+        self.seconds += seconds
+        return self.tokens >= needed
+
 
 @dataclass
 class OnlineAutotuner:
@@ -233,11 +239,7 @@ class OnlineAutotuner:
                         del self.memory[regime]
                         self._start()
             trial = self._trial
-            if trial is None:
-                return
-            trial.tokens += tokens
-            trial.seconds += seconds
-            if trial.tokens < self.tokens_per_trial:
+            if trial is None or not trial.add(tokens, seconds, self.tokens_per_trial):
                 return
             self._trial = None
             tuner = self._tuner
@@ -347,11 +349,7 @@ class CorrectionTuner:
     def record(self, tokens: int, seconds: float) -> None:
         with self._lock:
             trial = self._trial
-            if trial is None:
-                return
-            trial.tokens += tokens
-            trial.seconds += seconds
-            if trial.tokens < self.tokens_per_trial:
+            if trial is None or not trial.add(tokens, seconds, self.tokens_per_trial):
                 return
             self._trial = None
             self.evaluations.append((trial.params, trial.seconds / trial.tokens))

@@ -153,13 +153,14 @@ class Calibration:
         """(mean predicted, observed frequency, tokens) per non-empty bin."""
         return [(p / n, y / n, n) for n, p, y in zip(self.bin_n, self.bin_p, self.bin_y) if n]
 
-    def merge(self, other: "Calibration") -> "Calibration":
+    def since(self, earlier: "Calibration") -> "Calibration":
+        """What was scored after `earlier` (a copy of this one taken before): e.g. a benchmark's measured part."""
         out = Calibration(self.bins)
-        out.count, out.brier_sum = self.count + other.count, self.brier_sum + other.brier_sum
-        out.raw_brier_sum = self.raw_brier_sum + other.raw_brier_sum
-        out.bin_n = [a + b for a, b in zip(self.bin_n, other.bin_n)]
-        out.bin_p = [a + b for a, b in zip(self.bin_p, other.bin_p)]
-        out.bin_y = [a + b for a, b in zip(self.bin_y, other.bin_y)]
+        out.count, out.brier_sum = self.count - earlier.count, self.brier_sum - earlier.brier_sum
+        out.raw_brier_sum = self.raw_brier_sum - earlier.raw_brier_sum
+        out.bin_n = [a - b for a, b in zip(self.bin_n, earlier.bin_n)]
+        out.bin_p = [a - b for a, b in zip(self.bin_p, earlier.bin_p)]
+        out.bin_y = [a - b for a, b in zip(self.bin_y, earlier.bin_y)]
         return out
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
 from edge_sdk.autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
-from edge_sdk.controller import OBJECTIVES, Calibration
+from edge_sdk.controller import OBJECTIVES
 from edge_sdk.policies import PipeSD
 from edge_sdk.policies import MODES
 
@@ -76,13 +76,7 @@ def _controller_counts(policy):
 def _controller_report(tally: "Tally", policy, before) -> None:
     """What the controller did during the measured part of a cell (warm-up and tuning excluded)."""
     decisions, decide_s, rounds, plan_s, cloud_rounds, cal0 = before
-    cal = policy.model.calibration
-    measured = Calibration(cal.bins)
-    measured.count, measured.brier_sum = cal.count - cal0.count, cal.brier_sum - cal0.brier_sum
-    measured.raw_brier_sum = cal.raw_brier_sum - cal0.raw_brier_sum
-    measured.bin_n = [a - b for a, b in zip(cal.bin_n, cal0.bin_n)]
-    measured.bin_p = [a - b for a, b in zip(cal.bin_p, cal0.bin_p)]
-    measured.bin_y = [a - b for a, b in zip(cal.bin_y, cal0.bin_y)]
+    measured = policy.model.calibration.since(cal0)
     if measured.count:
         tally.brier, tally.raw_brier = measured.brier, measured.raw_brier
         tally.reliability = [list(b) for b in measured.reliability()]
