@@ -2,6 +2,7 @@
 
     pipesd generate "def fibonacci(n):" --verifier http://127.0.0.1:8000 --verifier-key <base64> --mode vanilla -k 4
     pipesd generate "import os" --mode edge_only          # no cloud at all
+    pipesd serve --verifier http://127.0.0.1:8000 --verifier-key <base64>   # OpenAI API on 127.0.0.1:8080
 
 and the lab's commands, when the lab's extra is installed (pip install 'pipesd[bench]'):
 
@@ -79,6 +80,12 @@ def main(argv=None) -> int:
     g.add_argument("--parse-special", action="store_true", help="parse control tokens in the prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.set_defaults(func=_generate)
+
+    from . import serve          # its arguments only: FastAPI and uvicorn are imported when it runs
+    sv = sub.add_parser("serve", help="an OpenAI-compatible endpoint on the device (pip install 'pipesd[serve]')",
+                        description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(sv)
+    sv.set_defaults(func=serve.run)
 
     for name, help_text in LAB_COMMANDS.items():   # listed here, parsed by the lab (pipesd_lab.cli)
         sub.add_parser(name, help=help_text + " (pip install 'pipesd[bench]')")

@@ -58,6 +58,12 @@ class Generation:
             yield event
         self._done = True
 
+    def close(self) -> None:
+        """Stop the generation now (an app's user went away): the round in flight is abandoned, its
+        uploads stop, and the client is free for the next request. ``stats`` keeps what was done."""
+        self._events.close()
+        self._done = True
+
     @property
     def result(self) -> GenerationResult:
         if not self._done:

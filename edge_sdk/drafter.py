@@ -155,6 +155,7 @@ class LlamaCppDrafter(_LogitsDrafter):
             self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context,
                              n_batch=min(512, self.max_context), logits_all=False, n_threads=self.threads,
                              n_threads_batch=self.threads, verbose=False)
+        self.metadata: dict[str, str] = dict(self.llm.metadata)   # GGUF keys: chat template, token ids...
         vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self.vocab_size = self.llm.n_vocab()
         self.vocab_tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
@@ -234,6 +235,7 @@ class OnnxDrafter(_LogitsDrafter):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(meta)
         try:
             self.vocab_size = int(meta["vocab_size"])
             trained = int(meta["max_context"])
