@@ -22,10 +22,36 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that add
 
 
 @pytest.fixture(scope="module")
-def smol():
-    with LocalVerifier(model="smollm2", threads=1) as v, \
-            EdgeClient(v.url, verifier_key=v.public_key, pair="smollm2", threads=1) as c:
+def smol_verifier():
+    with LocalVerifier(model="smollm2", threads=1) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def smol(smol_verifier):
+    with EdgeClient(smol_verifier.url, verifier_key=smol_verifier.public_key, pair="smollm2", threads=1) as c:
         yield c
+
+
+def test_serve_chat_uses_the_ggufs_template_and_serves_the_targets_text(smol, smol_verifier):
+    import openai
+
+    from edge_sdk.serve.chat import ChatTemplate
+    from edge_sdk.serve.local import LocalServe
+
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    template = ChatTemplate.for_drafter(smol.drafter)
+    assert not template.builtin                       # the GGUF's own ChatML template, not the plain one
+    ids = smol.tokenize(template.render(messages), parse_special=True)
+    want = smol.generate(ids, max_new_tokens=24, mode="cloud_only")
+    args = ["--model", "smollm2", "--verifier", smol_verifier.url, "--verifier-key", smol_verifier.public_key,
+            "--threads", "1"]
+    with LocalServe(args) as s:
+        api = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = api.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want.text and "Paris" in want.text
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want.tokens)
+    assert r.choices[0].finish_reason == ("stop" if want.stats.finish_reason == "eos" else "length")
 
 
 def test_smollm2_vanilla_equals_target_greedy(smol):

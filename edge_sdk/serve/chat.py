@@ -38,6 +38,7 @@ class ChatTemplate:
     eos_token: str = ""
     stop: tuple[str, ...] = ()     # stop sequences the template implies (the plain one's next turn)
     builtin: bool = False          # PLAIN_TEMPLATE, not the model's own
+    adds_bos: bool = False         # the tokenizer puts BOS in front by itself (tokenizer.ggml.add_bos_token)
 
     @classmethod
     def for_drafter(cls, drafter) -> "ChatTemplate":
@@ -52,7 +53,8 @@ class ChatTemplate:
             except (KeyError, ValueError, IndexError):
                 return ""
 
-        return cls(source, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id"))
+        return cls(source, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id"),
+                   adds_bos=str(meta.get("tokenizer.ggml.add_bos_token", "")).lower() == "true")
 
     def render(self, messages: list[dict]) -> str:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)   # as transformers renders
@@ -68,8 +70,8 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the model's chat template failed: {exc}") from None
-        # The tokenizer adds BOS itself where the model wants one; a template that writes it too
-        # would give two.
-        if self.bos_token and text.startswith(self.bos_token):
+        # Where the tokenizer adds BOS itself, a template that writes it too would give two. (SmolLM2's
+        # BOS is <|im_start|>, which its template writes and its tokenizer does not add: kept.)
+        if self.adds_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token):]
         return text
