@@ -144,9 +144,17 @@ BAD = [
     ("completions", {"model": "embedded", "prompt": "x " * 2000}, 400, "context_length_exceeded"),
     ("completions", {"model": "embedded", "prompt": "x", "max_tokens": 100000}, 400, "context_length_exceeded"),
     ("completions", {"prompt": "x"}, 400, "missing_required_parameter"),
+    ("completions", {"model": "embedded", "prompt": "x", "seed": 2 ** 70}, 400, "invalid_value"),
+    ("completions", {"model": "embedded", "prompt": "x", "top_k": 2 ** 70}, 400, "invalid_value"),
+    ("completions", {"model": "embedded", "prompt": "x", "stop": [""]}, 400, "invalid_value"),
     ("completions", {"model": "embedded", "prompt": "x", "stream_options": {"include_usage": True}}, 400, None),
     ("completions", b'{"model": "embedded", "prompt": "' + b"a" * (2 << 20) + b'"}', 413, "body_too_large"),
     ("completions", b"[" * 100000, 400, "invalid_json"),
+    ("completions", b'{"model": "embedded", "prompt": "\\ud800x"}', 400, "invalid_json"),       # a lone surrogate
+    ("completions", b'{"model": "embedded", "prompt": "\xff\xfe"}', 400, "invalid_json"),         # not UTF-8
+    ("completions", b'{"model": "embedded", "prompt": "x", "temperature": 1' + b"0" * 400 + b"}", 400,
+     "invalid_value"),
+    ("completions", b'{"model": "embedded", "prompt": "x", "top_p": NaN}', 400, "invalid_value"),
     ("chat/completions", {"model": "embedded", "messages": "hi"}, 400, "invalid_value"),
     ("chat/completions", {"model": "embedded", "messages": []}, 400, "invalid_value"),
     ("chat/completions", {"model": "embedded", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),

@@ -134,9 +134,13 @@ def create_app(client: EdgeClient, config: ServeConfig) -> FastAPI:
                 raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes", code="body_too_large")
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
+            body = json.loads(b"".join(chunks))
+            # JSON may spell lone surrogates ("\ud800"), which no tokenizer can encode.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            return body
         except (ValueError, RecursionError):
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+            raise APIError(400, "the request body is not valid JSON (or holds text that is not Unicode)",
+                           code="invalid_json") from None
 
     def check_model(name: str) -> None:
         if name != config.model_id:

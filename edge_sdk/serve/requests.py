@@ -51,8 +51,8 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)     # OpenAI's default: requests without it sample
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)                         # extension (llama.cpp's server); 0: off
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=1 << 31)             # extension (llama.cpp's server); 0: off
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)     # int64 or uint64, as clients send them
     stop: str | list[str] = Field(default_factory=list)
     n: int = 1
     presence_penalty: float = 0.0
@@ -64,7 +64,12 @@ class _Common(BaseModel):
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
     def _number(cls, v):         # strict mode refuses 1 for a float; JSON clients write 1 for 1.0
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if isinstance(v, int) and not isinstance(v, bool):
+            try:
+                return float(v)
+            except OverflowError:    # 10**400: not a float at all; the range check names the field
+                return float("inf") if v > 0 else float("-inf")
+        return v
 
     @field_validator("stop")
     @classmethod
