@@ -158,6 +158,10 @@ BAD = [
     ("chat/completions", {"model": "embedded", "messages": "hi"}, 400, "invalid_value"),
     ("chat/completions", {"model": "embedded", "messages": []}, 400, "invalid_value"),
     ("chat/completions", {"model": "embedded", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("chat/completions", {"model": "embedded", "messages": [{"role": "user", "content": "x", "name": "bob"}]},
+     400, "unsupported_parameter"),
+    ("chat/completions", {"model": "embedded", "messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "invalid_json"),
     ("chat/completions", {"model": "embedded", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
      400, "unsupported_parameter"),
     ("chat/completions", {"model": "embedded", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
@@ -189,6 +193,24 @@ def test_the_openai_client_raises_its_typed_errors(api):
         api.with_options(base_url=api.base_url.join("../nothing/")).models.list()
 
 
+def test_method_not_allowed_says_what_is(serve):
+    r = httpx.get(f"{serve.url}/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_client_gone_before_its_body_is_complete_is_not_an_error(serve):
+    import socket
+
+    host, port = serve.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": \"embedded\", \"prompt\"")
+    time.sleep(0.3)
+    assert metric(serve.url, "pipesd:requests_failed_total") == 0
+    assert not any("Traceback" in line or "ERROR" in line for line in serve.output)
+
+
 def test_after_bad_input_the_server_still_serves_and_counted_no_500(serve, api):
     assert api.completions.create(model="embedded", prompt="x", max_tokens=2, temperature=0).choices[0].text
     assert metric(serve.url, "pipesd:requests_failed_total") == 0
@@ -210,6 +232,23 @@ def test_past_the_queue_429_with_retry_after(slow_serve):
     for stream in (running, waiting):
         assert "".join(c.choices[0].text for c in stream if c.choices)
     assert 'pipesd:requests_rejected_total{status="429"} 1.0' in httpx.get(f"{slow_serve.url}/metrics").text
+
+
+def test_a_queued_request_whose_client_left_gives_its_place_back(slow_serve):
+    url = slow_serve.url
+    body = {"model": "embedded", "prompt": PROMPTS[5], "max_tokens": 150, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as running:
+        lines = running.iter_lines()
+        assert next(lines).startswith("data:")                          # generating
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as queued:
+            assert queued.status_code == 200                             # waiting (max-queue 1), then gone
+        time.sleep(0.3)
+        # Its place is free again: this one is queued, not refused.
+        short = {**body, "max_tokens": 4, "stream": False}
+        with httpx.Client(timeout=60) as http:
+            later = http.post(f"{url}/v1/completions", json=short)
+        assert "data: [DONE]" in list(lines)
+    assert later.status_code == 200, later.text
 
 
 def test_a_client_that_goes_away_cancels_its_generation(slow_serve, client):

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..client import EdgeClient
 from ..engine import TokenEvent
@@ -108,7 +109,8 @@ def create_app(client: EdgeClient, config: ServeConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), exc.status_code,
+                            headers=exc.headers)         # a 405's Allow
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -128,11 +130,16 @@ def create_app(client: EdgeClient, config: ServeConfig) -> FastAPI:
         if declared is not None and (not declared.isdigit() or int(declared) > config.max_body_bytes):
             raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > config.max_body_bytes:
-                raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes", code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.max_body_bytes:
+                    raise APIError(413, f"the request body exceeds {config.max_body_bytes} bytes",
+                                   code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:          # gone before its body was complete: nobody to answer, no crash to log
+            raise APIError(400, "the client closed the connection before its body was complete",
+                           code="client_disconnected") from None
         try:
             body = json.loads(b"".join(chunks))
             # JSON may spell lone surrogates ("\ud800"), which no tokenizer can encode.

@@ -37,7 +37,7 @@ def _refuse(name: str, value: Any, honoured: tuple) -> None:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -125,21 +125,29 @@ class CompletionRequest(_Common):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A turn of the conversation. ``name`` (a participant's name) is refused: neither the embedded pair's
+    template nor SmolLM2's can show it, and dropping it would change what the model is told."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _no_name(self):
+        _refuse("name", self.name, (None,))
+        return self
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -182,7 +190,9 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
         return model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        # loc names the field, then (in a union) the branch pydantic tried: "prompt", not "prompt.str".
+        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier()
+                         and p not in _TYPE_NAMES) or None
         if err["type"] == "extra_forbidden":
             raise APIError(400, f"unrecognized request argument supplied: {param}", param=param,
                            code="unknown_parameter") from None
@@ -191,9 +201,15 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
                            code="missing_required_parameter") from None
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, Unsupported):
-            raise APIError(400, str(cause), param=_field_of(str(cause)) or param,
+            param = ".".join(p for p in (param, _field_of(str(cause))) if p) or None     # messages.0.name
+            raise APIError(400, str(cause), param=param,
                            code="unsupported_parameter") from None
-        raise APIError(400, f"invalid value for {param}: {err['msg']}", param=param, code="invalid_value") from None
+        what = f"invalid value for {param}: " if param else "invalid request: "
+        raise APIError(400, what + err["msg"].removeprefix("Value error, "), param=param,
+                       code="invalid_value") from None
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _field_of(message: str) -> str | None:

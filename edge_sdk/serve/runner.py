@@ -61,10 +61,22 @@ class DraftRunner:
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs)
+        with self._wake:
+            self._drop_cancelled()
+            return len(self._jobs)
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose client left while they waited give their places back at once (lock held)."""
+        if any(j.cancelled.is_set() for j in self._jobs):
+            for job in [j for j in self._jobs if j.cancelled.is_set()]:
+                self._jobs.remove(job)
+                job.put("cancelled", None)
+                if self.on_finish is not None:
+                    self.on_finish(job, None, "cancelled")
 
     def submit(self, job: Job) -> None:
         with self._wake:
+            self._drop_cancelled()
             if len(self._jobs) + self.running > self.max_queue:   # max_queue waiting behind the one running
                 raise QueueFull(self._retry_after())
             self._jobs.append(job)
