@@ -222,9 +222,8 @@ def create_app(client: EdgeClient, config: ServeConfig) -> FastAPI:
         try:
             runner.submit(job)
         except QueueFull as exc:
-            metrics.rejected.labels("429").inc()
-            return JSONResponse(APIError(429, str(exc), type="rate_limit_error", code="queue_full").body(), 429,
-                                headers={"Retry-After": str(exc.retry_after_s)})
+            raise APIError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
         watch = asyncio.ensure_future(_disconnected(request))
         meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_id}
         events = _events(job, watch)

@@ -61,9 +61,9 @@ class DraftRunner:
 
     @property
     def waiting(self) -> int:
+        """Requests queued whose clients are still there."""
         with self._wake:
-            self._drop_cancelled()
-            return len(self._jobs)
+            return sum(not job.cancelled.is_set() for job in self._jobs)
 
     def _drop_cancelled(self) -> None:
         """Jobs whose client left while they waited give their places back at once (lock held)."""
