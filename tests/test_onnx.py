@@ -81,10 +81,14 @@ def test_every_policy_with_the_onnx_draft_equals_target_greedy(verifier, client)
     with EdgeClient(verifier.url, verifier_key=verifier.public_key, draft_backend="onnx", threads=1) as c:
         assert isinstance(c.drafter, OnnxDrafter)
         for mode in modes:
+            drafted = 0
             for p in prompts:
                 r = c.generate(p, max_new_tokens=40, mode=mode)
                 assert r.tokens == reference[p], (mode, p)
-                assert r.stats.draft_n > 0
+                drafted += r.stats.draft_n
+            # Every mode really speculated with the ONNX draft. Counted over the prompts, not per prompt:
+            # PipeSD's controller may price a whole generation as cloud-only rounds on this fast link.
+            assert drafted > 0, mode
 
 
 def test_backend_selection_errors():
