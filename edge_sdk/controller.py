@@ -1,33 +1,35 @@
-"""PipeSD's round controller: draft on, or verify now, priced by the link, the device and the cloud.
+"""PipeSD's round controller: how a segment of rounds is shaped, priced by the link, the device and the cloud.
 
-A round that drafts n tokens commits, in expectation, 1 + S_1 + ... + S_n tokens, where S_i is the
-probability that the first i draft tokens are all accepted, and costs C(n): seconds of wall time
-(``latency``), seconds of target compute (``cloud_cost``) or device joules (``edge_energy``). The
-controller maximises committed tokens per unit of cost over a whole generation. By renewal-reward
-(Dinkelbach), that is: at the best rate rho, a round should stop at the n that maximises
-E[tokens] - rho * E[cost]. After the n-th drafted token, drafting on to n + k adds S_n * G(k)
-tokens (G(k) = a + a^2 + ... + a^k, with a the acceptance of a draft token not yet seen) and
-C(n + k) - C(n) of cost, so it pays exactly when
+A *segment* runs from one rejection to the next. Its *head* round drafts m tokens and asks for NAV.
+While that NAV is in flight a proactive policy drafts *rounds ahead*: each begins with the draft's
+guess of the target's next token (it joins the round's prefix, which the verifier checks by hash, so
+it costs no upload) and `ahead_draft` tokens more; a pipelined policy sends each as soon as it is
+drafted, for the verifier to run right after the verdict it assumes, and keeps up to `ahead` of them
+in flight. On a fast link with a fast draft that is a few head tokens and long rounds ahead; on a
+slow device with a long round trip it is an empty head and a guess per round -- the verifier checks
+one position per pass, as fast as the device drafts; where no draft pays it is the target alone.
 
-    S_n  >  S*(n) = min over k of  rho * (C(n + k) - C(n)) / G(k)
+``plan_segment`` prices every such structure. Position q of the segment is rejected first with
+probability S(q - 1) - S(q), S the survival of the per-position acceptance; the segment then
+commits q tokens and costs what the verdict that checks position q costs: its wall time
+(``latency``), the target passes run up to it (``cloud_cost``) or the device's joules
+(``edge_energy``). The verdicts follow a recurrence in the profiler's live costs: block j's verdict
+comes when its upload has arrived and the verifier's previous pass is done, plus a pass and the way
+back. The plan maximises E[tokens] / E[cost] (renewal-reward); at that best rate rho it then gives,
+per drafted head position n, the survival S*(n) below which stopping the head beats drafting on:
+drafting on to m is worth S_n (F(n, m) - F(n, n)) against (1 - S_n) rho (C(m) - C(n)) for a round
+whose rejection has already happened (F: expected tokens - rho cost given the first n are right).
+That is the paper's dual threshold made calibrated and priced: S_n is C_n with each confidence
+replaced by the acceptance model's probability, R1 = S*(best m), R2 = S*(1).
 
--- a threshold on the calibrated survival S_n, one per position, computed once per round from the
-profiler's live costs. That is the paper's dual threshold made calibrated and priced: S_n is C_n
-with each confidence replaced by the acceptance model's probability, R1 = S*(n) follows the link,
-and R2 = S*(1) is the per-token acceptance below which a round's first token ends it. When no
-draft length beats an empty one (rho is reached at n = 0), the round drafts nothing and the
-target decodes alone; the controller keeps checking, every round, whether drafting pays again.
+The acceptance of tokens not yet drafted depends on where they fall in the segment
+(``PositionAcceptance``): rejections cluster, and the token just after a correction is the least
+likely to be accepted. The acceptance of a drafted token (``AcceptanceModel``) is a logistic
+regression on the draft's own confidence and that position, fitted online from NAV verdicts and
+scored prequentially (each prediction before it is learnt from), so its calibration -- Brier score,
+reliability bins -- is measured on the run itself.
 
-What the cost model sees (``RoundCosts``): gamma per drafted token; the arrival of the round's last
-token at the cloud as the upload schedule batches it (the DP's F(n), or one batch at the trigger);
-the NAV round trip of a drafted round (its line in the final batch's size) and of an empty one
-(measured apart: another request path); verification time as a line in the draft length; and,
-for a proactive policy, the drafting that a fully accepted round hides behind its NAV. The
-acceptance model (``AcceptanceModel``) is a logistic regression on the draft's own signals, fitted
-online from NAV verdicts and scored prequentially (each prediction before it is learnt from), so
-its calibration -- Brier score, reliability bins -- is measured on the run itself.
-
-Plain objects, no I/O, no clocks: testable in microseconds.
+Plain objects, no I/O, no clocks: testable in microseconds (a plan in about a millisecond).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class AcceptanceModel:
         self._x: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._y: deque[float] = deque(maxlen=window)
         self.calibration = Calibration(bins)
+        self.positions = PositionAcceptance()
 
     @staticmethod
     def features(confidence: float, position: int) -> tuple[float, float, float]:
@@ -93,13 +96,15 @@ class AcceptanceModel:
     def w(self, value) -> None:
         self._weights = tuple(float(v) for v in value)      # plain floats: predict runs per drafted token
 
-    def observe(self, draft: Sequence[DraftToken], accepted: int) -> None:
-        """A verdict: the first `accepted` tokens of `draft` were kept, the next (if any) rejected."""
+    def observe(self, draft: Sequence[DraftToken], accepted: int, start: int = 1) -> None:
+        """A verdict: the first `accepted` tokens of `draft` were kept, the next (if any) rejected;
+        `start`: the first one's position in its segment (tokens since the last rejection, plus one)."""
         for i, d in enumerate(draft[: accepted + 1]):
             y = 1.0 if i < accepted else 0.0
-            self.calibration.add(self.predict(d.confidence, i + 1), d.confidence, y)
-            self._x.append(self.features(d.confidence, i + 1))
+            self.calibration.add(self.predict(d.confidence, start + i), d.confidence, y)
+            self._x.append(self.features(d.confidence, start + i))
             self._y.append(y)
+            self.positions.add(start + i, y)
         self._fit()
 
     def _fit(self, steps: int = 3) -> None:
@@ -114,6 +119,31 @@ class AcceptanceModel:
             hess = (x.T * (p * (1 - p))) @ x + self.ridge * np.eye(3)
             w -= np.linalg.solve(hess, grad)
         self.w = w
+
+
+class PositionAcceptance:
+    """How often a draft token is accepted at each position of its segment (the tokens since the last
+    rejection), over recent verdicts: what the plan assumes of tokens not yet drafted. Rejections
+    cluster -- the token after a correction is wrong more often than one deep in an accepted run -- so
+    one rate for every position would overrate the tokens that matter most. Counts decay by `decay`
+    per observation (a memory of a few hundred tokens) from a prior of `prior` (3 in 5) per position;
+    positions from `pooled` on share one count."""
+
+    def __init__(self, pooled: int = 8, decay: float = 0.995, prior: float = 0.6):
+        self.pooled, self.decay = pooled, decay
+        self.n = [5.0] * pooled
+        self.k = [5.0 * prior] * pooled
+
+    def add(self, position: int, accepted: float) -> None:
+        i = min(position, self.pooled) - 1
+        self.n[i] = self.n[i] * self.decay + 1.0
+        self.k[i] = self.k[i] * self.decay + accepted
+
+    def curve(self, start: int = 1, step: float = 0.02) -> tuple[float, ...]:
+        """Acceptance at positions start, start + 1, ... (the last value for every later one), rounded
+        to `step` so that a plan made for nearly the same curve is reused."""
+        rates = [round(k / n / step) * step for k, n in zip(self.k, self.n)]
+        return tuple(rates[min(start, self.pooled) - 1:])
 
 
 @dataclass
@@ -177,8 +207,8 @@ class DevicePower:
 
 
 def _q(x: float) -> float:
-    """Three significant digits: a profiled cost moves a little every round; the plan need not."""
-    return float(f"{x:.3g}")
+    """Two significant digits: a profiled cost moves a little every round; the plan need not."""
+    return float(f"{x:.2g}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -189,65 +219,46 @@ def _arrivals(n_max: int, batch_cost: float, beta: float, gamma: float, batching
 
 
 @dataclass(frozen=True)
-class RoundCosts:
-    """A round's cost curve at the current link, for n = 0 .. len - 1 drafted tokens."""
+class SegmentCosts:
+    """What a segment's rounds cost at the current link, in seconds (see ``plan_segment``)."""
 
-    time: np.ndarray           # s from the round's start to its verdict
-    cost: np.ndarray           # the objective's cost (s, target s, or J)
-    hidden: np.ndarray         # what a fully accepted round's NAV hides of the next round's drafting (cost units)
+    gamma: float            # drafting one token (a guess included)
+    beta: float             # the uplink's time per drafted token
+    batch_cost: float       # a non-final batch as the DP prices it (its start-up and the pass it triggers)
+    latency: float          # a drafted (or streamed) round's round trip, beyond its upload and the target's pass
+    empty_latency: float    # the same for an empty round sent alone (the target decoding alone: a plain request)
+    pass_fixed: float       # the target's pass over a round of n drafted tokens: pass_fixed + pass_per_token * n
+    pass_per_token: float
+    alpha: float = 0.0      # a batch's start-up on the uplink (edge_energy prices the radio with it)
 
+    @classmethod
+    def from_link(cls, link: LinkEstimate, beta: float | None = None) -> "SegmentCosts":
+        """From the profiler's estimate, rounded so that small drifts reuse a cached plan; `beta`
+        overrides the uplink's time per token (a probe's "what if the uplink were free")."""
+        beta = link.upload_per_token if beta is None else beta
+        latency = link.nav_latency if link.nav_latency is not None else (
+            link.nav_network - beta if link.nav_network is not None else 0.02)
+        latency = max(latency, 0.0)
+        empty = link.nav_empty if link.nav_empty is not None else latency
+        fixed = link.verify_fixed if link.verify_fixed is not None else link.verify
+        return cls(_q(max(link.gamma, 1e-6)), _q(beta), _q(link.batch_cost), _q(latency), _q(empty), _q(fixed),
+                   _q(link.verify_per_token), _q(link.alpha))
 
-def round_costs(link: LinkEstimate, n_max: int, objective: str, schedule: UploadSchedule, proactive: bool,
-                mean_draft: float, power: DevicePower = DevicePower(), beta: float | None = None, *,
-                pipelined: bool = False) -> RoundCosts:
-    """The cost model (module docstring); `beta` overrides the link's uplink time per token.
-
-    What a fully accepted round hides of the next (of `mean_draft` tokens): its drafting, up to the
-    time this round's verdict takes after its last token; with pipelined NAV its final batch goes up
-    as soon as it is drafted and is verified right after ours, so its round trip hides too, up to that
-    same exposed time."""
-    gamma = max(link.gamma, 1e-6)
-    beta = link.upload_per_token if beta is None else beta
-    latency = link.nav_latency if link.nav_latency is not None else (
-        link.nav_network - beta if link.nav_network is not None else 0.02)
-    latency = max(latency, 0.0)
-    empty = link.nav_empty if link.nav_empty is not None else latency
-    batching = "at_trigger" if type(schedule) is AtTrigger else ("per_token" if type(schedule) is PerToken else "dp")
-    arrival = _arrivals(n_max, _q(link.batch_cost), _q(beta), _q(gamma), batching)
-    n = np.arange(n_max + 1)
-    verify = np.array([link.verify_time(int(k)) for k in n])
-    # The final batch's own start-up and pass are in the NAV round trip and the verify time.
-    time = np.where(n > 0, arrival - link.batch_cost + latency, empty) + verify
-    exposed = time - n * gamma                       # from the last drafted token to the verdict
-    length = max(1, min(n_max, round(mean_draft)))
-    next_drafting = length * gamma
-    hidden = np.minimum(exposed, next_drafting) if proactive else np.zeros(n_max + 1)
-    if proactive and pipelined:
-        # The next round's verdict then comes about one target pass after ours instead of a whole round
-        # trip after it: it hides its drafting and its round trip, never more than our own exposed time.
-        # The uplink is one serial resource: the next round's upload queues behind ours, so only its
-        # drafting and its round trip's latency hide.
-        hidden = np.minimum(exposed, next_drafting + latency)
-    hidden[0] = 0.0                                  # an empty round drafts nothing ahead
-    if objective == "latency":
-        return RoundCosts(time, time, hidden)
-    if objective == "cloud_cost":
-        return RoundCosts(time, verify, np.zeros(n_max + 1))
-    if objective == "edge_energy":
-        upload = n * beta + np.where(n > 0, link.alpha, 0.0)
-        energy = power.active_w * gamma * n + power.idle_w * time + power.radio_w * upload
-        return RoundCosts(time, energy, np.zeros(n_max + 1))
-    raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    def passes(self, n: np.ndarray | float) -> np.ndarray | float:
+        return self.pass_fixed + self.pass_per_token * n
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What the controller decided at a round's start."""
+    """What the controller decided for a segment at its start (``plan_segment``)."""
 
-    rate: float                # rho: committed tokens per unit of cost at the best fixed length
-    best_length: int           # that length (0: the target alone)
-    stop_below: np.ndarray     # S*(n) for n = 0 .. n_max (inf: stop)
-    acceptance: float          # a: the acceptance assumed for tokens not yet drafted
+    rate: float                # rho: committed tokens per unit of cost at the best structure
+    best_length: int           # the head round's drafts for a token not yet seen (0: nothing to draft)
+    stop_below: np.ndarray     # S*(n): stop the head round after n drafts when the survival is below it
+    acceptance: float          # the acceptance assumed for the head's first token not yet drafted
+    ahead: int = 0             # rounds drafted ahead of the one being verified (0: none)
+    ahead_draft: int = 0       # drafts in each of those after its guess (0: the guess alone)
+    seconds_per_token: float = math.nan   # the best structure's expected wall time per committed token
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -257,28 +268,138 @@ class RoundPlan:
         return float(self.stop_below[n]), float(self.stop_below[1]) if len(self.stop_below) > 1 else math.inf
 
 
-def plan_round(costs: RoundCosts, a: float, rate_scale: float = 1.0) -> RoundPlan:
-    """rho and S*(n) from a cost curve and the acceptance `a` of an unseen draft token."""
-    a = min(max(a, 1e-3), 0.999)
-    n_max = len(costs.cost) - 1
+# Latency is priced in seconds plus this share of the target's seconds: between structures of (nearly)
+# the same speed, the one that runs fewer target passes -- which other sessions would wait for.
+LATENCY_TIEBREAK = 0.02
+AHEAD_DRAFTS = (0, 1, 2, 4, 8, 16)     # the chained rounds' lengths the planner considers
+AHEAD_DEPTHS = (1, 2, 4, 8)            # ... and how many of them may be in flight
+
+
+@functools.lru_cache(maxsize=512)
+def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: str = "latency", *, n_max: int = 32,
+                 schedule: str = "dp", proactive: bool = True, pipelined: bool = True,
+                 power: DevicePower = DevicePower(), rate_scale: float = 1.0) -> RoundPlan:
+    """The best segment structure and the head round's stopping thresholds (module docstring).
+
+    `a`: the acceptance of the segment's positions from the head's first draft on (the last value for
+    every later position), or one value for all. Structures searched: the head alone (m = 0: the target
+    alone), and a head with rounds ahead of ``AHEAD_DRAFTS`` tokens, ``AHEAD_DEPTHS`` of them in flight
+    (one, sent only once the verdict before says so, when not `pipelined`; none when not `proactive`).
+    A verdict that comes while the device drafts waits, on average, half a token for it.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    S, reach = _survival((a,) if isinstance(a, (int, float)) else tuple(a))
+    g = costs.gamma
+    m = np.arange(n_max + 1, dtype=float)
+    # The head round: its last token's arrival as the schedule batches it, its pass, its verdict.
+    arrival = _arrivals(n_max, costs.batch_cost, costs.beta, g, schedule) - costs.batch_cost
+    up0 = np.where(m > 0, arrival, 0.0)
+    fin0 = up0 + costs.latency / 2 + costs.passes(m)
+    v0 = fin0 + costs.latency / 2
+    # Structures: (ahead_draft, ahead) pairs; (0, 0) is the head round alone.
+    if not proactive:
+        structs = [(0, 0)]
+    elif not pipelined:
+        structs = [(0, 0)] + [(k, 1) for k in AHEAD_DRAFTS]
+    else:
+        structs = [(0, 0)] + [(k, d) for k in AHEAD_DRAFTS for d in AHEAD_DEPTHS]
+    K = len(structs)
+    kk = np.array([s[0] for s in structs], dtype=float)[:, None]      # [K, 1]
+    dd = np.array([s[1] for s in structs])[:, None]
+    chained = dd > 0
+    positions = int(min(len(S) - 2, reach + n_max + 2))
+    blocks = int(min(64, reach + 1))
+    M, KM, lead = n_max + 1, K * (n_max + 1), max(AHEAD_DEPTHS) + 1
+    short = int(kk[chained[:, 0], 0].min()) + 1 if chained.any() else 1    # the shortest chained round
+    used = min(blocks, max(1, math.ceil(reach / short))) if chained.any() else 1
+    # V[lead + j]: block j's verdict, flat over (structure, head length); the `lead` blocks before
+    # block 0 are -inf, so that "block j - 1 - depth has been verified" needs no test. The recurrence is
+    # the costly part of planning: a few whole-array operations per block, in place.
+    V = np.full((lead + used, KM), -np.inf)
+    V[lead] = np.tile(v0, K)
+    ready, up_end, fin = np.tile(m * g, K), np.tile(up0, K), np.tile(fin0, K)
+    step, load, pass_k = (np.repeat(kk[:, 0], M) + 1) * g, np.repeat(kk[:, 0], M) * costs.beta, \
+        np.repeat(costs.passes(kk[:, 0]), M)
+    gate = (lead - 1 - np.repeat(dd[:, 0], M)) * KM + np.arange(KM)
+    half = costs.latency / 2
+    for j in range(1, used):
+        np.maximum(ready, V.ravel()[gate + j * KM], out=ready)      # the window: drafted once that verdict is in
+        ready += step
+        np.maximum(ready if pipelined else np.maximum(ready, V[lead + j - 1]), up_end, out=up_end)
+        up_end += load
+        np.maximum(up_end + half, fin, out=fin)
+        fin += pass_k
+        np.add(fin, half, out=V[lead + j])
+    V = V[lead:].reshape(used, K, M)
+    V[1:, 0] = V[0, 0]                                   # structure 0, the head alone: block 0 only
+    V[0, 0, 0] = costs.empty_latency + costs.passes(0)    # a lone empty round is a plain request
+    V[:, 1:] += g / 2                                    # a verdict mid-round waits for the token being drafted
+    # Block j's last position and the target passes up to it (structure 0: the head's, whatever j).
+    j = np.arange(used)[:, None, None]
+    E = m + 1 + j * (kk + 1)
+    E[:, 0] = m + 1
+    P = costs.passes(m) + j * costs.passes(kk)
+    P[:, 0] = costs.passes(m)
+    # The objective's cost when the segment's verdict comes from block j.
+    if objective == "latency":
+        C = V + LATENCY_TIEBREAK * P
+    elif objective == "cloud_cost":
+        C = P
+    else:
+        C = power.active_w * g * m + power.idle_w * V + power.radio_w * (costs.alpha + m * costs.beta)
+    Ei = np.minimum(E, len(S) - 1).astype(np.intp)
+    survive = S[Ei]                                                           # P(no rejection through block j)
+    p_block = -np.diff(survive, axis=0, prepend=1.0)
+    tail = survive[-1]
+    # T[k] = sum over q > k of q P(p = q): the rejection's position p, weighted by its probability.
+    q_all = np.arange(1, len(S))
+    T = np.concatenate([np.cumsum((q_all * (S[:-1] - S[1:]))[::-1])[::-1], [0.0]])
+    T += S[-1] * (len(S) - 1 + 1 / (1 - _TAIL_CAP))                            # beyond the table (negligible)
+    tokens = T[0] - T[Ei[-1]] + tail * E[-1]
+    cost = (p_block * C).sum(0) + tail * C[-1]
+    if not pipelined:     # an empty head cannot start a chain that waits for its verdict
+        cost[chained[:, 0], 0] = np.inf
+    rates = tokens / np.maximum(cost, 1e-12)
+    k_best, m_best = np.unravel_index(int(np.argmax(rates)), rates.shape)
+    rho = float(rates[k_best, m_best]) * rate_scale
+    spt = float(((p_block * V).sum(0) + tail * V[-1])[k_best, m_best] / tokens[k_best, m_best])
+    # Thresholds for the head round, at the chosen structure: F(n, m') = E[tokens - rho cost | the
+    # first n positions correct, the head stops at m'] (rows n, columns m').
+    Vk, Ek, Ck = V[:, k_best], E[:, k_best], C[:, k_best]                    # [J, M]
+    q = np.arange(1, positions + 1)
+    blk = (q[:, None] > Ek[:, None, :]).sum(0).clip(max=len(Ek) - 1)         # [Q, M]: block that checks q
+    covered = q[:, None] <= Ek[-1][None, :]
+    h = np.where(covered, q[:, None] - rho * np.take_along_axis(Ck, blk, 0), 0.0)
+    end_value = Ek[-1] - rho * Ck[-1]                                         # nothing rejected: the segment ends
     n = np.arange(n_max + 1)
-    survive = a ** n                                            # S_n for unseen tokens
-    tokens = 1 + np.concatenate(([0.0], np.cumsum(survive[1:])))
-    expected_cost = costs.cost - survive * a * costs.hidden    # a kept proactive round saves its next round
-    rates = tokens / np.maximum(expected_cost, 1e-9)
-    best = int(np.argmax(rates))
-    rho = float(rates[best]) * rate_scale
-    gains = np.concatenate(([0.0], np.cumsum(survive[1:])))      # G(k) = a + ... + a^k
-    # All (i, k) at once: drafting on from i to j = i + k earns S_i * (G(k) + rho * a^(k+1) * hidden(j)
-    # - rho * a * hidden(i)) - rho * (C(j) - C(i)), which beats stopping at i exactly when S_i > B / A.
-    i, j = np.meshgrid(n, n, indexing="ij")
-    k = j - i
-    valid = (k >= 1) & (i >= 1)
-    kk = np.where(valid, k, 0)
-    gain = gains[kk] + rho * (a ** (kk + 1) * costs.hidden[j] - a * costs.hidden[i])
-    extra = rho * (costs.cost[j] - costs.cost[i])
-    ok = valid & (gain > 0)
-    ratio = np.where(ok, extra / np.where(ok, gain, 1.0), math.inf)
+    offs = q[None, :] - n[:, None]                                            # [N, Q]
+    w = np.where(offs >= 1, (S[q - 1] - S[q])[None, :] / S[n][:, None], 0.0)   # P(p = q | first n correct)
+    # Positions beyond a column's coverage carry nothing in h: their probability is the tail's.
+    last = np.minimum(Ek[-1], len(S) - 1).astype(int)
+    F = w @ h + (S[last][None, :] / S[n][:, None]) * end_value[None, :]
+    dF = F - np.diag(F)[:, None]                                              # [n, m']: F(n, m') - F(n, n)
+    dT = rho * (Ck[0][None, :] - Ck[0][:, None])
+    later = (n[None, :] > n[:, None]) & (dF > 0)
+    ratio = np.where(later, dT / np.where(later, dF + np.maximum(dT, 0), 1.0), np.inf)
     stop = np.maximum(ratio.min(axis=1), 0.0)
     stop[0] = math.inf
-    return RoundPlan(rho, best, stop, a)
+    k_draft, depth = structs[k_best]
+    return RoundPlan(rho, int(m_best), stop, float(S[1]), depth, k_draft, spt)
+
+
+_TAIL_CAP = 0.995
+
+
+def _survival(acceptance: tuple[float, ...], limit: int = 300) -> tuple[np.ndarray, int]:
+    """(S, reach): S[q] = P(the first q positions are all accepted), position i accepted with
+    probability acceptance[i - 1] (the last value for every later position), and the position past
+    which a rejection is all but sure."""
+    acc = np.clip(np.array(acceptance, dtype=float), 1e-3, _TAIL_CAP)
+    tail = acc[-1]
+    reach = len(acc) + math.ceil(math.log(2e-3) / math.log(tail))
+    size = int(min(limit, reach + 70))
+    per = np.concatenate([acc, np.full(max(0, size - len(acc)), tail)])[:size]
+    S = np.concatenate([[1.0], np.cumprod(per)])
+    below = np.nonzero(S < 2e-3)[0]
+    return S, int(below[0]) if len(below) else size

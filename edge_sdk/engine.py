@@ -259,7 +259,8 @@ class Decoding:
             self._draft(rnd, self._cap(rnd.base))
         # 2. The final batch asks for NAV (the round's first batch also carries the committed tail
         #    the verifier lacks).
-        ahead = policy.proactive and bool(rnd.draft) and not self._is_eos(rnd.draft[-1].token)
+        ahead = policy.proactive and (bool(rnd.draft) or policy.pipelined) and not (
+            rnd.draft and self._is_eos(rnd.draft[-1].token))
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
         nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
@@ -287,9 +288,7 @@ class Decoding:
         t = time.perf_counter()
         self.drafter.set_context(rnd.base + rnd.tokens)
         while len(rnd.draft) < cap:
-            t_token = time.perf_counter()
-            d = self.drafter.next_token()
-            self.profiler.observe_draft(time.perf_counter() - t_token)
+            d = self._next_token()
             rnd.draft.append(d)
             if self._is_eos(d.token) or policy.verify_now(rnd.draft):
                 break
@@ -304,21 +303,24 @@ class Decoding:
         accepted round before it (that guess joins its base); its batches name a base the verifier will
         hold only if that guess is right (else it refuses them). A pipelined policy goes further: a round
         complete before the verdict sends its final batch at once (conditional) and the next is drafted
-        on top of it, up to ``MAX_AHEAD`` rounds: a chain the verifier runs one after another while each
-        verdict holds. Rounds drafted ahead during earlier NAVs are extended, not drafted again."""
+        on top of it, up to the policy's ``max_ahead`` rounds: a chain the verifier runs one after
+        another while each verdict holds. A round drafted ahead may hold the guess alone (the policy's
+        ``ahead_draft`` is 0): the verifier then checks one token a pass, which pays where drafting is
+        slow and the round trip long. Rounds drafted ahead during earlier NAVs are extended, not
+        drafted again."""
         t = time.perf_counter()
         tip, depth = rnd, 0
         while tip.then is not None:
             tip, depth = tip.then, depth + 1
-        limit = self.MAX_AHEAD if self.policy.pipelined else 1
         while not nav.done():
-            if tip is not rnd and tip.nav is None and not self._complete(tip):
-                if not self._draft_into(tip, nav):
+            if tip is not rnd and tip.nav is None:
+                if not self._complete(tip) and not self._draft_into(tip, nav):
                     break                        # the verdict came first
-                if self.policy.pipelined:
-                    tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
+                if not self.policy.pipelined:
+                    break                        # complete: it goes up once the verdict says it may
+                tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
                 continue
-            if depth >= limit or (tip is not rnd and tip.nav is None):
+            if depth >= self.policy.max_ahead:
                 break
             new = self._round_on(tip)
             if new is None:
@@ -327,35 +329,38 @@ class Decoding:
         self._spent("draft", t)
         return rnd.then
 
-    MAX_AHEAD = 4       # pipelined rounds in flight beyond the one being verified
-
     def _round_on(self, tip: Round) -> Round | None:
         """A round on top of `tip` assuming it is accepted whole: its base ends with the draft's guess of
         the target's next token. None when the token budget leaves no room or `tip` ends the output."""
         ahead = len(tip.base) + len(tip.draft) - len(self.out.tokens)     # tokens assumed beyond the output
-        cap = min(self._cap(tip.base + tip.tokens + [0]), self.out.remaining - ahead - 2)
-        if cap < 1 or (tip.draft and self._is_eos(tip.draft[-1].token)):
-            return None                  # no room, the end of the output, or the policy drafts nothing now
+        # The guess and the new round's own target token must fit the budget after `ahead`.
+        room = self.out.remaining - ahead - 2
+        last = tip.draft[-1].token if tip.draft else tip.base[-1]     # an empty round's: its guess
+        if room < 0 or self._is_eos(last):
+            return None                  # no room, or the end of the output
         self.drafter.set_context(tip.base + tip.tokens)
-        guess = self.drafter.next_token()
+        guess = self._next_token()
         new = self._new_round(tip.base + tip.tokens + [guess.token])
-        new.cap = 0 if self._is_eos(guess.token) else cap
+        new.guess = guess
+        new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, self.policy.ahead_draft))
         return new
 
     def _complete(self, rnd: Round) -> bool:
         """Is a round drafted ahead complete: its cap reached, EOS, or the policy asked for NAV?"""
         return (len(rnd.draft) >= rnd.cap or (bool(rnd.draft) and self._is_eos(rnd.draft[-1].token))
-                or (bool(rnd.draft) and self.policy.verify_now(rnd.draft)))
+                or (bool(rnd.draft) and self.policy.verify_now(rnd.draft, ahead=True)))
 
     def _draft_into(self, rnd: Round, nav: Nav) -> bool:
-        """Draft a round ahead until it is complete (True) or `nav` answers first (False)."""
+        """Draft a round ahead until it is complete (True) or `nav` answers first (False). A pipelined
+        policy sends it whole once complete; otherwise its batches go up as the policy closes them
+        (every batch the verifier accepts costs it a target pass)."""
         self.drafter.set_context(rnd.base + rnd.tokens)
         while not nav.done():
-            d = self.drafter.next_token()
+            d = self._next_token()
             rnd.draft.append(d)
             if self._complete(rnd):
                 return True
-            if self.policy.closes_batch(len(rnd.draft)):
+            if not self.policy.pipelined and self.policy.closes_batch(len(rnd.draft)):
                 self.uploader.stage(rnd, len(rnd.base))
         return False
 
@@ -393,7 +398,9 @@ class Decoding:
         lost = 0
         while True:
             try:
-                return self.uploader.whole(prefix, synced, draft, q)
+                resp = self.uploader.whole(prefix, synced, draft, q)
+                self.stats.target_passes += 1
+                return resp
             except TimeoutError:          # past the deadline: the caller goes offline, no retry
                 raise
             except VerifierUnavailable:
@@ -423,14 +430,19 @@ class Decoding:
     def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
         self._count_round(len(rnd.draft), resp.accepted)
+        self.stats.target_passes += max(1, rnd.batches)
         self.stats.verify_s += resp.verify_ms / 1e3
         self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
         if nav.answered_at is not None and not (nav.pipelined or nav.contended):   # a clean sample of the link
             self.profiler.observe_nav(nav.answered_at - nav.sent_at - resp.verify_ms / 1e3, nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)
         self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
+        guess = rnd.then.guess if rnd.then is not None else None
+        if guess is not None and resp.accepted == len(rnd.draft):
+            self.stats.guesses_checked += 1
+            self.stats.guesses_right += resp.token == guess.token
         self.policy.on_verdict(RoundVerdict(tuple(rnd.draft), resp.accepted, time.perf_counter() - t0,
-                                            self.profiler.estimate()))
+                                            self.profiler.estimate(), resp.token, guess))
 
     # -- offline: the circuit breaker (offline.py, session.py) -----------------------------------
     def _go_offline(self) -> None:
@@ -507,11 +519,20 @@ class Decoding:
             self.stats.wait_s += time.perf_counter() - t
 
     # -- small helpers ----------------------------------------------------------------------
-    def _cap(self, base: list[int]) -> int:
-        """A round's draft length cap: the policy's, the verifier's, the token budget (every NAV round
-        commits accepted + 1 tokens, hence remaining - 1) and the context."""
+    def _cap(self, base: list[int], policy_cap: int | None = None) -> int:
+        """A round's draft length cap: the policy's (`policy_cap`, else its ``max_draft``), the
+        verifier's, the token budget (every NAV round commits accepted + 1 tokens, hence remaining - 1)
+        and the context."""
         context = min(self.drafter.max_context, self.cloud.max_context or self.drafter.max_context)
-        return min(self.policy.max_draft, self.cloud.max_draft, self.out.remaining - 1, context - len(base) - 1)
+        cap = self.policy.max_draft if policy_cap is None else policy_cap
+        return max(0, min(cap, self.cloud.max_draft, self.out.remaining - 1, context - len(base) - 1))
+
+    def _next_token(self) -> DraftToken:
+        """The drafter's next token, its time fed to the profiler (gamma)."""
+        t = time.perf_counter()
+        d = self.drafter.next_token()
+        self.profiler.observe_draft(time.perf_counter() - t)
+        return d
 
     def _draft_one(self) -> DraftToken:
         """The draft's next token after the whole output (offline and edge-only generation)."""

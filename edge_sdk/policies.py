@@ -9,10 +9,14 @@ the spirit of transformers' ``CandidateGenerator`` (``get_candidates`` /
 * ``closes_batch(n)`` -- if not: does the n-th token close a batch that goes up at once?
 * ``on_verdict(verdict)`` -- NAV answered: learn from it (adaptive thresholds, the window, the tuner);
 
-plus four plain facts: ``uses_cloud``, ``proactive`` (draft the next round while NAV is in
-flight), ``pipelined`` (a proactive round complete before that NAV answers sends its final batch
-at once, for the verifier to run right after the verdict it assumes: pipelined NAV) and ``max_draft`` (a round's length cap, which a policy may set per round in
-``start_round``; 0: the target decodes alone). So PipeSD and the paper's baselines run on one engine:
+plus plain facts a policy may set per round in ``start_round``: ``uses_cloud``; ``proactive`` (draft
+the next round while NAV is in flight); ``pipelined`` (a round drafted ahead sends its final batch as
+soon as it is complete, for the verifier to run right after the verdict it assumes: pipelined NAV);
+``max_draft`` (the round's length cap; 0: nothing to draft -- the target decodes alone, unless the
+policy pipelines guesses on top of the empty round); ``max_ahead`` (how many rounds may be drafted
+ahead, one on top of the other) and ``ahead_draft`` (the length cap of a round drafted ahead; 0: the
+round is the draft's guess of the target's next token alone). So PipeSD and the paper's baselines
+run on one engine:
 
 | policy | verify when | batches | drafts during NAV |
 |---|---|---|---|
@@ -33,14 +37,15 @@ the reference output) and ``edge_only`` (the draft alone).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Sequence
 
 from .autotune import CorrectionTuner, OnlineAutotuner
-from .controller import OBJECTIVES, AcceptanceModel, DevicePower, RoundPlan, plan_round, round_costs
+from .controller import OBJECTIVES, AcceptanceModel, DevicePower, RoundPlan, SegmentCosts, plan_segment
 from .drafter import DraftToken
 from .errors import ConfigError
 from .profiler import LinkEstimate
@@ -68,6 +73,8 @@ class RoundVerdict:
     seconds: float                  # wall time from the round's start to its verdict (a kept proactive
                                     # round's drafting during the previous NAV is not in it)
     link: LinkEstimate              # the profiler's estimate once the round is counted
+    token: int | None = None        # the target's own token (the correction, or the bonus token)
+    guess: DraftToken | None = None  # the draft's guess of that token, when a round was drafted on top
 
     @property
     def committed(self) -> int:
@@ -83,12 +90,15 @@ class Policy:
     proactive: bool = False     # keep drafting the next round while NAV is in flight
     pipelined: bool = False     # ... and send its final batch then (verified as soon as the verdict allows)
     max_draft: int = MAX_DRAFT  # a round's draft cap (0: no draft, the target decodes alone)
+    max_ahead: int = 1          # rounds drafted ahead, each on top of the one before (a proactive policy)
+    ahead_draft: int = MAX_DRAFT  # a round drafted ahead: its draft cap after the guess (0: the guess alone)
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
 
-    def verify_now(self, draft: Sequence[DraftToken]) -> bool:
-        """After each drafted token (the round's draft so far): ask for NAV now?"""
+    def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
+        """After each drafted token (the round's draft so far): ask for NAV now? `ahead`: the round is
+        one drafted ahead, during the NAV of the round before."""
         return True
 
     def closes_batch(self, drafted: int) -> bool:
@@ -132,7 +142,7 @@ class Speculative(Policy):
     def start_round(self, link: LinkEstimate) -> None:
         self.schedule.plan(link)
 
-    def verify_now(self, draft: Sequence[DraftToken]) -> bool:
+    def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         return self.trigger.should_verify(draft)
 
     def closes_batch(self, drafted: int) -> bool:
@@ -193,17 +203,20 @@ class PaperPipeSD(Speculative):
 
 
 class PipeSD(Policy):
-    """PipeSD: the model-based round controller (``controller.py``), DP token batches, proactive drafting.
+    """PipeSD: the model-based round controller (``controller.py``), DP token batches, rounds drafted
+    and verified ahead.
 
-    Each round starts with a plan from the profiler's live costs (``RoundPlan``: the rate to beat and
-    a survival threshold per position); after each drafted token the acceptance model's probability
-    for it extends the round's survival, and the round stops when that falls below the threshold.
-    A plan in which no draft pays makes the round draft nothing (the target decodes alone); while
-    that holds, and a faster uplink could make drafting pay, a one-token probe now and then
-    (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink. ``objective``
-    chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute) or
-    ``edge_energy`` (modelled device joules; no proactive drafting, which spends them on guesses).
-    With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
+    Each round starts with a plan from the profiler's live costs (``RoundPlan``): the rate to beat,
+    how long the head round should be, how many rounds to draft ahead of it (each the draft's guess
+    of the target's next token and ``ahead_draft`` tokens more) and a survival threshold per head
+    position. After each drafted head token the acceptance model's probability for it extends the
+    round's survival, and the round stops when that falls below the threshold. A plan in which no
+    draft pays makes the round draft nothing (the target decodes alone); while that holds, and a
+    faster uplink could make drafting pay, a one-token probe now and then (exponentially rarer, at
+    most every ``PROBE_MAX`` rounds) re-measures the uplink. ``objective`` chooses what a round
+    costs: ``latency`` (seconds), ``cloud_cost`` (target compute) or ``edge_energy`` (modelled device
+    joules; no drafting ahead, which spends them on guesses). With a ``tuner`` (``CorrectionTuner``)
+    the plan is corrected by what BO measures.
     """
 
     PROBE_FIRST, PROBE_MAX = 4, 256
@@ -219,16 +232,19 @@ class PipeSD(Policy):
         self._proactive = self.proactive = proactive and objective != "edge_energy"
         self._pipelined = self.pipelined = pipelined and self.proactive
         self.schedule = schedule if schedule is not None else DPSchedule()
-        self.cap = self.max_draft = max_draft
+        self.cap = self.max_draft = self.ahead_draft = max_draft
+        self.max_ahead = 0
         self.tuner = tuner
         self.model = model if model is not None else AcceptanceModel()
         self.plan: RoundPlan | None = None
         self.frozen: LinkEstimate | None = None     # reproducible(): plan from this, learn nothing
-        self._outcomes: deque[tuple[int, int]] = deque(maxlen=64)   # (accepted, rejected) per round
-        self._lengths: deque[int] = deque(maxlen=8)
+        self._segment = 1          # the head round's first draft: its position in the segment
+        self._plans: dict[tuple, tuple[SegmentCosts, tuple[float, ...], RoundPlan]] = {}
+        self.plans_made = 0
+        self.structures: Counter[tuple[int, int, int]] = Counter()   # (head, rounds ahead, their drafts) chosen
         self._tracked: dict[int, tuple[list, int, float]] = {}       # id -> (draft, its length, survival)
         self._stop: list[float] = []                                 # the plan's S*(n), as plain floats
-        self._probe_gap, self._cloud_rounds = self.PROBE_FIRST, 0
+        self._probe_gap, self._unsent_rounds = self.PROBE_FIRST, 0
         self._since_empty = 0
         self.empty_probes = 0
         self.rounds = self.cloud_only_rounds = self.probes = 0
@@ -237,11 +253,11 @@ class PipeSD(Policy):
 
     # -- what the controller believes --------------------------------------------------------
     @property
-    def acceptance(self) -> float:
-        """a: the acceptance of a draft token not yet seen -- accepted / (accepted + rejections) over
-        the recent rounds (the geometric MLE), starting from a weak prior of 0.6."""
-        accepted = 3 + sum(a for a, _ in self._outcomes)
-        return accepted / (accepted + 2 + sum(r for _, r in self._outcomes))
+    def acceptance(self) -> tuple[float, ...]:
+        """The acceptance of draft tokens not yet seen, from the head round's first position on: by
+        position in the segment (``PositionAcceptance``; a round's guess of the target's next token
+        counts as one more drafted token)."""
+        return self.model.positions.curve(self._segment)
 
     @property
     def thresholds(self) -> tuple[float, float] | tuple[None, None]:
@@ -251,18 +267,23 @@ class PipeSD(Policy):
     def _plan(self, link: LinkEstimate, beta: float | None = None) -> RoundPlan:
         scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
         self.model.bias = bias
-        a = self.acceptance
-        a = 1 / (1 + math.exp(-(math.log(a / (1 - a)) + bias)))
-        # What a kept proactive round hides is the next round's drafting: priced at the length this
-        # plan itself chooses (one fixed-point step from the recent mean).
-        length = sum(self._lengths) / len(self._lengths) if self._lengths else 4.0
-        for _ in range(2):
-            costs = round_costs(link, self.cap, self.objective, self.schedule, self.proactive, length,
-                                self.power, beta, pipelined=self.pipelined)
-            plan = plan_round(costs, a, math.exp(scale))
-            if not self.proactive or max(1, plan.best_length) == round(length):
-                break
-            length = max(1, plan.best_length)
+        a = tuple(round(1 / (1 + math.exp(-(math.log(x / (1 - x)) + bias))), 2) for x in
+                  (min(max(x, 0.01), 0.99) for x in self.acceptance))
+        costs, rate_scale = SegmentCosts.from_link(link, beta), round(math.exp(scale), 3)
+        # Planning costs milliseconds; a plan is reused while what it was made from has not really
+        # moved (each cost within 20% or 2 ms, each acceptance within 0.05): rounds are re-planned when the
+        # link, the device or the draft changes, not because a measurement jittered.
+        key = (min(self._segment, len(self.model.positions.n)), beta is None, rate_scale)
+        kept = self._plans.get(key)
+        if kept is not None and _close(kept[0], costs) and len(kept[1]) == len(a) and all(
+                abs(x - y) <= 0.05 for x, y in zip(kept[1], a)):
+            return kept[2]
+        batching = "at_trigger" if type(self.schedule) is AtTrigger else (
+            "per_token" if type(self.schedule) is PerToken else "dp")
+        plan = plan_segment(costs, a, self.objective, n_max=self.cap, schedule=batching, proactive=self._proactive,
+                            pipelined=self._pipelined, power=self.power, rate_scale=rate_scale)
+        self._plans[key] = (costs, a, plan)
+        self.plans_made += 1
         return plan
 
     # -- the policy contract -------------------------------------------------------------------
@@ -271,13 +292,18 @@ class PipeSD(Policy):
         link = self.frozen if self.frozen is not None else link
         self._last_link = link
         self.schedule.plan(link)
-        self.plan = self._plan(link)
-        self._stop = self.plan.stop_below.tolist()
+        plan = self.plan = self._plan(link)
+        self._stop = plan.stop_below.tolist()
         self.rounds += 1
+        # The plan's structure: a head round (capped, its thresholds stop it), rounds drafted ahead.
+        self.max_ahead, self.ahead_draft = plan.ahead, plan.ahead_draft
+        self.structures[(plan.best_length, plan.ahead, plan.ahead_draft)] += 1
+        self.proactive = plan.ahead > 0
+        self.pipelined = self._pipelined and self.proactive
+        self.max_draft = self.cap if plan.best_length > 0 else 0
         self.plan_s += time.perf_counter() - t
-        self.proactive, self.pipelined = self._proactive, self._pipelined
-        if self.plan.best_length > 0:
-            self.max_draft, self._probe_gap, self._cloud_rounds = self.cap, self.PROBE_FIRST, 0
+        if plan.best_length or plan.ahead_draft:        # tokens go up: the link's price is measured as it goes
+            self._probe_gap, self._unsent_rounds = self.PROBE_FIRST, 0
             self._since_empty += 1
             if self.frozen is None and (link.nav_empty is None and self._since_empty >= 2 or (
                     link.uplink_per_token is None and self._since_empty >= self.EMPTY_EVERY)):
@@ -285,20 +311,27 @@ class PipeSD(Policy):
                 # while non-final batches cannot tell what a drafted token costs on the link (one size
                 # only), an empty round now and then measures the round trip without one.
                 self.max_draft, self._since_empty = 0, 0
+                self.proactive = self.pipelined = False
                 self.empty_probes += 1
             return
+        # No drafted token goes up: the target decodes alone, or the draft's guesses ride in the rounds'
+        # prefix hashes. Nothing then measures what a drafted token would cost on the link.
         self._since_empty = 0
-        self.max_draft, self._cloud_rounds = 0, self._cloud_rounds + 1
-        self.cloud_only_rounds += 1
-        if self.frozen is None and self._cloud_rounds >= self._probe_gap and self._plan(link, beta=0.0).best_length:
-            # Drafting would pay on a faster uplink: one token re-measures it (and nothing drafted
-            # ahead of it: on this link every drafted token is a cost).
-            self.max_draft, self._cloud_rounds = 1, 0
-            self.proactive = self.pipelined = False
-            self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
-            self.probes += 1
+        self._unsent_rounds += 1
+        self.cloud_only_rounds += not plan.ahead
+        if self.frozen is None and self._unsent_rounds >= self._probe_gap:
+            free = self._plan(link, beta=0.0)
+            if free.best_length or free.ahead_draft:
+                # Drafted tokens would pay on a faster uplink: one token re-measures it (and nothing drafted
+                # ahead of it: on this link every drafted token is a cost).
+                self.max_draft, self._unsent_rounds = 1, 0
+                self.proactive = self.pipelined = False
+                self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
+                self.probes += 1
 
-    def verify_now(self, draft: Sequence[DraftToken]) -> bool:
+    def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
+        if ahead:
+            return False          # a round drafted ahead runs to its planned length (``ahead_draft``)
         t = time.perf_counter()
         stop = self._decide(draft)
         self.decide_s += time.perf_counter() - t
@@ -306,8 +339,8 @@ class PipeSD(Policy):
         return stop
 
     def _decide(self, draft: Sequence[DraftToken]) -> bool:
-        # The survival of each draft in play (a round and those drafted ahead of it), extended by one
-        # prediction per new token: the decision is a product and a comparison.
+        # The survival of the head round's draft, extended by one prediction per new token: the
+        # decision is a product and a comparison.
         n = len(draft)
         tracked = self._tracked.get(id(draft))
         if tracked is not None and tracked[0] is draft and tracked[1] == n:
@@ -328,17 +361,26 @@ class PipeSD(Policy):
     def on_verdict(self, verdict: RoundVerdict) -> None:
         drafted = len(verdict.draft)
         self.schedule.observe(drafted)
-        if self.frozen is not None or drafted == 0:
+        if self.frozen is not None:
             return
-        self.model.observe(verdict.draft, verdict.accepted)
-        self._outcomes.append((verdict.accepted, int(verdict.accepted < drafted)))
-        self._lengths.append(drafted)
-        if self.tuner is not None:
+        draft, accepted, start = verdict.draft, verdict.accepted, self._segment
+        if verdict.guess is not None and accepted == drafted:
+            # The round drafted ahead on top of this one began with the draft's guess of the target's
+            # token: one more drafted token, accepted when it was the target's.
+            draft, accepted = draft + (verdict.guess,), accepted + (verdict.token == verdict.guess.token)
+        if draft:
+            self.model.observe(draft, accepted, start)
+        # The next round's first draft: after a rejection (a draft, or the guess) a segment begins again;
+        # else it follows this round's drafts and the target's token.
+        self._segment = 1 if accepted < len(draft) else start + drafted + 1
+        if self.tuner is not None and drafted:
             self.tuner.record(verdict.committed, verdict.seconds)
 
     def reproducible(self) -> "PipeSD":
         """A controller frozen at what this one knows now: the same plan every round (from the link as
-        last profiled), an acceptance model that no longer learns, no tuner. Its decisions then depend on
+        last profiled), an acceptance model that no longer learns, no tuner, and no rounds drafted ahead
+        (where a round ends would depend on when a verdict comes, and with sampling, a position the
+        target samples itself takes another draw than one it verifies). Its decisions then depend on
         the draft's confidences alone, so a seeded request gives the same text every time."""
         tuner, self.tuner = self.tuner, None       # a tuner holds threads and locks: not copied
         try:
@@ -346,6 +388,8 @@ class PipeSD(Policy):
         finally:
             self.tuner = tuner
         clone.frozen = self._last_link if self._last_link is not None else LinkEstimate(0.005, 0.0005, 0.002, 0.005, 0.5)
+        clone._proactive = clone._pipelined = clone.proactive = clone.pipelined = False
+        clone._plans = {}
         if self.tuner is not None:
             clone.fixed_correction = self.tuner.best()
         return clone
@@ -355,7 +399,19 @@ class PipeSD(Policy):
 
     def __repr__(self) -> str:
         return (f"PipeSD({self.name!r}, objective={self.objective!r}, {type(self.schedule).__name__}, "
-                f"proactive={self.proactive}, pipelined={self.pipelined}, tuner={type(self.tuner).__name__ if self.tuner else None})")
+                f"proactive={self._proactive}, pipelined={self._pipelined}, tuner={type(self.tuner).__name__ if self.tuner else None})")
+
+
+def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.2, floor: float = 2e-3) -> bool:
+    """Do two cost estimates price a round alike: every cost within `tolerance` (relative) or `floor`
+    seconds, per-token costs compared over a 16-token round?"""
+    per_token = {"gamma", "beta", "pass_per_token"}
+    for f in dataclasses.fields(SegmentCosts):
+        scale = 16 if f.name in per_token else 1
+        x, y = scale * getattr(a, f.name), scale * getattr(b, f.name)
+        if abs(x - y) > max(floor, tolerance * max(abs(x), abs(y))):
+            return False
+    return True
 
 
 MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",

@@ -88,6 +88,26 @@ def weighted_line(points, recency: float, min_spread: float = 0.1) -> tuple[floa
     return my - slope * mx, slope, mx
 
 
+def slope_lower_bound(points, recency: float, min_spread: float = 0.1) -> tuple[float, float | None]:
+    """(intercept, slope) of ``weighted_line``, the slope shrunk to its lower confidence bound (two
+    standard errors below the fit, never below 0): a per-token cost read off a few noisy round trips
+    (jitter, one size seen often and another rarely) is only believed as far as the samples support it.
+    The slope is None where ``weighted_line`` cannot fit one."""
+    intercept, slope, mx = weighted_line(points, recency, min_spread)
+    if slope is None:
+        return intercept, None
+    n = len(points)
+    w = [recency ** (n - 1 - i) for i in range(n)]
+    total = sum(w)
+    sxx = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))
+    resid = [y - intercept - slope * x for x, y in points]
+    n_eff = total ** 2 / sum(wi * wi for wi in w)
+    var = sum(wi * r * r for wi, r in zip(w, resid)) / total * n_eff / max(n_eff - 2, 1.0)
+    se = math.sqrt(var * sum(wi * wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))) / sxx
+    bounded = max(0.0, slope - 2 * se)
+    return intercept + (slope - bounded) * mx, bounded
+
+
 def _jumped(predicted: float | None, observed: float, relative: float = 0.4, floor: float = 0.005) -> bool:
     """A sample this far from the fit means the link changed: start the fit again from it (a slow
     sample among fast ones, or a fast one among slow, after a bandwidth step or a fade)."""
@@ -99,18 +119,21 @@ def _jumped(predicted: float | None, observed: float, relative: float = 0.4, flo
 
 class LinkProfiler:
     def __init__(self, alpha: float = 0.001, beta: float = 0.0005, gamma: float = 0.002, window: int = 32,
-                 smoothing: float = 0.2, acceptance_window: int = 64, recency: float = 0.8):
+                 smoothing: float = 0.2, acceptance_window: int = 64, recency: float = 0.8,
+                 draft_smoothing: float = 0.05, verify_recency: float = 0.95):
         self._prior = (alpha, beta)
         self._sends: deque[tuple[int, float]] = deque(maxlen=window)
         self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
-        self._navs: deque[tuple[int, float]] = deque(maxlen=16)        # rounds with a draft
-        self._empty_navs: deque[float] = deque(maxlen=16)               # rounds without (another code path)
+        self._navs: deque[tuple[int, float]] = deque(maxlen=32)        # (final batch tokens, network s)
+        self._baseline: float | None = None     # the round trip without an upload, kept across an upload's jump
         self._verifies: deque[tuple[int, float]] = deque(maxlen=32)
         self.gamma = gamma
         self.verify = 0.005
         self._smoothing = smoothing
         self.recency = recency
-        self._nav_slope: float | None = None    # the last slope the final batches allowed to fit
+        # The device's and the target's own speeds move slowly (a clock, a load), and one drafted token
+        # or one pass is a noisy sample of them: they are averaged over more samples than the link.
+        self._draft_smoothing, self._verify_recency = draft_smoothing, verify_recency
         self._drafted = 0
         self._rounds_since_send = 0
 
@@ -129,7 +152,7 @@ class LinkProfiler:
         if not self._drafted:
             self.gamma = seconds_per_token
         self._drafted += 1
-        self.gamma += self._smoothing * (seconds_per_token - self.gamma)
+        self.gamma += self._draft_smoothing * (seconds_per_token - self.gamma)
 
     def observe_round(self, drafted: int, accepted: int, verify_seconds: float) -> None:
         self.verify += self._smoothing * (verify_seconds - self.verify)
@@ -139,69 +162,72 @@ class LinkProfiler:
 
     def observe_nav(self, network_seconds: float, final_tokens: int = 1) -> None:
         """A NAV round trip minus the verifier's compute: latency plus sending the final batch of
-        `final_tokens` draft tokens (0: an empty draft, the target decoding alone)."""
-        if final_tokens <= 0 and network_seconds >= 0:
-            if _jumped(self.nav_empty(), network_seconds):
-                self._empty_navs.clear()
-            self._empty_navs.append(network_seconds)
-            return
-        n, t = max(1, final_tokens), max(0.0, network_seconds)
-        line = self.nav_line()
-        # A jump is judged where the fit can predict: along a fitted slope, or at the size it has seen.
-        comparable = line is not None and (self._nav_slope is not None or all(k == n for k, _ in self._navs))
-        if comparable and _jumped(line[0] + (line[1] or 0.0) * n, t):
+        `final_tokens` draft tokens (0: an empty draft -- the target decoding alone, or a round that
+        checks a guess alone)."""
+        n, t = max(0, final_tokens), max(0.0, network_seconds)
+        same = [y for k, y in tuple(self._navs) if k == n]
+        if same and _jumped(sum(same[-4:]) / len(same[-4:]), t):
+            # The link changed: fit it again from this sample. A round that uploaded nothing moved: the
+            # latency did, forget everything; one that did: its upload did, keep the rounds that did not.
+            kept = [(k, y) for k, y in self._navs if k == 0] if n > 0 else []
+            line = self.nav_line()
+            self._baseline = line[0] if n > 0 and line is not None else None
             self._navs.clear()
-            self._nav_slope = None
+            self._navs.extend(kept)
+            self._sends.clear()                # the uplink's per-token time is to be measured again too
         self._navs.append((n, t))
 
     def nav_empty(self) -> float | None:
-        """The recent round trip of a round without a draft (recency-weighted mean), None before any.
-        Kept apart from drafted rounds: an empty round goes up as one plain request, a drafted one
-        often on a round stream, and the line through both would price that difference per token."""
-        empty = tuple(self._empty_navs)
+        """The recent round trip of a round without a draft (recency-weighted mean), None before any."""
+        empty = [t for n, t in tuple(self._navs) if n == 0]
         if not empty:
             return None
         weights = [self.recency ** (len(empty) - 1 - i) for i in range(len(empty))]
         return sum(w * t for w, t in zip(weights, empty)) / sum(weights)
 
     def nav_line(self) -> tuple[float, float | None] | None:
-        """(intercept at zero tokens, seconds per final-batch token) of the recent drafted rounds' NAVs;
-        the slope is the last one fitted while the final batches all had one size. None before any."""
+        """(intercept at zero tokens, seconds per final-batch token) of the recent NAVs, the slope as
+        far as the samples support it (``slope_lower_bound``; None while their sizes hardly vary).
+        None before any NAV."""
         navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
         if not navs:
             return None
-        intercept, slope, mx = weighted_line(navs, self.recency)
+        # A fitted slope needs two rounds that uploaded something: one slow round among empty ones may
+        # be noise. One such round against several empty ones is read at their spread's lower bound.
+        drafted = [(k, t) for k, t in navs if k > 0]
+        intercept, slope = slope_lower_bound(navs, self.recency) if len(drafted) >= 2 else (None, None)
         if slope is not None:
-            self._nav_slope = max(0.0, slope)
-            intercept = intercept if intercept > 0 else min(t for _, t in navs)
-            return intercept, self._nav_slope
-        empty = self.nav_empty()
-        if empty is not None:
-            # One final-batch size only, but empty rounds too: what a drafted round costs over an
-            # empty one is per token (whatever its cause: upload, a round stream's overhead).
-            self._nav_slope = max(0.0, intercept - empty) / mx
-            return empty, self._nav_slope
-        per_token = self._nav_slope if self._nav_slope is not None else self.alpha_beta()[1]
-        return max(0.0, intercept - mx * per_token), self._nav_slope
+            return max(intercept, 0.0), slope
+        empty = [t for k, t in navs if k == 0]
+        if len(drafted) == 1 and len(empty) >= 2:
+            mean = sum(empty) / len(empty)
+            spread = math.sqrt(sum((t - mean) ** 2 for t in empty) / (len(empty) - 1))
+            (k, t), = drafted
+            return mean, max(0.0, (t - mean - 2 * spread) / k)
+        if len(drafted) == 1 and self._baseline is not None:
+            # Just after an upload got slower or faster: the round trip without an upload has not moved.
+            (k, t), = drafted
+            return self._baseline, max(0.0, (t - self._baseline) / k)
+        mx = sum(k for k, _ in navs) / len(navs)
+        weights = [self.recency ** (len(navs) - 1 - i) for i in range(len(navs))]
+        mean = sum(w * t for w, (_, t) in zip(weights, navs)) / sum(weights)
+        return max(0.0, mean - mx * self.alpha_beta()[1]), None
 
     def nav_network(self) -> float | None:
         """Seconds a NAV round trip with a one-token final batch spends on the network: the NAV line
-        read at one token (without a fitted slope: the sizes seen, less the profiled per-token upload
-        time of the extra tokens)."""
+        read at one token (the profiled per-token upload time where the line has no slope)."""
         line = self.nav_line()
         if line is None:
-            empty = self.nav_empty()     # only empty rounds so far: they plus one token's upload
-            return None if empty is None else empty + self.alpha_beta()[1]
+            return None
         latency, slope = line
-        one = latency + (slope if slope is not None else self.alpha_beta()[1])
-        return one if one > 0 else min(t for _, t in self._navs)
+        return latency + (slope if slope is not None else self.alpha_beta()[1])
 
     def verify_line(self) -> tuple[float, float] | None:
         """(fixed, per drafted token) seconds of target compute per NAV round, or None before any."""
         rounds = tuple(self._verifies)
         if not rounds:
             return None
-        intercept, slope, _ = weighted_line(rounds, self.recency)
+        intercept, slope, _ = weighted_line(rounds, self._verify_recency)
         if slope is None:
             return intercept, 0.0
         slope = max(0.0, slope)

@@ -86,9 +86,11 @@ class BatchPlan:
         return set(accumulate(self.sizes))
 
     def ends_batch(self, drafted: int) -> bool:
-        """Does the `drafted`-th token of this round close a planned batch?"""
+        """Does the `drafted`-th token of this round close a planned batch? A plan of one batch says
+        that batching does not pay on this link (each batch costs more than its upload overlaps): the
+        whole round goes up at the trigger, however long it runs."""
         window = sum(self.sizes)
-        return window > 0 and ((drafted - 1) % window) + 1 in self.boundaries()
+        return len(self.sizes) > 1 and ((drafted - 1) % window) + 1 in self.boundaries()
 
 
 class WindowEstimator:

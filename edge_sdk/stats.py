@@ -28,6 +28,10 @@ class GenerationStats:
     proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
     pipelined_rounds: int = 0      # rounds verified on a final batch sent before the verdict they built on
+    target_passes: int = 0         # target passes the verifier ran for verdicts this generation got (a
+                                   # round's batches; a dropped pipelined round ran none)
+    guesses_checked: int = 0       # the draft's guesses of the target's next token that a verdict checked
+    guesses_right: int = 0         # ... and found to be the target's (the rounds drafted on them went on)
     unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable
     offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
     breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline

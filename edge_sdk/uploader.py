@@ -42,6 +42,8 @@ class Round:
     nav: "Nav | None" = None      # its final batch already went up (pipelined NAV, during the round before)
     cap: int = 0                  # its draft length cap (a round drafted ahead)
     then: "Round | None" = None   # the round drafted ahead on top of it, assuming it is accepted whole
+    guess: DraftToken | None = None   # a round drafted ahead: the draft's guess that ends its base
+    batches: int = 0              # batches sent (each runs a target pass when the verifier takes it)
 
     def chain(self) -> "list[Round]":
         """This round and every round drafted ahead on top of it."""
@@ -88,7 +90,7 @@ class Uploader:
         self._lock = threading.Lock()          # streams report their sends from their own threads
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
-        self._navs_in_flight = 0
+        self._live: set[int] = set()           # ids of NAVs in flight whose verdict still matters
 
     def stage(self, rnd: Round, synced: int) -> None:
         """Send the round's tokens not yet sent as a non-final batch; `synced`: committed tokens the
@@ -120,9 +122,14 @@ class Uploader:
         return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
 
     def cancel(self, rnd: Round) -> None:
+        """`rnd` went stale: drop what of it is not on the wire yet. A final batch already sent will be
+        refused by the verifier without a target pass, so it no longer contends with later NAVs."""
         stream = self._streams.pop(rnd.id, None)
         if stream is not None:
             stream.abandon()
+        if rnd.nav is not None:
+            with self._lock:
+                self._live.discard(id(rnd.nav))
 
     def close(self) -> None:
         for stream in list(self._streams.values()):
@@ -137,6 +144,7 @@ class Uploader:
         req = self._request(rnd.id, rnd.base, rnd.named, rnd.tokens[rnd.sent:], rnd.sent, final,
                             [d.q for d in rnd.draft[rnd.sent:]])
         rnd.sent = len(rnd.draft)
+        rnd.batches += 1
         self.batch_sizes.append(len(req.draft))
         return req
 
@@ -153,14 +161,14 @@ class Uploader:
         deadline = self.cloud.nav_deadline(self.profiler.estimate(), final_tokens)
         nav = Nav(Future(), time.perf_counter(), final_tokens, deadline)
         with self._lock:
-            nav.contended = self._navs_in_flight > 0
-            self._navs_in_flight += 1
-        nav.future.add_done_callback(self._nav_done)
+            nav.contended = bool(self._live)
+            self._live.add(id(nav))
+        nav.future.add_done_callback(lambda _f, key=id(nav): self._nav_done(key))
         return nav
 
-    def _nav_done(self, _future) -> None:
+    def _nav_done(self, key: int) -> None:
         with self._lock:
-            self._navs_in_flight -= 1
+            self._live.discard(key)
 
     def _send(self, req: VerifyRequest) -> Nav:
         """One plain request on the session's request thread; the transport's own timeouts end at the

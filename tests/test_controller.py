@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 
 from edge_sdk.autotune import CorrectionTuner
-from edge_sdk.controller import AcceptanceModel, DevicePower, plan_round, round_costs
+from edge_sdk.controller import AcceptanceModel, DevicePower, PositionAcceptance, SegmentCosts, plan_segment
 from edge_sdk.drafter import DraftToken
 from edge_sdk.errors import ConfigError
 from edge_sdk.policies import PipeSD, RoundVerdict, make_policy
@@ -16,21 +17,22 @@ from edge_sdk.profiler import LinkEstimate, LinkProfiler
 from edge_sdk.scheduling import AtTrigger, DPSchedule, arrival_times, plan_batches, arrival_time
 
 # Links as the profiler would report them (seconds): alpha, beta, gamma, verify, acceptance, nav_network.
-NATIVE = LinkEstimate(0.0005, 0.00002, 0.0003, 0.004, 0.7, 0.021, nav_latency=0.021, nav_per_token=0.00002,
-                      verify_fixed=0.004, verify_per_token=0.0001, uplink_per_token=0.00002)
+NATIVE = LinkEstimate(0.0005, 0.00002, 0.0003, 0.009, 0.7, 0.024, nav_latency=0.024, nav_per_token=0.00002,
+                      nav_empty=0.024, verify_fixed=0.009, verify_per_token=0.0003, uplink_per_token=0.00002)
 PAPER = LinkEstimate(0.001, 0.116, 0.036, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
-                     verify_fixed=0.005, verify_per_token=0.0001, uplink_per_token=0.116)
-DEVICE = LinkEstimate(0.0005, 0.00002, 0.025, 0.021, 0.7, 0.051, nav_latency=0.051, nav_per_token=0.00002,
-                      verify_fixed=0.021, verify_per_token=0.0002, uplink_per_token=0.00002)
+                     nav_empty=0.021, verify_fixed=0.005, verify_per_token=0.0001, uplink_per_token=0.116)
+DEVICE = LinkEstimate(0.0005, 0.00002, 0.025, 0.021, 0.7, 0.055, nav_latency=0.055, nav_per_token=0.00002,
+                      nav_empty=0.055, verify_fixed=0.021, verify_per_token=0.0002, uplink_per_token=0.00002)
+# Per-position acceptance as the embedded pair shows it: lower just after a rejection.
+CLUSTERED = (0.66, 0.66, 0.71, 0.78, 0.78, 0.82)
 
 
 def tok(conf: float) -> DraftToken:
     return DraftToken(1, conf, conf)
 
 
-def plan(link, a=0.7, objective="latency", schedule=None, proactive=True):
-    costs = round_costs(link, 32, objective, schedule or DPSchedule(), proactive, 4.0, DevicePower())
-    return plan_round(costs, a)
+def plan(link, a=CLUSTERED, objective="latency", proactive=True, pipelined=True):
+    return plan_segment(SegmentCosts.from_link(link), a, objective, proactive=proactive, pipelined=pipelined)
 
 
 # -- the acceptance model ---------------------------------------------------------------------------
@@ -83,35 +85,75 @@ def test_arrival_times_are_the_dps_for_every_length():
     assert arrival_times(3, 0.004, 0.002, 0.001, "at_trigger")[3] == pytest.approx(3 * 0.001 + 0.004 + 3 * 0.002)
 
 
-def test_a_fast_cheap_draft_drafts_long_and_a_costly_upload_drafts_nothing():
-    native, paper = plan(NATIVE), plan(PAPER)
-    assert native.best_length >= 6
-    assert native.stop_below[4] < 0.2            # keeps drafting while a token in five survives
-    assert paper.best_length == 0                # 116 ms of uplink per token: the target alone is faster
-    assert 1 / paper.rate < 0.036 + 0.116        # ... and its rate is the empty round's
+def test_each_link_gets_its_own_structure():
+    native, paper, device = plan(NATIVE), plan(PAPER), plan(DEVICE)
+    # A fast draft and a round trip that dwarfs it: a head of a few tokens, longer rounds drafted ahead.
+    assert native.best_length >= 2 and native.ahead >= 1 and native.ahead_draft >= 4
+    # 116 ms of uplink per drafted token and a 36 ms draft: the target alone beats every draft.
+    assert (paper.best_length, paper.ahead) == (0, 0)
+    assert 1 / paper.rate == pytest.approx(0.021 + 0.005, rel=0.05)
+    # A 25 ms draft against a 75 ms round trip: nothing drafted before the first NAV, then a guess of the
+    # target's next token per round, several rounds in flight -- the verifier checks a token per pass.
+    assert device.best_length == 0 and device.ahead >= 3 and device.ahead_draft <= 1
+
+
+def test_the_plan_prices_a_structure_as_a_renewal_of_segments():
+    """The head alone (no round ahead) by hand: E[min(p, m + 1)] tokens in one round trip of m drafts."""
+    costs = SegmentCosts.from_link(NATIVE)
+    a = 0.7
+    p = plan_segment(costs, a, proactive=False)
+    m = p.best_length
+    tokens = (1 - a ** (m + 1)) / (1 - a)
+    seconds = m * costs.gamma + costs.latency + costs.pass_fixed + costs.pass_per_token * m
+    assert p.seconds_per_token == pytest.approx(seconds / tokens, rel=0.02)
+    assert p.ahead == 0 and 1 / p.rate == pytest.approx(p.seconds_per_token, rel=0.05)
+
+
+def test_drafting_ahead_never_plans_slower_than_not():
+    for link in (NATIVE, DEVICE, PAPER):
+        chained = plan(link).seconds_per_token
+        assert chained <= plan(link, proactive=False).seconds_per_token * 1.0001
+        assert chained <= plan(link, pipelined=False).seconds_per_token * 1.0001
 
 
 def test_the_stop_threshold_is_the_paper_dual_threshold_on_the_calibrated_scale():
-    p = plan(NATIVE)
+    p = plan(NATIVE, proactive=False)
     r1, r2 = p.thresholds
     assert 0 < r2 < 1 and 0 < r1 < 1
     assert r1 == p.stop_below[p.best_length] and r2 == p.stop_below[1]
+    assert p.stop_below[0] == math.inf
 
 
-def test_a_dearer_link_means_shorter_rounds_and_a_better_draft_longer_ones():
-    assert plan(DEVICE, a=0.7).best_length < plan(NATIVE, a=0.7).best_length
-    assert plan(DEVICE, a=0.5).best_length <= plan(DEVICE, a=0.85).best_length
+def test_a_dearer_round_trip_means_longer_heads_and_a_better_draft_longer_ones():
+    slow = dataclasses.replace(NATIVE, nav_latency=0.2, nav_empty=0.2)
+    assert plan(slow, 0.7, proactive=False).best_length > plan(NATIVE, 0.7, proactive=False).best_length
+    assert plan(NATIVE, 0.5, proactive=False).best_length <= plan(NATIVE, 0.85, proactive=False).best_length
 
 
-def test_objectives_price_the_same_round_differently():
+def test_tokens_just_after_a_rejection_matter_most():
+    """The same mean acceptance, spread as the pair spreads it (low after a rejection) or evenly: the
+    clustered one commits fewer tokens per segment, and the plan knows it."""
+    flat = sum(CLUSTERED) / len(CLUSTERED)
+    assert plan(NATIVE, CLUSTERED).seconds_per_token > plan(NATIVE, flat).seconds_per_token
+    positions = PositionAcceptance()
+    for _ in range(400):
+        positions.add(1, 0.0 if len(positions.n) and _ % 3 == 0 else 1.0)
+        for i in range(2, 7):
+            positions.add(i, 1.0 if _ % 10 else 0.0)
+    curve = positions.curve()
+    assert curve[0] < curve[1] and curve[0] == pytest.approx(2 / 3, abs=0.05)
+    assert positions.curve(start=3)[0] == curve[2]
+
+
+def test_objectives_price_the_same_segment_differently():
     latency, cloud = plan(DEVICE), plan(DEVICE, objective="cloud_cost")
     energy = plan(DEVICE, objective="edge_energy", proactive=False)
-    # Target compute hardly grows with the draft: cloud cost drafts longer than latency does.
-    assert cloud.best_length > latency.best_length
-    # A drafted token costs 25 ms at 7 W; waiting costs 2 W: energy prefers shorter drafts than cloud cost.
-    assert energy.best_length < cloud.best_length
+    # A pass per guessed token is fast but dear for the cloud: cloud cost drafts a long head instead.
+    assert cloud.best_length > latency.best_length and cloud.ahead_draft >= latency.ahead_draft
+    # A drafted token costs 25 ms at 7 W; waiting costs 2 W: energy prefers shorter heads than cloud cost.
+    assert energy.best_length < cloud.best_length and energy.ahead == 0
     with pytest.raises(ConfigError):
-        round_costs(DEVICE, 8, "speed", DPSchedule(), True, 4.0)
+        plan_segment(SegmentCosts.from_link(DEVICE), 0.7, "speed")
 
 
 # -- the policy ------------------------------------------------------------------------------------
@@ -135,16 +177,25 @@ def run_round(policy: PipeSD, link: LinkEstimate, confs, accepted=None) -> int:
 
 def test_pipesd_decodes_cloud_only_while_no_draft_pays_and_drafts_again_when_the_link_recovers():
     policy = make_policy("pipesd_model")
-    assert run_round(policy, PAPER, [0.9] * 32) == 0 and policy.max_draft == 0
+    assert run_round(policy, PAPER, [0.9] * 32) == 0 and policy.max_draft == 0 and not policy.proactive
     assert policy.cloud_only_rounds == 1
-    assert run_round(policy, NATIVE, [0.9] * 32) > 4          # the link is back: drafting again at once
+    assert run_round(policy, NATIVE, [0.9] * 32) >= 2          # the link is back: drafting again at once
+
+
+def test_a_costly_uplink_and_a_fast_draft_make_guesses_that_need_no_upload():
+    """The paper's 116 ms of uplink per drafted token against a 3 ms draft: no drafted token goes up, but
+    the draft's guesses of the target's next token do -- in the rounds' prefix hashes, for free."""
+    fading = dataclasses.replace(PAPER, gamma=0.003)
+    policy = make_policy("pipesd_model")
+    run_round(policy, fading, [0.9] * 32)
+    assert policy.plan.best_length == 0 and policy.plan.ahead_draft == 0 and policy.plan.ahead >= 2
+    assert policy.proactive and policy.pipelined and policy.cloud_only_rounds == 0
 
 
 def test_a_one_token_probe_remeasures_the_uplink_only_when_a_faster_one_could_pay():
-    # A fading link with the paper's payload: 116 ms of uplink per token against a 3 ms draft.
-    fading = LinkEstimate(0.001, 0.116, 0.003, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
-                          verify_fixed=0.005, uplink_per_token=0.116)
-    policy = make_policy("pipesd_model")
+    # Without rounds ahead (no guesses), on a fading link with the paper's payload and a 3 ms draft.
+    fading = dataclasses.replace(PAPER, gamma=0.003)
+    policy = make_policy("pipesd_no_proactive")
     lengths = [run_round(policy, fading, [0.9] * 32) for _ in range(40)]
     probes = [i for i, n in enumerate(lengths) if n]
     assert lengths[:PipeSD.PROBE_FIRST - 1] == [0] * (PipeSD.PROBE_FIRST - 1)
@@ -152,50 +203,51 @@ def test_a_one_token_probe_remeasures_the_uplink_only_when_a_faster_one_could_pa
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert len(gaps) >= 2 and all(later == 2 * earlier for earlier, later in zip(gaps, gaps[1:]))   # ever rarer
     # A device too slow for any uplink to help (a 1 s draft token): no probes at all.
-    slow = LinkEstimate(0.001, 0.116, 1.0, 0.005, 0.7, 0.137, nav_latency=0.021, nav_per_token=0.116,
-                        verify_fixed=0.005, uplink_per_token=0.116)
-    policy = make_policy("pipesd_model")
+    slow = dataclasses.replace(PAPER, gamma=1.0)
+    policy = make_policy("pipesd_no_proactive")
     assert [run_round(policy, slow, [0.9] * 32) for _ in range(40)] == [0] * 40 and policy.probes == 0
 
 
 def timed_rounds(profiler: LinkProfiler, policy: PipeSD, beta: float, rounds: int) -> list[int]:
-    """Rounds as the engine would time them on an uplink of `beta` s per token (40 ms round trip):
-    the DP's non-final batches, the final batch's NAV, verification. Returns their draft lengths."""
-    lengths = []
+    """Rounds as the engine would time them on an uplink of `beta` s per token (40 ms round trip, a 2 ms
+    draft): the final batch's NAV (the head's, else a round ahead's, else an empty one) and verification.
+    Returns the drafted tokens each round's plan sends up."""
+    sent = []
     for _ in range(rounds):
         n = run_round(policy, profiler.estimate(), [0.8] * 32, accepted=3)
-        for size in (1, 2, 4)[: max(0, n - 1)]:
-            profiler.observe_send(size, 0.0005 + beta * size)
-        if n:
-            profiler.observe_draft(0.002)
-        final = n // 3 or n
+        final = n or (policy.plan.ahead_draft if policy.proactive else 0)
+        profiler.observe_draft(0.002)
         profiler.observe_nav(0.040 + beta * final, final)
-        profiler.observe_round(n, min(3, n), 0.005)
-        lengths.append(n)
-    return lengths
+        profiler.observe_round(final, min(3, final), 0.005)
+        sent.append(n if policy.max_draft == 1 else max(n, final))
+    return sent
 
 
-def test_a_bandwidth_step_changes_the_draft_length_within_three_rounds():
-    """End to end through the profiler: rounds timed on one uplink, then on one 200x slower, then back."""
-    profiler, policy = LinkProfiler(), make_policy("pipesd_no_pipeline")
+@pytest.mark.parametrize("mode", ["pipesd_model", "pipesd_no_proactive"])
+def test_a_bandwidth_step_changes_the_draft_length_within_three_rounds(mode):
+    """End to end through the profiler: rounds timed on one uplink, then on one 200x slower (drafted tokens
+    cost 20 ms each), then back."""
+    profiler, policy = LinkProfiler(), make_policy(mode)
     fast = timed_rounds(profiler, policy, 0.0001, 20)
     slow = timed_rounds(profiler, policy, 0.02, 8)
-    back = timed_rounds(profiler, policy, 0.0001, 8)
-    assert fast[-3:] == [fast[-1]] * 3                       # settled
-    assert slow[2] < fast[-1] and slow[2] <= slow[-1] + 1    # shorter by the third round, near where it settles
-    assert back[2] > slow[-1]                                # and longer again by the third round back
+    back = timed_rounds(profiler, policy, 0.0001, 12)
+    settled = min(fast[-4:])
+    assert settled >= 1                                        # drafted tokens go up
+    assert slow[2] < settled and sum(slow[3:]) <= 1            # fewer by the third round (then a probe at most)
+    assert min(back[PipeSD.PROBE_FIRST + 3:]) >= settled       # and as many again once a probe saw the link
 
 
 def test_a_link_where_no_draft_pays_goes_cloud_only_and_comes_back():
-    """The paper's payload on a fading link (200 ms of uplink per drafted token): PipeSD stops drafting
-    within three rounds, and a probe brings drafting back within a few rounds of the link recovering."""
-    profiler, policy = LinkProfiler(), make_policy("pipesd_model")
+    """The paper's payload on a fading link (200 ms of uplink per drafted token) and a draft slower than
+    the round trip: PipeSD stops drafting within three rounds, and a probe brings drafting back within a
+    few rounds of the link recovering."""
+    profiler, policy = LinkProfiler(), make_policy("pipesd_no_proactive")
     fast = timed_rounds(profiler, policy, 0.0001, 20)
     faded = timed_rounds(profiler, policy, 0.2, 12)
-    back = timed_rounds(profiler, policy, 0.0001, 8)
-    assert sum(fast[-8:]) >= 8
-    assert 0 in faded[:3] and sum(faded[3:]) <= 1             # cloud-only, but for a one-token probe or so
-    assert min(back[PipeSD.PROBE_FIRST:]) >= 1                 # drafting again once a probe saw the link
+    back = timed_rounds(profiler, policy, 0.0001, 12)
+    assert min(fast[-8:]) >= 2
+    assert 0 in faded[:3] and sum(faded[3:]) <= 2             # cloud-only, but for a one-token probe or so
+    assert min(back[PipeSD.PROBE_FIRST + 3:]) >= 1             # drafting again once a probe saw the link
 
 
 def test_a_seeded_request_runs_a_frozen_controller():
