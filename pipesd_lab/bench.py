@@ -70,12 +70,12 @@ def _controller_counts(policy):
     if not isinstance(policy, PipeSD):
         return None
     return (policy.decisions, policy.decide_s, policy.rounds, policy.plan_s, policy.cloud_only_rounds,
-            copy.deepcopy(policy.model.calibration))
+            copy.deepcopy(policy.model.calibration), copy.copy(policy.structures))
 
 
 def _controller_report(tally: "Tally", policy, before) -> None:
     """What the controller did during the measured part of a cell (warm-up and tuning excluded)."""
-    decisions, decide_s, rounds, plan_s, cloud_rounds, cal0 = before
+    decisions, decide_s, rounds, plan_s, cloud_rounds, cal0, structures = before
     measured = policy.model.calibration.since(cal0)
     if measured.count:
         tally.brier, tally.raw_brier = measured.brier, measured.raw_brier
@@ -86,6 +86,8 @@ def _controller_report(tally: "Tally", policy, before) -> None:
         tally.plan_us = 1e6 * (policy.plan_s - plan_s) / (policy.rounds - rounds)
     tally.cloud_only_rounds = policy.cloud_only_rounds - cloud_rounds
     tally.r1, tally.r2 = policy.thresholds
+    chosen = policy.structures - structures
+    tally.structures = [[*k, n] for k, n in chosen.most_common(3)]
 
 
 def method_known(method: str) -> bool:
@@ -112,6 +114,9 @@ class Tally:
     rounds: int = 0
     rollbacks: int = 0
     batches: int = 0
+    passes: int = 0                # target passes the verifier ran for this method's verdicts
+    guesses: int = 0               # guesses of the target's next token a verdict checked (pipelined rounds)
+    guesses_right: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     draft_s: float = 0.0
@@ -131,6 +136,7 @@ class Tally:
     decide_us: float | None = None       # per drafted token (verify_now)
     plan_us: float | None = None         # per round (start_round)
     cloud_only_rounds: int = 0
+    structures: list | None = None       # the controller's most chosen (head, rounds ahead, their drafts, rounds)
 
     def add(self, stats, matches: bool | None) -> None:
         self.generations += 1
@@ -141,6 +147,9 @@ class Tally:
         self.rounds += stats.nav_rounds
         self.rollbacks += stats.rollback_rounds
         self.batches += stats.batches_sent
+        self.passes += stats.target_passes
+        self.guesses += stats.guesses_checked
+        self.guesses_right += stats.guesses_right
         self.bytes_up += stats.bytes_up
         self.bytes_down += stats.bytes_down
         self.draft_s += stats.draft_s
@@ -162,6 +171,15 @@ class Tally:
         return self.accepted / self.drafted if self.drafted else math.nan
 
     @property
+    def positions_per_rejection(self) -> float:
+        """Draft positions checked per rejection: drafted tokens up to each round's first rejection and
+        the guesses verdicts checked, over the rejections among them (1 / (1 - a), a the per-position
+        acceptance as a geometric model would fit it)."""
+        rejections = self.rollbacks + self.guesses - self.guesses_right
+        checked = self.accepted + self.guesses_right + rejections
+        return checked / rejections if rejections else math.nan
+
+    @property
     def rollback_rate(self) -> float:
         return self.rollbacks / self.rounds if self.rounds else math.nan
 
@@ -178,28 +196,31 @@ class Tally:
                  draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
                  wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
                  efficiency=self.efficiency,
-                 passes_per_token=per_token(self.batches))   # every batch the verifier got ran a target pass
+                 passes_per_token=per_token(self.passes), batches_per_token=per_token(self.batches),
+                 positions_per_rejection=self.positions_per_rejection)
         return d
 
 
-def lower_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: float, max_n: int = 64) -> float:
-    """Seconds per output token no pipelined speculative decoder can beat, in expectation.
+def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float) -> float:
+    """Seconds per output token no speculative decoder of our protocol can beat, in expectation.
 
-    A round drafts n tokens: the last is ready at n*γ and cannot be on the cloud side before n*β has
-    crossed the uplink (whatever the batching), so the round takes at least max(nγ, nβ). When a
-    token is rejected (probability 1 - a^n with per-token acceptance a), the next round cannot
-    start before the verdict: verify plus a round trip are exposed. When all are accepted,
-    proactive drafting may hide them entirely. Each round yields a(1 - a^n)/(1 - a) + 1 tokens in
-    expectation. The bound is the best n, n = 0 (the target alone: verify + a round trip per token)
-    included, since a controller may choose it; it assumes independent acceptance per token.
+    The protocol: the edge proposes tokens, and every verdict adds the target's own token after what it
+    verified. Along the target's output, count the positions from one rejection to the next (the draft
+    proposes a token the target would not have produced): `positions` of them on average, the last
+    being the target's correction. Each of the others must be known at the cloud before the correction
+    can be computed, either drafted by the edge -- one at a time, at least gamma each (sent as a guess
+    it needs no upload at all: the verifier checks it by the prefix hash) -- or as the target's own
+    token, one per verdict, a round trip each (the verdict that holds it cannot leave before the one
+    holding the token before it came back). The correction comes in a verdict that leaves no earlier
+    than the token before it, and takes a round trip: rtt plus one pass. So a run of p positions takes at
+    least (p - 1) min(gamma, rtt + verify) + rtt + verify, whatever the batching, the pipelining or the
+    stopping rule; the target alone (positions = 1) is the special case. Pipelined NAV cannot beat it: it
+    overlaps rounds, not a round trip with the token it waits for. It assumes nothing of how acceptance
+    is spread over positions; `positions` is measured (``Tally.positions_per_rejection``).
     """
-    a = min(max(a, 0.0), 0.999)
-    best = verify + rtt          # n = 0: the target alone, one round trip and one pass per token
-    for n in range(1, max_n + 1):
-        accepted = a * (1 - a ** n) / (1 - a) if a > 0 else 0.0
-        cost = max(n * gamma, n * beta) + (1 - a ** n) * (verify + rtt)
-        best = min(best, cost / (accepted + 1))
-    return best
+    round_trip = rtt + verify
+    p = max(1.0, positions) if math.isfinite(positions) else 1.0
+    return ((p - 1) * min(gamma, round_trip) + round_trip) / p
 
 
 @dataclass
@@ -376,22 +397,23 @@ class Bench:
 
     def _bound(self, tallies: dict, scenario: Scenario, regime: str) -> None:
         """The analytic lower bound from this cell's measurements, and each method's efficiency."""
-        sd = [t for t in tallies.values() if t.drafted and t.method != "edge_only"]
+        sd = [t for t in tallies.values() if (t.drafted or t.guesses) and t.method != "edge_only"]
         if not sd:
             return
-        accepted = sum(t.accepted for t in sd)
-        a = accepted / max(1, accepted + sum(t.rollbacks for t in sd))   # per-token acceptance (geometric MLE)
-        drafted = sum(t.drafted for t in sd)
+        pooled = Tally(sd[0].pair, regime, scenario.name, "pooled")
+        for t in sd:
+            for name in ("accepted", "rollbacks", "guesses", "guesses_right"):
+                setattr(pooled, name, getattr(pooled, name) + getattr(t, name))
         # The device's draft time per token as the scenario sets it (draft_s also holds prefill and
         # discarded proactive drafting, which would inflate the bound).
         measured = self.gamma.get(sd[0].pair, 0.0)
         gamma = measured + scenario.added_draft_seconds(regime, measured)
         link = scenario.link(regime, self.config.payload, seed=self.config.seed,
                              vocab_size=self.vocab.get(sd[0].pair, 2048))
-        up_mbps = max(s[1] for s in link.trace.segments) if link.trace else link.up_mbps   # optimistic: a bound
-        beta = (sum(t.bytes_up for t in sd) / drafted + link.payload_bytes_per_token) * 8 / (up_mbps * 1e6)
-        verify = sum(t.verify_s for t in sd) / max(1, sum(t.rounds for t in sd))
-        bound = 1e3 * lower_bound_tpt(gamma, beta, verify, link.rtt_ms / 1e3, a)
+        # The fastest pass the cell saw: cloud_only's one-token pass if it ran, else the mean per round.
+        passes = [t.verify_s / t.rounds for t in tallies.values() if t.rounds and t.method == "cloud_only"]
+        verify = passes[0] if passes else min(t.verify_s / t.rounds for t in sd if t.rounds)
+        bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection)
         for t in tallies.values():
             if t.method == "cloud_only" and t.rounds:    # its own bound: a round trip + verify per token
                 t.lower_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
@@ -530,9 +552,9 @@ class Bench:
                     lines.append(f"| PipeSD speed-up vs {ref} | " + " | ".join(vals) + " |")
                 lines.append("")
                 lines += [f"Details ({pair}, {regime}):", "",
-                          "| scenario | method | TPT ms | bound ms | efficiency | acceptance | NAV rounds "
+                          "| scenario | method | TPT ms | bound ms | efficiency | acceptance | positions / rejection | NAV rounds "
                           "| target passes / token | rollback rate | mean draft | sealed up B/tok | down B/tok | draft / upload (non-final batches) / "
-                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 15]
+                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 16]
                 for t in cell:
                     r = t.row()
                     thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
@@ -542,7 +564,8 @@ class Bench:
                         lossless += f", {t.unverified} tokens unverified (went offline)"
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
-                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
+                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {_fmt(t.positions_per_rejection, 2)} "
+                        f"| {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
                         f"| {_fmt(t.rollback_rate, 2)} "
                         f"| {_fmt(r['mean_draft_len'])} | {_fmt(r['up_bytes_per_token'], 0)} "
                         f"| {_fmt(r['down_bytes_per_token'], 0)} | {_fmt(r['draft_ms_per_token'])} / "
@@ -554,9 +577,11 @@ class Bench:
                     lines += [f"Round controller ({pair}, {regime}; R1 / R2 above are its thresholds on the "
                               "calibrated scale, inf: stop after one token):", "",
                               "| scenario | method | cloud-only rounds | acceptance model Brier | draft confidence "
-                              "as the prediction: Brier | decide µs / token | plan µs / round |", "|" + "---|" * 7]
+                              "as the prediction: Brier | decide µs / token | plan µs / round | structures "
+                              "chosen (head + rounds ahead × their drafts: share of rounds) |", "|" + "---|" * 8]
                     lines += [f"| {t.scenario} | {t.method} | {t.cloud_only_rounds} / {t.rounds} | {_fmt(t.brier, 3)} "
-                              f"| {_fmt(t.raw_brier, 3)} | {_fmt(t.decide_us, 1)} | {_fmt(t.plan_us, 0)} |" for t in ctl]
+                              f"| {_fmt(t.raw_brier, 3)} | {_fmt(t.decide_us, 1)} | {_fmt(t.plan_us, 0)} "
+                              f"| {_structures(t)} |" for t in ctl]
                     lines.append("")
         if self.sweep:
             lines += ["### Bandwidth sweep (S1, uplink Mbps): TPT ms", ""]
@@ -590,6 +615,15 @@ def git_commit() -> str | None:
         return (rev + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _structures(t: Tally) -> str:
+    """The controller's structures, e.g. "4 + 2×16: 61%, 0 + 4×0: 30%"."""
+    if not t.structures:
+        return "-"
+    total = sum(s[3] for s in t.structures) or 1
+    return ", ".join(f"{h} + {a}×{k}: {100 * n / total:.0f}%" if a else f"{h} alone: {100 * n / total:.0f}%"
+                     for h, a, k, n in t.structures)
 
 
 def _fmt(x, digits: int = 1) -> str:
