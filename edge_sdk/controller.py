@@ -271,6 +271,7 @@ class RoundPlan:
 # Latency is priced in seconds plus this share of the target's seconds: between structures of (nearly)
 # the same speed, the one that runs fewer target passes -- which other sessions would wait for.
 LATENCY_TIEBREAK = 0.02
+INTERRUPT_FROM_S = 0.002       # the engine interrupts drafters this slow per token (engine.Decoding)
 AHEAD_DRAFTS = (0, 1, 2, 4, 8, 16)     # the chained rounds' lengths the planner considers
 AHEAD_DEPTHS = (1, 2, 4, 8)            # ... and how many of them may be in flight
 
@@ -285,7 +286,6 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     every later position), or one value for all. Structures searched: the head alone (m = 0: the target
     alone), and a head with rounds ahead of ``AHEAD_DRAFTS`` tokens, ``AHEAD_DEPTHS`` of them in flight
     (one, sent only once the verdict before says so, when not `pipelined`; none when not `proactive`).
-    A verdict that comes while the device drafts waits, on average, half a token for it.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -334,7 +334,9 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     V = V[lead:].reshape(used, K, M)
     V[1:, 0] = V[0, 0]                                   # structure 0, the head alone: block 0 only
     V[0, 0, 0] = costs.empty_latency + costs.passes(0)    # a lone empty round is a plain request
-    V[:, 1:] += g / 2                                    # a verdict mid-round waits for the token being drafted
+    # A verdict that comes while the device drafts ahead waits for the token being drafted, half of one on
+    # average -- unless the engine interrupts the drafter, which it does from INTERRUPT_FROM_S per token.
+    V[:, 1:] += min(g, INTERRUPT_FROM_S) / 2
     # Block j's last position and the target passes up to it (structure 0: the head's, whatever j).
     j = np.arange(used)[:, None, None]
     E = m + 1 + j * (kk + 1)

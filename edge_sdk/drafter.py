@@ -58,6 +58,11 @@ def choose_token(logits: np.ndarray, sampling: SamplingParams | None, position: 
     return DraftToken(int(q.ids[i]), float(exact.max()), float(exact[i]), q)
 
 
+class DraftInterrupted(Exception):
+    """``next_token`` gave up: ``interrupt`` was called before or while the token was drafted. No token
+    comes of the call, and the context is undefined until the next ``set_context``."""
+
+
 class Drafter(Protocol):
     vocab_size: int
     vocab_tokens: list[str]
@@ -77,7 +82,12 @@ class Drafter(Protocol):
         """Greedy (None or temperature 0) or sampled drafting from now on (``choose_token``)."""
 
     def next_token(self) -> DraftToken:
-        """Next token after the context (greedy or sampled); appended to the context."""
+        """Next token after the context (greedy or sampled); appended to the context. Raises
+        ``DraftInterrupted`` after ``interrupt``."""
+
+    def interrupt(self, on: bool = True) -> None:
+        """From another thread: give up the token being drafted (or the next one) as soon as possible,
+        because it is no longer wanted; ``interrupt(False)`` withdraws an interrupt not yet acted on."""
 
     def __len__(self) -> int: ...
 
@@ -119,11 +129,25 @@ class _LogitsDrafter:
     def _logits(self) -> np.ndarray:
         raise NotImplementedError
 
+    _stop: threading.Event | None = None
+
+    def interrupt(self, on: bool = True) -> None:
+        """Give up the next token (between tokens; a backend that can stop a token midway overrides it)."""
+        if self._stop is None:
+            self._stop = threading.Event()
+        self._stop.set() if on else self._stop.clear()
+
+    def _interrupted(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            self._stop.clear()
+            raise DraftInterrupted("the token was no longer wanted")
+
     def next_token(self) -> DraftToken:
         if not self._tokens:
             raise ValueError("the draft context is empty: a prompt needs at least one token")
         if len(self._tokens) >= self.max_context:
             raise ValueError(f"the draft's context of {self.max_context} tokens is full")
+        self._interrupted()
         d = choose_token(self._logits(), self.sampling, len(self._tokens))
         self._tokens.append(d.token)
         return d
@@ -168,6 +192,22 @@ class LlamaCppDrafter(_LogitsDrafter):
         self.llm.n_tokens = 0
         self._tokens: list[int] = []      # logical context
         self._logits_at = -1              # context length the current logits row belongs to
+        self._abort = None                # llama.cpp's abort callback, installed by the first interrupt
+
+    def interrupt(self, on: bool = True) -> None:
+        """Stop the token being drafted midway: llama.cpp checks an abort callback between the nodes of
+        its graph. Installed at the first interrupt (the check costs a few percent of drafting speed,
+        which a draft too fast to be worth interrupting never pays)."""
+        super().interrupt(on)
+        if on and self._abort is None:
+            import ctypes
+
+            stop = self._stop
+            self._abort = self._llama_cpp.ggml_abort_callback(lambda _data: stop.is_set())
+            set_abort = self._llama_cpp.llama_cpp._lib.llama_set_abort_callback
+            set_abort.argtypes = [ctypes.c_void_p, self._llama_cpp.ggml_abort_callback, ctypes.c_void_p]
+            set_abort.restype = None
+            set_abort(self.llm.ctx, self._abort, None)
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
@@ -195,7 +235,12 @@ class LlamaCppDrafter(_LogitsDrafter):
             if start >= n:                # all cached, but the logits row is stale: redo the last token
                 start = n - 1
                 self.llm.n_tokens = start
-            self.llm.eval(self._tokens[start:n])
+            try:
+                self.llm.eval(self._tokens[start:n])
+            except RuntimeError:
+                if self._stop is not None and self._stop.is_set():    # aborted: llama.cpp keeps what it had
+                    self._interrupted()
+                raise
             self._logits_at = n
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))

@@ -22,6 +22,7 @@ the offline settings); ``Decoding`` is one generation and everything that belong
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from typing import Generator, Iterator, Sequence
 
 from privacy import ErrorCode, SamplingParams, VerifyResponse
 
-from .drafter import Drafter, DraftToken
+from .controller import INTERRUPT_FROM_S
+from .drafter import DraftInterrupted, Drafter, DraftToken
 from .errors import ConfigError, PromptTooLongError, SessionLost, VerifierError, VerifierUnavailable
 from .offline import OFFLINE_POLICIES
 from .policies import Policy, RoundVerdict
@@ -312,22 +314,51 @@ class Decoding:
         tip, depth = rnd, 0
         while tip.then is not None:
             tip, depth = tip.then, depth + 1
-        while not nav.done():
-            if tip is not rnd and tip.nav is None:
-                if not self._complete(tip) and not self._draft_into(tip, nav):
-                    break                        # the verdict came first
-                if not self.policy.pipelined:
-                    break                        # complete: it goes up once the verdict says it may
-                tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
-                continue
-            if depth >= self.policy.max_ahead:
-                break
-            new = self._round_on(tip)
-            if new is None:
-                break
-            tip.then, tip, depth = new, new, depth + 1
+        # A slow drafter is told to give up a token that a verdict has made useless (``_interrupt``).
+        watch = self.profiler.gamma >= self.INTERRUPT_FROM_S
+        if watch:
+            self._watched = nav
+            nav.future.add_done_callback(lambda f: self._interrupt(f, rnd, nav))
+        try:
+            while not nav.done():
+                if tip is not rnd and tip.nav is None:
+                    if not self._complete(tip) and not self._draft_into(tip, nav):
+                        break                        # the verdict came first
+                    if not self.policy.pipelined:
+                        break                        # complete: it goes up once the verdict says it may
+                    tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
+                    continue
+                if depth >= self.policy.max_ahead:
+                    break
+                new = self._round_on(tip)
+                if new is None:
+                    break
+                tip.then, tip, depth = new, new, depth + 1
+        finally:
+            if watch:
+                with self._watch_lock:
+                    self._watched = None
+                self.drafter.interrupt(False)        # one that came between tokens must not stop the next round
         self._spent("draft", t)
         return rnd.then
+
+    INTERRUPT_FROM_S = INTERRUPT_FROM_S     # drafters slower than this per token are interrupted; faster ones finish
+    _watched: Nav | None = None
+    _watch_lock = threading.Lock()
+
+    def _interrupt(self, verdict, rnd: Round, nav: Nav) -> None:
+        """`nav` answered (on its stream's thread) while the engine may be drafting ahead of `rnd`: if the
+        verdict breaks the chain drafted on top of `rnd` (or none is drafted yet), the token being
+        drafted is wasted work, and waiting for it would delay the next round by up to a whole token."""
+        with self._watch_lock:
+            if self._watched is not nav:
+                return
+            if not verdict.cancelled() and verdict.exception() is None:
+                resp = verdict.result()
+                nxt = rnd.then
+                if nxt is not None and nxt.base == rnd.base + rnd.tokens[: resp.accepted] + [resp.token]:
+                    return                       # the chain holds: what is being drafted is still wanted
+            self.drafter.interrupt()
 
     def _round_on(self, tip: Round) -> Round | None:
         """A round on top of `tip` assuming it is accepted whole: its base ends with the draft's guess of
@@ -339,7 +370,11 @@ class Decoding:
         if room < 0 or self._is_eos(last):
             return None                  # no room, or the end of the output
         self.drafter.set_context(tip.base + tip.tokens)
-        guess = self._next_token()
+        try:
+            guess = self._next_token()
+        except DraftInterrupted:
+            self.stats.drafts_interrupted += 1
+            return None                  # the verdict came first, and made the guess useless
         new = self._new_round(tip.base + tip.tokens + [guess.token])
         new.guess = guess
         new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, self.policy.ahead_draft))
@@ -356,7 +391,11 @@ class Decoding:
         (every batch the verifier accepts costs it a target pass)."""
         self.drafter.set_context(rnd.base + rnd.tokens)
         while not nav.done():
-            d = self._next_token()
+            try:
+                d = self._next_token()
+            except DraftInterrupted:
+                self.stats.drafts_interrupted += 1
+                return False             # the verdict came first, and made this round useless
             rnd.draft.append(d)
             if self._complete(rnd):
                 return True

@@ -30,6 +30,7 @@ class GenerationStats:
     pipelined_rounds: int = 0      # rounds verified on a final batch sent before the verdict they built on
     target_passes: int = 0         # target passes the verifier ran for verdicts this generation got (a
                                    # round's batches; a dropped pipelined round ran none)
+    drafts_interrupted: int = 0    # tokens given up midway because a verdict made them useless (slow drafters)
     guesses_checked: int = 0       # the draft's guesses of the target's next token that a verdict checked
     guesses_right: int = 0         # ... and found to be the target's (the rounds drafted on them went on)
     unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable

@@ -37,6 +37,7 @@ from pathlib import Path
 from privacy import OpenSession, SessionOpened, VerifyRequest, VerifyResponse, encode
 
 from edge_sdk import HttpVerifier, VerifierUnavailable
+from edge_sdk.drafter import DraftInterrupted
 
 FRAME_OVERHEAD = 53   # frame header (37) + AEAD tag (16)
 
@@ -340,6 +341,7 @@ class SlowedDrafter:
         self.inner = inner
         self.seconds_per_token = seconds_per_token
         self.slept_s = 0.0
+        self._stop = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -350,6 +352,16 @@ class SlowedDrafter:
     def next_token(self):
         d = self.inner.next_token()
         if self.seconds_per_token > 0:
-            time.sleep(self.seconds_per_token)
-            self.slept_s += self.seconds_per_token
+            t = time.perf_counter()
+            stopped = self._stop.wait(self.seconds_per_token)
+            self.slept_s += min(time.perf_counter() - t, self.seconds_per_token)
+            if stopped:
+                self._stop.clear()
+                raise DraftInterrupted("the token was no longer wanted")
         return d
+
+    def interrupt(self, on: bool = True) -> None:
+        """The emulated compute stops at once, as the slower device's llama.cpp would stop at its next
+        graph node (``LlamaCppDrafter.interrupt``); the real part of the token is interrupted too."""
+        self._stop.set() if on else self._stop.clear()
+        self.inner.interrupt(on)

@@ -138,7 +138,10 @@ class ToyDrafter(_LogitsDrafter):
         self.evaluated += len(self._tokens) - self._cached
         self._cached = len(self._tokens)
         if self.seconds_per_token:
-            time.sleep(self.seconds_per_token)
+            if self._stop is None:
+                time.sleep(self.seconds_per_token)
+            elif self._stop.wait(self.seconds_per_token):     # interrupted midway, like llama.cpp's abort
+                self._interrupted()
         return self.language.logits(self._tokens)
 
 

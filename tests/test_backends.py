@@ -104,6 +104,38 @@ def test_drafter_rollback_is_exact(drafter, sequences):
         assert len(drafter) == cut + 1
 
 
+def test_an_interrupted_drafter_gives_up_the_token_midway_and_drafts_on_exactly(sequences):
+    """llama.cpp's abort callback stops the token being drafted (here: set before the call, so the very
+    first graph node aborts); what the drafter then drafts from any context is what it would have."""
+    import threading
+
+    from edge_sdk.drafter import DraftInterrupted
+
+    drafter = LlamaCppDrafter(pipesd_models.draft_path(), threads=1)
+    seq = sequences[3]
+    drafter.set_context(seq[:10])
+    expected = [drafter.next_token().token for _ in range(3)]
+    drafter.set_context(seq[:10])
+    drafter.interrupt()
+    with pytest.raises(DraftInterrupted):
+        drafter.next_token()
+    drafter.set_context(seq[:10])
+    assert [drafter.next_token().token for _ in range(3)] == expected
+    # Midway: the callback is installed, so a long evaluation (the whole sequence) aborts part-way.
+    drafter.set_context([])
+    drafter.set_context(seq)
+    timer = threading.Timer(0.0005, drafter.interrupt)
+    timer.start()
+    try:
+        drafter.next_token()
+    except DraftInterrupted:
+        pass
+    timer.join()
+    drafter.interrupt(False)
+    drafter.set_context(seq[:10])
+    assert [drafter.next_token().token for _ in range(3)] == expected
+
+
 def test_drafter_reports_confidence(drafter):
     drafter.set_context(drafter.tokenize("def main():\n"))
     d = drafter.next_token()

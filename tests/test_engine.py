@@ -82,6 +82,19 @@ def test_every_policy_equals_target_greedy(mode):
             assert totals["drafted"] <= 4 * totals["rounds"]
 
 
+def test_a_slow_drafter_is_interrupted_when_a_verdict_makes_its_token_useless():
+    """A device drafting 10 ms a token and a 30 ms round trip: PipeSD drafts ahead, verdicts that break
+    the chain interrupt the token being drafted instead of waiting for it, and the output stays the
+    target's own."""
+    with Rig(latency_s=0.03, draft_seconds=0.01) as r:
+        interrupted = 0
+        for prompt in PROMPTS[:4]:
+            result = r.generate(prompt, "pipesd", 30)
+            assert result.tokens == reference(prompt, 30)
+            interrupted += result.stats.drafts_interrupted
+        assert interrupted > 0
+
+
 def test_cloud_only_commits_one_target_token_per_round(rig):
     result = rig.generate(PROMPTS[0], "cloud_only", 12)
     assert result.tokens == reference(PROMPTS[0], 12)
