@@ -83,7 +83,7 @@ class VerifierApp:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 
-    async def in_order(self, frame: bytes, more_coming: bool = False):
+    async def in_order(self, frame: bytes, more_coming: bool = False, arrived: float | None = None):
         """Authenticate a frame and run it once the session's earlier frames have run.
 
         A round's stream and the next (proactive) round's stream travel on different connections
@@ -98,7 +98,8 @@ class VerifierApp:
         # The session id, unauthenticated, only schedules: one call per session per worker cycle.
         key = parse_header(frame, self.service.limits).session_id
         try:
-            result = await self.run(self.service.open_and_dispatch, frame, more_coming, key=key)
+            arrived = time.perf_counter() if arrived is None else arrived
+            result = await self.run(self.service.open_and_dispatch, frame, more_coming, arrived, key=key)
             if isinstance(result, Early):
                 session, header = result.session, result.header
                 async with self.order:
@@ -110,7 +111,7 @@ class VerifierApp:
                             if session.next_seq == before:
                                 break
                 result = await self.run(self.service.dispatch_steps, session, header, result.body, more_coming,
-                                        key=key)
+                                        arrived, key=key)
             return result
         finally:
             async with self.order:

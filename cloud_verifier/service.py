@@ -141,9 +141,9 @@ class VerifierService:
         return self.dispatch(*self.open_frame(frame))
 
     def dispatch(self, session: Session, header: Header, body: dict,
-                 more_coming: bool = False) -> tuple[int, bytes, FrameType]:
+                 more_coming: bool = False, arrived: float | None = None) -> tuple[int, bytes, FrameType]:
         """``dispatch_steps`` with each target pass run on its own."""
-        steps = self.dispatch_steps(session, header, body, more_coming)
+        steps = self.dispatch_steps(session, header, body, more_coming, arrived)
         rows = None
         try:
             while True:
@@ -154,14 +154,15 @@ class VerifierService:
         except StopIteration as done:
             return done.value
 
-    def open_and_dispatch(self, frame: bytes, more_coming: bool = False) -> "Steps | Early":
+    def open_and_dispatch(self, frame: bytes, more_coming: bool = False,
+                          arrived: float | None = None) -> "Steps | Early":
         """Authenticate a frame and, if the session's earlier frames have all run, start dispatching it
         (returns the dispatch generator: one trip to the model worker, not two); an early frame comes
         back as ``Early`` for the caller to hold until its predecessors have run."""
         session, header, body = self.open_frame(frame)
         if session.next_seq < header.seq:
             return Early(session, header, body)
-        return self.dispatch_steps(session, header, body, more_coming)
+        return self.dispatch_steps(session, header, body, more_coming, arrived)
 
     def open_frame(self, frame: bytes) -> tuple[Session, Header, dict]:
         """Authenticate and decode a frame of a known session (WireError otherwise)."""
@@ -175,7 +176,8 @@ class VerifierService:
         session.last_used = time.monotonic()
         return session, header, body
 
-    def dispatch_steps(self, session: Session, header: Header, body: dict, more_coming: bool = False) -> Steps:
+    def dispatch_steps(self, session: Session, header: Header, body: dict, more_coming: bool = False,
+                       arrived: float | None = None) -> Steps:
         """Act on an authenticated frame; failures travel sealed in an ERROR frame.
 
         A generator: it yields each ``Forward`` it needs and is sent back the logits rows;
@@ -183,6 +185,7 @@ class VerifierService:
 
         ``more_coming``: the next batch of the same stream has already arrived, so running the
         target on this one now would only add a forward pass: it is staged and run with the next.
+        ``arrived``: when the frame reached the server (perf_counter), for the result's ``queue_ms``.
         """
         if self.sessions.get(header.session_id) is not session:   # dropped while this frame waited
             raise WireError(ErrorCode.UNAUTHENTICATED, "unknown session: handshake again")   # plain 401, as for any
@@ -191,7 +194,8 @@ class VerifierService:
             if header.type == FrameType.OPEN:
                 reply_type, reply = FrameType.OPENED, self._open(session, OpenSession.from_dict(body)).to_dict()
             elif header.type == FrameType.VERIFY:
-                result = yield from self._verify(session, VerifyRequest.from_dict(body), eager=not more_coming)
+                result = yield from self._verify(session, VerifyRequest.from_dict(body), eager=not more_coming,
+                                                 arrived=arrived)
                 reply_type = FrameType.ACK if isinstance(result, BatchAck) else FrameType.RESULT
                 reply = result.to_dict()
             elif header.type == FrameType.CLOSE:
@@ -254,8 +258,8 @@ class VerifierService:
             self.metrics.kv_slot_evictions.set(pool.evictions)
 
     # -- NAV ------------------------------------------------------------------------
-    def _verify(self, session: Session, req: VerifyRequest,
-                eager: bool = True) -> Generator[Forward, np.ndarray, VerifyResponse | BatchAck]:
+    def _verify(self, session: Session, req: VerifyRequest, eager: bool = True,
+                arrived: float | None = None) -> Generator[Forward, np.ndarray, VerifyResponse | BatchAck]:
         """Stage a non-final batch, or run NAV over the round when its final batch arrives."""
         if session.state is None:
             raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
@@ -312,7 +316,8 @@ class VerifierService:
         m.accepted_tokens.inc(accepted)
         m.nav_seconds.observe(elapsed)
         self._evict(keep=session.channel.session_id)
-        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3)
+        queued = max(0.0, t0 - arrived) * 1e3 if arrived is not None else 0.0
+        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3, round(queued, 3))
 
     def _forward(self, state: TargetState, pending: PendingRound):
         """Logits rows for the staged tokens not yet run (row 0 predicts the round's first token)."""

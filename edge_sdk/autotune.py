@@ -316,7 +316,7 @@ class CorrectionTuner:
     committed tokens, scored by seconds per token; the GP step runs on a background thread.
     """
 
-    def __init__(self, budget: int = 10, tokens_per_trial: int = 40, bound: float = 0.7, margin: float = 0.03,
+    def __init__(self, budget: int = 10, tokens_per_trial: int = 64, bound: float = 0.7, margin: float = 0.08,
                  seed: int = 0, use_bo: bool | None = None):
         self.budget, self.tokens_per_trial, self.bound, self.margin = budget, tokens_per_trial, bound, margin
         self.evaluations: list[tuple[tuple[float, float], float]] = []

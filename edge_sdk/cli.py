@@ -9,6 +9,8 @@ and the lab's commands, when the lab's extra is installed (pip install 'pipesd[b
     pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (pipesd_lab/bench.py)
     pipesd energy --quick --out /tmp/energy                # J per token per method (pipesd_lab/energy_bench.py)
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
+    pipesd grid --quick --out /tmp/grid                    # PipeSD on links and devices beyond the bench's
+    pipesd steps --seconds 60 --out /tmp/steps             # PipeSD's rounds on S4's bandwidth trace
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ LAB_COMMANDS = {
     "bench": "the paper's evaluation: methods x scenarios x model pairs",
     "energy": "joules per output token of each method, edge and cloud, per scenario",
     "link": "run an emulated link as a TCP proxy in front of a verifier",
+    "grid": "PipeSD vs the baselines on a grid of links and devices the bench's cells do not contain",
+    "steps": "PipeSD's rounds against S4's bandwidth trace (the controller following the link)",
 }
 
 

@@ -323,15 +323,27 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
         np.repeat(costs.passes(kk[:, 0]), M)
     gate = (lead - 1 - np.repeat(dd[:, 0], M)) * KM + np.arange(KM)
     half = costs.latency / 2
+    sent, uploaded = np.empty((used, KM)), np.empty((used, KM))     # when each block's upload began, and ended
+    sent[0], uploaded[0] = ready, up_end
     for j in range(1, used):
         np.maximum(ready, V.ravel()[gate + j * KM], out=ready)      # the window: drafted once that verdict is in
         ready += step
         np.maximum(ready if pipelined else np.maximum(ready, V[lead + j - 1]), up_end, out=up_end)
+        sent[j] = up_end                                              # its upload starts
         up_end += load
+        uploaded[j] = up_end
         np.maximum(up_end + half, fin, out=fin)
         fin += pass_k
         np.add(fin, half, out=V[lead + j])
-    V = V[lead:].reshape(used, K, M)
+    V = V[lead:]
+    # A rejection checked by block j leaves the blocks after it that already went up on the uplink: the
+    # next segment's head waits for the one still being sent (up to `depth` of them were in flight).
+    residual = np.zeros_like(V)
+    depth = np.repeat(dd[:, 0], M)
+    for o in range(1, min(max(AHEAD_DEPTHS), used - 1) + 1 if costs.beta * max(AHEAD_DRAFTS) > 5e-4 else 1):
+        busy = (o <= depth) & (sent[o:] < V[:-o])
+        np.maximum(residual[:-o], np.where(busy, uploaded[o:] - V[:-o], 0.0), out=residual[:-o])
+    V = (V + residual).reshape(used, K, M)
     V[1:, 0] = V[0, 0]                                   # structure 0, the head alone: block 0 only
     V[0, 0, 0] = costs.empty_latency + costs.passes(0)    # a lone empty round is a plain request
     # A verdict that comes while the device drafts ahead waits for the token being drafted, half of one on

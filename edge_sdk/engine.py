@@ -472,8 +472,12 @@ class Decoding:
         self.stats.target_passes += max(1, rnd.batches)
         self.stats.verify_s += resp.verify_ms / 1e3
         self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
-        if nav.answered_at is not None and not (nav.pipelined or nav.contended):   # a clean sample of the link
-            self.profiler.observe_nav(nav.answered_at - nav.sent_at - resp.verify_ms / 1e3, nav.final_tokens)
+        # The link's part of the round trip: what the verifier spent verifying and waiting (behind the round
+        # before, or other sessions) is off it. A round whose upload may have queued behind another's on
+        # the uplink is no clean sample, unless it uploaded no draft token.
+        if nav.answered_at is not None and (not nav.contended or nav.final_tokens == 0):
+            self.profiler.observe_nav(nav.answered_at - nav.sent_at - (resp.verify_ms + resp.queue_ms) / 1e3,
+                                      nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)
         self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
         guess = rnd.then.guess if rnd.then is not None else None

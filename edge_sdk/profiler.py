@@ -14,6 +14,7 @@ within a few rounds, not after a window's worth of them.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -86,26 +87,6 @@ def weighted_line(points, recency: float, min_spread: float = 0.1) -> tuple[floa
         return my, None, mx
     slope = sum(w * (x - mx) * (y - my) for w, (x, y) in zip(weights, points)) / sxx
     return my - slope * mx, slope, mx
-
-
-def slope_lower_bound(points, recency: float, min_spread: float = 0.1) -> tuple[float, float | None]:
-    """(intercept, slope) of ``weighted_line``, the slope shrunk to its lower confidence bound (two
-    standard errors below the fit, never below 0): a per-token cost read off a few noisy round trips
-    (jitter, one size seen often and another rarely) is only believed as far as the samples support it.
-    The slope is None where ``weighted_line`` cannot fit one."""
-    intercept, slope, mx = weighted_line(points, recency, min_spread)
-    if slope is None:
-        return intercept, None
-    n = len(points)
-    w = [recency ** (n - 1 - i) for i in range(n)]
-    total = sum(w)
-    sxx = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))
-    resid = [y - intercept - slope * x for x, y in points]
-    n_eff = total ** 2 / sum(wi * wi for wi in w)
-    var = sum(wi * r * r for wi, r in zip(w, resid)) / total * n_eff / max(n_eff - 2, 1.0)
-    se = math.sqrt(var * sum(wi * wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))) / sxx
-    bounded = max(0.0, slope - 2 * se)
-    return intercept + (slope - bounded) * mx, bounded
 
 
 def _jumped(predicted: float | None, observed: float, relative: float = 0.4, floor: float = 0.005) -> bool:
@@ -186,32 +167,28 @@ class LinkProfiler:
         return sum(w * t for w, t in zip(weights, empty)) / sum(weights)
 
     def nav_line(self) -> tuple[float, float | None] | None:
-        """(intercept at zero tokens, seconds per final-batch token) of the recent NAVs, the slope as
-        far as the samples support it (``slope_lower_bound``; None while their sizes hardly vary).
-        None before any NAV."""
+        """(round trip at zero tokens, seconds per final-batch token) of the recent NAVs, or None before
+        any. Robust rather than least squares: the base is the median of the recent rounds that uploaded
+        no draft token, the slope the median of what each recent drafted round took beyond it per token
+        -- a round that queued behind another's upload, or met a slow moment, moves neither. The slope
+        is None while no drafted round (or no base) says anything."""
         navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
         if not navs:
             return None
-        # A fitted slope needs two rounds that uploaded something: one slow round among empty ones may
-        # be noise. One such round against several empty ones is read at their spread's lower bound.
-        drafted = [(k, t) for k, t in navs if k > 0]
-        intercept, slope = slope_lower_bound(navs, self.recency) if len(drafted) >= 2 else (None, None)
-        if slope is not None:
-            return max(intercept, 0.0), slope
-        empty = [t for k, t in navs if k == 0]
-        if len(drafted) == 1 and len(empty) >= 2:
-            mean = sum(empty) / len(empty)
-            spread = math.sqrt(sum((t - mean) ** 2 for t in empty) / (len(empty) - 1))
-            (k, t), = drafted
-            return mean, max(0.0, (t - mean - 2 * spread) / k)
-        if len(drafted) == 1 and self._baseline is not None:
-            # Just after an upload got slower or faster: the round trip without an upload has not moved.
-            (k, t), = drafted
-            return self._baseline, max(0.0, (t - self._baseline) / k)
-        mx = sum(k for k, _ in navs) / len(navs)
-        weights = [self.recency ** (len(navs) - 1 - i) for i in range(len(navs))]
-        mean = sum(w * t for w, (_, t) in zip(weights, navs)) / sum(weights)
-        return max(0.0, mean - mx * self.alpha_beta()[1]), None
+        empty = [t for k, t in navs if k == 0][-8:]
+        drafted = [(k, t) for k, t in navs if k > 0][-9:]
+        base = statistics.median(empty) if empty else self._baseline
+        if base is None and len({k for k, _ in drafted}) >= 2:
+            # Drafted rounds only, of several sizes: the median of the pairwise slopes (Theil-Sen).
+            slope = max(0.0, statistics.median((t2 - t1) / (k2 - k1) for i, (k1, t1) in enumerate(drafted)
+                                               for k2, t2 in drafted[i + 1:] if k2 != k1))
+            return max(0.0, statistics.median(t - slope * k for k, t in drafted)), slope
+        if base is not None and drafted:
+            return base, max(0.0, statistics.median((t - base) / k for k, t in drafted))
+        if base is not None:
+            return base, None
+        mx = sum(k for k, _ in drafted) / len(drafted)
+        return max(0.0, statistics.median(t for _, t in drafted) - mx * self.alpha_beta()[1]), None
 
     def nav_network(self) -> float | None:
         """Seconds a NAV round trip with a one-token final batch spends on the network: the NAV line

@@ -68,7 +68,8 @@ class Nav:
     deadline_s: float
     answered_at: float | None = None   # set when the verifier answered with a result
     pipelined: bool = False       # sent while the round before was verified: its time includes that wait
-    contended: bool = False       # other NAVs were in flight when it left: its time includes their uploads
+    contended: bool = False       # it left while drafted tokens sent before it may still have been going
+                                  # up: its round trip may include their upload, not only its own
 
     def done(self) -> bool:
         return self.future.done()
@@ -90,12 +91,14 @@ class Uploader:
         self._lock = threading.Lock()          # streams report their sends from their own threads
         self.upload_s = 0.0
         self.batch_sizes: list[int] = []       # every batch sent (non-final and final), in tokens
-        self._live: set[int] = set()           # ids of NAVs in flight whose verdict still matters
+        self._uplink_busy_until = 0.0          # when the drafted tokens sent so far should all be up
 
     def stage(self, rnd: Round, synced: int) -> None:
         """Send the round's tokens not yet sent as a non-final batch; `synced`: committed tokens the
         verifier holds (for a proactive round: the base it will hold if the guess is right)."""
-        self._stream(rnd).send(self._batch(rnd, synced, final=False))
+        req = self._batch(rnd, synced, final=False)
+        self._occupy(len(req.draft))
+        self._stream(rnd).send(req)
 
     def finalize(self, rnd: Round, synced: int, *, background: bool, conditional: bool = False) -> Nav:
         """Send the round's final batch and return at once: on its stream if batches went ahead or the
@@ -122,14 +125,11 @@ class Uploader:
         return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
 
     def cancel(self, rnd: Round) -> None:
-        """`rnd` went stale: drop what of it is not on the wire yet. A final batch already sent will be
-        refused by the verifier without a target pass, so it no longer contends with later NAVs."""
+        """`rnd` went stale: drop what of it is not on the wire yet (a final batch already sent will be
+        refused by the verifier without a target pass)."""
         stream = self._streams.pop(rnd.id, None)
         if stream is not None:
             stream.abandon()
-        if rnd.nav is not None:
-            with self._lock:
-                self._live.discard(id(rnd.nav))
 
     def close(self) -> None:
         for stream in list(self._streams.values()):
@@ -160,15 +160,20 @@ class Uploader:
     def _nav(self, final_tokens: int) -> Nav:
         deadline = self.cloud.nav_deadline(self.profiler.estimate(), final_tokens)
         nav = Nav(Future(), time.perf_counter(), final_tokens, deadline)
+        # The uplink is a queue: drafted tokens sent before this final batch (stale rounds' too: what is
+        # on the wire stays there) may delay it, by the profiled time their upload takes.
         with self._lock:
-            nav.contended = bool(self._live)
-            self._live.add(id(nav))
-        nav.future.add_done_callback(lambda _f, key=id(nav): self._nav_done(key))
+            nav.contended = self._uplink_busy_until > nav.sent_at
+        self._occupy(final_tokens)
         return nav
 
-    def _nav_done(self, key: int) -> None:
-        with self._lock:
-            self._live.discard(key)
+    def _occupy(self, tokens: int) -> None:
+        """`tokens` drafted tokens go up now: the uplink is busy with them for as long as the profile says."""
+        if tokens:
+            link = self.profiler.estimate()
+            with self._lock:
+                start = max(time.perf_counter(), self._uplink_busy_until)
+                self._uplink_busy_until = start + link.alpha + tokens * link.upload_per_token
 
     def _send(self, req: VerifyRequest) -> Nav:
         """One plain request on the session's request thread; the transport's own timeouts end at the

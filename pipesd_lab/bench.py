@@ -57,10 +57,12 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n
            "def main(argv=None):\n    parser = argparse."]
 BASELINES = ("vanilla", "hsl", "edgellm")
 MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd")
-# What each piece of PipeSD buys: the controller without its BO correction, the paper's BO-tuned dual
-# threshold instead of the controller, no DP batches (two ways), no proactive drafting. The paper's
+# What each piece of PipeSD buys: the controller without its BO correction, no pipelined NAV (rounds
+# drafted ahead wait for the verdict before them), the paper's BO-tuned dual threshold instead of the
+# controller, no DP batches (two ways), nothing drafted ahead. The paper's
 # threshold ablations (pipesd_fixed, pipesd_c_only, pipesd_p_only) run with --methods.
-ABLATIONS = ("pipesd_model", "pipesd_bo", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive")
+ABLATIONS = ("pipesd_model", "pipesd_no_pipeline", "pipesd_bo", "pipesd_per_token", "pipesd_at_trigger",
+             "pipesd_no_proactive")
 PAPER_TRIGGER = ("pipesd_bo", "pipesd_fixed", "pipesd_c_only", "pipesd_p_only")   # share pipesd_bo's thresholds
 SWEEP_MBPS = (10.0, 20.0, 40.0, 80.0)
 

@@ -3,6 +3,8 @@
     pipesd bench --quick --out /tmp/bench                  # the paper's evaluation (bench.py)
     pipesd energy --quick --out /tmp/energy                # J per token per method (energy_bench.py)
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
+    pipesd grid --quick --out /tmp/grid                    # beyond the bench's cells (generalise.py)
+    pipesd steps --seconds 60 --out /tmp/steps             # PipeSD on S4's bandwidth trace (generalise.py)
 """
 
 from __future__ import annotations
@@ -52,6 +54,30 @@ def _energy(args) -> int:
     return 0
 
 
+def _grid(args) -> int:
+    from .generalise import grid_main
+
+    try:
+        written = grid_main(args, _command_line(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
+def _steps(args) -> int:
+    from .generalise import steps_main
+
+    try:
+        written = steps_main(args, _command_line(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -94,6 +120,14 @@ def main(argv=None) -> int:
     e = sub.add_parser("energy", help="joules per output token of each method, edge and cloud, per scenario")
     add_energy_arguments(e)
     e.set_defaults(func=_energy)
+    from .generalise import add_grid_arguments, add_steps_arguments
+
+    g = sub.add_parser("grid", help="PipeSD vs the baselines on a grid of links and devices beyond the bench's")
+    add_grid_arguments(g)
+    g.set_defaults(func=_grid)
+    st = sub.add_parser("steps", help="PipeSD's rounds against S4's bandwidth trace")
+    add_steps_arguments(st)
+    st.set_defaults(func=_steps)
     lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
     lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
     lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")

@@ -7,6 +7,8 @@ msgpack overhead). Every ``from_dict`` validates types and ranges and raises
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -221,12 +223,20 @@ class VerifyResponse:
     token: int
     committed_len: int
     verify_ms: float
+    queue_ms: float = 0.0     # how long the final batch waited at the verifier before it was verified
+                              # (behind the round before it, or other sessions' passes); absent when 0
 
     def to_dict(self) -> dict:
-        return {"accepted": self.accepted, "token": self.token, "committed_len": self.committed_len,
-                "verify_ms": self.verify_ms}
+        d = {"accepted": self.accepted, "token": self.token, "committed_len": self.committed_len,
+             "verify_ms": self.verify_ms}
+        if self.queue_ms > 0:
+            d["queue_ms"] = self.queue_ms
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifyResponse":
+        queue = float(_field(d, "queue_ms", (int, float), 0.0))
+        if not math.isfinite(queue) or queue < 0:
+            raise WireError(ErrorCode.MALFORMED, "field 'queue_ms' must be a finite number >= 0")
         return cls(_count(d, "accepted"), _count(d, "token"), _count(d, "committed_len"),
-                   float(_field(d, "verify_ms", (int, float))))
+                   float(_field(d, "verify_ms", (int, float))), queue)
