@@ -23,7 +23,7 @@ run on one engine:
 | vanilla | every k tokens | whole draft at the trigger | no |
 | hsl | P(d_n) < R2 | whole draft at the trigger | no |
 | edgellm | C_n < adaptive threshold | whole draft at the trigger | yes (uploaded at the next trigger) |
-| pipesd | calibrated survival < a threshold priced from live costs (``controller.py``); no draft where none pays | DP token batches | yes, uploaded as drafted |
+| pipesd | a segment planned from live costs (``controller.py``): the head stops at calibrated survival < its threshold; nothing drafted where none pays | DP token batches (the head) | the planned rounds ahead, each sent once drafted |
 | pipesd_bo | the paper's: C_n < R1 or P(d_n) < R2, tuned online by BO | DP token batches | yes |
 
 and the ablations: of the controller ``pipesd_model`` (no BO correction), ``pipesd_no_pipeline``
@@ -211,12 +211,12 @@ class PipeSD(Policy):
     of the target's next token and ``ahead_draft`` tokens more) and a survival threshold per head
     position. After each drafted head token the acceptance model's probability for it extends the
     round's survival, and the round stops when that falls below the threshold. A plan in which no
-    draft pays makes the round draft nothing (the target decodes alone); while that holds, and a
-    faster uplink could make drafting pay, a one-token probe now and then (exponentially rarer, at
-    most every ``PROBE_MAX`` rounds) re-measures the uplink. ``objective`` chooses what a round
-    costs: ``latency`` (seconds), ``cloud_cost`` (target compute) or ``edge_energy`` (modelled device
-    joules; no drafting ahead, which spends them on guesses). With a ``tuner`` (``CorrectionTuner``)
-    the plan is corrected by what BO measures.
+    draft pays makes the round draft nothing (the target decodes alone). While no drafted token goes
+    up (the target alone, or guesses alone) and one would pay on a faster uplink, a one-token probe
+    now and then (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink.
+    ``objective`` chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute)
+    or ``edge_energy`` (modelled device joules; no drafting ahead, which spends them on guesses).
+    With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
     """
 
     PROBE_FIRST, PROBE_MAX = 4, 256

@@ -107,6 +107,7 @@ class LinkProfiler:
         self._rounds: deque[tuple[int, int]] = deque(maxlen=acceptance_window)
         self._navs: deque[tuple[int, float]] = deque(maxlen=32)        # (final batch tokens, network s)
         self._baseline: float | None = None     # the round trip without an upload, kept across an upload's jump
+        self._suspect: dict[bool, float] = {}   # a slow round off the line, per kind (drafted or not), awaiting a second
         self._verifies: deque[tuple[int, float]] = deque(maxlen=32)
         self.gamma = gamma
         self.verify = 0.005
@@ -146,16 +147,26 @@ class LinkProfiler:
         `final_tokens` draft tokens (0: an empty draft -- the target decoding alone, or a round that
         checks a guess alone)."""
         n, t = max(0, final_tokens), max(0.0, network_seconds)
-        same = [y for k, y in tuple(self._navs) if k == n]
-        if same and _jumped(sum(same[-4:]) / len(same[-4:]), t):
-            # The link changed: fit it again from this sample. A round that uploaded nothing moved: the
-            # latency did, forget everything; one that did: its upload did, keep the rounds that did not.
-            kept = [(k, y) for k, y in self._navs if k == 0] if n > 0 else []
-            line = self.nav_line()
-            self._baseline = line[0] if n > 0 and line is not None else None
-            self._navs.clear()
-            self._navs.extend(kept)
-            self._sends.clear()                # the uplink's per-token time is to be measured again too
+        line = self.nav_line()
+        predicted = None if line is None or (n > 0 and line[1] is None) else line[0] + (line[1] or 0.0) * n
+        kind = n > 0
+        suspect = self._suspect.pop(kind, None)
+        if predicted is not None and _jumped(predicted, t):
+            if t > predicted and suspect is None:
+                # Slower than the line: a round trip only ever meets extra delays (a busy moment, a queue),
+                # so one slow round is a suspect until the next of its kind is slow too. A faster one is
+                # news at once.
+                self._suspect[kind] = t - predicted
+            else:
+                # The link changed: fit it again from here. Rounds that uploaded nothing moved: the
+                # latency did, forget everything; rounds that did: their upload did, keep the rounds that
+                # did not (the round trip without an upload).
+                previous = [(k, y) for k, y in self._navs if (k > 0) == kind][-1:] if suspect is not None else []
+                kept = [(k, y) for k, y in self._navs if k == 0] if kind else []
+                self._baseline = line[0] if kind else None
+                self._navs.clear()
+                self._navs.extend(kept + previous)
+                self._sends.clear()            # the uplink's per-token time is to be measured again too
         self._navs.append((n, t))
 
     def nav_empty(self) -> float | None:

@@ -28,6 +28,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -265,31 +266,43 @@ def run_steps(cfg: StepsConfig) -> dict:
         finally:
             client.close()
     trace = profile.trace
+    rounds = [r for r in rounds if "drafted" in r]          # rounds that got their verdict
     for r in rounds:
         r["t"] -= t0
         r["up_mbps"] = trace.mbps(r["t"], 1)[0]
-        r["uploaded"] = max(r.get("drafted", 0), r["ahead_draft"] if r["ahead"] else 0)
     return {"rounds": rounds, "segments": [list(s) for s in trace.segments], "mismatches": mismatches,
-            "tokens": tokens, "payload": cfg.payload, "seconds": cfg.seconds, "steps": _step_response(rounds)}
+            "payload_bytes": profile.payload_bytes_per_token,
+            "tokens": tokens, "payload": cfg.payload, "seconds": cfg.seconds,
+            "steps": _step_response(rounds, payload_bytes=profile.payload_bytes_per_token)}
 
 
-def _step_response(rounds: list[dict]) -> list[dict]:
-    """For each bandwidth change: the plan's drafted tokens per round before it (median of the 20 rounds
-    before), after it (median of rounds 10-30 after), and the rounds it took to get within one token of
-    the latter and stay there for three rounds."""
+def _step_response(rounds: list[dict], window: int = 5, payload_bytes: int = 0) -> list[dict]:
+    """For each bandwidth change: drafted tokens per round before it (median of the 30 rounds before)
+    and after it (median of rounds 10-40 after), the rounds it took a running median of `window` rounds
+    to come within one token of the latter, the rounds until the controller's per-token upload time is
+    within 30% of the new link's (when `payload_bytes` says what that is), and the structure it planned
+    most before and after."""
     out = []
     marks = [i for i in range(1, len(rounds)) if rounds[i]["up_mbps"] != rounds[i - 1]["up_mbps"]]
     for k, i in enumerate(marks):
         end = marks[k + 1] if k + 1 < len(marks) else len(rounds)
-        before = [r["uploaded"] for r in rounds[max(0, i - 20): i]]
-        after = [r["uploaded"] for r in rounds[i + 10: min(end, i + 30)]]
-        if not before or not after:
+        before = [r["drafted"] for r in rounds[max(0, i - 30): i]]
+        after = [r["drafted"] for r in rounds[i + 10: min(end, i + 40)]]
+        if len(before) < window or len(after) < window:
             continue
         settled = statistics.median(after)
-        took = next((j for j in range(0, end - i - 2)
-                     if all(abs(rounds[i + j + d]["uploaded"] - settled) <= 1 for d in range(3))), None)
+        took = next((j for j in range(0, end - i - window)
+                     if abs(statistics.median(r["drafted"] for r in rounds[i + j: i + j + window]) - settled) <= 1),
+                    None)
+        truth = payload_bytes * 8 / (rounds[i]["up_mbps"] * 1e6) * 1e3 if payload_bytes else None
+        seen = None if truth is None else next(
+            (j for j in range(0, end - i) if abs(rounds[i + j]["beta_ms"] - truth) <= 0.3 * truth), None)
+        structure = lambda rs: Counter((r["plan_head"], r["ahead"], r["ahead_draft"]) for r in rs).most_common(1)[0][0]
         out.append({"at_s": rounds[i]["t"], "from_mbps": rounds[i - 1]["up_mbps"], "to_mbps": rounds[i]["up_mbps"],
-                    "before": statistics.median(before), "after": settled, "rounds_to_settle": took})
+                    "before": statistics.median(before), "after": settled, "rounds_to_settle": took,
+                    "true_beta_ms": truth, "rounds_to_price": seen,
+                    "plan_before": structure(rounds[max(0, i - 30): i]),
+                    "plan_after": structure(rounds[i + 10: min(end, i + 40)])})
     return out
 
 
@@ -298,12 +311,18 @@ def steps_markdown(result: dict, command: str) -> str:
              f"Date {time.strftime('%Y-%m-%d')}, commit {git_commit()}; S4's trace (seed 0), native regime, payload "
              f"`{result['payload']}`, {result['seconds']:g} s, {len(result['rounds'])} rounds, {result['tokens']} tokens, "
              f"{result['mismatches']} generations differing from target greedy.", "",
-             "Drafted tokens sent per round (the head's, or each round ahead's) around each change of the uplink:", "",
-             "| at s | uplink Mbps | median before | median after | rounds to settle |", "|---|---|---|---|---|"]
+             "Around each change of the uplink: the drafted tokens per round (a head's, or a round ahead's; median of "
+             "30 rounds before and of rounds 10-40 after) and the rounds until a running median of 5 is within one "
+             "token of where it settles; the controller's upload time per drafted token against the new link's, and "
+             "the rounds until it is within 30% of it; the structure planned most (head + rounds ahead × their "
+             "drafts) before and after.", "",
+             "| at s | uplink Mbps | drafted / round before → after | rounds to settle | link's ms / token "
+             "| rounds to price it | structure before → after |", "|---|---|---|---|---|---|---|"]
     for s in result["steps"]:
-        moved = s["before"] != s["after"]
-        lines.append(f"| {s['at_s']:.1f} | {s['from_mbps']:g} -> {s['to_mbps']:g} | {s['before']:g} | {s['after']:g} "
-                     f"| {s['rounds_to_settle'] if moved else '(no change)'} |")
+        pb, pa = s["plan_before"], s["plan_after"]
+        lines.append(f"| {s['at_s']:.1f} | {s['from_mbps']:g} → {s['to_mbps']:g} | {s['before']:g} → {s['after']:g} "
+                     f"| {s['rounds_to_settle']} | {_fmt(s['true_beta_ms'], 2)} | {s['rounds_to_price']} "
+                     f"| {pb[0]} + {pb[1]}×{pb[2]} → {pa[0]} + {pa[1]}×{pa[2]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,24 +335,26 @@ def steps_plot(result: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     rounds = result["rounds"]
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    ax.scatter([r["t"] for r in rounds], [r["uploaded"] for r in rounds], s=4, color="tab:blue",
-               label="drafted tokens sent in the round")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("drafted tokens per round")
-    ax2 = ax.twinx()
-    t, edges = 0.0, []
-    end = rounds[-1]["t"] if rounds else 0.0
-    for dur, up, _ in result["segments"] * (1 + int(end // max(1.0, sum(s[0] for s in result["segments"])))):
-        edges.append((t, up))
-        t += dur
-        if t > end:
-            break
-    ax2.step([e[0] for e in edges] + [end], [e[1] for e in edges] + [edges[-1][1]], where="post",
-             color="tab:red", label="uplink Mbps")
-    ax2.set_ylabel("uplink Mbps", color="tab:red")
-    ax.set_title(f"PipeSD on S4's bandwidth trace ({result['payload']} payload)")
-    fig.legend(loc="upper right", fontsize=8)
+    if not rounds:
+        return None
+    t = [r["t"] for r in rounds]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    truth = [result["payload_bytes"] * 8 / (r["up_mbps"] * 1e6) * 1e3 for r in rounds]
+    top.plot(t, truth, color="tab:red", label="the link's upload time per drafted token")
+    top.plot(t, [r["beta_ms"] for r in rounds], ".", markersize=2, color="tab:gray", label="the controller's estimate")
+    top.set_ylabel("ms per drafted token")
+    top.set_ylim(0, 3 * max(truth))
+    top.legend(fontsize=8, loc="upper right")
+    top.set_title(f"PipeSD on S4's bandwidth trace ({result['payload']} payload): the link, and what the controller "
+                  "plans on it", fontsize=10)
+    bottom.scatter(t, [r["drafted"] for r in rounds], s=3, color="tab:blue", alpha=0.3, label="drafted tokens in the round")
+    run = [statistics.median(r["drafted"] for r in rounds[max(0, i - 10): i + 1]) for i in range(len(rounds))]
+    bottom.plot(t, run, color="tab:blue", label="running median (11 rounds)")
+    bottom.plot(t, [r["ahead_draft"] if r["ahead"] else math.nan for r in rounds], color="tab:green", linewidth=1,
+                label="planned drafts per round ahead")
+    bottom.set_ylabel("drafted tokens per round")
+    bottom.set_xlabel("seconds")
+    bottom.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

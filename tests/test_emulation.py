@@ -1,6 +1,7 @@
 """The link emulator's model (pure, with a fake clock), the scenarios, and the TPT lower bound."""
 
 import math
+import time
 
 import pytest
 
@@ -159,3 +160,23 @@ def test_lower_bound():
     assert lower_bound_tpt(0.005, 0.005, 0.02, 4.0) < lower_bound_tpt(0.01, 0.005, 0.02, 4.0)
     assert lower_bound_tpt(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
     assert math.isfinite(lower_bound_tpt(0.0, 0.0, 0.0, 2.0))
+
+def test_a_slowed_drafter_gives_up_its_emulated_compute_when_interrupted():
+    import threading
+
+    from edge_sdk.drafter import DraftInterrupted
+    from pipesd_lab.emulation import SlowedDrafter
+    from pipesd_lab.toy import ToyDrafter, toy_pair
+
+    drafter = SlowedDrafter(ToyDrafter(toy_pair()[1]), 0.5)
+    drafter.set_context([1, 2, 3])
+    timer = threading.Timer(0.02, drafter.interrupt)
+    t = time.perf_counter()
+    timer.start()
+    with pytest.raises(DraftInterrupted):
+        drafter.next_token()
+    assert time.perf_counter() - t < 0.3 and drafter.slept_s < 0.3     # not the whole half second
+    drafter.interrupt(False)
+    drafter.seconds_per_token = 0.0
+    drafter.set_context([1, 2, 3])
+    assert drafter.next_token().token == ToyDrafter(toy_pair()[1]).language.logits([1, 2, 3]).argmax()

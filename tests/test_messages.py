@@ -25,9 +25,19 @@ from privacy import (
     VerifyRequest(0, (0, 11, 2047), (5, 6, 7)),
     VerifyRequest(12, (), (), b"h" * 16),
     VerifyResponse(3, 17, 20, 4.25),
+    VerifyResponse(3, 17, 20, 4.25, 12.5),
 ])
 def test_round_trip(msg):
     assert type(msg).from_dict(decode(encode(msg.to_dict()))) == msg
+
+
+def test_a_result_names_its_queue_time_only_when_it_waited():
+    assert "queue_ms" not in VerifyResponse(1, 2, 3, 4.0).to_dict()        # as verifiers before it wrote
+    assert VerifyResponse.from_dict({"accepted": 1, "token": 2, "committed_len": 3, "verify_ms": 4.0}).queue_ms == 0
+    for bad in (-1.0, float("nan"), float("inf"), "3"):
+        with pytest.raises(WireError) as err:
+            VerifyResponse.from_dict({"accepted": 1, "token": 2, "committed_len": 3, "verify_ms": 4.0, "queue_ms": bad})
+        assert err.value.code is ErrorCode.MALFORMED
 
 
 def test_tokens_travel_as_packed_little_endian_uint32():
