@@ -20,9 +20,10 @@ table shape, details, lower bound), ``results.json``, and PNG plots when matplot
 (``pip install pipesd[bench]``): TPT per method and scenario, bandwidth sweep, pipeline timeline,
 BO vs grid vs random search.
 
-The analytic lower bound (``lower_bound_tpt``) is what a pipelined speculative decoder could reach
-with the cell's measured γ, β, verify time, RTT and per-token acceptance; ``efficiency`` is bound /
-TPT.
+The analytic lower bound (``lower_bound_tpt``) is a floor no speculative decoder of our protocol can
+beat, from the cell's measured γ, one-token pass, RTT and positions per rejection; ``efficiency`` is
+bound / TPT. ``earlier_bound_tpt`` (the bound of the runs before the segment controller, looser) is
+reported next to it so that the two can be compared.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class Tally:
     mismatches: int = 0            # generations whose tokens differ from target greedy (-1: not checked)
     unverified: int = 0            # tokens emitted by the draft alone after a failed NAV (offline fallback)
     lower_bound_ms: float = 0.0
+    earlier_bound_ms: float = 0.0  # earlier_bound_tpt: the looser bound of the earlier runs, for comparison
     r1: float | None = None
     r2: float | None = None
     # The round controller's (pipesd and its controller ablations): acceptance-model calibration over
@@ -189,6 +191,10 @@ class Tally:
     def efficiency(self) -> float:
         return self.lower_bound_ms / self.tpt_ms if self.tokens and self.lower_bound_ms else math.nan
 
+    @property
+    def earlier_efficiency(self) -> float:
+        return self.earlier_bound_ms / self.tpt_ms if self.tokens and self.earlier_bound_ms else math.nan
+
     def row(self) -> dict:
         d = asdict(self)
         per_token = lambda x: x / self.tokens if self.tokens else math.nan   # noqa: E731
@@ -197,7 +203,7 @@ class Tally:
                  up_bytes_per_token=per_token(self.bytes_up), down_bytes_per_token=per_token(self.bytes_down),
                  draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
                  wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
-                 efficiency=self.efficiency,
+                 efficiency=self.efficiency, earlier_efficiency=self.earlier_efficiency,
                  passes_per_token=per_token(self.passes), batches_per_token=per_token(self.batches),
                  positions_per_rejection=self.positions_per_rejection)
         return d
@@ -223,6 +229,24 @@ def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float) -
     round_trip = rtt + verify
     p = max(1.0, positions) if math.isfinite(positions) else 1.0
     return ((p - 1) * min(gamma, round_trip) + round_trip) / p
+
+
+def earlier_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: float, max_n: int = 64) -> float:
+    """The bound the bench reported before ``lower_bound_tpt``: kept for comparison only.
+
+    A round drafts n tokens, taking at least max(nγ, nβ); a rejection (probability 1 - a^n for a
+    geometric per-token acceptance a) exposes verify + a round trip; a fully accepted round hides them
+    and its bonus token comes free. Best n, n = 0 (the target alone) included. A floor too, but a loose
+    one: once the next round is pipelined on a guess, the bonus token must itself be drafted (γ), which
+    this bound never charges.
+    """
+    a = min(max(a, 0.0), 0.999)
+    best = verify + rtt
+    for n in range(1, max_n + 1):
+        accepted = a * (1 - a ** n) / (1 - a) if a > 0 else 0.0
+        cost = max(n * gamma, n * beta) + (1 - a ** n) * (verify + rtt)
+        best = min(best, cost / (accepted + 1))
+    return best
 
 
 @dataclass
@@ -416,11 +440,19 @@ class Bench:
         passes = [t.verify_s / t.rounds for t in tallies.values() if t.rounds and t.method == "cloud_only"]
         verify = passes[0] if passes else min(t.verify_s / t.rounds for t in sd if t.rounds)
         bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection)
+        # The earlier bound, as it was computed: geometric acceptance, β from the sealed bytes up per
+        # drafted token at the fastest uplink, the mean pass per round.
+        drafted = sum(t.drafted for t in sd)
+        a = pooled.accepted / max(1, pooled.accepted + pooled.rollbacks)
+        up_mbps = max(s[1] for s in link.trace.segments) if link.trace else link.up_mbps
+        beta = (sum(t.bytes_up for t in sd) / max(1, drafted) + link.payload_bytes_per_token) * 8 / (up_mbps * 1e6)
+        mean_pass = sum(t.verify_s for t in sd) / max(1, sum(t.rounds for t in sd))
+        earlier = 1e3 * earlier_bound_tpt(gamma, beta, mean_pass, link.rtt_ms / 1e3, a)
         for t in tallies.values():
             if t.method == "cloud_only" and t.rounds:    # its own bound: a round trip + verify per token
-                t.lower_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
+                t.lower_bound_ms = t.earlier_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
             elif t.method != "edge_only":
-                t.lower_bound_ms = bound
+                t.lower_bound_ms, t.earlier_bound_ms = bound, earlier
 
     # -- extras: sweep, timeline, tuners -----------------------------------------------------
     def run_sweep(self, verifier, pair: str, bar=None) -> None:
@@ -554,9 +586,9 @@ class Bench:
                     lines.append(f"| PipeSD speed-up vs {ref} | " + " | ".join(vals) + " |")
                 lines.append("")
                 lines += [f"Details ({pair}, {regime}):", "",
-                          "| scenario | method | TPT ms | bound ms | efficiency | acceptance | positions / rejection | NAV rounds "
+                          "| scenario | method | TPT ms | bound ms | efficiency | (earlier bound) | acceptance | positions / rejection | NAV rounds "
                           "| target passes / token | rollback rate | mean draft | sealed up B/tok | down B/tok | draft / upload (non-final batches) / "
-                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 16]
+                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 17]
                 for t in cell:
                     r = t.row()
                     thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
@@ -566,7 +598,8 @@ class Bench:
                         lossless += f", {t.unverified} tokens unverified (went offline)"
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
-                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.acceptance, 2)} | {_fmt(t.positions_per_rejection, 2)} "
+                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.earlier_bound_ms)} ms, {_fmt(t.earlier_efficiency, 2)} "
+                        f"| {_fmt(t.acceptance, 2)} | {_fmt(t.positions_per_rejection, 2)} "
                         f"| {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
                         f"| {_fmt(t.rollback_rate, 2)} "
                         f"| {_fmt(r['mean_draft_len'])} | {_fmt(r['up_bytes_per_token'], 0)} "
@@ -701,6 +734,9 @@ def plot_all(bench: Bench, out: Path) -> list[Path]:
         written.append(out / "timeline.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+    path = plot_reliability([t.row() for t in bench.results], out / "reliability.png")
+    if path is not None:
+        written.append(path)
     if bench.tuner_runs:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, ev in bench.tuner_runs.items():
@@ -718,6 +754,47 @@ def plot_all(bench: Bench, out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+def plot_reliability(rows: list[dict], path: Path, method: str = "pipesd") -> Path | None:
+    """The acceptance model's reliability curve per regime (pooled over scenarios): predicted acceptance
+    against the observed rate per bin, prequential (each prediction made before the verdict it scores).
+    `rows`: ``Tally.row()`` dicts (a results.json's "results")."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    regimes = [r for r in REGIMES if any(x["regime"] == r and x["method"] == method and x.get("reliability")
+                                         for x in rows)]
+    if not regimes:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfectly calibrated")
+    for regime in regimes:
+        bins: dict[int, list[float]] = {}
+        briers = []
+        for x in rows:
+            if x["regime"] == regime and x["method"] == method and x.get("reliability"):
+                for predicted, observed, n in x["reliability"]:
+                    b = bins.setdefault(min(9, int(predicted * 10)), [0.0, 0.0, 0.0])
+                    b[0] += predicted * n
+                    b[1] += observed * n
+                    b[2] += n
+                briers.append(x["brier"])
+        pts = sorted((p / n, o / n, n) for p, o, n in bins.values() if n)
+        ax.plot([p for p, _, _ in pts], [o for _, o, _ in pts], marker="o",
+                label=f"{regime} (Brier {sum(briers) / len(briers):.3f})")
+    ax.set_xlabel("predicted P(accepted)")
+    ax.set_ylabel("observed acceptance")
+    ax.set_title(f"{method}: acceptance model, prequential", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipesd_lab.bench import lower_bound_tpt
+from pipesd_lab.bench import earlier_bound_tpt, lower_bound_tpt
 from pipesd_lab.emulation import BandwidthTrace, LinkDown, LinkProfile, SerialLink
 from pipesd_lab.scenarios import PAPER_GAMMA_S, PAPER_PAYLOAD_BYTES, SCENARIOS, get_scenario
 
@@ -160,6 +160,15 @@ def test_lower_bound():
     assert lower_bound_tpt(0.005, 0.005, 0.02, 4.0) < lower_bound_tpt(0.01, 0.005, 0.02, 4.0)
     assert lower_bound_tpt(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
     assert math.isfinite(lower_bound_tpt(0.0, 0.0, 0.0, 2.0))
+
+
+def test_the_earlier_bound_is_the_looser_floor():
+    # With geometric acceptance a (1 / (1 - a) positions per rejection) and an idle uplink, the earlier
+    # bound (bonus token free, round trip hidden) is never above the current one.
+    for gamma in (0.0005, 0.005, 0.01, 0.03):
+        for a in (0.5, 0.75, 0.9):
+            assert earlier_bound_tpt(gamma, 0.0, 0.005, 0.02, a) <= lower_bound_tpt(gamma, 0.005, 0.02, 1 / (1 - a))
+    assert earlier_bound_tpt(0.01, 0.0, 0.005, 0.02, 0.0) == pytest.approx(0.025)   # nothing accepted: the target
 
 def test_a_slowed_drafter_gives_up_its_emulated_compute_when_interrupted():
     import threading

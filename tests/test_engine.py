@@ -171,16 +171,35 @@ def test_lost_replies_are_retried_without_double_commits(rig, mode):
     assert gen.stats.resyncs >= 1 and gen.stats.breaker_trips == 0 and rig.verifier.drop_replies == 0
 
 
+@pytest.mark.parametrize("mode", ["pipesd_fixed", "pipesd", "pipesd_no_pipeline"])
 @pytest.mark.parametrize("pause_after", [1, 9])
-def test_a_verifier_restart_mid_generation_changes_nothing(rig, pause_after):
+def test_a_verifier_restart_mid_generation_changes_nothing(rig, pause_after, mode):
     prompt = PROMPTS[5]
-    gen = rig.stream(prompt, "pipesd_fixed", N)
+    gen = rig.stream(prompt, mode, N)
     events = iter(gen)
     head = [next(events).token for _ in range(pause_after)]
     rig.verifier.restart()                     # every session is gone; the edge's next request finds out
     tail = [e.token for e in events if e.token is not None]
     assert head + tail == reference(prompt, N)
     assert gen.stats.resyncs >= 1 and rig.verifier.requests["handshake"] == 2
+
+
+@pytest.mark.parametrize("objective", ["latency", "cloud_cost", "edge_energy"])
+def test_every_objective_equals_target_greedy_also_through_restarts(objective):
+    """A device-like rig (a 5 ms draft, a 20 ms round trip: guesses pipelined ahead for latency, long heads
+    for cloud cost, nothing ahead for edge energy), the verifier restarted every few tokens."""
+    with Rig(latency_s=0.02, draft_seconds=0.005) as r:
+        policy = make_policy("pipesd", objective=objective)
+        for prompt in PROMPTS[:3]:
+            gen = r.stream(prompt, n=30, policy=policy)
+            tokens = []
+            for i, event in enumerate(gen):
+                if event.token is not None:
+                    tokens.append(event.token)
+                if i in (5, 17):
+                    r.verifier.restart()
+            assert tokens == reference(prompt, 30) and all(e.verified for e in gen.result.events)
+            assert gen.result.stats.resyncs >= 1
 
 
 def test_verifier_down_for_a_whole_generation_equals_edge_only(rig):
@@ -365,12 +384,14 @@ def test_verify_late_verifies_a_long_tail_chunk_by_chunk_without_resyncs():
         assert result.stats.revisions == 0 and result.stats.resyncs == 0
 
 
-def test_restarts_while_proactive_rounds_are_in_flight_never_lose_the_new_session():
+@pytest.mark.parametrize("mode,draft_seconds", [("pipesd_per_token", 0.0), ("pipesd", 0.004)])
+def test_restarts_while_proactive_rounds_are_in_flight_never_lose_the_new_session(mode, draft_seconds):
     """A proactive round's stream still in flight when the verifier restarts gets its "unauthenticated"
-    back after the edge has already opened a new session: that late reply must not drop the new one."""
-    with Rig(latency_s=0.002) as r:
+    back after the edge has already opened a new session: that late reply must not drop the new one.
+    (With a 4 ms draft PipeSD keeps guesses in flight, several rounds at a time.)"""
+    with Rig(latency_s=0.002 if not draft_seconds else 0.02, draft_seconds=draft_seconds) as r:
         prompt = PROMPTS[6]
-        gen = r.stream(prompt, "pipesd_per_token", 80)
+        gen = r.stream(prompt, mode, 80)
         seen = 0
         for _ in gen:
             seen += 1

@@ -21,11 +21,15 @@ def primary():
         yield v
 
 
+MODES = [("vanilla", {"draft_k": 4}), ("pipesd", {}), ("pipesd", {"objective": "cloud_cost"})]
+
+
+@pytest.mark.parametrize("mode,settings", MODES)
 @pytest.mark.parametrize("pause_after", [1, 9])
-def test_restart_mid_generation(primary, pause_after):
-    with EdgeClient(primary.url, verifier_key=primary.public_key, threads=1) as client:
+def test_restart_mid_generation(primary, pause_after, mode, settings):
+    with EdgeClient(primary.url, verifier_key=primary.public_key, threads=1, mode=mode, **settings) as client:
         reference = client.generate(PROMPTS[5], max_new_tokens=40, mode="cloud_only").tokens
-        gen = client.stream(PROMPTS[5], max_new_tokens=40, mode="vanilla", draft_k=4)
+        gen = client.stream(PROMPTS[5], max_new_tokens=40)
         events = iter(gen)
         head = [next(events).token for _ in range(pause_after)]
         primary.restart()                      # SIGKILL, then a fresh process on the same port and key
@@ -34,11 +38,13 @@ def test_restart_mid_generation(primary, pause_after):
     assert gen.stats.resyncs >= 1
 
 
-def test_failover_to_a_second_replica(primary):
+@pytest.mark.parametrize("mode,settings", MODES)
+def test_failover_to_a_second_replica(primary, mode, settings):
     with primary.replica() as second:
-        with EdgeClient([primary.url, second.url], verifier_key=primary.public_key, threads=1) as client:
+        with EdgeClient([primary.url, second.url], verifier_key=primary.public_key, threads=1, mode=mode,
+                        **settings) as client:
             reference = client.generate(PROMPTS[8], max_new_tokens=40, mode="cloud_only").tokens
-            gen = client.stream(PROMPTS[8], max_new_tokens=40, mode="vanilla", draft_k=4)
+            gen = client.stream(PROMPTS[8], max_new_tokens=40)
             events = iter(gen)
             head = [next(events).token for _ in range(6)]
             primary.kill()                     # the edge moves to the replica, which has never seen it
