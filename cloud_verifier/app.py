@@ -218,6 +218,9 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
         buf, frames = bytearray(), 0
         async for chunk in request.stream():
             buf += chunk
+            # A frame completed by this chunk arrived now, though it may wait in `buf` behind an earlier
+            # frame's pass: that wait is the verifier's (queue_ms), not the link's.
+            arrived = time.perf_counter()
             while len(buf) >= 4:
                 size = int.from_bytes(buf[:4], "big")
                 if size > settings.max_frame_bytes:
@@ -230,7 +233,7 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
                     raise WireError(ErrorCode.BATCH_TOO_LARGE, "more frames in one round than draft tokens allowed")
                 # Batches that arrived while the target was busy are staged together and run once.
                 more = len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big")
-                status, reply, kind = await state.in_order(frame, more_coming=more)
+                status, reply, kind = await state.in_order(frame, more_coming=more, arrived=arrived)
                 if kind != FrameType.ACK:
                     return Response(reply, status_code=status, media_type=MEDIA_FRAME)
             if len(buf) > settings.max_frame_bytes + 4:

@@ -87,7 +87,9 @@ class Drafter(Protocol):
 
     def interrupt(self, on: bool = True) -> None:
         """From another thread: give up the token being drafted (or the next one) as soon as possible,
-        because it is no longer wanted; ``interrupt(False)`` withdraws an interrupt not yet acted on."""
+        because it is no longer wanted; ``interrupt(False)`` withdraws an interrupt not yet acted on.
+        The engine calls ``interrupt(False)`` on its own thread before drafting anything it may
+        interrupt: a backend that needs to set something up does it then."""
 
     def __len__(self) -> int: ...
 
@@ -196,18 +198,15 @@ class LlamaCppDrafter(_LogitsDrafter):
 
     def interrupt(self, on: bool = True) -> None:
         """Stop the token being drafted midway: llama.cpp checks an abort callback between the nodes of
-        its graph. Installed at the first interrupt (the check costs a few percent of drafting speed,
-        which a draft too fast to be worth interrupting never pays)."""
+        its graph. The callback is installed by the first ``interrupt(False)`` -- which the engine calls
+        on its own thread before it drafts anything it may interrupt, so the context is never changed
+        under a running decode -- and costs a few percent of drafting speed, which a draft too fast to be
+        worth interrupting never pays."""
         super().interrupt(on)
-        if on and self._abort is None:
-            import ctypes
-
+        if self._abort is None and not on:
             stop = self._stop
             self._abort = self._llama_cpp.ggml_abort_callback(lambda _data: stop.is_set())
-            set_abort = self._llama_cpp.llama_cpp._lib.llama_set_abort_callback
-            set_abort.argtypes = [ctypes.c_void_p, self._llama_cpp.ggml_abort_callback, ctypes.c_void_p]
-            set_abort.restype = None
-            set_abort(self.llm.ctx, self._abort, None)
+            self._llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort, None)
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)

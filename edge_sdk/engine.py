@@ -176,6 +176,7 @@ class Decoding:
         self.unverified_from = None      # where the output's unverified tail starts (offline)
         self._unverified_q: dict = {}    # sampling, offline: position -> the q an unverified token came from
         self.uploader: Uploader | None = None
+        self._watch_lock = threading.Lock()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         stats, cloud = self.stats, self.cloud if self.policy.uses_cloud else None
@@ -317,6 +318,7 @@ class Decoding:
         # A slow drafter is told to give up a token that a verdict has made useless (``_interrupt``).
         watch = self.profiler.gamma >= self.INTERRUPT_FROM_S
         if watch:
+            self.drafter.interrupt(False)            # ready (on this thread), nothing pending
             self._watched = nav
             nav.future.add_done_callback(lambda f: self._interrupt(f, rnd, nav))
         try:
@@ -343,8 +345,7 @@ class Decoding:
         return rnd.then
 
     INTERRUPT_FROM_S = INTERRUPT_FROM_S     # drafters slower than this per token are interrupted; faster ones finish
-    _watched: Nav | None = None
-    _watch_lock = threading.Lock()
+    _watched: Nav | None = None              # the NAV whose verdict may interrupt drafting (guarded by _watch_lock)
 
     def _interrupt(self, verdict, rnd: Round, nav: Nav) -> None:
         """`nav` answered (on its stream's thread) while the engine may be drafting ahead of `rnd`: if the
@@ -377,7 +378,8 @@ class Decoding:
             return None                  # the verdict came first, and made the guess useless
         new = self._new_round(tip.base + tip.tokens + [guess.token])
         new.guess = guess
-        new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, self.policy.ahead_draft))
+        policy_cap = self.policy.max_draft if self.policy.ahead_draft is None else self.policy.ahead_draft
+        new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, policy_cap))
         return new
 
     def _complete(self, rnd: Round) -> bool:

@@ -91,7 +91,8 @@ class Policy:
     pipelined: bool = False     # ... and send its final batch then (verified as soon as the verdict allows)
     max_draft: int = MAX_DRAFT  # a round's draft cap (0: no draft, the target decodes alone)
     max_ahead: int = 1          # rounds drafted ahead, each on top of the one before (a proactive policy)
-    ahead_draft: int = MAX_DRAFT  # a round drafted ahead: its draft cap after the guess (0: the guess alone)
+    ahead_draft: int | None = None  # a round drafted ahead: its draft cap after the guess (0: the guess
+                                    # alone; None: max_draft, as for any round)
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -273,7 +274,7 @@ class PipeSD(Policy):
         # Planning costs milliseconds; a plan is reused while what it was made from has not really
         # moved (each cost within 20% or 2 ms, each acceptance within 0.05): rounds are re-planned when the
         # link, the device or the draft changes, not because a measurement jittered.
-        key = (min(self._segment, len(self.model.positions.n)), beta is None, rate_scale)
+        key = (min(self._segment, self.model.positions.pooled), beta is None, rate_scale)
         kept = self._plans.get(key)
         if kept is not None and _close(kept[0], costs) and len(kept[1]) == len(a) and all(
                 abs(x - y) <= 0.05 for x, y in zip(kept[1], a)):
@@ -341,14 +342,15 @@ class PipeSD(Policy):
     def _decide(self, draft: Sequence[DraftToken]) -> bool:
         # The survival of the head round's draft, extended by one prediction per new token: the
         # decision is a product and a comparison.
-        n = len(draft)
+        # Positions are in the segment, as the model learns them and the plan assumes them.
+        n, first = len(draft), self._segment
         tracked = self._tracked.get(id(draft))
         if tracked is not None and tracked[0] is draft and tracked[1] == n:
             survival = tracked[2]
         elif tracked is not None and tracked[0] is draft and tracked[1] == n - 1:
-            survival = tracked[2] * self.model.predict(draft[-1].confidence, n)
+            survival = tracked[2] * self.model.predict(draft[-1].confidence, first + n - 1)
         else:
-            survival = math.prod(self.model.predict(d.confidence, i + 1) for i, d in enumerate(draft))
+            survival = math.prod(self.model.predict(d.confidence, first + i) for i, d in enumerate(draft))
         if len(self._tracked) > 16 and id(draft) not in self._tracked:
             self._tracked.clear()
         self._tracked[id(draft)] = (draft, n, survival)
@@ -371,8 +373,10 @@ class PipeSD(Policy):
         if draft:
             self.model.observe(draft, accepted, start)
         # The next round's first draft: after a rejection (a draft, or the guess) a segment begins again;
-        # else it follows this round's drafts and the target's token.
-        self._segment = 1 if accepted < len(draft) else start + drafted + 1
+        # else it follows this round's drafts and the target's token. A round that checked nothing (the
+        # target alone) says nothing of where the draft stands: the position stays.
+        if draft:
+            self._segment = 1 if accepted < len(draft) else start + drafted + 1
         if self.tuner is not None and drafted:
             self.tuner.record(verdict.committed, verdict.seconds)
 

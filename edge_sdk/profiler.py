@@ -27,9 +27,10 @@ class LinkEstimate:
     verify: float     # s of target compute per NAV round
     acceptance: float
     nav_network: float | None = None   # s: a NAV round trip with a one-token final batch, minus verification
-    nav_latency: float | None = None   # s: a drafted round's NAV line read at zero final-batch tokens
+    nav_latency: float | None = None   # s: the NAV line at zero final-batch tokens (the median of recent rounds
+                                       # that uploaded no draft token: target-alone and guess-only rounds)
     nav_per_token: float | None = None  # s: what each final-batch token adds to a NAV round trip
-    nav_empty: float | None = None     # s: a NAV round trip with no draft at all (the target decoding alone)
+    nav_empty: float | None = None     # s: the same rounds' recency-weighted mean (follows a change sooner)
     verify_fixed: float | None = None  # s: target compute of a NAV round, its fixed part ...
     verify_per_token: float = 0.0      # ... and per drafted token
     uplink_per_token: float | None = None   # s per token of non-final batches, when sizes varied enough to fit
@@ -161,7 +162,8 @@ class LinkProfiler:
                 # The link changed: fit it again from here. Rounds that uploaded nothing moved: the
                 # latency did, forget everything; rounds that did: their upload did, keep the rounds that
                 # did not (the round trip without an upload).
-                previous = [(k, y) for k, y in self._navs if (k > 0) == kind][-1:] if suspect is not None else []
+                confirmed = suspect is not None and t > predicted      # two slow in a row: the suspect is news
+                previous = [(k, y) for k, y in self._navs if (k > 0) == kind][-1:] if confirmed else []
                 kept = [(k, y) for k, y in self._navs if k == 0] if kind else []
                 self._baseline = line[0] if kind else None
                 self._navs.clear()

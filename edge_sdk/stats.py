@@ -28,8 +28,10 @@ class GenerationStats:
     proactive_kept: int = 0        # tokens drafted during NAV that became the next round's draft
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
     pipelined_rounds: int = 0      # rounds verified on a final batch sent before the verdict they built on
-    target_passes: int = 0         # target passes the verifier ran for verdicts this generation got (a
-                                   # round's batches; a dropped pipelined round ran none)
+    target_passes: int = 0         # target passes asked for by rounds that got a verdict: each batch sent
+                                   # for verification, plus each resend (a batch the verifier merges with
+                                   # the next, or runs without eager forward, costs less: an upper bound;
+                                   # a dropped pipelined round asked for none)
     drafts_interrupted: int = 0    # tokens given up midway because a verdict made them useless (slow drafters)
     guesses_checked: int = 0       # the draft's guesses of the target's next token that a verdict checked
     guesses_right: int = 0         # ... and found to be the target's (the rounds drafted on them went on)

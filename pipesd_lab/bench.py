@@ -90,7 +90,8 @@ def _controller_report(tally: "Tally", policy, before) -> None:
     tally.cloud_only_rounds = policy.cloud_only_rounds - cloud_rounds
     tally.r1, tally.r2 = policy.thresholds
     chosen = policy.structures - structures
-    tally.structures = [[*k, n] for k, n in chosen.most_common(3)]
+    total = sum(chosen.values()) or 1
+    tally.structures = [[*k, n / total] for k, n in chosen.most_common(3)]    # the top three, share of all rounds
 
 
 def method_known(method: str) -> bool:
@@ -140,7 +141,7 @@ class Tally:
     decide_us: float | None = None       # per drafted token (verify_now)
     plan_us: float | None = None         # per round (start_round)
     cloud_only_rounds: int = 0
-    structures: list | None = None       # the controller's most chosen (head, rounds ahead, their drafts, rounds)
+    structures: list | None = None       # the controller's top three (head, rounds ahead, their drafts, share of rounds)
 
     def add(self, stats, matches: bool | None) -> None:
         self.generations += 1
@@ -181,7 +182,9 @@ class Tally:
         acceptance as a geometric model would fit it)."""
         rejections = self.rollbacks + self.guesses - self.guesses_right
         checked = self.accepted + self.guesses_right + rejections
-        return checked / rejections if rejections else math.nan
+        if not rejections:
+            return math.inf if checked else math.nan      # never rejected: runs without end; nothing checked
+        return checked / rejections
 
     @property
     def rollback_rate(self) -> float:
@@ -210,7 +213,8 @@ class Tally:
 
 
 def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float) -> float:
-    """Seconds per output token no speculative decoder of our protocol can beat, in expectation.
+    """Seconds per output token no speculative decoder of our protocol can beat, in expectation, for
+    runs of `positions` between rejections.
 
     The protocol: the edge proposes tokens, and every verdict adds the target's own token after what it
     verified. Along the target's output, count the positions from one rejection to the next (the draft
@@ -223,10 +227,16 @@ def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float) -
     than the token before it, and takes a round trip: rtt plus one pass. So a run of p positions takes at
     least (p - 1) min(gamma, rtt + verify) + rtt + verify, whatever the batching, the pipelining or the
     stopping rule; the target alone (positions = 1) is the special case. Pipelined NAV cannot beat it: it
-    overlaps rounds, not a round trip with the token it waits for. It assumes nothing of how acceptance
-    is spread over positions; `positions` is measured (``Tally.positions_per_rejection``).
+    overlaps rounds, not a round trip with the token it waits for.
+
+    What makes it an estimate rather than a certainty is `positions`: the bench measures it on the
+    positions the cell's methods checked (``Tally.positions_per_rejection``), not on every position of
+    the target's output, so a method that checks where the draft is surer could see longer runs. inf
+    (never rejected) gives min(gamma, round trip) per token; NaN (nothing checked) the target alone.
     """
     round_trip = rtt + verify
+    if math.isinf(positions):
+        return min(gamma, round_trip)
     p = max(1.0, positions) if math.isfinite(positions) else 1.0
     return ((p - 1) * min(gamma, round_trip) + round_trip) / p
 
@@ -436,7 +446,8 @@ class Bench:
         gamma = measured + scenario.added_draft_seconds(regime, measured)
         link = scenario.link(regime, self.config.payload, seed=self.config.seed,
                              vocab_size=self.vocab.get(sd[0].pair, 2048))
-        # The fastest pass the cell saw: cloud_only's one-token pass if it ran, else the mean per round.
+        # The fastest pass the cell saw: cloud_only's one-token pass if it ran, else the smallest mean
+        # pass per round of a speculative method (longer than a one-token pass: the bound is then higher).
         passes = [t.verify_s / t.rounds for t in tallies.values() if t.rounds and t.method == "cloud_only"]
         verify = passes[0] if passes else min(t.verify_s / t.rounds for t in sd if t.rounds)
         bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection)
@@ -656,9 +667,8 @@ def _structures(t: Tally) -> str:
     """The controller's structures, e.g. "4 + 2×16: 61%, 0 + 4×0: 30%"."""
     if not t.structures:
         return "-"
-    total = sum(s[3] for s in t.structures) or 1
-    return ", ".join(f"{h} + {a}×{k}: {100 * n / total:.0f}%" if a else f"{h} alone: {100 * n / total:.0f}%"
-                     for h, a, k, n in t.structures)
+    return ", ".join(f"{h} + {a}×{k}: {100 * share:.0f}%" if a else f"{h} alone: {100 * share:.0f}%"
+                     for h, a, k, share in t.structures)
 
 
 def _fmt(x, digits: int = 1) -> str:

@@ -3,7 +3,7 @@
     pipesd grid --pin --out docs/bench/grid       # 27 points, PipeSD vs the baselines (~40 min)
     pipesd steps --pin --out docs/bench/steps     # S4's bandwidth trace, PipeSD's rounds against it
 
-``grid``: each point is a round-trip time (10, 40, 150 ms, one-way jitter of a tenth of it), a
+``grid``: each point is a round-trip time (10, 40, 150 ms, each way jittered by a twentieth of it), a
 device (a draft of 0.3 -- this machine's -- 5 or 40 ms per token) and a link (token ids at 1 Mbps, or
 the paper's 0.29 MB per drafted token at 100 or 40 Mbps). On every point the same procedure as the
 bench: one verifier process on loopback, every method an ``EdgeClient`` of its own with its own

@@ -167,6 +167,17 @@ def test_the_profiler_prices_the_uplink_robustly_and_follows_a_step():
     assert profiler.estimate().nav_latency == pytest.approx(0.030, abs=0.002)
 
 
+def test_a_slow_suspect_is_not_kept_when_the_link_turns_out_faster():
+    profiler = LinkProfiler()
+    for i in range(10):
+        profiler.observe_nav(0.030 + (0.001 if i % 2 else -0.001), 0)
+        profiler.observe_nav(0.030 + 4 * 0.005, 4)                       # 5 ms a drafted token
+    profiler.observe_nav(0.030 + 0.200, 4)                               # a slow moment: a suspect, not news
+    assert profiler.estimate().upload_per_token == pytest.approx(0.005, rel=0.2)
+    profiler.observe_nav(0.030 + 4 * 0.0005, 4)                          # the uplink got 10x faster: news at once
+    assert profiler.estimate().upload_per_token == pytest.approx(0.0005, abs=2e-4)
+
+
 def test_objectives_price_the_same_segment_differently():
     latency, cloud = plan(DEVICE), plan(DEVICE, objective="cloud_cost")
     energy = plan(DEVICE, objective="edge_energy", proactive=False)

@@ -159,6 +159,9 @@ def test_lower_bound():
     assert lower_bound_tpt(0.01, 0.005, 0.02, 5.0) < lower_bound_tpt(0.01, 0.005, 0.02, 3.0)
     assert lower_bound_tpt(0.005, 0.005, 0.02, 4.0) < lower_bound_tpt(0.01, 0.005, 0.02, 4.0)
     assert lower_bound_tpt(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
+    # Never rejected: every position drafted, at the draft's speed (or the target's, if that is faster).
+    assert lower_bound_tpt(0.01, 0.005, 0.02, math.inf) == pytest.approx(0.01)
+    assert lower_bound_tpt(0.05, 0.005, 0.02, math.inf) == pytest.approx(0.025)
     assert math.isfinite(lower_bound_tpt(0.0, 0.0, 0.0, 2.0))
 
 
