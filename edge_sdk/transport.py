@@ -63,6 +63,10 @@ class Verifier(Protocol):
         """End the session and release connections."""
 
 
+class _Moved(SessionLost):
+    """A request that found its HTTP client closed: another request moved the connection meanwhile."""
+
+
 HANDSHAKE_TRIES = 3          # handshakes answered by a proxy's 5xx (a replica just died) are retried
 
 
@@ -82,6 +86,7 @@ class _Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._count_lock = threading.Lock()
+        self._move_lock = threading.Lock()          # one move at a time, from the replica that failed
 
     @property
     def url(self) -> str:
@@ -98,12 +103,19 @@ class _Connection:
             return None
         return httpx.Timeout(min(self.read_timeout, self.deadline), connect=min(self.connect_timeout, self.deadline))
 
-    def move_to(self, index: int) -> None:
-        """Use replica `index` from now on; the session does not follow (the caller opens one)."""
-        self.current = index
-        self.http.close()
-        self.http = httpx.Client(base_url=self.url, timeout=self.timeout)
-        self.session = None
+    def move_to(self, index: int, leaving: int | None = None) -> None:
+        """Use replica `index` from now on; the session does not follow (the caller opens one).
+        `leaving`: move only if the connection is still on that replica -- several requests in flight
+        find the same replica gone, and only the first may move (a second would close the client the
+        first just opened, under requests already on it)."""
+        with self._move_lock:
+            if leaving is not None and self.current != leaving:
+                return
+            # The new client is in place before the old one closes: a request on another thread never
+            # picks up a closed client (building one takes milliseconds).
+            new = httpx.Client(base_url=self.urls[index], timeout=self.timeout)
+            old, self.http, self.current, self.session = self.http, new, index, None
+            old.close()
 
     def post(self, path: str, content, ctype: str, timeout: httpx.Timeout | None = None) -> httpx.Response:
         """POST to the current replica; on a connection failure move to the next one (session lost)."""
@@ -111,10 +123,15 @@ class _Connection:
         try:
             resp = http.post(path, content=content, headers={"content-type": ctype, AFFINITY_HEADER: self.affinity},
                              timeout=timeout or self.timeout)
+        except RuntimeError:
+            if not http.is_closed:
+                raise
+            # Another request's failure moved the connection to the next replica (closing this client)
+            # while this one was being sent: the session it belonged to is gone with the move.
+            raise _Moved(503, f"the connection moved to {self.url} during the request") from None
         except (httpx.HTTPError, OSError) as exc:
             if len(self.urls) > 1:
-                if self.current == index:   # not already moved on by another request's failure
-                    self.move_to((index + 1) % len(self.urls))
+                self.move_to((index + 1) % len(self.urls), leaving=index)   # unless another request moved first
                 raise SessionLost(503, f"replica unreachable ({type(exc).__name__}); moved to {self.url}") from exc
             if isinstance(exc, httpx.TimeoutException):
                 raise VerifierTimeout(f"the verifier at {self.url} did not answer in time ({type(exc).__name__})") from exc
@@ -190,15 +207,25 @@ class HttpVerifier:
     # -- the protocol ---------------------------------------------------------------------
     def open_session(self, req: OpenSession) -> SessionOpened:
         conn = self._conn
-        for attempt in range(HANDSHAKE_TRIES):
+        attempt = unreachable = 0
+        while True:
             conn.session = None
             hs = ClientHandshake(server_public=self._server_key, psk=self._psk)
-            resp = conn.post(HANDSHAKE_PATH, encode(hs.hello()), MEDIA_MSGPACK, conn.call_timeout())
+            try:
+                resp = conn.post(HANDSHAKE_PATH, encode(hs.hello()), MEDIA_MSGPACK, conn.call_timeout())
+            except SessionLost as exc:
+                # That replica is unreachable (or another request found so and moved on first): the
+                # connection moved to the next, try there; every replica once at most.
+                unreachable += 1
+                if unreachable >= len(conn.urls) + isinstance(exc, _Moved):
+                    raise VerifierUnavailable(f"no verifier replica reachable ({exc.message})") from exc
+                continue
             if resp.status_code == 200:
                 break
-            if not _from_intermediary(resp) or attempt == HANDSHAKE_TRIES - 1:
+            attempt += 1
+            if not _from_intermediary(resp) or attempt >= HANDSHAKE_TRIES:
                 raise _plain_error(resp)
-            time.sleep(0.2 * (attempt + 1))    # a replica died: give the load balancer a moment to route around it
+            time.sleep(0.2 * attempt)          # a replica died: give the load balancer a moment to route around it
         try:
             conn.session = hs.finish(decode(resp.content), self.limits)
         except (HandshakeError, WireError) as exc:
