@@ -20,8 +20,8 @@ table shape, details, lower bound), ``results.json``, and PNG plots when matplot
 (``pip install pipesd[bench]``): TPT per method and scenario, bandwidth sweep, pipeline timeline,
 BO vs grid vs random search.
 
-The analytic lower bound (``lower_bound_tpt``) is a floor no speculative decoder of our protocol can
-beat, from the cell's measured γ, one-token pass, RTT and positions per rejection; ``efficiency`` is
+The analytic lower bound (``lower_bound_tpt``) is the floor for a speculative decoder of our protocol,
+from the cell's measured γ, one-token pass, RTT and positions per rejection (an estimate: see there); ``efficiency`` is
 bound / TPT. ``earlier_bound_tpt`` (the bound of the runs before the segment controller, looser) is
 reported next to it so that the two can be compared.
 """
