@@ -1,6 +1,7 @@
-"""Chaos: kill the verifier process at 50 random points across generations and restart it.
+"""Chaos: kill the verifier process at random points across generations and restart it.
 
-A real verifier process (llama.cpp target: it restarts in well under a second, so 50 restarts fit
+20 kills in `make test`; `PIPESD_CHAOS_KILLS=50` is the soak run that docs/offline.md reports.
+A real verifier process (llama.cpp target: it restarts in well under a second, so the restarts fit
 in CI), a real edge, mixed policies, a seeded schedule, bounded in count and time. Every
 generation must complete; no token may be lost or duplicated (the stream and the result agree,
 and each generation has its full length unless it met EOS); the verified part (everything before
@@ -9,6 +10,7 @@ must be back (a clean generation equals target greedy). The time from each resta
 verified token after it is printed (run with -s to see it) and summarised in docs/offline.md.
 """
 
+import os
 import random
 import statistics
 import threading
@@ -25,7 +27,7 @@ from .conftest import PROMPTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-KILLS = 50
+KILLS = int(os.environ.get("PIPESD_CHAOS_KILLS", "20"))
 MAX_NEW = 48
 MODES = ("pipesd", "vanilla", "cloud_only", "hsl", "pipesd_per_token")
 
@@ -36,7 +38,7 @@ def chaos_verifier():
         yield v
 
 
-def test_kill_the_verifier_fifty_times(chaos_verifier):
+def test_kill_the_verifier_repeatedly(chaos_verifier):
     v = chaos_verifier
     with EdgeClient(v.url, verifier_key=v.public_key, threads=1) as ref_client:
         reference = {p: ref_client.generate(p, max_new_tokens=MAX_NEW, mode="cloud_only").tokens for p in PROMPTS}
@@ -96,7 +98,7 @@ def test_kill_the_verifier_fifty_times(chaos_verifier):
             verified.append(e.token)
         assert verified == reference[prompt][: len(verified)], f"{mode}: verified tokens differ from target greedy"
         offline_generations += len(verified) < len(tokens)
-    assert offline_generations >= 10, "the kills should have sent generations offline"
+    assert offline_generations >= KILLS // 5, "the kills should have sent generations offline"
 
     # Resume time: from each restart to the first verified token after it, when one came before the
     # next kill (a kill soon after a restart leaves no window to measure).
@@ -110,7 +112,7 @@ def test_kill_the_verifier_fifty_times(chaos_verifier):
             assert after is not None and after < next_kill, "collaboration did not resume within a 1 s+ window"
         if after is not None and after < next_kill:
             resumes.append(after - ready)
-    assert windows >= 10 and len(resumes) >= windows
+    assert windows >= KILLS // 5 and len(resumes) >= windows
     resumes.sort()
     print(f"\nchaos: {KILLS} kills over {len(generations)} generations ({offline_generations} had an offline "
           f"stretch); restart -> first verified token ({len(resumes)} measured): median "
