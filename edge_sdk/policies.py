@@ -322,12 +322,13 @@ class PipeSD(Policy):
         self.cloud_only_rounds += not plan.ahead
         if self.frozen is None and self._unsent_rounds >= self._probe_gap:
             free = self._plan(link, beta=0.0)
+            self._unsent_rounds = 0            # asked again after the gap, not every round, whatever the answer
             if free.best_length or free.ahead_draft:
                 # Drafted tokens would pay on a faster uplink: one token re-measures it (and nothing drafted
                 # ahead of it: on this link every drafted token is a cost).
-                self.max_draft, self._unsent_rounds = 1, 0
-                self.proactive = self.pipelined = False
+                self.max_draft = 1
                 self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
+                self.proactive = self.pipelined = False
                 self.probes += 1
 
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
@@ -409,13 +410,15 @@ class PipeSD(Policy):
 def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.2, floor: float = 2e-3) -> bool:
     """Do two cost estimates price a round alike: every cost within `tolerance` (relative) or `floor`
     seconds, per-token costs compared over a 16-token round?"""
-    per_token = {"gamma", "beta", "pass_per_token"}
-    for f in dataclasses.fields(SegmentCosts):
-        scale = 16 if f.name in per_token else 1
-        x, y = scale * getattr(a, f.name), scale * getattr(b, f.name)
+    for name, scale in _COST_SCALES:
+        x, y = scale * getattr(a, name), scale * getattr(b, name)
         if abs(x - y) > max(floor, tolerance * max(abs(x), abs(y))):
             return False
     return True
+
+
+_COST_SCALES = tuple((f.name, 16 if f.name in ("gamma", "beta", "pass_per_token") else 1)
+                     for f in dataclasses.fields(SegmentCosts))
 
 
 MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",
