@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from cloud_verifier import LocalVerifier
-from edge_sdk.serve.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatTemplate
+from edge_sdk.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatTemplate
 from edge_sdk.serve.local import LocalServe
 
 from .conftest import PROMPTS

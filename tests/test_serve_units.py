@@ -7,7 +7,7 @@ import pytest
 
 from edge_sdk.engine import TokenEvent
 from edge_sdk.serve.app import _Output
-from edge_sdk.serve.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatTemplate, TemplateError
+from edge_sdk.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatTemplate, TemplateError
 from edge_sdk.serve.requests import APIError, ChatRequest, CompletionRequest, parse
 from edge_sdk.stats import GenerationStats
 

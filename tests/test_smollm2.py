@@ -36,7 +36,7 @@ def smol(smol_verifier):
 def test_serve_chat_uses_the_ggufs_template_and_serves_the_targets_text(smol, smol_verifier):
     import openai
 
-    from edge_sdk.serve.chat import ChatTemplate
+    from edge_sdk.chat import ChatTemplate
     from edge_sdk.serve.local import LocalServe
 
     messages = [{"role": "user", "content": QUESTIONS[0]}]

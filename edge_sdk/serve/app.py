@@ -29,7 +29,7 @@ from ..client import EdgeClient
 from ..engine import TokenEvent
 from ..errors import ConfigError, PipeSDError, PromptTooLongError, VerifierError
 from ..stats import GenerationStats
-from .chat import ChatTemplate, TemplateError
+from ..chat import ChatTemplate, TemplateError
 from .metrics import ServeMetrics
 from .requests import APIError, ChatRequest, CompletionRequest, parse
 from .runner import DraftRunner, Job, QueueFull

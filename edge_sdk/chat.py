@@ -1,4 +1,5 @@
-"""Chat messages -> one prompt string, with the model's own chat template.
+"""Chat messages -> one prompt string, with the model's own chat template (``EdgeClient.chat``, the
+OpenAI endpoint's /v1/chat/completions and ``pipesd generate --chat`` all render with it).
 
 A GGUF that was chat-tuned carries its template as Jinja in ``tokenizer.chat_template``; it is
 rendered in Jinja's sandbox with the variables Hugging Face and llama-cpp-python give it
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import ConfigError
+
 # The embedded pair's template: an optional system text, then one line per turn, ending with the
 # turn the model is to write.
 PLAIN_TEMPLATE = (
@@ -27,7 +30,7 @@ PLAIN_TEMPLATE = (
 PLAIN_STOP = ("\nUser:",)
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """The messages cannot be rendered by the model's template (the template raised, or is broken)."""
 
 
