@@ -12,6 +12,8 @@ from .drafter import Drafter, DraftToken, LlamaCppDrafter, OnnxDrafter, load_dra
 from .engine import GenerationResult, TokenEvent
 from .errors import (
     ConfigError,
+    HandshakeFailed,
+    ModelLoadError,
     PipeSDError,
     PromptTooLongError,
     SessionLost,
@@ -29,5 +31,5 @@ __all__ = [
     "LlamaCppDrafter", "OnnxDrafter", "load_drafter", "Policy", "Speculative", "PipeSD", "RoundVerdict",
     "make_policy", "MODES", "Verifier", "RoundChannel", "HttpVerifier", "PipeSDError", "ConfigError",
     "PromptTooLongError", "VerifierError", "SessionLost", "VerifierUnavailable", "VerifierTimeout",
-    "VocabMismatchError",
+    "VocabMismatchError", "HandshakeFailed", "ModelLoadError",
 ]

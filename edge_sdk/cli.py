@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from .client import EdgeClient
-from .errors import PipeSDError
 from .controller import OBJECTIVES
+from .errors import ConfigError, PipeSDError, VerifierUnavailable
+from .offline import OFFLINE_POLICIES
 from .policies import MODES
 
 LAB_COMMANDS = {
@@ -35,24 +38,87 @@ LAB_COMMANDS = {
 
 
 def _generate(args) -> int:
-    psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+    _check_generate_flags(args)
+    try:
+        psk = args.psk_file.read_bytes().strip() if args.psk_file else None
+    except OSError as exc:
+        raise CLIError(f"--psk-file: cannot read {args.psk_file}: {exc.strerror or exc}") from None
     client = EdgeClient(args.verifier, verifier_key=args.verifier_key, psk=psk, pair=args.pair,
-                        draft_model=args.draft_model, draft_backend=args.draft_backend, mode=args.mode, draft_k=args.k, r1=args.r1, r2=args.r2,
-                        objective=args.objective,
-                        threads=args.threads,
-                        local_only=args.local_only)
-    with client:
-        gen = client.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
-                            parse_special=args.parse_special)
-        if args.json:
-            r = gen.result
-            print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats.to_dict()}))
+                        draft_model=args.draft_model, draft_backend=args.draft_backend, mode=args.mode,
+                        draft_k=args.k, r1=args.r1, r2=args.r2, objective=args.objective, threads=args.threads,
+                        local_only=args.local_only, offline=args.offline, verbose=args.verbose)
+    with client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+        if args.chat:
+            prompt = client.render_chat([{"role": "user", "content": args.prompt}])
         else:
-            for event in gen:
-                print(event.text, end="", flush=True)
-            print()
-            print(gen.stats.summary(), file=sys.stderr)
+            prompt = args.prompt
+        gen = client.stream(prompt, max_new_tokens=args.max_new_tokens, stop=[*(args.stop or ()), *(
+            client.chat_template.stop if args.chat else ())], parse_special=args.parse_special or args.chat,
+            **sampling)
+        for w in caught:
+            print(f"pipesd: warning: {w.message} (--seed, --top-k, --top-p need --temperature)", file=sys.stderr)
+        printed = False
+        try:
+            if args.json:
+                r = gen.result
+                print(json.dumps({"text": r.text, "tokens": r.tokens, "stats": r.stats.to_dict()}))
+            else:
+                for event in gen:
+                    print(event.text, end="", flush=True)
+                    printed = True
+                print()
+                print(gen.stats.summary(), file=sys.stderr)
+        except VerifierUnavailable as exc:
+            if printed:
+                print()         # what was printed is verified; the error goes on a line of its own
+            raise CLIError(f"{exc} -- stopped{' early' if printed else ''} with no unverified text (--offline "
+                           f"fail, the default); --offline continue prints the draft's unverified text instead, "
+                           f"--offline wait waits {client.engine.offline_wait_s:g} s for the verifier first",
+                           status=3) from None
+    if gen.stats.unverified_tokens:
+        print(f"pipesd: warning: the verifier at {args.verifier} was unreachable for part of the generation: "
+              f"{gen.stats.unverified_tokens} of {gen.stats.output_tokens} tokens are the draft's alone, unverified "
+              f"(--offline fail stops instead)", file=sys.stderr)
     return 0
+
+
+# The Python API's parameter names, as `pipesd generate` spells them.
+_FLAGS = {"verifier_url": "--verifier", "verifier_key": "--verifier-key", "psk": "--psk-file", "draft_k": "-k",
+          "max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p", "draft_model": "--draft-model",
+          "draft_backend": "--draft-backend", "r1": "--r1", "r2": "--r2", "objective": "--objective",
+          "temperature": "--temperature", "seed": "--seed", "offline": "--offline", "threads": "--threads"}
+
+
+def _as_flags(message: str) -> str:
+    """An SDK error message with its parameter names (`draft_k`, `verifier_key=...`) as CLI flags."""
+    return re.sub(r"\b(" + "|".join(map(re.escape, _FLAGS)) + r")\b(=\.\.\.)?",
+                  lambda m: _FLAGS[m.group(1)], message)
+
+
+class CLIError(Exception):
+    """A mistake on the command line, worded with its flags; exits with `status` after one line."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def _check_generate_flags(args) -> None:
+    """What the Python API would say with its parameter names, said with the CLI's flags."""
+    cloud = args.mode != "edge_only" and not args.local_only
+    if cloud and not args.verifier:
+        raise CLIError(f"--mode {args.mode} needs --verifier URL (with --verifier-key or --psk-file); "
+                       f"--mode edge_only or --local-only runs on the device alone")
+    if cloud and (args.verifier_key is None) == (args.psk_file is None):
+        raise CLIError("give exactly one of --verifier-key KEY (printed by pipesd-verifier) or --psk-file FILE")
+    if not cloud and (args.verifier_key or args.psk_file) and not args.verifier:
+        raise CLIError("--verifier-key / --psk-file without --verifier: give the verifier's URL too")
+    if args.draft_model is not None and not Path(args.draft_model).is_file():
+        raise CLIError(f"--draft-model: no such file: {args.draft_model}")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
 
 def main(argv=None) -> int:
@@ -83,6 +149,17 @@ def main(argv=None) -> int:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--parse-special", action="store_true", help="parse control tokens in the prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sample from the target's distribution at this temperature (default 0: greedy)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    g.add_argument("--seed", type=int, help="seed for sampling: the same seed gives the same text")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message, rendered with the draft model's chat template")
+    g.add_argument("--offline", choices=OFFLINE_POLICIES, default="fail",
+                   help="when the verifier is unreachable: fail (default: exit 3, no unverified text), continue "
+                        "(print the draft's unverified text), wait (5 s, then continue), verify_late")
+    g.add_argument("--verbose", action="store_true", help="let llama.cpp print its own log lines")
     g.set_defaults(func=_generate)
 
     from . import serve          # its arguments only: FastAPI and uvicorn are imported when it runs
@@ -96,6 +173,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.func(args)
+    except CLIError as exc:
+        print(f"pipesd: {exc}", file=sys.stderr)
+        return exc.status
+    except VerifierUnavailable as exc:
+        print(f"pipesd: the verifier is unreachable: {exc}", file=sys.stderr)
+        return 3
+    except ConfigError as exc:
+        print(f"pipesd: {_as_flags(str(exc))}", file=sys.stderr)
+        return 2
     except (PipeSDError, OSError) as exc:
         print(f"pipesd: {exc}", file=sys.stderr)
         return 2

@@ -8,13 +8,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import secrets
+import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from privacy import SamplingParams
 
+from .chat import ChatTemplate
 from .drafter import DRAFT_BACKENDS, Drafter, load_drafter
 from .engine import Decoding, Engine, GenerationResult, TokenEvent
 from .errors import ConfigError
@@ -114,7 +118,9 @@ class EdgeClient:
             "continue" (default: emit draft tokens marked unverified), "wait" (block up to
             ``offline_wait_s`` for the verifier, then continue), "verify_late" (emit unverified
             tokens, verify them once the verifier is back and revise the tail where the target
-            disagrees). See offline.py for each guarantee.
+            disagrees), "fail" (raise ``VerifierUnavailable``: every token yielded is verified).
+            See offline.py for each guarantee.
+        verbose: let llama.cpp print its own log lines (off: an app's stderr stays its own).
         nav_deadline_s: how long a NAV round may take before the verifier is declared gone
             (default: 8x what NAV has recently taken, at least 2 s).
     """
@@ -126,7 +132,8 @@ class EdgeClient:
                  threads: int | None = None,
                  n_ctx: int | None = None, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                  local_only: bool = False, verifier: Verifier | None = None, drafter: Drafter | None = None,
-                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None):
+                 offline: str = "continue", offline_wait_s: float = 5.0, nav_deadline_s: float | None = None,
+                 verbose: bool = False):
         # Everything that can be checked is checked before a model loads or a socket opens.
         if isinstance(mode, Policy):
             if draft_k is not None or r1 is not None or r2 is not None or objective is not None:
@@ -152,7 +159,8 @@ class EdgeClient:
                                     connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.verifier = verifier
         self.drafter = drafter if drafter is not None else load_drafter(
-            resolve_draft_model(pair, draft_model, draft_backend), draft_backend, n_ctx=n_ctx, threads=threads)
+            resolve_draft_model(pair, draft_model, draft_backend), draft_backend, n_ctx=n_ctx, threads=threads,
+            **({"verbose": verbose} if draft_backend == "llamacpp" else {}))
         cloud = None if verifier is None else CloudSession(verifier, self.drafter.vocab_tokens,
                                                            self.drafter.vocab_size, nav_deadline_s=nav_deadline_s)
         self.engine = Engine(self.drafter, cloud, offline=offline, offline_wait_s=offline_wait_s)
@@ -229,23 +237,70 @@ class EdgeClient:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(stop, str):
             stop = [stop]
-        ids = self.tokenize(prompt, parse_special) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if any(not 0 <= t < self.drafter.vocab_size for t in ids):
-            raise ConfigError(f"prompt token ids must lie in [0, {self.drafter.vocab_size})")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ConfigError(f"stop must be a non-empty string or a sequence of them, got {stop!r}")
+        ids = self._prompt_ids(prompt, parse_special)
         try:
             sampling = None if temperature == 0 else SamplingParams(
                 float(temperature), int(top_k), float(top_p), secrets.randbits(63) if seed is None else int(seed))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad sampling parameters: {exc}") from None
+        if sampling is None and (seed is not None or top_k or top_p != 1.0):
+            warnings.warn("seed, top_k and top_p change nothing without temperature > 0: greedy decoding is "
+                          "deterministic", UserWarning, stacklevel=2)
         if seed is not None:
             policy = policy.reproducible()
         decoding = self.engine.start(ids, policy, max_new_tokens=max_new_tokens, stop=stop, sampling=sampling,
                                      timeline=timeline)
         return Generation(decoding, ids)
 
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
-        """Generate to the end and return text, token ids and statistics (same arguments as ``stream``)."""
-        return self.stream(prompt, **kwargs).result
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, stop: str | Sequence[str] = (),
+                 mode: str | Policy | None = None, draft_k: int | None = None, parse_special: bool = False,
+                 private: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, timeline: bool = False) -> GenerationResult:
+        """Generate to the end and return text, token ids and statistics (the arguments of ``stream``)."""
+        return self.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, mode=mode, draft_k=draft_k,
+                           parse_special=parse_special, private=private, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, timeline=timeline).result
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 128,
+             stop: str | Sequence[str] = (), mode: str | Policy | None = None, draft_k: int | None = None,
+             private: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, timeline: bool = False) -> GenerationResult:
+        """Answer a conversation: `messages` (``{"role": "system" | "user" | "assistant", "content": str}``)
+        rendered with the draft model's chat template (its GGUF's ``tokenizer.chat_template``; the
+        embedded pair, trained on code, a plain ``User:`` / ``Assistant:`` transcript: ``chat.py``),
+        then generated as ``generate`` does; the template's control tokens are parsed as such."""
+        prompt = self.render_chat(messages)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        return self.generate(prompt, max_new_tokens=max_new_tokens, stop=[*stop, *self.chat_template.stop],
+                             mode=mode, draft_k=draft_k, parse_special=True, private=private,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, timeline=timeline)
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The template ``chat`` renders with: the draft GGUF's own, else the plain transcript."""
+        return ChatTemplate.for_drafter(self.drafter)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text ``chat`` would generate from (a ``ConfigError`` for malformed messages)."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for m in messages:
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ConfigError(f"each message needs a string 'role' and 'content', got {m!r}")
+        return self.chat_template.render([dict(m) for m in messages])
+
+    def _prompt_ids(self, prompt: str | Sequence[int], parse_special: bool) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, parse_special)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+            raise ConfigError(f"a prompt is a string or a sequence of token ids, not {type(prompt).__name__}")
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.drafter.vocab_size for t in ids):
+            raise ConfigError(f"prompt token ids must lie in [0, {self.drafter.vocab_size})")
+        return ids
 
     def close(self) -> None:
         self.engine.close()

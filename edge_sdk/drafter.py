@@ -19,6 +19,8 @@ import numpy as np
 
 from privacy.sampling import DRAFT_STREAM, SamplingParams, SparseDist, sample_index, truncate, uniforms
 
+from .errors import ConfigError, ModelLoadError
+
 # The draft's own truncation under sampling: q may be any distribution the draft really samples
 # from (speculative sampling stays exact), so the edge keeps at most this many candidates per token
 # whatever the request's top_k/top_p: q travels as ~6 bytes per candidate instead of the vocabulary.
@@ -156,6 +158,21 @@ class _LogitsDrafter:
 
 
 _LOAD_LOCK = threading.Lock()
+_QUIET_LOG = None     # llama.cpp's log callback while it is silenced (kept referenced: C holds a pointer)
+
+
+def quiet_llama_cpp(llama_cpp) -> None:
+    """Send llama.cpp's own log lines nowhere, process-wide (``verbose=True`` drafters leave it on).
+
+    llama-cpp-python's ``verbose=False`` still lets warnings through: every load of our GGUFs printed
+    "n_ctx_seq (...) > n_ctx_train (0)" (a key llama.cpp reads under another name), and rollbacks
+    "removing memory module entries". An app's stderr is its own."""
+    global _QUIET_LOG
+    if _QUIET_LOG is None:
+        import ctypes
+
+        _QUIET_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_QUIET_LOG, ctypes.c_void_p(0))
 
 
 class LlamaCppDrafter(_LogitsDrafter):
@@ -166,21 +183,28 @@ class LlamaCppDrafter(_LogitsDrafter):
     of k drafted tokens costs k - 1 evaluations plus the resync after NAV.
     """
 
-    def __init__(self, model_path: str | Path, *, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 verbose: bool = False):
         import llama_cpp
         from llama_cpp import Llama
 
         self._llama_cpp = llama_cpp
         self.threads = threads or min(4, len(os.sched_getaffinity(0)))
+        if not verbose:
+            quiet_llama_cpp(llama_cpp)
         # verbose=False makes llama-cpp-python silence the model load by swapping the process's fds 1
         # and 2 (dup2): two loads at once in different threads can leave stdout on /dev/null for good.
         with _LOAD_LOCK:
-            meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
-            trained = int(meta[f"{meta['general.architecture']}.context_length"])
-            self.max_context = min(n_ctx or trained, trained)
-            self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context,
-                             n_batch=min(512, self.max_context), logits_all=False, n_threads=self.threads,
-                             n_threads_batch=self.threads, verbose=False)
+            try:
+                meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
+                trained = int(meta[f"{meta['general.architecture']}.context_length"])
+                self.max_context = min(n_ctx or trained, trained)
+                self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context,
+                                 n_batch=min(512, self.max_context), logits_all=False, n_threads=self.threads,
+                                 n_threads_batch=self.threads, verbose=verbose)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ModelLoadError(f"cannot load the draft model {model_path}: not a GGUF llama.cpp can read "
+                                     f"({exc})") from None
         self.metadata: dict[str, str] = dict(self.llm.metadata)   # GGUF keys: chat template, token ids...
         vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self.vocab_size = self.llm.n_vocab()
@@ -277,7 +301,11 @@ class OnnxDrafter(_LogitsDrafter):
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:     # onnxruntime raises its own (Fail, InvalidProtobuf, ...) types
+            raise ModelLoadError(f"cannot load the draft model {model_path}: not an ONNX model onnxruntime "
+                                 f"can run ({str(exc).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
         try:
@@ -287,7 +315,7 @@ class OnnxDrafter(_LogitsDrafter):
             self.eos_token_ids = frozenset(int(t) for t in json.loads(meta["eos"]))
             self._shape = (int(meta["layers"]), int(meta["kv_heads"]), 0, int(meta["head_dim"]))
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"{model_path} lacks the metadata of pipesd_models.build.onnx_export: {exc}") from None
+            raise ModelLoadError(f"{model_path} lacks the metadata of pipesd_models.build.onnx_export: {exc}") from None
         self.max_context = min(n_ctx or trained, trained)
         if tokenizer_path is None:
             tokenizer_path = Path(model_path).with_name("tokenizer.json")
@@ -351,4 +379,4 @@ def load_drafter(path: str | Path, backend: str = "llamacpp", **kwargs) -> Draft
         return LlamaCppDrafter(path, **kwargs)
     if backend == "onnx":
         return OnnxDrafter(path, **kwargs)
-    raise ValueError(f"unknown draft backend {backend!r}; choose from {', '.join(DRAFT_BACKENDS)}")
+    raise ConfigError(f"unknown draft backend {backend!r}; choose from {', '.join(DRAFT_BACKENDS)}")

@@ -32,7 +32,8 @@ from privacy import ErrorCode, SamplingParams, VerifyResponse
 
 from .controller import INTERRUPT_FROM_S
 from .drafter import DraftInterrupted, Drafter, DraftToken
-from .errors import ConfigError, PromptTooLongError, SessionLost, VerifierError, VerifierUnavailable
+from .errors import (ConfigError, PromptTooLongError, SessionLost, VerifierError, VerifierTimeout,
+                     VerifierUnavailable)
 from .offline import OFFLINE_POLICIES
 from .policies import Policy, RoundVerdict
 from .profiler import LinkProfiler
@@ -229,8 +230,8 @@ class Decoding:
             try:
                 with self._waiting():
                     self._open_session()
-            except VerifierUnavailable:
-                self._go_offline()       # start at once on the device; the prober watches the cloud
+            except VerifierUnavailable as exc:
+                self._go_offline(exc)    # start at once on the device; the prober watches the cloud
         self._begin()
         self.uploader = Uploader(self.cloud, self.profiler, self.sampling, self.stats.timeline)
         rnd = self._new_round()
@@ -243,10 +244,10 @@ class Decoding:
                     continue
                 try:
                     rnd = yield from self._round(rnd)
-                except (VerifierUnavailable, TimeoutError):
+                except (VerifierUnavailable, TimeoutError) as exc:
                     # Unreachable, or NAV overran its deadline: go offline. The round's draft is not
                     # lost work: the drafter proposes the same tokens again, now as output.
-                    self._go_offline()
+                    self._go_offline(exc)
         finally:
             self.uploader.close()
             self.stats.upload_s += self.uploader.upload_s
@@ -490,9 +491,13 @@ class Decoding:
                                             self.profiler.estimate(), resp.token, guess))
 
     # -- offline: the circuit breaker (offline.py, session.py) -----------------------------------
-    def _go_offline(self) -> None:
+    def _go_offline(self, cause: Exception) -> None:
         """A NAV failed or overran: open the breaker (the session prober takes over). Policy "wait"
-        first blocks up to `offline_wait_s` for the verifier to come back."""
+        first blocks up to `offline_wait_s` for the verifier to come back; policy "fail" raises."""
+        if self.engine.offline == "fail":
+            if isinstance(cause, VerifierUnavailable):
+                raise cause
+            raise VerifierTimeout(f"the verifier did not answer within the NAV deadline ({cause})") from cause
         if self.cloud.trip():
             self.stats.breaker_trips += 1
         if self.engine.offline == "wait":
@@ -524,8 +529,8 @@ class Decoding:
             if self.engine.offline == "verify_late" and self.unverified_from is not None:
                 yield from self._verify_late()
             self.unverified_from = None
-        except (VerifierUnavailable, TimeoutError):
-            self._go_offline()
+        except (VerifierUnavailable, TimeoutError) as exc:
+            self._go_offline(exc)
 
     def _verify_late(self) -> Iterator[TokenEvent]:
         """Verify the unverified tail as drafts, a chunk per NAV. Where the target disagrees, a

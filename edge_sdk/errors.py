@@ -42,6 +42,20 @@ class SessionLost(VerifierError):
         super().__init__(status, ErrorCode.UNAUTHENTICATED, message)
 
 
+class HandshakeFailed(VerifierError):
+    """The verifier answered the handshake but could not prove it holds the pinned key (or shares the
+    PSK): a wrong ``verifier_key`` / PSK, or another verifier at that address."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(0, ErrorCode.HANDSHAKE_FAILED, reason)
+        self.args = (f"handshake with the verifier at {url} failed ({reason}): is the verifier key (or PSK) "
+                     f"the one this verifier printed?",)
+
+
+class ModelLoadError(ConfigError):
+    """A model file exists but cannot be loaded (corrupt, truncated, not a model of this runtime)."""
+
+
 class VocabMismatchError(VerifierError):
     """Draft and target tokenizers differ: their token ids do not mean the same text."""
 

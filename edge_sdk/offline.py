@@ -20,6 +20,10 @@ Offline policies (what the app chooses, ``EdgeClient(offline=...)``):
   that replaces the tail from the first rejected token. Guarantee: after the revisions the whole
   text equals the target's greedy output (if the verifier comes back before the generation ends;
   otherwise the tail stays unverified, as marked).
+* ``fail``: raise ``VerifierUnavailable`` (``VerifierTimeout`` for an overdue NAV) at the first
+  failure instead of generating alone. Guarantee: every token the generation yields is verified;
+  the tokens yielded before the error equal the target's greedy output. The CLI's default: a user
+  who named a verifier asked for verified text.
 
 This module is pure (no I/O, an injectable clock and random generator) so its timing logic is
 tested in microseconds.
@@ -31,7 +35,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-OFFLINE_POLICIES = ("continue", "wait", "verify_late")
+OFFLINE_POLICIES = ("continue", "wait", "verify_late", "fail")
 
 
 @dataclass

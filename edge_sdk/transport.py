@@ -13,6 +13,7 @@ import queue
 import secrets
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future
 from typing import Callable, Protocol, Sequence
 
@@ -23,7 +24,8 @@ from privacy import (AFFINITY_HEADER, FRAMES_PATH, HANDSHAKE_PATH, MEDIA_FRAME, 
     OpenSession, SecureChannel, SessionOpened, VerifyRequest, VerifyResponse, WireError, decode, encode,
     parse_header, parse_psk, parse_public_key)
 
-from .errors import ConfigError, SessionLost, VerifierError, VerifierTimeout, VerifierUnavailable, VocabMismatchError
+from .errors import (ConfigError, HandshakeFailed, SessionLost, VerifierError, VerifierTimeout, VerifierUnavailable,
+                     VocabMismatchError)
 
 
 class RoundChannel(Protocol):
@@ -68,6 +70,28 @@ class _Moved(SessionLost):
 
 
 HANDSHAKE_TRIES = 3          # handshakes answered by a proxy's 5xx (a replica just died) are retried
+
+
+def check_url(url: object) -> str:
+    """A verifier URL as httpx needs it -- http(s), a host, a valid port -- or a ``ConfigError`` naming
+    it. Without this, "127.0.0.1:8000" (no scheme) fails only at the first request, which the
+    offline policy then turns into unverified output."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"a verifier URL is a string like http://127.0.0.1:8000, not {url!r}")
+    url = url.strip()
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        hint = f"; did you mean http://{url}?" if "://" not in url else ""
+        raise ConfigError(f"verifier URL {url!r} must start with http:// or https://{hint}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"verifier URL {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"verifier URL {url!r} has no host")
+    if port == 0:
+        raise ConfigError(f"verifier URL {url!r} has an invalid port")
+    return url
 
 
 class _Connection:
@@ -174,7 +198,7 @@ class HttpVerifier:
     def __init__(self, urls: str | Sequence[str], *, verifier_key: str | bytes | None = None,
                  psk: str | bytes | None = None, connect_timeout: float = 5.0, read_timeout: float = 60.0,
                  limits: ChannelLimits = ChannelLimits()):
-        urls = [urls] if isinstance(urls, str) else list(urls)
+        urls = [check_url(u) for u in ([urls] if isinstance(urls, str) else list(urls))]
         if not urls:
             raise ConfigError("give at least one verifier URL")
         if (verifier_key is None) == (psk is None):
@@ -229,7 +253,7 @@ class HttpVerifier:
         try:
             conn.session = hs.finish(decode(resp.content), self.limits)
         except (HandshakeError, WireError) as exc:
-            raise VerifierError(resp.status_code, ErrorCode.HANDSHAKE_FAILED, str(exc)) from None
+            raise HandshakeFailed(conn.url, str(exc)) from None
         return SessionOpened.from_dict(self._exchange(FrameType.OPEN, req.to_dict(), FrameType.OPENED))
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:

@@ -22,13 +22,12 @@ EMBEDDED_PROMPTS = [
     "class Stack:\n    \"\"\"A last-in, first-out container.\"\"\"\n\n    def __init__(self):\n",
     "    def __repr__(self):\n        return",
 ]
-# SmolLM2 is an instruct model: prompts go through its chat template.
+# SmolLM2 is an instruct model: prompts go through its chat template (EdgeClient.chat renders the GGUF's own).
 SMOLLM2_PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that reverses a string.",
     "Give me three tips for writing clear code.",
 ]
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def main() -> None:
@@ -40,7 +39,8 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also run vanilla, cloud_only and edge_only")
     args = ap.parse_args()
 
-    prompts = EMBEDDED_PROMPTS if args.pair == "embedded" else [CHAT.format(p) for p in SMOLLM2_PROMPTS]
+    chat = args.pair == "smollm2"
+    prompts = SMOLLM2_PROMPTS if chat else EMBEDDED_PROMPTS
     modes = [args.mode] + ([m for m in ("vanilla", "cloud_only", "edge_only") if m != args.mode]
                            if args.compare else [])
     print(f"starting the verifier ({args.pair} target) on loopback ...", flush=True)
@@ -50,11 +50,13 @@ def main() -> None:
                         draft_k=args.draft_k, threads=1) as client:
             for prompt in prompts:
                 for mode in modes:
-                    result = client.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode,
-                                             stop=["<|im_end|>"] if args.pair == "smollm2" else (),
-                                             parse_special=args.pair == "smollm2")
+                    if chat:
+                        result = client.chat([{"role": "user", "content": prompt}],
+                                             max_new_tokens=args.max_new_tokens, mode=mode)
+                    else:
+                        result = client.generate(prompt, max_new_tokens=args.max_new_tokens, mode=mode)
                     print(f"--- prompt: {prompt!r}  [{mode}]")
-                    print(textwrap.indent(prompt + result.text, "  | ", lambda line: True))
+                    print(textwrap.indent((prompt + "\n" if chat else prompt) + result.text, "  | ", lambda line: True))
                     print(f"  stats: {result.stats.summary()}\n")
 
 
