@@ -297,6 +297,15 @@ class OnlineAutotuner:
         self._pending = threading.Thread(target=build, name="autotune-start", daemon=True)
         self._pending.start()
 
+    def _confirmed(self) -> tuple[float, float]:
+        """After the re-runs (lock held): the winner if it beats (0, 0) by `margin` over both trials of each."""
+        def mean(params):
+            scores = [s for p, s in self.evaluations + self.confirmations if p == params]
+            return sum(scores) / len(scores)
+
+        winner = next(p for p, _ in self.confirmations if p != (0.0, 0.0))
+        return winner if mean(winner) < mean((0.0, 0.0)) * (1 - self.margin) else (0.0, 0.0)
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for a background tuner step (tests and benchmarks)."""
         if self._pending is not None:
@@ -311,9 +320,11 @@ class CorrectionTuner:
     yet drafted, and how much it values a token against a second of cost. The tuner searches
     (log-scale of rho, logit bias of the acceptance model) in [-bound, bound]^2, starting at (0, 0)
     -- the model's own point -- so it never starts from scratch, and it runs once: a link change
-    moves the model's point, not the correction. The best candidate replaces (0, 0) only if it
-    beat it by more than `margin` (trials are noisy). Each candidate runs for `tokens_per_trial`
+    moves the model's point, not the correction. Each candidate runs for `tokens_per_trial`
     committed tokens, scored by seconds per token; the GP step runs on a background thread.
+    Trials are noisy, and the best of ten noisy trials is flattered by its own luck (the winner's
+    curse): a candidate that beat (0, 0) by more than `margin` is run once more, and (0, 0) with it,
+    and replaces it only if it still does over both trials each.
     """
 
     def __init__(self, budget: int = 10, tokens_per_trial: int = 64, bound: float = 0.7, margin: float = 0.08,
@@ -329,13 +340,17 @@ class CorrectionTuner:
         self._use_bo = importlib.util.find_spec("skopt") is not None if use_bo is None else use_bo
         self._seed = seed
         self._optimizer = None
+        self.confirmations: list[tuple[tuple[float, float], float]] = []   # the re-runs of (0, 0) and the winner
+        self._confirm: list[tuple[float, float]] = []                      # re-runs still to do
+        self._decided = False
         h = bound / 2
         self._list = [(-h, 0.0), (h, 0.0), (0.0, -h), (0.0, h), (-h, -h), (h, h), (-h, h), (h, -h),
                       (-bound, 0.0), (bound, 0.0), (0.0, bound), (0.0, -bound)]
 
     @property
     def tuning(self) -> bool:
-        return len(self.evaluations) < self.budget
+        """True until the correction is decided (the budget spent, and a winner's re-runs done)."""
+        return not self._decided
 
     def correction(self) -> tuple[float, float]:
         """The correction to apply now: a candidate while tuning, then the best found."""
@@ -352,6 +367,13 @@ class CorrectionTuner:
             if trial is None or not trial.add(tokens, seconds, self.tokens_per_trial):
                 return
             self._trial = None
+            if len(self.evaluations) >= self.budget:         # a confirmation re-run
+                self.confirmations.append((trial.params, trial.seconds / trial.tokens))
+                if self._confirm:
+                    self._trial = _Trial(self._confirm.pop(0))
+                else:
+                    self._best, self._decided = self._confirmed(), True
+                return
             self.evaluations.append((trial.params, trial.seconds / trial.tokens))
             done = len(self.evaluations) >= self.budget
 
@@ -374,7 +396,11 @@ class CorrectionTuner:
                 origin = evaluations[0][1]
                 params, score = min(evaluations, key=lambda e: e[1])
                 with self._lock:
-                    self._best = params if score < origin * (1 - self.margin) else (0.0, 0.0)
+                    if score < origin * (1 - self.margin):      # a winner, if its luck holds: re-run both
+                        self._confirm = [params]
+                        self._trial = _Trial((0.0, 0.0))
+                    else:
+                        self._best, self._decided = (0.0, 0.0), True
                 return
             if self._optimizer is not None:
                 nxt = tuple(float(v) for v in self._optimizer.ask())
@@ -385,6 +411,15 @@ class CorrectionTuner:
 
         self._pending = threading.Thread(target=advance, name="correction-tune", daemon=True)
         self._pending.start()
+
+    def _confirmed(self) -> tuple[float, float]:
+        """After the re-runs (lock held): the winner if it beats (0, 0) by `margin` over both trials of each."""
+        def mean(params):
+            scores = [s for p, s in self.evaluations + self.confirmations if p == params]
+            return sum(scores) / len(scores)
+
+        winner = next(p for p, _ in self.confirmations if p != (0.0, 0.0))
+        return winner if mean(winner) < mean((0.0, 0.0)) * (1 - self.margin) else (0.0, 0.0)
 
     def wait(self, timeout: float | None = None) -> None:
         if self._pending is not None:

@@ -318,11 +318,22 @@ def test_the_correction_tuner_starts_at_the_models_point_and_keeps_it_unless_bea
         tuner.wait()
     assert tuner.evaluations[0][0] == (0.0, 0.0) and len(tuner.evaluations) == 4
     assert tuner.best() == (0.0, 0.0) == tuner.correction()
+    # A winner is re-run with the model's point before it replaces it: kept when its lead holds ...
     tuner = CorrectionTuner(budget=3, tokens_per_trial=10, use_bo=False)
     for score in (1.0, 0.5, 1.0):
         tuner.record(10, 10 * score)
         tuner.wait()
-    assert tuner.best() == tuner.evaluations[1][0] != (0.0, 0.0)
+    assert tuner.tuning and tuner.correction() == (0.0, 0.0)          # the model's point, re-run first
+    for score in (1.0, 0.6):
+        tuner.record(10, 10 * score)
+    assert not tuner.tuning and tuner.best() == tuner.evaluations[1][0] != (0.0, 0.0)
+    assert [p for p, _ in tuner.confirmations] == [(0.0, 0.0), tuner.evaluations[1][0]]
+    # ... and dropped when it was luck (0.5 then 1.4: no better than 1.0 over both trials).
+    tuner = CorrectionTuner(budget=3, tokens_per_trial=10, use_bo=False)
+    for score in (1.0, 0.5, 1.0, 1.0, 1.4):
+        tuner.record(10, 10 * score)
+        tuner.wait()
+    assert not tuner.tuning and tuner.best() == (0.0, 0.0) == tuner.correction()
 
 
 def test_device_power_defaults_are_energys_models():
