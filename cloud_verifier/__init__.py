@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from .local import LocalVerifier
     from .service import VerifierService
     from .settings import VerifierSettings
-    from .target import LlamaCppTarget, Target, TorchTarget, load_target
+    from .target import LlamaCppTarget, ModelLoadError, Target, TorchTarget, load_target
 
 _WHERE = {"create_app": ".app", "LocalVerifier": ".local", "VerifierService": ".service",
           "VerifierSettings": ".settings", "Target": ".target", "TorchTarget": ".target",
-          "LlamaCppTarget": ".target", "load_target": ".target"}
+          "LlamaCppTarget": ".target", "load_target": ".target", "ModelLoadError": ".target"}
 
 __all__ = list(_WHERE)
 

@@ -30,7 +30,7 @@ from .batching import ModelWorker
 from .metrics import Metrics
 from .service import Early, VerifierService
 from .settings import VerifierSettings
-from .target import Target
+from .target import ModelLoadError, Target
 
 log = logging.getLogger("cloud_verifier")
 HANDSHAKE_LIMITS = DecodeLimits(max_body_bytes=1024, max_bin_bytes=64, max_str_bytes=64, max_array_len=8,
@@ -63,6 +63,9 @@ class VerifierApp:
             self.worker.logits_many = service.target.logits_many
             self.service = service
             log.info("target %s ready", self.service.target.name)
+        except ModelLoadError as exc:  # a bad model file: its one line says it all, no traceback
+            self.load_error = str(exc)
+            log.error("%s", exc)
         except Exception as exc:  # reported by /health/ready, not swallowed
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the target failed")

@@ -8,17 +8,29 @@ Without --key-file or --psk-file a fresh key pair is made for this run only. The
 public key is printed at start; edges pin it (EdgeClient(verifier_key=...)). With
 --port 0 the verifier binds a free port and prints the URL it listens on, so a
 launcher (``LocalVerifier``) can read both lines from stdout.
+
+The model is loaded before the verifier listens, and stdout says so ("loading model ...",
+"model ready in N s"): a model that cannot load ends the process with one line on stderr
+and a non-zero exit, never a server that answers ``not_ready`` forever. The libraries'
+own output (transformers' progress bars, llama.cpp's log) is off unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import socket
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .settings import VerifierSettings
+
+if TYPE_CHECKING:
+    from .target import Target
 
 LISTENING = "pipesd-verifier listening on"
 PUBLIC_KEY = "pipesd-verifier public key:"
@@ -66,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="emulation for benchmarks: pad every target pass to FIXED + PER_TOKEN x rows ms "
                          "(e.g. 20,0.2: a 7B model on a datacenter GPU)")
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--verbose", action="store_true",
+                    help="let the libraries print their own output (transformers' progress bars, llama.cpp's log)")
     return ap
 
 
@@ -94,11 +108,11 @@ def parse_pass_ms(text: str | None) -> tuple[float, float] | None:
 
 
 def target_loader(path: Path, backend: str, threads: int | None, settings: VerifierSettings,
-                  emulate_pass: tuple[float, float] | None = None):
-    """A function that loads the target (called in the background once the server is up)."""
+                  emulate_pass: tuple[float, float] | None = None, verbose: bool = False):
+    """A function that loads the target: ``main`` calls it before listening, a Ray replica in its constructor."""
     from .target import PaddedTarget, load_target
 
-    extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {}
+    extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {"verbose": verbose}
 
     def load():
         target = load_target(path, backend, threads=threads, max_context=settings.max_context, **extra)
@@ -106,7 +120,51 @@ def target_loader(path: Path, backend: str, threads: int | None, settings: Verif
     return load
 
 
+def load_model(path: Path, backend: str, loader: Callable[[], "Target"], verbose: bool = False) -> "Target":
+    """Load the target before serving, saying so on stdout (next to the ``listening`` line launchers read).
+
+    Loading first means a model that cannot load ends the process with its one-line reason instead of
+    a server that answers ``not_ready`` forever, and a load of several seconds is not silence. Without
+    `verbose` the libraries' own output is off; transformers' GGUF converter writes its progress bar
+    to stderr with tqdm directly, past its logging switches, so the load's stderr is set aside too
+    (an unexpected exception still reaches stderr: it leaves the block first). Raises ModelLoadError.
+    """
+    from .target import quiet_libraries
+
+    print(f"pipesd-verifier: loading model {path} ({backend})...", flush=True)
+    t0 = time.perf_counter()
+    if verbose:
+        target = loader()
+    else:
+        quiet_libraries(backend)
+        with contextlib.redirect_stderr(io.StringIO()):
+            target = loader()
+    print(f"pipesd-verifier: model ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    return target
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn (OSError if the address is taken or not ours)."""
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
+    # TCP, and without it Nagle + delayed ACKs add ~40 ms to every response on loopback.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:         # Ctrl-C while loading or serving (uvicorn has shut down): no traceback
+        return 130
+
+
+def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from privacy import StaticKey, parse_psk
 
@@ -126,6 +184,8 @@ def main(argv=None) -> int:
         return 2
     from pipesd_models import PairUnavailable
 
+    from .target import ModelLoadError
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         path = resolve_target(args.model)
@@ -136,8 +196,9 @@ def main(argv=None) -> int:
         return 2
     if static_key is None and psk is None:
         static_key = StaticKey.generate()
-    if not path.exists():
-        print(f"pipesd-verifier: model not found: {path}", file=sys.stderr)
+    if not path.exists():             # before binding or loading anything: a typo fails at once
+        print(f"pipesd-verifier: {ModelLoadError(path, 'no such file or directory', args.backend)}",
+              file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(args)
@@ -145,14 +206,25 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"pipesd-verifier: {exc}", file=sys.stderr)
         return 2
-    app = create_app(target_loader(path, args.backend, args.threads, settings, emulate_pass), settings,
-                     static_key=static_key, psk=psk)
-    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says
-    # TCP, and without it Nagle + delayed ACKs add ~40 ms to every response on loopback.
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
-                         socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock = listen_socket(args.host, args.port)   # bound before the (slow) load: a taken port fails fast
+    except OSError as exc:
+        print(f"pipesd-verifier: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    loader = target_loader(path, args.backend, args.threads, settings, emulate_pass, verbose=args.verbose)
+    try:
+        target = load_model(path, args.backend, loader, verbose=args.verbose)
+    except ModelLoadError as exc:
+        sock.close()
+        print(f"pipesd-verifier: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(lambda: target, settings, static_key=static_key, psk=psk)
+    state = app.state.verifier
+    state.load()                      # the service around the loaded target: ready before the first request
+    if state.service is None:
+        sock.close()
+        print(f"pipesd-verifier: {state.load_error}", file=sys.stderr)
+        return 1
     host, port = sock.getsockname()[:2]
     if static_key is not None:
         print(f"{PUBLIC_KEY} {static_key.public_b64}", flush=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -60,6 +61,76 @@ class Target(Protocol):
         """The session is gone: free what its cache holds."""
 
 
+class ModelLoadError(ValueError):
+    """A target model that cannot be loaded: its path and the reason, in one line (``path``,
+    ``reason`` and ``backend`` as attributes).
+
+    Loading goes through three libraries (gguf, transformers, llama.cpp) that fail with whatever they
+    like -- ValueError, OSError, KeyError, multi-paragraph messages -- so callers (the CLI above all)
+    catch this one type and print its message instead of a traceback. The library's exception is
+    kept as ``__cause__``. A ValueError, as most of those failures were before it existed.
+    """
+
+    def __init__(self, path: str | Path, reason: str, backend: str | None = None):
+        self.path, self.reason, self.backend = Path(path), reason, backend
+        super().__init__(f"cannot load the target model {path}: {reason}")
+
+    def __reduce__(self):             # picklable with its fields (a Ray replica may ship it)
+        return type(self), (self.path, self.reason, self.backend)
+
+
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """One line saying why a library failed: its message's first line (transformers' run to paragraphs),
+    with the exception type where the message alone says little (KeyError: 'x')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if not (text and isinstance(exc, (ValueError, OSError))):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def _loading(path: Path, backend: str, expected: str) -> Iterator[None]:
+    """Whatever reading the model raises becomes a ModelLoadError naming the path, what the backend
+    expected there (the libraries' messages alone -- "GGUF magic invalid" -- leave that to guess) and why."""
+    if not path.exists():
+        raise ModelLoadError(path, "no such file or directory", backend)
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:          # the libraries' own types vary by version and by what is wrong
+        raise ModelLoadError(path, f"not {expected} ({_reason(exc)})", backend) from exc
+
+
+_QUIET_LLAMA_LOG = None               # the no-op log callback, kept referenced: llama.cpp holds a pointer to it
+
+
+def quiet_libraries(backend: str) -> None:
+    """Turn off the output the backend's libraries print on their own, process-wide.
+
+    transformers draws progress bars and logs warnings while it loads; llama.cpp logs through its
+    callback even with ``verbose=False`` (its warnings map to an error level in llama-cpp-python, so
+    every context printed "n_ctx_seq (...) > n_ctx_train (0)"). A server's stderr is for its own
+    messages; ``pipesd-verifier --verbose`` leaves all of it on. (transformers' GGUF converter draws
+    its bar with tqdm directly: the CLI silences the load's stderr for that one.)
+    """
+    global _QUIET_LLAMA_LOG
+    if backend == "torch":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    elif backend in ("llamacpp", "llama.cpp"):
+        import ctypes
+
+        import llama_cpp              # imports llama-cpp-python's own callback first, so ours replaces it
+
+        if _QUIET_LLAMA_LOG is None:
+            _QUIET_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_QUIET_LLAMA_LOG, ctypes.c_void_p(0))
+
+
 def _gguf_metadata(path: Path) -> tuple[list[str], tuple[int, ...], int]:
     import gguf
 
@@ -94,17 +165,20 @@ class TorchTarget:
         if threads:
             torch.set_num_threads(threads)
         path = Path(path)
-        if path.suffix == ".gguf":
-            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
-            self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(str(path))
-            self.vocab_tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
-            eos = self.model.generation_config.eos_token_id
-            self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
-            context = self.model.config.max_position_embeddings
+        expected = ("a GGUF file transformers can read" if path.suffix == ".gguf"
+                    else "a Hugging Face model directory transformers can read")
+        with _loading(path, "torch", expected):
+            if path.suffix == ".gguf":
+                self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32)
+                self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(str(path))
+                self.vocab_tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+                eos = self.model.generation_config.eos_token_id
+                self.eos_token_ids = tuple(eos if isinstance(eos, list) else [eos])
+                context = self.model.config.max_position_embeddings
         self.model.eval()
         self.name = name or path.name
         self.vocab_size = int(self.model.config.vocab_size)
@@ -193,21 +267,23 @@ class LlamaCppTarget:
     """
 
     def __init__(self, path: str | Path, *, name: str | None = None, threads: int | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, verbose: bool = False):
         from llama_cpp import Llama
 
         path = Path(path)
-        self._path, self._threads = str(path), threads
-        self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
+        self._path, self._threads, self._verbose = str(path), threads, verbose
+        with _loading(path, "llamacpp", "a GGUF file llama.cpp can read"):
+            self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
+            probe = Llama(model_path=self._path, vocab_only=True, verbose=verbose)
         self.max_context = min(context, max_context or context)
-        probe = Llama(model_path=self._path, vocab_only=True, verbose=False)
         self.vocab_size = probe.n_vocab()
         self.name = name or path.name
         self._Llama = Llama
 
     def new_state(self) -> TargetState:
         llm = self._Llama(model_path=self._path, n_ctx=self.max_context, n_batch=self.max_context,
-                          logits_all=True, n_threads=self._threads, n_threads_batch=self._threads, verbose=False)
+                          logits_all=True, n_threads=self._threads, n_threads_batch=self._threads,
+                          verbose=self._verbose)
         return TargetState(cache=llm)
 
     def release(self, state: TargetState) -> None:
@@ -265,6 +341,7 @@ class PaddedTarget:
 
 
 def load_target(path: str | Path, backend: str = "torch", **kwargs) -> Target:
+    """The target at `path` on `backend`; a file or directory that cannot be loaded is a ModelLoadError."""
     if backend == "torch":
         return TorchTarget(path, **kwargs)
     if backend in ("llamacpp", "llama.cpp"):
