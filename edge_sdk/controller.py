@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -65,7 +64,7 @@ class AcceptanceModel:
     last rejection, plus one: see ``PositionAcceptance``), fitted online to NAV verdicts.
 
     Its prior is "the draft is calibrated" (P = the draft's own confidence), held by a ridge penalty
-    that data outweigh after a few hundred tokens; the fit (a few Newton steps on the last `window`
+    that data outweigh after a few hundred tokens; the fit (a Newton step from the last fit, on the last `window`
     observed tokens) runs once per verdict. Only tokens up to the first rejection are observed: the
     ones after it say nothing about acceptance given a surviving prefix.
     """
@@ -76,8 +75,9 @@ class AcceptanceModel:
         self.w = np.array(self.PRIOR)
         self.bias = 0.0                        # a correction the tuner may add to every logit
         self.ridge, self.window = ridge, window
-        self._x: deque[tuple[float, float, float]] = deque(maxlen=window)
-        self._y: deque[float] = deque(maxlen=window)
+        # The last `window` observations, a ring of rows (numpy, so that a fit converts nothing).
+        self._x, self._y = np.empty((window, 3)), np.empty(window)
+        self._seen = 0
         self.calibration = Calibration(bins)
         self.positions = PositionAcceptance()
 
@@ -103,18 +103,22 @@ class AcceptanceModel:
         for i, d in enumerate(draft[: accepted + 1]):
             y = 1.0 if i < accepted else 0.0
             self.calibration.add(self.predict(d.confidence, start + i), d.confidence, y)
-            self._x.append(self.features(d.confidence, start + i))
-            self._y.append(y)
+            row = self._seen % self.window
+            self._x[row], self._y[row] = self.features(d.confidence, start + i), y
+            self._seen += 1
             self.positions.add(start + i, y)
         self._fit()
 
-    def _fit(self, steps: int = 3) -> None:
-        if not self._y:
+    def _fit(self, steps: int = 1) -> None:
+        """Newton on the penalised log-likelihood, from the last fit: a verdict moves the optimum a little,
+        and one step from close by lands on it (it runs between drafted tokens: ~50 us, not 3 steps)."""
+        n = min(self._seen, self.window)
+        if not n:
             return
-        x, y = np.array(self._x), np.array(self._y)
+        x, y = self._x[:n], self._y[:n]
         prior = np.array(self.PRIOR)
         w = self.w.copy()
-        for _ in range(steps):             # Newton on the penalised log-likelihood
+        for _ in range(steps if self._seen > 1 else 3):
             p = 1 / (1 + np.exp(-np.clip(x @ w, -30, 30)))
             grad = x.T @ (p - y) + self.ridge * (w - prior)
             hess = (x.T * (p * (1 - p))) @ x + self.ridge * np.eye(3)

@@ -119,6 +119,10 @@ class LinkProfiler:
         self._draft_smoothing, self._verify_recency = draft_smoothing, verify_recency
         self._drafted = 0
         self._rounds_since_send = 0
+        # estimate() runs several times a round, on the engine's thread, between drafted tokens: its fits
+        # (medians, weighted lines) are kept until a send, a round or a NAV changes what they are fitted to.
+        self._version = 0
+        self._fitted: tuple[int, tuple] | None = None
 
     # -- observations ---------------------------------------------------------------
     def observe_send(self, tokens: int, seconds: float) -> None:
@@ -128,6 +132,7 @@ class LinkProfiler:
             self._sends.clear()
         self._sends.append((tokens, seconds))
         self._rounds_since_send = 0
+        self._version += 1
 
     def observe_draft(self, seconds_per_token: float) -> None:
         # The first measurement replaces the prior outright: a prior 10x off would otherwise take
@@ -142,6 +147,7 @@ class LinkProfiler:
         self._rounds.append((drafted, accepted))
         self._rounds_since_send += 1
         self._verifies.append((drafted, verify_seconds))
+        self._version += 1
 
     def observe_nav(self, network_seconds: float, final_tokens: int = 1) -> None:
         """A NAV round trip minus the verifier's compute: latency plus sending the final batch of
@@ -170,6 +176,7 @@ class LinkProfiler:
                 self._navs.extend(kept + previous)
                 self._sends.clear()            # the uplink's per-token time is to be measured again too
         self._navs.append((n, t))
+        self._version += 1
 
     def nav_empty(self) -> float | None:
         """The recent round trip of a round without a draft (recency-weighted mean), None before any."""
@@ -247,11 +254,14 @@ class LinkProfiler:
         return max(0.0, intercept), beta, True
 
     def estimate(self) -> LinkEstimate:
-        alpha, beta, fitted = self._send_line()
-        line, verify = self.nav_line(), self.verify_line()
-        return LinkEstimate(alpha, beta, self.gamma, self.verify, self.acceptance, self.nav_network(),
-                            nav_latency=line[0] if line else None, nav_per_token=line[1] if line else None,
-                            nav_empty=self.nav_empty(),
-                            verify_fixed=verify[0] if verify else None,
-                            verify_per_token=verify[1] if verify else 0.0,
-                            uplink_per_token=beta if fitted and self._rounds_since_send <= 3 else None)
+        version, kept = self._version, self._fitted   # the version read first: a later observation refits
+        if kept is None or kept[0] != version:
+            alpha, beta, fitted = self._send_line()
+            line, verify = self.nav_line(), self.verify_line()
+            kept = self._fitted = (version, (alpha, beta, self.verify, self.acceptance, self.nav_network(), dict(
+                nav_latency=line[0] if line else None, nav_per_token=line[1] if line else None,
+                nav_empty=self.nav_empty(), verify_fixed=verify[0] if verify else None,
+                verify_per_token=verify[1] if verify else 0.0,
+                uplink_per_token=beta if fitted and self._rounds_since_send <= 3 else None)))
+        alpha, beta, verify, acceptance, network, rest = kept[1]
+        return LinkEstimate(alpha, beta, self.gamma, verify, acceptance, network, **rest)
