@@ -167,6 +167,25 @@ def test_the_profiler_prices_the_uplink_robustly_and_follows_a_step():
     assert profiler.estimate().nav_latency == pytest.approx(0.030, abs=0.002)
 
 
+def test_the_uplinks_price_is_kept_while_nothing_drafted_goes_up():
+    """A controller that stopped uploading (a 0.29 MB token on a 100 Mbps uplink) measures the uplink no
+    more; when the round trip jumps, the profiler clears its lines. The last measured price stands until a
+    new upload says otherwise: the prior (0.5 ms) would make drafting look cheap again."""
+    profiler = LinkProfiler()
+    for _ in range(6):
+        profiler.observe_nav(0.013, 0)
+        profiler.observe_nav(0.013 + 2 * 0.023, 2)                     # 23 ms a drafted token
+    assert profiler.estimate().upload_per_token == pytest.approx(0.023, rel=0.1)
+    for _ in range(40):                                                  # guesses only: nothing uploaded
+        profiler.observe_nav(0.013, 0)
+    profiler.observe_nav(0.300, 0)
+    profiler.observe_nav(0.300, 0)                                       # a jump, confirmed: the lines are cleared
+    est = profiler.estimate()
+    assert est.nav_per_token is None and est.uplink_per_token is None
+    assert est.upload_per_token == pytest.approx(0.023, rel=0.1)         # not the prior's 0.5 ms
+    assert LinkProfiler().estimate().upload_per_token == LinkProfiler().estimate().beta   # the prior, before any
+
+
 def test_a_slow_suspect_is_not_kept_when_the_link_turns_out_faster():
     profiler = LinkProfiler()
     for i in range(10):
