@@ -569,6 +569,25 @@ class Bench:
         written += plot_all(self, out)
         return written
 
+    def headline(self) -> list[str]:
+        """The bench's answer in a few terminal lines: per cell, PipeSD against the fastest baseline."""
+        lines = ["TPT: ms per output token (lower is faster); speed-up: the fastest baseline's TPT / PipeSD's "
+                 "(above 1: PipeSD is faster)."]
+        if self.config.min_tokens < 1000:
+            lines.append(f"(A short run, {self.config.min_tokens} tokens per method: the controller has had little "
+                         f"time to learn the link; docs/bench holds a full run.)")
+        for t in self.results:
+            if t.method != "pipesd":
+                continue
+            cell = {u.method: u for u in self.results if (u.pair, u.regime, u.scenario) == (t.pair, t.regime, t.scenario)}
+            base = min((cell[b] for b in BASELINES if b in cell), key=lambda u: u.tpt_ms, default=None)
+            cloud = cell.get("cloud_only")
+            lines.append(f"  {t.pair}/{t.regime}/{t.scenario}: pipesd {_fmt(t.tpt_ms)}"
+                         + (f", best baseline {base.method} {_fmt(base.tpt_ms)}: {base.tpt_ms / t.tpt_ms:.2f}x"
+                            if base else "")
+                         + (f", cloud_only {_fmt(cloud.tpt_ms)}" if cloud else ""))
+        return lines
+
     def markdown(self, command: str) -> str:
         lines = [f"Command: `{command}`", "",
                  f"Date {time.strftime('%Y-%m-%d')}; measured draft time per token (1 thread): "
@@ -828,7 +847,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: S1 native, main methods, 96 tokens each, no extras")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def config_from_args(args) -> BenchConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import cloud_verifier.app  # noqa: F401  (the lab runs verifiers: fail here, where the CLI names the extra)
@@ -29,13 +30,23 @@ def _command_line(args) -> str:
     return "pipesd " + " ".join(args.argv)
 
 
+def _out(command: str) -> Path:
+    """Where results go without --out: a new temporary folder, named at once (not the working tree)."""
+    out = Path(tempfile.mkdtemp(prefix=f"pipesd-{command}-"))
+    print(f"pipesd {command}: writing to {out} (--out DIR to choose)", file=sys.stderr, flush=True)
+    return out
+
+
 def _bench(args) -> int:
     from .bench import Bench, config_from_args
 
-    bench = Bench(_configure(config_from_args, args))
+    cfg = _configure(config_from_args, args)
+    cfg.out = cfg.out or _out("bench")
+    bench = Bench(cfg)
     bench.run()
-    for path in bench.write(_command_line(args)):
-        print(path)
+    written = bench.write(_command_line(args))
+    print("\n".join(bench.headline()))
+    print(f"written: {', '.join(p.name for p in written)} in {bench.config.out}")
     failures = [t for t in bench.results + bench.sweep if t.mismatches > 0 or t.unverified]
     for t in failures:
         print(f"pipesd bench: NOT LOSSLESS: {t.method} in {t.pair}/{t.regime}/{t.scenario} "
@@ -47,7 +58,9 @@ def _bench(args) -> int:
 def _energy(args) -> int:
     from .energy_bench import EnergyBench, config_from_args
 
-    run = EnergyBench(_configure(config_from_args, args))
+    cfg = _configure(config_from_args, args)
+    cfg.out = cfg.out or _out("energy")
+    run = EnergyBench(cfg)
     run.run()
     for path in run.write(_command_line(args)):
         print(path)
@@ -57,6 +70,7 @@ def _energy(args) -> int:
 def _grid(args) -> int:
     from .generalise import grid_main
 
+    args.out = args.out or _out("grid")
     try:
         written = grid_main(args, _command_line(args))
     except ValueError as exc:
@@ -69,6 +83,7 @@ def _grid(args) -> int:
 def _steps(args) -> int:
     from .generalise import steps_main
 
+    args.out = args.out or _out("steps")
     try:
         written = steps_main(args, _command_line(args))
     except ValueError as exc:

@@ -183,7 +183,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: S1 native, 3 methods, 16-token requests")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("energy-results"))
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def config_from_args(args) -> EnergyConfig:

@@ -42,7 +42,12 @@ def test_quick_bench_writes_well_formed_results(quick_run):
     assert meta["command"].startswith("pipesd bench --quick")
     md = (out / "results.md").read_text()
     assert "### embedded, native regime: TPT" in md and "PipeSD speed-up vs best baseline" in md
-    assert str(out / "results.md") in proc.stdout
+    # The terminal gets the headline, with what its ratio means; stderr no third-party noise.
+    assert "speed-up: the fastest baseline's TPT / PipeSD's" in proc.stdout
+    assert "embedded/native/s1: pipesd " in proc.stdout and "best baseline " in proc.stdout
+    assert "results.md" in proc.stdout.splitlines()[-1] and proc.stdout.rstrip().endswith(f" in {out}")
+    for noise in ("llama_", "ggml_", "Converting and de-quantizing", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_quick_bench_every_method_equals_target_greedy(quick_run):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,11 +22,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("energy")
-    proc = subprocess.run([sys.executable, "-m", "edge_sdk", "energy", "--quick", "--no-progress", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    # Without --out the results go to a new temporary folder, named on stderr (not the working tree).
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk", "energy", "--quick", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path_factory.mktemp("cwd"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    named = [line for line in proc.stderr.splitlines() if line.startswith("pipesd energy: writing to ")]
+    assert len(named) == 1, proc.stderr[-3000:]
+    out = Path(named[0].split("writing to ")[1].split(" (--out")[0])
+    assert out.is_dir() and Path(tempfile.gettempdir()) in out.parents
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_quick_energy_writes_labelled_results(quick_run):
