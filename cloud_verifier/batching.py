@@ -10,6 +10,10 @@ Bounds: at most ``max_batch`` calls per cycle; at most one call per session per 
 session's frames are ordered, so its next frame waits for the next cycle); and the worker
 waits up to ``max_wait_s`` for more calls only while more requests are in flight at the
 HTTP layer than are queued (a lone session is never kept waiting for company).
+
+Light calls (``submit(..., light=True)``: handshakes, which need no target pass) take no batch
+slot and run after the cycle's target passes, so established sessions' frames never wait behind
+them; the HTTP layer bounds how many of them may be queued (``max_handshakes_in_flight``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class _Call:
     fn: Callable
     args: tuple
     key: object | None                  # calls with the same key never share a cycle
+    light: bool = False                 # no target pass: no batch slot, run after the cycle's passes
     future: Future = field(default_factory=Future)
 
 
@@ -42,14 +47,16 @@ class ModelWorker:
         self.in_flight = in_flight
         self.metrics = metrics
         self.logits_many: Callable | None = None          # set once the target has loaded
+        self.cycle_s = 0.0                                # recent duration of a cycle (moving average)
         self._queue: deque[_Call] = deque()
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable, *args, key: object | None = None) -> Future:
-        call = _Call(fn, args, key)
+    def submit(self, fn: Callable, *args, key: object | None = None, light: bool = False) -> Future:
+        """Queue `fn(*args)`; `light`: a plain call (not a dispatch generator) that needs no target pass."""
+        call = _Call(fn, args, key, light)
         with self._cv:
             if self._stopped:
                 raise RuntimeError("the model worker has stopped")
@@ -77,30 +84,37 @@ class ModelWorker:
             if self._stopped:
                 return []
             deadline = time.monotonic() + self.max_wait_s
-            while len(self._queue) < self.max_batch and self.in_flight() > len(self._queue):
+            while True:
+                queued = sum(not c.light for c in self._queue)
+                if not (queued < self.max_batch and self.in_flight() > queued):
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            taken, keys, kept = [], set(), deque()
-            while self._queue and len(taken) < self.max_batch:
+            taken, light, keys, kept = [], [], set(), deque()
+            while self._queue:
                 call = self._queue.popleft()
-                if call.key is not None and call.key in keys:
+                if call.light:
+                    light.append(call)
+                elif len(taken) >= self.max_batch or (call.key is not None and call.key in keys):
                     kept.append(call)
-                    continue
-                keys.add(call.key)
-                taken.append(call)
+                else:
+                    keys.add(call.key)
+                    taken.append(call)
             self._queue.extendleft(reversed(kept))
-            return taken
+            return taken + light
 
     def _loop(self) -> None:
         while True:
             calls = self._take()
             if not calls:
                 return
+            t0 = time.perf_counter()
             parked = []                                   # (call, generator, pending Forward)
             for call in calls:
-                self._advance(call, parked, start=True)
+                if not call.light:
+                    self._advance(call, parked, start=True)
             while parked:
                 batch, parked = parked, []
                 try:
@@ -115,6 +129,14 @@ class ModelWorker:
                         call.future.set_exception(r)
                     else:
                         self._advance(call, parked, steps=steps, rows=r)
+            for call in calls:                            # after the passes: frames never wait behind these
+                if call.light and call.future.set_running_or_notify_cancel():
+                    try:
+                        call.future.set_result(call.fn(*call.args))
+                    except BaseException as exc:
+                        call.future.set_exception(exc)
+            took = time.perf_counter() - t0
+            self.cycle_s = took if self.cycle_s == 0.0 else 0.8 * self.cycle_s + 0.2 * took
 
     @staticmethod
     def _advance(call: _Call, parked: list, *, start: bool = False, steps=None, rows=None) -> None:

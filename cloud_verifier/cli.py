@@ -2,7 +2,12 @@
 
     pipesd-verifier --generate-key verifier.key        # write a key pair, print the public key, exit
     pipesd-verifier --key-file verifier.key --port 8000
+    pipesd-verifier --generate-psk shared.psk          # write a new pre-shared key (32 random bytes), exit
     pipesd-verifier --psk-file shared.psk              # pre-shared key instead of a key pair
+
+Key files are created with mode 0600 and never overwritten (--force replaces one); a key file that
+group or others can read or write is used, with a warning on stderr. A PSK must be 32 random bytes
+or more (base64 in its file, as --generate-psk writes it): a passphrase is refused.
 
 Without --key-file or --psk-file a fresh key pair is made for this run only. The
 public key is printed at start; edges pin it (EdgeClient(verifier_key=...)). With
@@ -53,12 +58,31 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port and prints it")
     ap.add_argument("--threads", type=int, default=None, help="compute threads of the target")
     ap.add_argument("--key-file", type=Path, help="the verifier's X25519 private key (base64)")
-    ap.add_argument("--psk-file", type=Path, help="a pre-shared key file (>= 32 bytes)")
+    ap.add_argument("--psk-file", type=Path,
+                    help="a pre-shared key file: base64 of >= 32 random bytes (--generate-psk); passphrases refused")
     ap.add_argument("--generate-key", type=Path, metavar="PATH", help="write a new key pair to PATH and exit")
+    ap.add_argument("--generate-psk", type=Path, metavar="PATH",
+                    help="write a new pre-shared key (32 random bytes, base64) to PATH and exit")
+    ap.add_argument("--force", action="store_true", help="let --generate-key / --generate-psk replace an existing file")
     ap.add_argument("--max-draft", type=int, default=d.max_draft)
     ap.add_argument("--max-sessions", type=int, default=d.max_sessions)
     ap.add_argument("--max-cached-tokens", type=int, default=d.max_cached_tokens)
+    ap.add_argument("--max-memory-mb", type=float, default=d.max_memory_bytes / 2**20,
+                    help="memory budget for everything sessions hold (KV of cached tokens, staged logits rows, "
+                         "early frames, llama.cpp contexts); over it the least recently used give way")
+    ap.add_argument("--round-timeout", type=float, default=d.round_timeout_s,
+                    help="seconds an unfinished round may sit idle before its staged logits rows are dropped")
+    ap.add_argument("--llama-contexts", type=int, default=d.llama_contexts,
+                    help="llama.cpp contexts kept at once (--backend llamacpp); beyond, sessions take turns")
+    ap.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                    help="seconds to receive a request body (or each frame of a round's stream); then 408")
+    ap.add_argument("--max-open-requests", type=int, default=d.max_open_requests,
+                    help="POST requests open at once; beyond: 429 overloaded")
+    ap.add_argument("--max-connections", type=int, default=d.max_connections,
+                    help="open connections (uvicorn's limit_concurrency); above --max-open-requests")
     ap.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    ap.add_argument("--max-handshakes-in-flight", type=int, default=d.max_handshakes_in_flight,
+                    help="handshakes queued or running at once, apart from --max-in-flight; beyond: 429 overloaded")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
     ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -74,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="sessions whose KV cache the torch target keeps at once (at least --max-batch)")
     ap.add_argument("--reorder-wait", type=float, default=d.reorder_wait_s,
                     help="seconds a frame waits for a session's earlier frames before a gap is skipped")
+    ap.add_argument("--handshake-rate", type=float, default=d.handshake_rate,
+                    help="handshakes per second per client IP (0: no limit); beyond the burst: 429 + Retry-After")
+    ap.add_argument("--handshake-burst", type=int, default=d.handshake_burst)
+    ap.add_argument("--client-handshake-rate", type=float, default=d.client_handshake_rate,
+                    help="handshakes per second per edge client (its x-pipesd-affinity token; 0: no limit)")
+    ap.add_argument("--client-handshake-burst", type=int, default=d.client_handshake_burst)
+    ap.add_argument("--max-pending-handshakes", type=int, default=d.max_pending_handshakes,
+                    help="handshakes held until their client's first sealed frame (never evicting a session)")
     ap.add_argument("--emulate-pass-ms", metavar="FIXED,PER_TOKEN", default=None,
                     help="emulation for benchmarks: pad every target pass to FIXED + PER_TOKEN x rows ms "
                          "(e.g. 20,0.2: a 7B model on a datacenter GPU)")
@@ -90,7 +122,15 @@ def settings_from_args(args: argparse.Namespace) -> VerifierSettings:
                             max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
                             reorder_wait_s=args.reorder_wait, eager_forward=not args.no_eager_forward,
                             rekey_interval=args.rekey_interval, max_batch=args.max_batch,
-                            batch_wait_s=args.batch_wait, kv_slots=args.kv_slots)
+                            batch_wait_s=args.batch_wait, kv_slots=args.kv_slots,
+                            max_memory_bytes=int(args.max_memory_mb * 2**20), round_timeout_s=args.round_timeout,
+                            llama_contexts=args.llama_contexts, body_timeout_s=args.body_timeout,
+                            max_open_requests=args.max_open_requests, max_connections=args.max_connections,
+                            handshake_rate=args.handshake_rate, handshake_burst=args.handshake_burst,
+                            client_handshake_rate=args.client_handshake_rate,
+                            client_handshake_burst=args.client_handshake_burst,
+                            max_pending_handshakes=args.max_pending_handshakes,
+                            max_handshakes_in_flight=args.max_handshakes_in_flight)
 
 
 def parse_pass_ms(text: str | None) -> tuple[float, float] | None:
@@ -112,7 +152,8 @@ def target_loader(path: Path, backend: str, threads: int | None, settings: Verif
     """A function that loads the target: ``main`` calls it before listening, a Ray replica in its constructor."""
     from .target import PaddedTarget, load_target
 
-    extra = {"kv_slots": settings.kv_slots} if backend == "torch" else {"verbose": verbose}
+    extra = ({"kv_slots": settings.kv_slots} if backend == "torch"
+             else {"verbose": verbose, "contexts": settings.llama_contexts})
 
     def load():
         target = load_target(path, backend, threads=threads, max_context=settings.max_context, **extra)
@@ -157,6 +198,26 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def parse_psk_file(path: Path) -> bytes:
+    """The PSK in `path` (``privacy.parse_psk``); OSError or ValueError naming the file."""
+    from privacy import parse_psk
+
+    try:
+        return parse_psk(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"--psk-file {path}: {exc}") from None
+
+
+def warn_exposed_keys(*paths: Path | None) -> None:
+    """A warning line on stderr for each key file that group or others may read (the key is still used)."""
+    from privacy import key_file_exposure
+
+    for path in paths:
+        warning = key_file_exposure(path) if path is not None else None
+        if warning:
+            print(f"pipesd-verifier: warning: {warning}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -166,12 +227,29 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from privacy import StaticKey, parse_psk
+    from privacy import StaticKey, generate_psk, write_key_file
 
-    if args.generate_key:
-        key = StaticKey.generate()
-        key.save(args.generate_key)
-        print(f"{PUBLIC_KEY} {key.public_b64}")
+    if args.generate_key or args.generate_psk:
+        path = args.generate_key or args.generate_psk
+        try:
+            if args.generate_key and args.generate_psk:
+                raise ValueError("give one of --generate-key and --generate-psk")
+            if args.generate_key:
+                key = StaticKey.generate()
+                key.save(path, force=args.force)
+            else:
+                write_key_file(path, generate_psk(), force=args.force)
+        except FileExistsError:
+            print(f"pipesd-verifier: {path} exists: not overwriting a key file (--force replaces it)", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:
+            print(f"pipesd-verifier: cannot write {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return 2
+        if args.generate_key:
+            print(f"{PUBLIC_KEY} {key.public_b64}")
+        else:
+            print(f"pipesd-verifier: wrote a pre-shared key to {path} (mode 0600); give the same file to the "
+                  f"verifier and the edge (--psk-file), over a channel you trust")
         return 0
 
     try:
@@ -190,10 +268,11 @@ def _main(argv=None) -> int:
     try:
         path = resolve_target(args.model)
         static_key = StaticKey.load(args.key_file) if args.key_file else None
-        psk = parse_psk(args.psk_file.read_bytes()) if args.psk_file else None
+        psk = parse_psk_file(args.psk_file) if args.psk_file else None
     except (PairUnavailable, OSError, ValueError) as exc:
         print(f"pipesd-verifier: {exc}", file=sys.stderr)
         return 2
+    warn_exposed_keys(args.key_file, args.psk_file)
     if static_key is None and psk is None:
         static_key = StaticKey.generate()
     if not path.exists():             # before binding or loading anything: a typo fails at once
@@ -229,9 +308,44 @@ def _main(argv=None) -> int:
     if static_key is not None:
         print(f"{PUBLIC_KEY} {static_key.public_b64}", flush=True)
     print(f"{LISTENING} http://{host}:{port}", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    limit = connection_limit(settings.max_connections)
+    if limit < settings.max_connections:      # few file descriptors: open requests keep below the limit
+        state.max_open_requests = min(state.max_open_requests, max(1, limit * 3 // 4))
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
+                            limit_concurrency=limit)
+    server = uvicorn.Server(config)
+    state.connections = lambda: server.server_state.connections   # idle ones are closed (app.py)
+    state.keep_alive_s = config.timeout_keep_alive
+    server.run(sockets=[sock])
     return 0
+
+
+FD_RESERVE = 128                      # file descriptors beyond connections: the model, its threads, logs
+
+
+def connection_limit(wanted: int) -> int:
+    """uvicorn's ``limit_concurrency``: `wanted`, raising the soft limit on open files to fit it if the
+    hard limit allows; else what the hard limit leaves (with a warning). Past the limit uvicorn answers
+    503 to every request; running out of file descriptors instead would fail accept() and health checks."""
+    try:
+        import resource
+    except ImportError:               # not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        limit = max(16, soft - FD_RESERVE)
+        print(f"pipesd-verifier: only {soft} open files allowed (ulimit -n): serving at most {limit} "
+              f"connections instead of {wanted}", file=sys.stderr)
+        return limit
+    return wanted
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ class Metrics:
                                            "pipelined rounds dropped because the round before them was not "
                                            "accepted whole (or the target's token was another)", registry=r)
         self.rejections = Counter("pipesd_rejections", "requests refused, by error code", ["cause"], registry=r)
-        self.sessions_opened = Counter("pipesd_sessions_opened", "handshakes completed", registry=r)
+        self.sessions_opened = Counter("pipesd_sessions_opened", "sessions established (a handshake whose client "
+                                       "then sealed a frame)", registry=r)
+        self.handshakes_unproven = Counter("pipesd_handshakes_unproven", "handshakes forgotten before their client "
+                                           "sealed a frame (expired, or pushed out of the pending table)",
+                                           registry=r)
+        self.pending_handshakes = Gauge("pipesd_pending_handshakes", "handshakes waiting for their client's first "
+                                        "frame (held apart from sessions)", registry=r)
         self.evictions = Counter("pipesd_session_evictions", "sessions evicted", ["reason"], registry=r)
         self.nav_seconds = Histogram("pipesd_nav_seconds", "target compute per NAV round", buckets=LATENCY_BUCKETS,
                                      registry=r)
@@ -35,6 +41,16 @@ class Metrics:
         self.kv_slot_evictions = Gauge("pipesd_kv_slot_evictions", "sessions that lost their KV slot to another "
                                        "and recomputed their prefix (cumulative)", registry=r)
         self.in_flight = Gauge("pipesd_in_flight", "requests queued or running", registry=r)
+        self.memory = Gauge("pipesd_memory_bytes", "bytes held for sessions, by part (their sum is bounded by "
+                            "pipesd_memory_budget_bytes)", ["part"], registry=r)
+        self.memory_budget = Gauge("pipesd_memory_budget_bytes", "the memory budget (--max-memory-mb)", registry=r)
+        self.rows_dropped = Counter("pipesd_staged_rows_dropped", "unfinished rounds whose staged logits rows were "
+                                    "dropped (NAV recomputes them), by reason: timeout or memory", ["reason"],
+                                    registry=r)
+        self.open_requests = Gauge("pipesd_open_requests", "POST requests open (reading a body or waiting)",
+                                   registry=r)
+        self.disconnects = Counter("pipesd_client_disconnects", "requests whose client went away before the "
+                                   "answer (counted under status 499 in pipesd_requests, never as 500)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,7 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import LISTENING, PUBLIC_KEY, _parser as verifier_parser, resolve_target, settings_from_args, target_loader
+from .cli import (LISTENING, PUBLIC_KEY, _parser as verifier_parser, resolve_target, settings_from_args, target_loader,
+                  warn_exposed_keys)
 from .settings import VerifierSettings
 
 APP_NAME = "pipesd"
@@ -88,14 +89,14 @@ def build(model: str = "embedded", backend: str = "torch", threads: int | None =
     from ray.serve.config import RequestRouterConfig
 
     settings = settings or VerifierSettings()
-    ongoing = max_ongoing_requests or 2 * settings.max_in_flight
+    ongoing = max_ongoing_requests or 2 * (settings.max_in_flight + settings.max_handshakes_in_flight)
     scaling = ({"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                        "target_ongoing_requests": max(1, settings.max_in_flight // 2)}}
                if autoscale else {"num_replicas": replicas})
     # The router's fallback (the next replicas on the ring) is for a primary that is gone or refuses;
-    # Serve's own "busy" refusal is kept out of the way by allowing twice the app's in-flight bound, so
-    # that overload is answered by the replica (429 overloaded + Retry-After), not by a hop to a replica
-    # that does not hold the session.
+    # Serve's own "busy" refusal is kept out of the way by allowing twice the app's in-flight bounds
+    # (frames and handshakes), so that overload is answered by the replica (429 overloaded + Retry-After),
+    # not by a hop to a replica that does not hold the session.
     router = {"request_router_config": RequestRouterConfig(request_router_class=ROUTER)} if affinity else {}
     deployment = serve.deployment(serve.ingress()(VerifierReplica), name="verifier",
                                   ray_actor_options={"num_cpus": cpus_per_replica},
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError, LookupError) as exc:     # LookupError: a model pair that is not installed
         print(f"pipesd-verifier-ray: {exc}", file=sys.stderr)
         return 2
+    warn_exposed_keys(key_file, psk_file)
     port = args.port or _free_port(args.host)
 
     # A private directory for a run-only key pair and for a local cluster's files; removed at exit.

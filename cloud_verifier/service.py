@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Generator
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -46,6 +46,10 @@ from .target import Target, TargetState
 
 log = logging.getLogger("cloud_verifier")
 
+# The memory budget's estimates of what Python objects cost (numpy rows and the target's KV are exact).
+TOKEN_BYTES = 36            # one token id in a Python list: the pointer and the int object
+SESSION_BYTES = 4096        # a session's fixed part: channel keys, replay windows, the objects themselves
+
 
 @dataclass
 class PendingRound:
@@ -58,10 +62,32 @@ class PendingRound:
     rows: list[np.ndarray] = field(default_factory=list)     # logits computed as batches arrived
     sampling: SamplingParams | None = None                    # the round's sampling (None: greedy)
     q: list[SparseDist] = field(default_factory=list)        # per staged token: the q it was drawn from
+    touched: float = field(default_factory=time.monotonic)   # when a batch last arrived (round timeout)
+    busy: bool = False                                       # a target pass for it is under way: rows stay
+    rows_bytes: int = 0                                      # bytes of `rows` (the budget reads it per frame)
+    q_bytes: int = 0                                         # bytes of `q`
 
     @property
     def rows_held(self) -> int:
         return sum(len(r) for r in self.rows)
+
+    @property
+    def staged_bytes(self) -> int:
+        """What the round holds besides its logits rows: prefix and draft token ids, the draft's q."""
+        return (len(self.base) + len(self.tokens)) * TOKEN_BYTES + self.q_bytes
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        self.rows.append(rows)
+        self.rows_bytes += rows.nbytes
+
+    def drop_rows(self) -> bool:
+        """Forget the logits computed so far (NAV recomputes them from the staged tokens); False if a
+        pass is under way for this round (its rows will append to the list: it must not change)."""
+        if self.busy or not self.rows:
+            return False
+        self.rows.clear()
+        self.rows_bytes = 0
+        return True
 
 
 @dataclass
@@ -110,16 +136,23 @@ class VerifierService:
         self.settings = s = settings or VerifierSettings()
         self.static_key, self.psk = static_key, psk
         self.metrics = metrics or Metrics()
+        self.metrics.memory_budget.set(s.max_memory_bytes)
         self.limits = ChannelLimits(max_frame_bytes=s.max_frame_bytes, max_body_bytes=s.max_body_bytes,
                                     replay_window=s.replay_window, rekey_interval=s.rekey_interval)
         self.max_context = min(target.max_context, s.max_context or target.max_context)
         self.fingerprint = vocab_fingerprint(target.vocab_tokens)
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self.extra_bytes: Callable[[], int] = lambda: 0   # early frames the HTTP layer holds (app.py sets it)
+        self.memory_bytes = 0                               # the last total (read by the HTTP layer's thread)
+        self._fit_pool()
+        # Handshakes answered whose client has not yet sealed a frame: (channel, when), oldest first.
+        self.pending: OrderedDict[bytes, tuple[SecureChannel, float]] = OrderedDict()
 
     def info(self) -> dict:
         return {"model": self.target.name, "vocab_size": self.target.vocab_size,
                 "vocab_fingerprint": self.fingerprint, "max_draft": self.settings.max_draft,
                 "max_context": self.max_context, "sessions": len(self.sessions),
+                "pending_handshakes": len(self.pending),
                 "public_key": self.static_key.public_b64 if self.static_key else None}
 
     # -- handshake and frames ---------------------------------------------------------
@@ -129,12 +162,45 @@ class VerifierService:
         return None if session is None else session.next_seq
 
     def handshake(self, hello: dict) -> dict:
+        """Answer a ClientHello (WireError handshake_failed if it is malformed or refused).
+
+        No state before proof: a handshake proves nothing about the client (anyone can send one, and
+        a sniffed PSK hello can be replayed), so its channel does not become a session here. It waits
+        in ``pending``, a table of its own bounded by ``max_pending_handshakes`` (the oldest dropped
+        first) and ``handshake_ttl_s``, until the first frame sealed under its keys arrives
+        (``open_frame``): that frame proves the client holds the keys (in PSK mode, the PSK), and only
+        then is a session made, under the sessions' own eviction policy. A flood of handshakes can
+        therefore push out other unproven handshakes, at worst, never an established session; its rate
+        per client IP and per affinity token is bounded in front of this (``app.py``, 429).
+        """
         reply, channel = server_handshake(hello, static=self.static_key, psk=self.psk, limits=self.limits)
-        self._evict(incoming=1)
-        self.sessions[channel.session_id] = Session(channel)
-        self.metrics.sessions_opened.inc()
+        self._expire_pending()
+        while len(self.pending) >= max(1, self.settings.max_pending_handshakes):
+            self.pending.popitem(last=False)
+            self.metrics.handshakes_unproven.inc()
+        self.pending[channel.session_id] = (channel, time.monotonic())
         self._gauges()
         return reply
+
+    def _expire_pending(self) -> None:
+        cutoff = time.monotonic() - self.settings.handshake_ttl_s
+        while self.pending and next(iter(self.pending.values()))[1] < cutoff:
+            self.pending.popitem(last=False)
+            self.metrics.handshakes_unproven.inc()
+
+    def _establish(self, frame: bytes, session_id: bytes) -> tuple[Session, Header, dict]:
+        """The first frame of a pending handshake: if it authenticates, the channel becomes a session.
+        A frame that does not authenticate (or a session id never handed out) changes nothing."""
+        self._expire_pending()
+        entry = self.pending.get(session_id)
+        if entry is None:
+            raise WireError(ErrorCode.UNAUTHENTICATED, "unknown session: handshake again")
+        header, body = entry[0].open(frame)
+        del self.pending[session_id]
+        self._evict(incoming=1)
+        session = self.sessions[session_id] = Session(entry[0])
+        self.metrics.sessions_opened.inc()
+        return session, header, body
 
     def handle_frame(self, frame: bytes) -> tuple[int, bytes, FrameType]:
         """(HTTP status, sealed reply, reply type). Raises WireError before authentication (answered in plain text)."""
@@ -170,8 +236,9 @@ class VerifierService:
         self._expire()
         session = self.sessions.get(header.session_id)
         if session is None:
-            raise WireError(ErrorCode.UNAUTHENTICATED, "unknown session: handshake again")
-        header, body = session.channel.open(frame)
+            session, header, body = self._establish(frame, header.session_id)
+        else:
+            header, body = session.channel.open(frame)
         self.sessions.move_to_end(header.session_id)
         session.last_used = time.monotonic()
         return session, header, body
@@ -225,9 +292,21 @@ class VerifierService:
                              self.max_context)
 
     def _expire(self) -> None:
-        cutoff = time.monotonic() - self.settings.session_ttl_s
+        """Drop idle sessions (TTL) and the staged logits rows of rounds idle past ``round_timeout_s``."""
+        now = time.monotonic()
+        cutoff = now - self.settings.session_ttl_s
         for sid in [sid for sid, s in self.sessions.items() if s.last_used < cutoff]:
             self._drop(sid, "ttl")
+        stale = now - self.settings.round_timeout_s
+        for s in self.sessions.values():
+            if s.pending is not None and s.pending.touched < stale and s.pending.drop_rows():
+                self.metrics.rows_dropped.labels("timeout").inc()
+
+    def housekeep(self) -> None:
+        """Timeouts and the budget without waiting for a frame (the HTTP layer calls it every second)."""
+        self._expire()
+        self._evict()
+        self._gauges()
 
     def _drop(self, sid: bytes, reason: str | None = None) -> None:
         session = self.sessions.pop(sid, None)
@@ -240,7 +319,7 @@ class VerifierService:
         return sum(len(s.state.tokens) for s in self.sessions.values() if s.state is not None)
 
     def _evict(self, incoming: int = 0, keep: bytes | None = None) -> None:
-        """LRU eviction down to the session-count and cached-token bounds (never the session in use)."""
+        """LRU eviction down to the session-count, cached-token and memory bounds (never the session in use)."""
         while len(self.sessions) + incoming > self.settings.max_sessions:
             self._drop(next(iter(self.sessions)), "sessions")
         while self._cached_tokens() > self.settings.max_cached_tokens:
@@ -248,9 +327,84 @@ class VerifierService:
             if victim is None:
                 break
             self._drop(victim, "memory")
+        self._fit_budget(keep)
+
+    # -- the memory budget --------------------------------------------------------------
+    def _session_bytes(self, session: Session) -> tuple[int, int, int]:
+        """(KV of its cached tokens, token ids and fixed part, staged logits rows) a session holds."""
+        kv, held, rows = 0, SESSION_BYTES + len(session.committed) * TOKEN_BYTES, 0
+        if session.state is not None:
+            kv = len(session.state.tokens) * getattr(self.target, "kv_bytes_per_token", 0)
+            held += len(session.state.tokens) * TOKEN_BYTES
+        if session.pending is not None:
+            held += session.pending.staged_bytes
+            rows = session.pending.rows_bytes
+        return kv, held, rows
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held for sessions, by part (the budget ``max_memory_bytes`` bounds their sum): the KV of
+        cached tokens (torch; llama.cpp's is inside its contexts), token ids and sessions' fixed parts,
+        staged logits rows of unfinished rounds, early frames waiting for their predecessors (held by the
+        HTTP layer), llama.cpp contexts (allocated, in use or free) and unproven handshakes."""
+        cached = tokens = rows = other = 0             # the loop of _session_bytes, inlined: it runs per frame
+        for session in self.sessions.values():
+            tokens += len(session.committed)
+            if session.state is not None:
+                cached += len(session.state.tokens)
+            pending = session.pending
+            if pending is not None:
+                tokens += len(pending.base) + len(pending.tokens)
+                rows += pending.rows_bytes
+                other += pending.q_bytes
+        kv = cached * getattr(self.target, "kv_bytes_per_token", 0)
+        held = len(self.sessions) * SESSION_BYTES + (tokens + cached) * TOKEN_BYTES + other
+        contexts = getattr(self.target, "held_bytes", None)
+        return {"kv": kv, "sessions": held, "staged_rows": rows, "early_frames": self.extra_bytes(),
+                "contexts": contexts() if contexts is not None else 0,
+                "handshakes": len(getattr(self, "pending", ())) * SESSION_BYTES}
+
+    def _fit_budget(self, keep: bytes | None = None) -> None:
+        """Over the budget: drop the staged rows of unfinished rounds (least recently used sessions first;
+        NAV recomputes them), then evict least recently used sessions, never `keep` (the one in use).
+        Contexts stay (they are a pool, at most half the budget), and so do early frames (they wait
+        ``reorder_wait_s`` at most; the HTTP layer holds none past the budget)."""
+        parts = self.memory()
+        # Unproven handshakes have their own bound (max_pending_handshakes) and never evict a session.
+        over = sum(parts.values()) - parts["handshakes"] - self.settings.max_memory_bytes
+        if over <= 0:
+            return
+        for sid, session in self.sessions.items():
+            if over <= 0:
+                return
+            if sid != keep and session.pending is not None:
+                freed = session.pending.rows_bytes
+                if session.pending.drop_rows():
+                    over -= freed
+                    self.metrics.rows_dropped.labels("memory").inc()
+        for sid in [sid for sid in self.sessions if sid != keep]:
+            if over <= 0:
+                return
+            over -= sum(self._session_bytes(self.sessions[sid]))
+            self._drop(sid, "memory")
+
+    def _fit_pool(self) -> None:
+        """A target with a pool of contexts (llama.cpp) keeps them within half the budget."""
+        pool, size = getattr(self.target, "pool", None), getattr(self.target, "context_bytes", 0)
+        if size and hasattr(pool, "max_contexts"):
+            fit = max(1, self.settings.max_memory_bytes // 2 // size)
+            if pool.max_contexts > fit:
+                log.info("%d llama.cpp contexts of %.0f MB would take more than half the memory budget of "
+                            "%.0f MB: keeping %d", pool.max_contexts, size / 2**20,
+                            self.settings.max_memory_bytes / 2**20, fit)
+                pool.max_contexts = fit
 
     def _gauges(self) -> None:
+        parts = self.memory()
+        self.memory_bytes = sum(parts.values())
+        for part, size in parts.items():
+            self.metrics.memory.labels(part).set(size)
         self.metrics.sessions.set(len(self.sessions))
+        self.metrics.pending_handshakes.set(len(self.pending))
         self.metrics.cached_tokens.set(self._cached_tokens())
         pool = getattr(self.target, "pool", None)
         if pool is not None:
@@ -289,13 +443,16 @@ class VerifierService:
         pending.sampling = req.sampling
         pending.tokens.extend(req.draft)
         pending.q.extend(req.q)
+        pending.q_bytes += sum(q.ids.nbytes + q.p16.nbytes for q in req.q)
         t0 = time.perf_counter()
+        pending.touched = time.monotonic()
         if not req.final:
             session.pending = pending
             if self.settings.eager_forward and eager and req.draft:
                 # Start the target on what has arrived, so NAV at the trigger runs on the last batch only.
                 yield from self._forward(session.state, pending)
                 self.metrics.nav_seconds.observe(time.perf_counter() - t0)
+            self._evict(keep=session.channel.session_id)       # staged rows count in the budget
             return BatchAck(req.round, True, len(pending.tokens))
         session.pending = None
         if pending.rows_held < len(pending.tokens) + 1:
@@ -322,7 +479,11 @@ class VerifierService:
     def _forward(self, state: TargetState, pending: PendingRound):
         """Logits rows for the staged tokens not yet run (row 0 predicts the round's first token)."""
         first = len(pending.base) - 1 + pending.rows_held
-        pending.rows.append((yield Forward(state, pending.base + pending.tokens, first)))
+        pending.busy = True             # the budget leaves these rows alone until the pass has answered
+        try:
+            pending.add_rows((yield Forward(state, pending.base + pending.tokens, first)))
+        finally:
+            pending.busy = False
 
     def _round_for(self, session: Session, req: VerifyRequest) -> PendingRound | None:
         """The round this batch joins, or None when it does not fit what the session holds."""

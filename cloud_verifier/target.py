@@ -8,8 +8,9 @@ logits rows the caller asks for. NAV (``nav.py``) never touches a model directly
 
 from __future__ import annotations
 
+import os
 import time
-
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,8 @@ class TorchTarget:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, head_dim, max_slots=kv_slots,
                            max_len=self.max_context)
+        # What one cached token costs (keys and values of every layer): the memory budget counts it.
+        self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
 
     def new_state(self) -> TargetState:
         return TargetState()          # cache: the pool slot, taken at the first forward pass
@@ -259,36 +262,144 @@ def _similar_lengths(work: list[tuple[int, int, int]], max_len: int):
         yield group
 
 
-class LlamaCppTarget:
-    """A GGUF target on llama.cpp: one context per session, logits for every evaluated position.
+_LLAMA_BACKEND = False               # llama_backend_init() done in this process
 
-    Not batched across sessions: one context with several sequences (``n_seq_max``) was
-    measured 1.35-1.6x faster here but is not wired in; ``logits_many`` runs jobs in turn.
+
+class ContextPool:
+    """At most ``max_contexts`` llama.cpp contexts over one model, created as sessions first need them.
+
+    A session (its ``TargetState``) borrows a context for its passes and keeps it while others leave
+    it alone; when every context is in use, the least recently used session's is taken: that session's
+    ``tokens`` empties and its next pass recomputes its prefix from the token ids the verifier holds
+    (the same as the torch pool's ``kv_slots``: no round trip, no resync). Contexts are never freed while
+    the target lives (making one costs ~0.1 s for a small model), so the pool is also what the memory
+    budget counts (``LlamaCppTarget.held_bytes``). The same attributes as ``KVPool`` (``owners``,
+    ``evictions``) feed the same gauges.
+    """
+
+    def __init__(self, make, max_contexts: int):
+        if max_contexts < 1:
+            raise ValueError("the context pool needs at least one context")
+        self._make = make
+        self.max_contexts = max_contexts
+        self.contexts: list = []                       # raw llama_context pointers
+        self.owners: dict[int, TargetState] = {}       # context index -> the state holding it
+        self.recent: OrderedDict[int, None] = OrderedDict()
+        self.free: list[int] = []
+        self.evictions = 0
+
+    def holds(self, state: TargetState) -> bool:
+        return state.cache is not None and self.owners.get(state.cache) is state
+
+    def acquire(self, state: TargetState) -> int:
+        """The context index for `state` (its own while it still has one); may take another session's."""
+        if self.holds(state):
+            self.recent.move_to_end(state.cache)
+            return state.cache
+        if self.free:
+            index = self.free.pop()
+        elif len(self.contexts) < self.max_contexts:
+            try:
+                self.contexts.append(self._make())
+            except MemoryError:
+                if not self.contexts:
+                    raise
+                self.max_contexts = len(self.contexts)     # no room for another: share those there are
+                return self.acquire(state)
+            index = len(self.contexts) - 1
+        else:
+            index = next(iter(self.recent))
+            self._forget(index)
+            self.evictions += 1
+        self.owners[index] = state
+        self.recent[index] = None
+        state.cache = index
+        state.tokens.clear()            # what the context holds belongs to no one now
+        return index
+
+    def release(self, state: TargetState) -> None:
+        if self.holds(state):
+            index = state.cache
+            self._forget(index)
+            self.free.append(index)
+        state.cache = None
+        state.tokens.clear()
+
+    def _forget(self, index: int) -> None:
+        owner = self.owners.pop(index)
+        self.recent.pop(index, None)
+        owner.cache = None
+        owner.tokens.clear()
+
+
+class LlamaCppTarget:
+    """A GGUF target on llama.cpp: the model loaded once, a bounded pool of contexts (``ContextPool``).
+
+    The low-level API (not the ``Llama`` class) so that contexts share one copy of the weights and a pass
+    asks llama.cpp for the logits rows NAV needs only: ``Llama(logits_all=True)`` kept a [n_ctx, vocab]
+    float32 score array per session (1.6 GB at SmolLM2's 8192 x 49152, resident as positions grew) and a
+    copy of the weights each (~320 MB and ~0.2 s per OPEN before). A context costs its KV cache now.
+
+    Not batched across sessions: one context with several sequences (``n_seq_max``) was measured
+    1.35-1.6x faster here but is not wired in; ``logits_many`` runs jobs in turn.
     """
 
     def __init__(self, path: str | Path, *, name: str | None = None, threads: int | None = None,
-                 max_context: int | None = None, verbose: bool = False):
-        from llama_cpp import Llama
+                 max_context: int | None = None, verbose: bool = False, contexts: int = 8):
+        import llama_cpp
 
+        global _LLAMA_BACKEND
         path = Path(path)
-        self._path, self._threads, self._verbose = str(path), threads, verbose
+        self._lib, self._threads = llama_cpp, threads or max(1, (os.cpu_count() or 2) // 2)  # Llama's default
+        self._model = self._batch = None
         with _loading(path, "llamacpp", "a GGUF file llama.cpp can read"):
             self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
-            probe = Llama(model_path=self._path, vocab_only=True, verbose=verbose)
+            if not verbose:
+                quiet_libraries("llamacpp")
+            if not _LLAMA_BACKEND:
+                llama_cpp.llama_backend_init()
+                _LLAMA_BACKEND = True
+            self._model = llama_cpp.llama_model_load_from_file(str(path).encode(),
+                                                                llama_cpp.llama_model_default_params())
+            if not self._model:
+                raise ValueError("llama.cpp could not load the model")
         self.max_context = min(context, max_context or context)
-        self.vocab_size = probe.n_vocab()
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.name = name or path.name
-        self._Llama = Llama
+        self.n_batch = min(self.max_context, 512)
+        m = self._model
+        head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
+        kv_width = llama_cpp.llama_model_n_head_kv(m) * head_dim
+        # One context: its f16 KV cache over the whole context, plus output and compute buffers (estimated;
+        # measured +190 MB for SmolLM2's 8192 positions against 189 MB of KV).
+        self.context_bytes = 2 * llama_cpp.llama_model_n_layer(m) * self.max_context * kv_width * 2 + (8 << 20)
+        self.kv_bytes_per_token = 0          # inside the contexts, counted as held_bytes
+        self.pool = ContextPool(self._new_context, contexts)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def _new_context(self):
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.max_context
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self._threads
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED    # as the Llama class's default
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise MemoryError(f"llama.cpp could not create a context of {self.max_context} positions")
+        return ctx
+
+    def held_bytes(self) -> int:
+        return len(self.pool.contexts) * self.context_bytes
 
     def new_state(self) -> TargetState:
-        llm = self._Llama(model_path=self._path, n_ctx=self.max_context, n_batch=self.max_context,
-                          logits_all=True, n_threads=self._threads, n_threads_batch=self._threads,
-                          verbose=self._verbose)
-        return TargetState(cache=llm)
+        return TargetState()          # cache: a context of the pool, borrowed at its first pass
 
     def release(self, state: TargetState) -> None:
-        state.cache = None
-        state.tokens.clear()
+        self.pool.release(state)
 
     def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         out: list[np.ndarray | Exception] = []
@@ -296,21 +407,62 @@ class LlamaCppTarget:
             try:
                 out.append(self.logits(*job))
             except Exception as exc:                    # this session fails, the others' rows stand
+                job[0].tokens.clear()                   # what its context holds is unknown now
                 out.append(exc)
         return out
 
     def rollback(self, state: TargetState, length: int) -> None:
-        if len(state.tokens) > length:
-            state.cache.n_tokens = length  # llama-cpp-python removes the tail on the next eval
-            del state.tokens[length:]
+        del state.tokens[length:]     # the next pass removes the context's tail before it decodes
 
     def logits(self, state: TargetState, tokens: Sequence[int], first_row: int) -> np.ndarray:
+        if len(tokens) > self.max_context:
+            raise ValueError(f"{len(tokens)} tokens exceed the context of {self.max_context}")
+        if not 0 <= first_row < len(tokens):
+            raise ValueError(f"first_row {first_row} outside the {len(tokens)} tokens")
+        lib = self._lib
+        ctx = self.pool.contexts[self.pool.acquire(state)]
         keep = min(common_prefix(state.tokens, tokens), first_row)
-        self.rollback(state, keep)
-        llm = state.cache
-        llm.eval(list(tokens[keep:]))
-        state.tokens.extend(tokens[keep:])
-        return np.array(llm.scores[first_row: len(tokens)], dtype=np.float32)
+        del state.tokens[keep:]
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, keep, -1)
+        batch, rows = self._batch, []
+        for start in range(keep, len(tokens), self.n_batch):
+            chunk = tokens[start: start + self.n_batch]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = start + i >= first_row      # only the rows NAV reads
+            status = lib.llama_decode(ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed ({status})")
+            state.tokens.extend(chunk)
+            for i in range(max(0, first_row - start), len(chunk)):
+                rows.append(np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(self.vocab_size,)).copy())
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Free the contexts and the model (the process's end does it too)."""
+        lib = self._lib
+        for state in list(self.pool.owners.values()):
+            self.pool.release(state)
+        for ctx in self.pool.contexts:
+            lib.llama_free(ctx)
+        self.pool.contexts.clear()
+        self.pool.free.clear()
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:             # at interpreter exit the library may be half torn down
+            pass
 
 
 class PaddedTarget:

@@ -7,7 +7,8 @@ without importing each other. Spec: docs/wire-format.md and docs/protocol.md.
 """
 
 from .channel import (PSK_MIN_BYTES, ChannelLimits, ClientHandshake, FrameType, HandshakeError,
-    SecureChannel, StaticKey, parse_header, parse_psk, parse_public_key, server_handshake)
+    SecureChannel, StaticKey, generate_psk, key_file_exposure, parse_header, parse_psk, parse_public_key,
+    server_handshake, write_key_file)
 from .codec import DecodeLimits, decode, encode
 from .errors import ErrorCode, WireError
 from .http import (AFFINITY_HEADER, FRAMES_PATH, HANDSHAKE_PATH, MEDIA_FRAME, MEDIA_MSGPACK, MEDIA_STREAM,
@@ -18,6 +19,7 @@ from .messages import (BatchAck, OpenSession, SessionOpened, VerifyRequest, Veri
 
 __all__ = [
     "PSK_MIN_BYTES", "ChannelLimits", "ClientHandshake", "FrameType", "HandshakeError", "SecureChannel", "StaticKey",
+    "generate_psk", "key_file_exposure", "write_key_file",
     "parse_header", "parse_psk", "parse_public_key", "server_handshake", "DecodeLimits", "decode", "encode",
     "ErrorCode", "WireError", "AFFINITY_HEADER", "FRAMES_PATH", "HANDSHAKE_PATH", "MEDIA_FRAME", "MEDIA_MSGPACK",
     "MEDIA_STREAM", "READY_PATH", "ROUNDS_PATH", "BatchAck", "OpenSession", "SessionOpened", "VerifyRequest",

@@ -8,7 +8,10 @@ Spec and test vectors: docs/wire-format.md. In short:
   (or PSK || DH(e_edge, e_verifier) with a pre-shared key), salted with the hash of
   the transcript. Only the holder of the pinned static key can produce the MAC, so an
   edge pinning the wrong key fails at once; the ephemeral-ephemeral DH gives forward
-  secrecy.
+  secrecy. In PSK mode the hello's ``psk_id`` is an HMAC over its own ephemeral key under a
+  key derived from the PSK: new each time, and no use with other ephemerals. The verifier
+  checks every hello field's type and length (and refuses small-order keys) before use, and
+  holds the channel apart from its sessions until a frame sealed under it arrives.
 * Frames. A 37-byte header (magic, version, type, flags, session id, sequence number,
   acknowledged sequence number) is the AEAD's associated data; the body is msgpack,
   zstd-compressed when that pays (flag bit 0), sealed with ChaCha20-Poly1305 under the
@@ -20,6 +23,7 @@ Spec and test vectors: docs/wire-format.md. In short:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -235,17 +239,78 @@ def parse_public_key(value: str | bytes, what: str = "verifier_key") -> bytes:
     return unb64(value, 32, what)
 
 
+PSK_MIN_DISTINCT = 16   # distinct byte values 32 random bytes show (~30 expected; < 16: not random)
+
+
 def parse_psk(value: str | bytes) -> bytes:
-    """A pre-shared key as both sides use it (text is taken as its UTF-8 bytes, surrounding whitespace
-    stripped, as read from a key file); at least ``PSK_MIN_BYTES``. ValueError otherwise."""
+    """A pre-shared key as both sides use it; ValueError (saying why) otherwise.
+
+    ``value`` is the contents of a PSK file as ``pipesd-verifier --generate-psk`` writes it (base64 of
+    >= ``PSK_MIN_BYTES`` random bytes; surrounding whitespace ignored; ``openssl rand -base64 32`` makes
+    one too), or the raw random bytes themselves. The key material (what the base64 decodes to) must be
+    at least 32 bytes, must not be text (printable characters) and must not be a run of a few repeated
+    bytes: a key a person can type (a passphrase) can be guessed offline, so it is refused, not taken.
+    """
     if isinstance(value, str):
         value = value.encode()
     if not isinstance(value, (bytes, bytearray)):
         raise ValueError(f"a pre-shared key must be text or bytes, not {type(value).__name__}")
-    psk = bytes(value).strip()
-    if len(psk) < PSK_MIN_BYTES:
-        raise ValueError(f"a pre-shared key needs at least {PSK_MIN_BYTES} bytes, got {len(psk)}")
-    return psk
+    raw = bytes(value).strip()
+    try:
+        material = base64.b64decode(raw, validate=True) if raw else b""
+    except ValueError:           # not base64: raw bytes
+        material = raw
+    hint = "make one with `pipesd-verifier --generate-psk FILE` and give the same file to both sides"
+    if len(material) < PSK_MIN_BYTES:
+        raise ValueError(f"a pre-shared key needs at least {PSK_MIN_BYTES} random bytes, got {len(material)}: {hint}")
+    if _is_text(material) or len(set(material)) < PSK_MIN_DISTINCT:
+        raise ValueError(f"refusing a passphrase-like pre-shared key: PSK mode needs at least {PSK_MIN_BYTES} "
+                         f"random bytes (base64 in the key file), not text or repeated bytes: {hint}")
+    return material
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c.isspace() for c in text)
+
+
+def generate_psk() -> str:
+    """A new pre-shared key as a PSK file holds it: base64 of 32 random bytes."""
+    return b64(os.urandom(PSK_MIN_BYTES))
+
+
+def write_key_file(path: str | Path, text: str, *, force: bool = False) -> None:
+    """Write a secret to a new file readable by its owner only (mode 0600, O_EXCL: an existing file or a
+    link at `path` raises FileExistsError). `force` replaces an existing file atomically: the secret
+    goes to a new 0600 file beside it, renamed over it, so the old file's mode is not inherited."""
+    path = Path(path)
+    target = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp") if force else path
+    fd = os.open(str(target), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        if force:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
+
+
+def key_file_exposure(path: str | Path) -> str | None:
+    """A one-line warning if group or others may read or write the key file at `path` (None if not,
+    and on systems without POSIX modes)."""
+    if os.name != "posix":
+        return None
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        return (f"key file {path} is accessible to group/others (mode {mode:04o}); "
+                f"anyone who reads it can impersonate the verifier: chmod 600 {path}")
+    return None
 
 
 class StaticKey:
@@ -267,10 +332,9 @@ class StaticKey:
     def load(cls, path: str | Path) -> "StaticKey":
         return cls.from_private_bytes(unb64(Path(path).read_text(), 32, f"key file {path}"))
 
-    def save(self, path: str | Path) -> None:
-        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(b64(self.private.private_bytes_raw()) + "\n")
+    def save(self, path: str | Path, *, force: bool = False) -> None:
+        """Write the private key (base64) to a new 0600 file; FileExistsError if `path` exists, unless `force`."""
+        write_key_file(path, b64(self.private.private_bytes_raw()), force=force)
 
     @property
     def public_b64(self) -> str:
@@ -278,9 +342,10 @@ class StaticKey:
 
 
 # -- handshake ----------------------------------------------------------------------------
-# ClientHello {v, e (32 B), r (16 B), psk_id (str, PSK mode only)}
-# ServerHello {e (32 B), sid (16 B), confirm (32 B)}
+# ClientHello {v: 1, e (bin 32), r (bin 16)} + psk_id (bin 32) in PSK mode, and no other key
+# ServerHello {e (bin 32), sid (bin 16), confirm (bin 32)}
 PSK_MIN_BYTES = 32
+HELLO_KEYS = frozenset({"v", "e", "r", "psk_id"})
 
 
 def _derive(transcript: bytes, ikm: bytes) -> tuple[bytes, bytes, bytes]:
@@ -292,8 +357,22 @@ def _transcript(server_id: bytes, client_e: bytes, client_r: bytes, server_e: by
     return PROTOCOL_LABEL + b" handshake" + server_id + client_e + client_r + server_e + sid
 
 
-def _psk_id(psk: bytes) -> bytes:
-    return hashlib.sha256(PROTOCOL_LABEL + b" psk id" + psk).digest()
+def _psk_id(psk: bytes, client_e: bytes, client_r: bytes) -> bytes:
+    """PSK mode's identity, new in every handshake: an HMAC under a key derived from the PSK over this
+    hello's ephemeral key and random. It proves possession of the PSK for this very ephemeral (a sniffed
+    id replayed with other ephemerals is refused at once) and, unlike a fixed hash of the key, links
+    nothing between a device's sessions."""
+    k_id = _hkdf(psk, b"", PROTOCOL_LABEL + b" psk id key", 32)
+    return hmac.new(k_id, PROTOCOL_LABEL + b" psk id" + client_e + client_r, hashlib.sha256).digest()
+
+
+def _exact_bytes(message: dict, key: str, size: int) -> bytes:
+    """``message[key]`` if it is a byte string of exactly `size` bytes; ValueError otherwise (an integer
+    is refused, not turned into that many zero bytes)."""
+    value = message.get(key)
+    if not isinstance(value, (bytes, bytearray)) or len(value) != size:
+        raise ValueError(key)
+    return bytes(value)
 
 
 class ClientHandshake:
@@ -313,22 +392,25 @@ class ClientHandshake:
     def hello(self) -> dict:
         msg = {"v": VERSION, "e": self.e_public, "r": self._r}
         if self.psk is not None:
-            msg["psk_id"] = _psk_id(self.psk)
+            msg["psk_id"] = _psk_id(self.psk, self.e_public, self._r)
         return msg
 
     def finish(self, reply: dict, limits: ChannelLimits = ChannelLimits()) -> SecureChannel:
         try:
-            server_e, sid, confirm = bytes(reply["e"]), bytes(reply["sid"]), bytes(reply["confirm"])
+            if not isinstance(reply, dict):
+                raise ValueError("reply")
+            server_e, sid = _exact_bytes(reply, "e", 32), _exact_bytes(reply, "sid", 16)
+            confirm = _exact_bytes(reply, "confirm", 32)
             peer_e = X25519PublicKey.from_public_bytes(server_e)
-        except (KeyError, TypeError, ValueError):
+            if self.psk is not None:
+                server_id = _psk_id(self.psk, self.e_public, self._r)
+                ikm = self.psk + self._e.exchange(peer_e)
+            else:
+                pinned = self.server_public or b""          # set: the constructor takes one of the two
+                static = X25519PublicKey.from_public_bytes(pinned)
+                server_id, ikm = pinned, self._e.exchange(static) + self._e.exchange(peer_e)
+        except (TypeError, ValueError):   # ValueError also: a low-order point (all-zero shared secret)
             raise HandshakeError("the verifier's handshake reply is malformed") from None
-        if len(sid) != 16:
-            raise HandshakeError("the verifier's handshake reply is malformed")
-        if self.psk is not None:
-            server_id, ikm = _psk_id(self.psk), self.psk + self._e.exchange(peer_e)
-        else:
-            static = X25519PublicKey.from_public_bytes(self.server_public)
-            server_id, ikm = self.server_public, self._e.exchange(static) + self._e.exchange(peer_e)
         transcript = _transcript(server_id, self.e_public, self._r, server_e, sid)
         c2s, s2c, k_confirm = _derive(transcript, ikm)
         expected = hmac.new(k_confirm, transcript, hashlib.sha256).digest()
@@ -345,27 +427,49 @@ class HandshakeError(Exception):
 def server_handshake(hello: dict, *, static: StaticKey | None, psk: bytes | None,
                      limits: ChannelLimits = ChannelLimits(), ephemeral: X25519PrivateKey | None = None,
                      session_id: bytes | None = None) -> tuple[dict, SecureChannel]:
-    """Verifier side: answer a ClientHello; returns (ServerHello, channel)."""
+    """Verifier side: answer a ClientHello; returns (ServerHello, channel).
+
+    Nothing of the hello is used before it is checked: a map with no key beyond ``HELLO_KEYS``, ``v``
+    the integer 1, ``e`` / ``r`` / ``psk_id`` byte strings of exactly 32 / 16 / 32 bytes (an integer is
+    refused, never allocated), a client key that is not a low-order point (its shared secret would be
+    all zero: ``cryptography`` raises, and that is caught), and in PSK mode an id that proves the PSK
+    for this very ephemeral key. Every failure is ``WireError(handshake_failed)`` with no detail.
+
+    The returned channel is not yet a session: the verifier holds it apart (``VerifierService``'s
+    pre-authentication table) until a frame sealed under its keys proves the client holds them.
+    """
     try:
-        if hello.get("v") != VERSION:
-            raise ValueError
-        client_e, client_r = bytes(hello["e"]), bytes(hello["r"])
+        if not isinstance(hello, dict) or not set(hello) <= HELLO_KEYS:
+            raise ValueError("keys")
+        version = hello.get("v")
+        if type(version) is not int or version != VERSION:
+            raise ValueError("v")
+        client_e, client_r = _exact_bytes(hello, "e", 32), _exact_bytes(hello, "r", 16)
+        psk_id = _exact_bytes(hello, "psk_id", 32) if "psk_id" in hello else None
         peer_e = X25519PublicKey.from_public_bytes(client_e)
-        if len(client_r) != 16:
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):
         raise WireError(ErrorCode.HANDSHAKE_FAILED, "malformed client hello") from None
+    if psk_id is not None:
+        if psk is None or not hmac.compare_digest(psk_id, _psk_id(psk, client_e, client_r)):
+            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
+        server_id = psk_id
+    elif static is None:
+        raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
+    else:
+        server_id = static.public_bytes
     e = ephemeral or X25519PrivateKey.generate()
+    try:
+        dh = e.exchange(peer_e)
+        if psk_id is not None and psk is not None:
+            ikm = psk + dh
+        elif static is not None:
+            ikm = static.private.exchange(peer_e) + dh
+        else:                    # not reached: refused above
+            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
+    except ValueError:           # a low-order point: the shared secret would be all zero
+        raise WireError(ErrorCode.HANDSHAKE_FAILED, "malformed client hello") from None
     server_e = e.public_key().public_bytes_raw()
     sid = session_id or os.urandom(16)
-    if "psk_id" in hello:
-        if psk is None or not hmac.compare_digest(bytes(hello["psk_id"]), _psk_id(psk)):
-            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
-        server_id, ikm = _psk_id(psk), psk + e.exchange(peer_e)
-    else:
-        if static is None:
-            raise WireError(ErrorCode.HANDSHAKE_FAILED, "handshake refused")
-        server_id, ikm = static.public_bytes, static.private.exchange(peer_e) + e.exchange(peer_e)
     transcript = _transcript(server_id, client_e, client_r, server_e, sid)
     c2s, s2c, k_confirm = _derive(transcript, ikm)
     reply = {"e": server_e, "sid": sid, "confirm": hmac.new(k_confirm, transcript, hashlib.sha256).digest()}

@@ -23,6 +23,7 @@ class ErrorCode(str, Enum):
     HANDSHAKE_FAILED = "handshake_failed"    # the key exchange could not complete
     OVERLOADED = "overloaded"                # too many requests in flight: retry after a delay
     BATCH_TOO_LARGE = "batch_too_large"      # more tokens in one frame than allowed
+    REQUEST_TIMEOUT = "request_timeout"      # the request body did not arrive in time (the connection is closed)
     INTERNAL = "internal"                    # a fault of the verifier, never of the input
 
     @property
@@ -46,6 +47,7 @@ _STATUS = {
     ErrorCode.HANDSHAKE_FAILED: 400,
     ErrorCode.OVERLOADED: 429,
     ErrorCode.BATCH_TOO_LARGE: 422,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.INTERNAL: 500,
 }
 

@@ -72,3 +72,27 @@ def test_frames_decode_by_the_spec(keys, i):
     assert msgpack.unpackb(body) == msgpack.unpackb(bytes.fromhex(v["body_msgpack"]))
     if v["direction"] == "s2c":
         assert ack == 1   # answers the first request
+
+
+def test_psk_handshake_by_the_spec():
+    """PSK mode from the spec alone: psk_id = HMAC over this hello's e and r under a key derived from the
+    PSK (not a fixed hash of the key), and the session keys the OPEN frame is sealed with."""
+    v = VECTORS["psk"]
+    assert build()["psk"] == v                                    # the code reproduces the vector exactly
+    psk = bytes.fromhex(v["psk"])
+    hello = msgpack.unpackb(bytes.fromhex(v["client_hello"]))
+    reply = msgpack.unpackb(bytes.fromhex(v["server_hello"]))
+    assert set(hello) == {"v", "e", "r", "psk_id"}
+    k_id = hkdf(psk, b"", b"PipeSD/1 psk id key", 32)
+    assert hello["psk_id"] == hmac.new(k_id, b"PipeSD/1 psk id" + hello["e"] + hello["r"], hashlib.sha256).digest()
+    assert hello["psk_id"] != hashlib.sha256(b"PipeSD/1 psk id" + psk).digest()
+    e = X25519PrivateKey.from_private_bytes(bytes.fromhex(v["edge_ephemeral_private"]))
+    transcript = b"PipeSD/1 handshake" + hello["psk_id"] + hello["e"] + hello["r"] + reply["e"] + reply["sid"]
+    ikm = psk + e.exchange(X25519PublicKey.from_public_bytes(reply["e"]))
+    okm = hkdf(ikm, hashlib.sha256(transcript).digest(), b"PipeSD/1 keys", 96)
+    assert hmac.compare_digest(hmac.new(okm[64:], transcript, hashlib.sha256).digest(), reply["confirm"])
+    frame = bytes.fromhex(v["open_frame"])
+    assert frame[3] == 1 and frame[5:21] == reply["sid"]
+    nonce = b"c2s\x00" + frame[21:29]
+    body = ChaCha20Poly1305(okm[:32]).decrypt(nonce, frame[37:], frame[:37])
+    assert body == bytes.fromhex(v["open_body_msgpack"])

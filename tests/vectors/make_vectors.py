@@ -51,6 +51,28 @@ def build() -> dict:
         "server_hello": encode(reply).hex(),
         "frames": [{"direction": d, "frame": f.hex(), "body_msgpack": encode(b).hex(),
                     "exact": not (f[4] & 1)} for d, f, b in frames],
+        "psk": build_psk(),
+    }
+
+
+def build_psk() -> dict:
+    """PSK mode: the per-handshake psk_id (an HMAC over the hello's own e and r) and the keys' confirm."""
+    psk = fixed("pre-shared key")
+    client = ClientHandshake(psk=psk, ephemeral=X25519PrivateKey.from_private_bytes(fixed("edge ephemeral psk")),
+                             random=fixed("edge random psk", 16))
+    hello = client.hello()
+    reply, server = server_handshake(hello, static=None, psk=psk,
+                                     ephemeral=X25519PrivateKey.from_private_bytes(fixed("verifier ephemeral psk")),
+                                     session_id=fixed("session id psk", 16))
+    edge = client.finish(reply)
+    body = {"v": 1, "vocab_fingerprint": "0" * 32, "vocab_size": 2048}
+    return {
+        "psk": psk.hex(),
+        "edge_ephemeral_private": fixed("edge ephemeral psk").hex(),
+        "client_hello": encode(hello).hex(),
+        "server_hello": encode(reply).hex(),
+        "open_frame": edge.seal(FrameType.OPEN, body, compress=False).hex(),
+        "open_body_msgpack": encode(body).hex(),
     }
 
 
