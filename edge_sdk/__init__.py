@@ -14,6 +14,8 @@ from .errors import (
     ConfigError,
     HandshakeFailed,
     ModelLoadError,
+    Overloaded,
+    OverloadTimeout,
     PipeSDError,
     PromptTooLongError,
     SessionLost,
@@ -31,5 +33,5 @@ __all__ = [
     "LlamaCppDrafter", "OnnxDrafter", "load_drafter", "Policy", "Speculative", "PipeSD", "RoundVerdict",
     "make_policy", "MODES", "Verifier", "RoundChannel", "HttpVerifier", "PipeSDError", "ConfigError",
     "PromptTooLongError", "VerifierError", "SessionLost", "VerifierUnavailable", "VerifierTimeout",
-    "VocabMismatchError", "HandshakeFailed", "ModelLoadError",
+    "VocabMismatchError", "HandshakeFailed", "ModelLoadError", "Overloaded", "OverloadTimeout",
 ]

@@ -119,7 +119,13 @@ class EdgeClient:
             ``offline_wait_s`` for the verifier, then continue), "verify_late" (emit unverified
             tokens, verify them once the verifier is back and revise the tail where the target
             disagrees), "fail" (raise ``VerifierUnavailable``: every token yielded is verified).
-            See offline.py for each guarantee.
+            See offline.py for each guarantee. A verifier that answers 429 overloaded is waited for
+            (its ``Retry-After``, bounded and jittered) and retried; overload that outlasts the NAV
+            deadline is handled as an overdue NAV (``OverloadTimeout`` under "fail"): no 429 reaches
+            the app. After an outage a background prober watches for the verifier's return only while a
+            cloud request is in progress: an idle client, or one running only ``private=True``
+            requests, opens no connection at all; the next cloud request probes once at its start.
+            See docs/offline.md.
         verbose: let llama.cpp print its own log lines (off: an app's stderr stays its own).
         nav_deadline_s: how long a NAV round may take before the verifier is declared gone
             (default: 8x what NAV has recently taken, at least 2 s).

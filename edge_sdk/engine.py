@@ -32,8 +32,8 @@ from privacy import ErrorCode, SamplingParams, VerifyResponse
 
 from .controller import INTERRUPT_FROM_S
 from .drafter import DraftInterrupted, Drafter, DraftToken
-from .errors import (ConfigError, PromptTooLongError, SessionLost, VerifierError, VerifierTimeout,
-                     VerifierUnavailable)
+from .errors import (ConfigError, OverloadTimeout, PromptTooLongError, SessionLost, VerifierError,
+                     VerifierTimeout, VerifierUnavailable)
 from .offline import OFFLINE_POLICIES
 from .policies import Policy, RoundVerdict
 from .profiler import LinkProfiler
@@ -122,8 +122,16 @@ def proactive_survives(assumed_base: Sequence[int], committed: Sequence[int]) ->
 
 
 def _resendable(exc: Exception) -> bool:
-    """A failure that resending the round whole, from the full prefix, repairs."""
-    return isinstance(exc, SessionLost) or (isinstance(exc, VerifierError) and exc.code is ErrorCode.RESYNC)
+    """A failure that resending the round whole, from the full prefix, repairs (request_timeout: the
+    verifier cut a round's stream that sat idle past its body deadline, e.g. while the app paused)."""
+    return isinstance(exc, SessionLost) or (isinstance(exc, VerifierError) and exc.code in (
+        ErrorCode.RESYNC, ErrorCode.REQUEST_TIMEOUT))
+
+
+def _overloaded(exc: Exception) -> bool:
+    """The verifier refused the request as overloaded (429): wait what it asks, then try again."""
+    return isinstance(exc, VerifierError) and (exc.code is ErrorCode.OVERLOADED
+                                               or exc.status == ErrorCode.OVERLOADED.http_status)
 
 
 class Engine:
@@ -226,6 +234,15 @@ class Decoding:
     # -- collaboration -----------------------------------------------------------------------
     def _collaborate(self) -> Iterator[TokenEvent]:
         """Speculative rounds while the verifier answers, the draft alone while it does not."""
+        self.cloud.begin()               # the prober runs only while some cloud generation is in progress
+        try:
+            yield from self._collaborate_body()
+        finally:
+            self.cloud.end()
+
+    def _collaborate_body(self) -> Iterator[TokenEvent]:
+        if self.cloud.offline:
+            self.cloud.probe_if_due()    # the prober stopped while no cloud generation ran: has it come back?
         if self.cloud.opened is None and not self.cloud.offline:
             try:
                 with self._waiting():
@@ -263,7 +280,7 @@ class Decoding:
             self._draft(rnd, self._cap(rnd.base))
         # 2. The final batch asks for NAV (the round's first batch also carries the committed tail
         #    the verifier lacks).
-        ahead = policy.proactive and (bool(rnd.draft) or policy.pipelined) and not (
+        ahead = policy.proactive and not self.cloud.serial and (bool(rnd.draft) or policy.pipelined) and not (
             rnd.draft and self._is_eos(rnd.draft[-1].token))
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
@@ -408,18 +425,28 @@ class Decoding:
 
     def _verdict(self, nav: Nav, rnd: Round, nxt: Round | None) -> tuple[VerifyResponse, Round | None]:
         """(NAV result, the proactive round if still usable). A resync, a lost session or a broken
-        stream drops the proactive round and sends this one again in one piece."""
+        stream drops the proactive round and sends this one again in one piece; so does a refusal as
+        overloaded (429), after the wait the verifier asked for."""
         try:
             return nav.result(), nxt
         except TimeoutError:
             self._drop(nxt)
             raise
         except (VerifierError, VerifierUnavailable) as exc:
-            if isinstance(exc, VerifierError) and not _resendable(exc):
+            overloaded = _overloaded(exc)
+            if isinstance(exc, VerifierError) and not (_resendable(exc) or overloaded):
                 raise
             self._drop(nxt)
+            q = [d.q for d in rnd.draft]
+            if overloaded:
+                # The verifier refused the round before acting on it (what of it went up on a stream is
+                # only staged there): it goes again whole, naming its base as before, once the verifier
+                # asked us to wait. The NAV deadline counts from this refusal (a pipelined round may have
+                # gone up long before its turn), and the retry after the wait gets a whole one.
+                deadline = self._overload_wait(exc, 1, time.perf_counter() + nav.deadline_s, nav.deadline_s)
+                return self._resend(self.out.tokens, self.synced, rnd.tokens, q, deadline=deadline, overloads=1), None
             resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
-            return self._resend(self.out.tokens, self.synced, rnd.tokens, [d.q for d in rnd.draft], resync), None
+            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, resync), None
 
     def _drop(self, nxt: Round | None) -> None:
         """Throw away rounds drafted ahead (and anything of theirs not yet on the wire)."""
@@ -428,16 +455,22 @@ class Decoding:
             self.uploader.cancel(r)
 
     def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
-                resync: VerifierError | None = None) -> VerifyResponse:
+                resync: VerifierError | None = None, *, deadline: float | None = None,
+                overloads: int = 0) -> VerifyResponse:
         """A round sent whole until it is answered; `resync`: the verifier already said it lost or
         disagrees with our prefix. Such a verifier gets all of it (after a new session if it lost ours);
         a lost reply is retried as it was: the request names its base (length + hash), so a verifier that
         already acted answers "resync" and the round goes again from the full prefix -- a retry never
-        double-commits."""
+        double-commits. A refusal as overloaded (429) is retried as it was too, after the wait the
+        verifier asks for, until `deadline` (perf_counter; default: a NAV deadline from now; `overloads`:
+        refusals of this round already waited for) -- then ``OverloadTimeout``: the offline policy."""
         error = resync
         if error is not None:
             synced = self._resync(error)
         lost = 0
+        window = self.cloud.nav_deadline(self.profiler.estimate(), len(draft))
+        if deadline is None:
+            deadline = time.perf_counter() + window
         while True:
             try:
                 resp = self.uploader.whole(prefix, synced, draft, q)
@@ -450,6 +483,10 @@ class Decoding:
                 if lost > self.cloud.max_lost_replies:
                     raise
             except VerifierError as exc:
+                if _overloaded(exc):      # refused before it was looked at: nothing changed there
+                    overloads += 1
+                    deadline = self._overload_wait(exc, overloads, deadline, window)
+                    continue
                 if not _resendable(exc):
                     raise
                 if isinstance(exc, SessionLost):   # restarted again (or evicted): bounded like lost replies
@@ -498,7 +535,7 @@ class Decoding:
             if isinstance(cause, VerifierUnavailable):
                 raise cause
             raise VerifierTimeout(f"the verifier did not answer within the NAV deadline ({cause})") from cause
-        if self.cloud.trip():
+        if self.cloud.trip(getattr(cause, "retry_after_s", None) or 0.0):   # overloaded: probe after its wait
             self.stats.breaker_trips += 1
         if self.engine.offline == "wait":
             t = time.perf_counter()
@@ -557,7 +594,48 @@ class Decoding:
             return
 
     def _open_session(self) -> None:
-        self.cloud.open(self.cloud.nav_deadline(self.profiler.estimate(), 0))
+        """Handshake and OPEN within a NAV deadline, waiting out an overloaded verifier's 429s in it."""
+        deadline_s = self.cloud.nav_deadline(self.profiler.estimate(), 0)
+        give_up = time.perf_counter() + deadline_s
+        overloads = 0
+        while True:
+            try:
+                self.cloud.open(min(deadline_s, max(0.05, give_up - time.perf_counter())))
+                return
+            except VerifierError as exc:
+                if not _overloaded(exc):
+                    raise
+                overloads += 1
+                give_up = self._overload_wait(exc, overloads, give_up, deadline_s)
+
+    def _overload_wait(self, exc: VerifierError, tries: int, deadline: float, window_s: float) -> float:
+        """The verifier refused a request as overloaded: wait what it asked for (bounded, jittered, longer
+        for each refusal of the same request: ``OverloadBackoff``) before try number `tries` + 1, or raise
+        ``OverloadTimeout`` when that wait would pass `deadline` or the tries are spent -- the caller then
+        follows the offline policy, as for an overdue NAV. Returns the deadline for what follows.
+
+        The first refusal of a request is always waited out, and the retry gets a whole deadline of its
+        own (`window_s`, the request's NAV deadline) from the end of the wait: a refusal may come late
+        in the request's deadline (a round that queued, an OPEN after a slow handshake), and one refusal
+        must not send a generation offline. Later refusals must fit in that deadline."""
+        backoff = self.cloud.overload
+        self.cloud.note_overload()
+        asked = getattr(exc, "retry_after_s", None)
+        delay = backoff.delay(asked, time.monotonic() - getattr(exc, "at", time.monotonic()), tries)
+        now = time.perf_counter()
+        if tries == 1:
+            deadline = max(deadline, now + delay + window_s)
+        if not backoff.fits(tries, delay, now, deadline):
+            # The prober's first probe waits what the verifier asked for, not the wait grown by refusals.
+            raise OverloadTimeout(f"the verifier stayed overloaded past the NAV deadline ({tries} refusals; "
+                                  f"it asked for {asked if asked is not None else 'no'} s of Retry-After)",
+                                  min(delay, backoff.delay(asked))) from exc
+        self.stats.overload_waits += 1
+        t = time.perf_counter()
+        if not self.cloud.pause(delay):
+            raise VerifierUnavailable("the client closed while waiting for an overloaded verifier") from exc
+        self.stats.overload_wait_s += time.perf_counter() - t
+        return deadline
 
     @contextmanager
     def _waiting(self) -> Iterator[None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from privacy import ErrorCode
 
 
@@ -42,6 +44,20 @@ class SessionLost(VerifierError):
         super().__init__(status, ErrorCode.UNAUTHENTICATED, message)
 
 
+class Overloaded(VerifierError):
+    """The verifier answered ``429 overloaded``: too many requests in flight there, try again later.
+
+    ``retry_after_s``: the wait it asked for (its ``Retry-After``), None when it named none. The engine
+    waits (bounded, jittered) and retries by itself; past the NAV deadline the offline policy takes over
+    (``OverloadTimeout``), so an app meets this only when it calls a ``Verifier`` itself."""
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str, details: dict | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(status, code, message, details)
+        self.retry_after_s = retry_after_s
+        self.at = time.monotonic()           # when the refusal came: Retry-After counts from here
+
+
 class HandshakeFailed(VerifierError):
     """The verifier answered the handshake but could not prove it holds the pinned key (or shares the
     PSK): a wrong ``verifier_key`` / PSK, or another verifier at that address."""
@@ -66,6 +82,16 @@ class VerifierUnavailable(PipeSDError):
 
 class VerifierTimeout(VerifierUnavailable, TimeoutError):
     """The verifier did not answer within the deadline (it may be overloaded, or the link gone)."""
+
+
+class OverloadTimeout(VerifierTimeout):
+    """The verifier stayed overloaded (429) past the NAV deadline, waits and retries included: the offline
+    policy applies as for an overdue NAV (``offline="fail"`` raises this). ``retry_after_s``: what it
+    last asked for (the prober waits that long before its first probe)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class PromptTooLongError(ConfigError):

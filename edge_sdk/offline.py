@@ -25,6 +25,11 @@ Offline policies (what the app chooses, ``EdgeClient(offline=...)``):
   the tokens yielded before the error equal the target's greedy output. The CLI's default: a user
   who named a verifier asked for verified text.
 
+Overload is not an outage: a verifier that answers ``429 overloaded`` is waited for (its
+``Retry-After``, bounded and jittered: ``OverloadBackoff``) and the request retried; only overload
+that outlasts the NAV deadline sends the generation offline, under the policy above (``fail``
+raises ``OverloadTimeout``, a ``VerifierTimeout``).
+
 This module is pure (no I/O, an injectable clock and random generator) so its timing logic is
 tested in microseconds.
 """
@@ -58,13 +63,14 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self.open_since is not None
 
-    def trip(self) -> None:
-        """A NAV failed or overran its deadline: go offline and schedule the first probe."""
+    def trip(self, not_before_s: float = 0.0) -> None:
+        """A NAV failed or overran its deadline: go offline and schedule the first probe, no sooner than
+        `not_before_s` from now (an overloaded verifier's Retry-After)."""
         if self.open_since is None:
             self.open_since = self.clock()
             self.trips += 1
         self.failed_probes = 0
-        self.next_probe_at = self.clock() + self._delay()
+        self.next_probe_at = self.clock() + max(self._delay(), not_before_s)
 
     def probe_due(self) -> bool:
         return self.is_open and self.clock() >= self.next_probe_at
@@ -85,6 +91,47 @@ class CircuitBreaker:
     def _delay(self) -> float:
         nominal = min(self.max_delay_s, self.base_delay_s * 2 ** self.failed_probes)
         return nominal * (1 - self.jitter * self.rng.random())
+
+
+@dataclass
+class OverloadBackoff:
+    """How long to wait before retrying a request the verifier refused as overloaded (429).
+
+    The verifier's ``Retry-After`` is honoured -- never retried sooner -- but cut to `max_wait_s` (a
+    verifier, or a proxy in front of it, asking for minutes must not stall a generation that has a NAV
+    deadline), with `default_wait_s` when it named none. Each wait is stretched by up to `jitter` x
+    itself, drawn at random, so clients refused together do not come back in lock-step; time already
+    gone since the refusal (a drafted-ahead round refused while another was verified) counts towards
+    it. A request refused again waits `growth` x longer each time (up to `max_wait_s`): a verifier's
+    Retry-After is what it expects one slot to take (a fraction of a second), and one still full when
+    that is over is busier than it could tell. At most `max_tries` retries per request; the caller also
+    stops at its deadline (``fits``), whichever comes first, and then follows the offline policy. The
+    engine retries a request's first refusal in any case, with a whole NAV deadline after the wait
+    (``Decoding._overload_wait``), so one refusal late in a round never sends it offline. For
+    `serial_s` after a refusal a generation keeps one request in flight (no drafting ahead): its own
+    overlapping requests would only be refused too.
+    """
+
+    max_wait_s: float = 2.0          # one wait at most, whatever Retry-After says
+    default_wait_s: float = 0.5      # a 429 without Retry-After
+    min_wait_s: float = 0.05         # "Retry-After: 0" still yields the verifier a moment
+    jitter: float = 0.5              # each wait drawn from [1, 1 + jitter] x the asked delay
+    max_tries: int = 12              # retries of one request
+    growth: float = 2.0              # each further refusal of one request: the asked wait x growth^(refusals - 1)
+    serial_s: float = 5.0            # one request in flight at a time for this long after a refusal
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, retry_after_s: float | None, elapsed_s: float = 0.0, tries: int = 1) -> float:
+        """The wait before the next try, given what the verifier asked for (None: nothing), the time
+        gone since it did and how many times this request has been refused (`tries`, 1: once)."""
+        asked = self.default_wait_s if retry_after_s is None or not retry_after_s >= 0 else retry_after_s
+        grown = max(self.min_wait_s, asked) * self.growth ** min(max(0, tries - 1), 32)
+        nominal = min(self.max_wait_s, grown)
+        return max(self.min_wait_s, nominal * (1 + self.jitter * self.rng.random()) - max(0.0, elapsed_s))
+
+    def fits(self, tries: int, delay: float, now: float, deadline: float) -> bool:
+        """May try number `tries` (1: the first retry) wait `delay` from `now` and still be in time?"""
+        return tries <= self.max_tries and now + delay < deadline
 
 
 def nav_deadline(median_nav_s: float | None, configured: float | None, floor_s: float = 2.0,

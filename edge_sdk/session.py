@@ -2,8 +2,14 @@
 
 ``CloudSession`` owns the transport (``Verifier``), the open session (the verifier keeps its KV
 cache between generations, so later prompts cost only their new tail), the vocabulary check, the
-NAV deadline, and the offline machinery: the circuit breaker (``offline.py``) and a background
-prober that watches for the verifier's return while the device generates alone.
+NAV deadline, and the offline machinery: the circuit breaker (``offline.py``), a background
+prober that watches for the verifier's return while the device generates alone, and the backoff
+with which requests refused as overloaded (429) are retried.
+
+The prober runs only while a cloud generation is in progress (``active``): once none is -- the
+client idle, or running only private / edge-only requests, which never touch the network -- it
+stops before its next probe, and the breaker stays open. The next cloud generation probes once at
+its start (when a probe is due) and restarts the prober if it is still offline.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Sequence
 from privacy import ErrorCode, OpenSession, SessionOpened, vocab_fingerprint
 
 from .errors import VocabMismatchError
-from .offline import CircuitBreaker, nav_deadline
+from .offline import CircuitBreaker, OverloadBackoff, nav_deadline
 from .profiler import LinkEstimate
 from .transport import Verifier
 
@@ -30,7 +36,8 @@ class CloudSession:
 
     def __init__(self, verifier: Verifier, vocab_tokens: Sequence[str], vocab_size: int, *,
                  nav_deadline_s: float | None = None, breaker: CircuitBreaker | None = None,
-                 probe_horizon_s: float = 600.0, max_lost_replies: int = 3):
+                 probe_horizon_s: float = 600.0, max_lost_replies: int = 3,
+                 overload: OverloadBackoff | None = None):
         self.verifier = verifier
         self.fingerprint = vocab_fingerprint(vocab_tokens)
         self.vocab_size = vocab_size
@@ -38,12 +45,16 @@ class CloudSession:
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.probe_horizon_s = probe_horizon_s    # the prober gives up after this long offline (bounded)
         self.max_lost_replies = max_lost_replies  # lost replies retried per NAV before going offline
+        self.overload = overload if overload is not None else OverloadBackoff()   # 429: wait, then retry
         self.opened: SessionOpened | None = None      # the session in use (None: none, or lost)
         self._limits: SessionOpened | None = None     # what the last session said the verifier accepts
         self._round_ids = count(1)                # never reused by this client: the verifier matches batches by round
         self._online = threading.Event()
         self._closing = threading.Event()
         self._prober: threading.Thread | None = None
+        self._probe_lock = threading.Lock()       # the prober's start and stop against `_active`
+        self._active = 0                          # cloud generations in progress (the prober runs only then)
+        self._serial_until = 0.0                  # monotonic: one request in flight until then (overload)
         self._requests: ThreadPoolExecutor | None = None   # one-shot requests, one at a time (made when needed)
 
     # -- the session ---------------------------------------------------------------------
@@ -94,24 +105,71 @@ class CloudSession:
     def back_online(self) -> bool:
         return self._online.is_set()
 
-    def trip(self) -> bool:
-        """A NAV failed or overran: open the breaker, forget the session, probe in the background.
+    def trip(self, not_before_s: float = 0.0) -> bool:
+        """A NAV failed or overran: open the breaker, forget the session, probe in the background (the
+        first probe no sooner than `not_before_s`: an overloaded verifier's Retry-After).
         True when this opened the breaker (False: it was open already)."""
         first = not self.breaker.is_open
-        self.breaker.trip()
+        self.breaker.trip(not_before_s)
         self.opened = None
         self._online.clear()
         self.keep_probing()
         return first
 
     def keep_probing(self) -> None:
-        """While offline, make sure a prober is watching (one that passed its horizon has stopped)."""
-        if self.breaker.is_open and not self._online.is_set() and (self._prober is None or not self._prober.is_alive()):
-            self._prober = threading.Thread(target=self._probe_loop, name="verifier-probe", daemon=True)
-            self._prober.start()
+        """While offline, make sure a prober is watching (one that passed its horizon, or found no cloud
+        generation in progress, has stopped)."""
+        with self._probe_lock:
+            if (self.breaker.is_open and not self._online.is_set() and not self._closing.is_set()
+                    and (self._prober is None or not self._prober.is_alive())):
+                self._prober = threading.Thread(target=self._probe_loop, name="verifier-probe", daemon=True)
+                self._prober.start()
+
+    @property
+    def active(self) -> int:
+        """Cloud generations in progress (private and edge-only ones do not count)."""
+        return self._active
+
+    def begin(self) -> None:
+        """A cloud generation starts: the prober may run (it stops when none is in progress)."""
+        with self._probe_lock:
+            self._active += 1
+
+    def end(self) -> None:
+        """A cloud generation ended (finished, failed or closed)."""
+        with self._probe_lock:
+            self._active = max(0, self._active - 1)
+
+    def probe_if_due(self, timeout_s: float = 0.25) -> bool:
+        """Offline with no prober watching (it stopped while no cloud generation ran): probe once now,
+        if a probe is due, so a verifier that came back meanwhile is used from the first token. True
+        when it answered (the caller resumes as after the prober's success)."""
+        with self._probe_lock:
+            if not self.breaker.is_open or self._online.is_set():
+                return self._online.is_set()
+            if (self._prober is not None and self._prober.is_alive()) or not self.breaker.probe_due():
+                return False
+        if self.verifier.probe(timeout_s):
+            self._online.set()
+            return True
+        self.breaker.probe_failed()
+        return False
 
     def wait_online(self, timeout_s: float) -> bool:
         return self._online.wait(timeout_s)
+
+    def note_overload(self) -> None:
+        """The verifier refused a request as overloaded: keep one request in flight for a while."""
+        self._serial_until = time.monotonic() + self.overload.serial_s
+
+    @property
+    def serial(self) -> bool:
+        """Recently refused as overloaded: generations draft nothing ahead (no overlapping requests)."""
+        return time.monotonic() < self._serial_until
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep `seconds` (an overloaded verifier's Retry-After); False if the session closed meanwhile."""
+        return not self._closing.wait(seconds)
 
     def resume(self) -> None:
         """The prober saw the verifier: close the breaker (the caller opens a session)."""
@@ -119,11 +177,17 @@ class CloudSession:
 
     def _probe_loop(self) -> None:
         """Jittered exponential backoff between health probes, until one succeeds, the session closes,
-        or `probe_horizon_s` passes."""
+        `probe_horizon_s` passes, or no cloud generation is in progress (checked before every probe:
+        a client running only private requests opens no connection, the prober's included)."""
         give_up = time.monotonic() + self.probe_horizon_s
-        while not self._closing.is_set() and time.monotonic() < give_up:
+        while True:
             if self._closing.wait(self.breaker.delay_until_probe()):
                 return
+            with self._probe_lock:   # a generation starting now either sees this thread gone or is seen here
+                if self._closing.is_set() or time.monotonic() >= give_up or not self._active:
+                    if self._prober is threading.current_thread():
+                        self._prober = None
+                    return
             if self.verifier.probe():
                 self._online.set()
                 return

@@ -39,6 +39,8 @@ class GenerationStats:
     offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
     breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline
     revisions: int = 0             # verify_late: times the target replaced an unverified tail
+    overload_waits: int = 0        # requests the verifier refused as overloaded (429), waited out and retried
+    overload_wait_s: float = 0.0   # time spent in those waits (part of wait_s)
     finish_reason: str = ""        # eos | length | stop
     # (kind, start, end) perf_counter spans of "draft", "upload" and "nav", when the request asked for
     # them (``timeline=True``): what overlapped what, for plots.
@@ -89,4 +91,6 @@ class GenerationStats:
         if self.breaker_trips or self.unverified_tokens:
             s += (f" offline: trips={self.breaker_trips} unverified={self.unverified_tokens}"
                   f" offline_time={self.offline_s * 1e3:.0f}ms revisions={self.revisions}")
+        if self.overload_waits:
+            s += f" overloaded: waits={self.overload_waits} wait_time={self.overload_wait_s * 1e3:.0f}ms"
         return s + f" finish={self.finish_reason}"

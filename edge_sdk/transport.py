@@ -9,7 +9,10 @@ a new one and resends its prefix.
 
 from __future__ import annotations
 
+import email.utils
+import math
 import queue
+import random
 import secrets
 import threading
 import time
@@ -24,8 +27,8 @@ from privacy import (AFFINITY_HEADER, FRAMES_PATH, HANDSHAKE_PATH, MEDIA_FRAME, 
     OpenSession, SecureChannel, SessionOpened, VerifyRequest, VerifyResponse, WireError, decode, encode,
     parse_header, parse_psk, parse_public_key)
 
-from .errors import (ConfigError, HandshakeFailed, SessionLost, VerifierError, VerifierTimeout, VerifierUnavailable,
-                     VocabMismatchError)
+from .errors import (ConfigError, HandshakeFailed, Overloaded, SessionLost, VerifierError, VerifierTimeout,
+                     VerifierUnavailable, VocabMismatchError)
 
 
 class RoundChannel(Protocol):
@@ -70,6 +73,8 @@ class _Moved(SessionLost):
 
 
 HANDSHAKE_TRIES = 3          # handshakes answered by a proxy's 5xx (a replica just died) are retried
+CLOSE_TRIES = 3              # a CLOSE refused as overloaded (429) is sent again, this many times in all ...
+CLOSE_WAIT_S = 1.5           # ... waiting its Retry-After (jittered, at most 1 s each) within this in all
 
 
 def check_url(url: object) -> str:
@@ -174,7 +179,8 @@ class _Connection:
                 raise SessionLost(503, f"no verifier answered ({resp.status_code} from a proxy in front of it): "
                                   "the replica holding the session may be gone")
             raise _plain_error(resp)
-        return open_sealed_reply(channel, resp.status_code, resp.content, request_seq, expect)
+        return open_sealed_reply(channel, resp.status_code, resp.content, request_seq, expect,
+                                 retry_after_s=parse_retry_after(resp.headers.get("retry-after")))
 
     def forget(self, channel: SecureChannel) -> None:
         """`channel`'s session is gone. A late reply on an old session (a round abandoned before a new
@@ -211,6 +217,7 @@ class HttpVerifier:
             raise ConfigError(str(exc)) from None
         self.limits = limits
         self._conn = _Connection(urls, connect_timeout, read_timeout)
+        self._unopened: tuple[int, SecureChannel] | None = None   # (replica, channel) whose OPEN met a 429
 
     @property
     def urls(self) -> list[str]:
@@ -230,6 +237,31 @@ class HttpVerifier:
 
     # -- the protocol ---------------------------------------------------------------------
     def open_session(self, req: OpenSession) -> SessionOpened:
+        # A handshake whose OPEN was refused as overloaded (429) is kept for the retry: the verifier
+        # already holds that session, and a second handshake would leave it orphaned there.
+        held, self._unopened = self._unopened, None
+        if held is not None and held[0] == self._conn.current:
+            self._conn.session = held[1]
+            try:
+                return self._open(req)
+            except SessionLost:
+                pass                     # the verifier dropped it meanwhile: a fresh handshake
+        self._handshake()
+        return self._open(req)
+
+    def _open(self, req: OpenSession) -> SessionOpened:
+        """OPEN (the vocabulary check) on the channel just established."""
+        conn = self._conn
+        channel = conn.session
+        try:
+            return SessionOpened.from_dict(self._exchange(FrameType.OPEN, req.to_dict(), FrameType.OPENED))
+        except Overloaded:
+            if conn.session is channel and channel is not None:
+                self._unopened = (conn.current, channel)
+            conn.session = None          # not open yet: no round may go up on it
+            raise
+
+    def _handshake(self) -> None:
         conn = self._conn
         attempt = unreachable = 0
         while True:
@@ -254,7 +286,6 @@ class HttpVerifier:
             conn.session = hs.finish(decode(resp.content), self.limits)
         except (HandshakeError, WireError) as exc:
             raise HandshakeFailed(conn.url, str(exc)) from None
-        return SessionOpened.from_dict(self._exchange(FrameType.OPEN, req.to_dict(), FrameType.OPENED))
 
     def verify(self, req: VerifyRequest) -> VerifyResponse:
         return VerifyResponse.from_dict(self._exchange(FrameType.VERIFY, req.to_dict(), FrameType.RESULT))
@@ -284,13 +315,31 @@ class HttpVerifier:
         return False
 
     def close(self) -> None:
+        held, self._unopened = self._unopened, None
+        if self._conn.session is None and held is not None and held[0] == self._conn.current:
+            self._conn.session = held[1]      # say goodbye to a session left unopened by a 429 too
         if self._conn.session is not None:
-            try:
-                self._exchange(FrameType.CLOSE, {}, FrameType.CLOSED)
-            except (VerifierError, VerifierUnavailable):
-                pass
+            self._say_goodbye()
             self._conn.session = None
         self._conn.http.close()
+
+    def _say_goodbye(self) -> None:
+        """CLOSE the session, retrying a refusal as overloaded (429) after its Retry-After, a couple of
+        times within ``CLOSE_WAIT_S``: a CLOSE dropped leaves the session on the verifier until its TTL.
+        Any other failure ends it at once (the verifier forgets the session by itself)."""
+        give_up = time.monotonic() + CLOSE_WAIT_S
+        for attempt in range(1, CLOSE_TRIES + 1):
+            try:
+                self._exchange(FrameType.CLOSE, {}, FrameType.CLOSED)
+                return
+            except Overloaded as exc:
+                asked = exc.retry_after_s if exc.retry_after_s is not None else 0.25
+                wait = min(1.0, max(0.05, asked)) * (1 + 0.5 * random.random())
+                if attempt == CLOSE_TRIES or time.monotonic() + wait > give_up:
+                    return
+                time.sleep(wait)
+            except (VerifierError, VerifierUnavailable):
+                return
 
     def _exchange(self, ftype: FrameType, body: dict, expect: FrameType) -> dict:
         conn = self._conn
@@ -300,10 +349,12 @@ class HttpVerifier:
                                parse_header(frame).seq, expect)
 
 
-def open_sealed_reply(channel: SecureChannel, status: int, reply: bytes, request_seq: int, expect: FrameType) -> dict:
+def open_sealed_reply(channel: SecureChannel, status: int, reply: bytes, request_seq: int, expect: FrameType,
+                      retry_after_s: float | None = None) -> dict:
     """The body of the verifier's sealed reply to frame `request_seq`, which should be of type `expect`;
-    an ERROR frame becomes the ``VerifierError`` it carries, a reply that does not authenticate or
-    answers something else ``VerifierUnavailable``. (Any transport of sealed frames uses this.)"""
+    an ERROR frame becomes the ``VerifierError`` it carries (``Overloaded`` for ``overloaded``, with its
+    ``retry_after_s`` detail, else `retry_after_s`, the reply's Retry-After), a reply that does not
+    authenticate or answers something else ``VerifierUnavailable``. (Any transport of sealed frames uses this.)"""
     try:
         header, msg = channel.open(reply)
     except WireError as exc:
@@ -313,6 +364,9 @@ def open_sealed_reply(channel: SecureChannel, status: int, reply: bytes, request
     if header.type == FrameType.ERROR:
         err = dict(msg.get("error", {}))
         code, message = str(err.pop("code", "error")), str(err.pop("message", ""))
+        if code == ErrorCode.OVERLOADED:
+            exact = _seconds(err.get("retry_after_s"))
+            raise Overloaded(status, code, message, err, exact if exact is not None else retry_after_s)
         cls = VocabMismatchError if code == ErrorCode.VOCAB_MISMATCH else VerifierError
         raise cls(status, code, message, err)
     if header.type != expect:
@@ -332,7 +386,44 @@ def _plain_error(resp: httpx.Response) -> VerifierError:
         code, message = str(err.pop("code")), str(err.pop("message", ""))
     except Exception:
         code, message, err = "http_error", resp.text[:200], {}
+    if code == ErrorCode.OVERLOADED or resp.status_code == ErrorCode.OVERLOADED.http_status:
+        # A 429 from the verifier (or a proxy in front of it): too busy now; the engine waits and retries.
+        # The verifier's own says how long in its body, in fractional seconds (``retry_after_s``); its
+        # Retry-After header, whole seconds as HTTP has them, is rounded up. A proxy's has the header only.
+        code = ErrorCode.OVERLOADED if code == "http_error" else code
+        exact = _seconds(err.get("retry_after_s"))
+        return Overloaded(resp.status_code, code, message, err,
+                          exact if exact is not None else parse_retry_after(resp.headers.get("retry-after")))
     return VerifierError(resp.status_code, code, message, err)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds from now: delta-seconds (a fraction tolerated) or an HTTP
+    date; None when absent or unreadable. Never negative; the caller bounds it."""
+    if value is None:
+        return None
+    value = value.strip()
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _seconds(value: object) -> float | None:
+    """A non-negative, finite number of seconds (a number or its text), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class RoundStream:
@@ -399,6 +490,8 @@ class RoundStream:
             resp = self._conn.post(ROUNDS_PATH, self._body(), MEDIA_STREAM)
             self._conn.count(self._sent_bytes, 0)
             if self._final_seq is None:
+                if resp.status_code == ErrorCode.OVERLOADED.http_status:
+                    raise _plain_error(resp)   # refused as overloaded before the final batch went up
                 self.result.cancel()
                 return
             msg = self._conn.open_reply(self._channel, resp, self._final_seq, FrameType.RESULT)
