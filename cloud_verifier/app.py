@@ -56,6 +56,7 @@ class VerifierApp:
         self.service: VerifierService | None = None
         self.load_error: str | None = None
         self.in_flight = 0                    # established sessions' frames queued or running (max_in_flight)
+        self.in_flight_by = collections.Counter()   # ... per session id
         self.handshaking = 0                  # handshakes queued or running (max_handshakes_in_flight)
         self.worker = ModelWorker(max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
                                   in_flight=lambda: self.in_flight, metrics=self.metrics)
@@ -88,17 +89,29 @@ class VerifierApp:
     async def run(self, fn, *args, key: object | None = None):
         """Run `fn` on the model worker, refusing work beyond the in-flight bound (429).
 
+        An established session with nothing in flight is always admitted: the bound sheds a session's
+        *extra* requests (rounds drafted ahead), never its only one. Refusals by lottery starved some
+        sessions under load -- at 64 sessions on two cores, a dozen generations were refused eight times
+        running and missed their deadlines while others went through. In flight at most `max_in_flight`
+        plus one per established session (itself bounded by `max_sessions`); `key` (the session id) counts
+        only when it names an established session, so forged ids take the shared bound.
+
         `fn` may be a dispatch generator: its target passes are batched with other sessions'."""
         if self.service is None:
             raise WireError(ErrorCode.NOT_READY, self.load_error or "the target model is still loading")
-        if self.in_flight >= self.settings.max_in_flight:
+        own = key is not None and self.in_flight_by[key] == 0 and key in self.service.sessions
+        if self.in_flight >= self.settings.max_in_flight and not own:
             raise self.overloaded("too many requests in flight; retry later")
         self.in_flight += 1
+        self.in_flight_by[key] += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
             return await asyncio.wrap_future(self.worker.submit(fn, *args, key=key))
         finally:
             self.in_flight -= 1
+            self.in_flight_by[key] -= 1
+            if self.in_flight_by[key] <= 0:
+                del self.in_flight_by[key]
             self.metrics.in_flight.set(self.in_flight)
 
     async def handshake(self, hello: dict) -> dict:
