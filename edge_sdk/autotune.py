@@ -297,15 +297,6 @@ class OnlineAutotuner:
         self._pending = threading.Thread(target=build, name="autotune-start", daemon=True)
         self._pending.start()
 
-    def _confirmed(self) -> tuple[float, float]:
-        """After the re-runs (lock held): the winner if it beats (0, 0) by `margin` over both trials of each."""
-        def mean(params):
-            scores = [s for p, s in self.evaluations + self.confirmations if p == params]
-            return sum(scores) / len(scores)
-
-        winner = next(p for p, _ in self.confirmations if p != (0.0, 0.0))
-        return winner if mean(winner) < mean((0.0, 0.0)) * (1 - self.margin) else (0.0, 0.0)
-
     def wait(self, timeout: float | None = None) -> None:
         """Wait for a background tuner step (tests and benchmarks)."""
         if self._pending is not None:

@@ -270,7 +270,8 @@ class LinkProfiler:
             fresh = [v for v in (uplink, line[1] if line else None) if v is not None]
             if fresh:
                 self._upload_last = max(fresh)
-            kept = self._fitted = (version, (alpha, beta, self.verify, self.acceptance, self.nav_network(), dict(
+            network = None if line is None else line[0] + (line[1] if line[1] is not None else beta)   # nav_network()
+            kept = self._fitted = (version, (alpha, beta, self.verify, self.acceptance, network, dict(
                 nav_latency=line[0] if line else None, nav_per_token=line[1] if line else None,
                 nav_empty=self.nav_empty(), verify_fixed=verify[0] if verify else None,
                 verify_per_token=verify[1] if verify else 0.0, uplink_per_token=uplink,

@@ -30,6 +30,7 @@ from pipesd_lab.toy import ToyTarget, toy_pair
 from privacy import ClientHandshake, ErrorCode, FrameType, OpenSession, StaticKey, VerifyRequest
 
 from .conftest import PROMPTS
+from .test_service import connect
 
 FRAME, STREAM, MSGPACK = "application/x-pipesd-frame", "application/x-pipesd-stream", "application/msgpack"
 
@@ -38,15 +39,6 @@ FRAME, STREAM, MSGPACK = "application/x-pipesd-frame", "application/x-pipesd-str
 def make(**settings) -> tuple[VerifierService, StaticKey]:
     key = StaticKey.generate()
     return VerifierService(ToyTarget(toy_pair()[0]), VerifierSettings(**settings), static_key=key), key
-
-
-def connect(service, key):
-    hs = ClientHandshake(server_public=key.public_bytes)
-    ch = hs.finish(service.handshake(hs.hello()))
-    status, _, _ = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
-                                                                           service.target.vocab_size).to_dict()))
-    assert status == 200
-    return ch
 
 
 def frame(service, ch, req: VerifyRequest) -> dict:
