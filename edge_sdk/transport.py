@@ -433,8 +433,9 @@ class RoundStream:
     (``not_before``, used by link emulation), on this stream's own thread; the verifier
     stages each as it arrives and answers the request with the final batch's NAV result.
     No per-batch round trip: the next batch follows the previous one on the same TCP
-    stream. Frames are sealed when written, so their sequence numbers follow the order
-    in which they go out, which the verifier restores across connections (the next
+    stream. Frames are sealed when queued, on the caller's thread, so their sequence numbers
+    follow the order in which the engine sends them -- a pipelined round after the round it
+    was drafted on -- and the verifier restores that order across connections (the next
     round's stream may overtake this one). ``abandon`` ends a round that went stale.
     """
 
@@ -456,7 +457,8 @@ class RoundStream:
         """Queue a batch. `not_before`: write it no earlier (link emulation). `on_link`: when it really
         occupied the link (start, end), if known; else the send time is measured here."""
         if not self.result.done():
-            self._queue.put((req, time.perf_counter(), not_before, on_link))
+            frame = self._channel.seal(FrameType.VERIFY, req.to_dict())
+            self._queue.put((req, frame, time.perf_counter(), not_before, on_link))
 
     def abandon(self) -> None:
         self._queue.put(None)
@@ -464,12 +466,11 @@ class RoundStream:
     def _body(self):
         sent, last_end = 0, 0.0
         while (item := self._queue.get()) is not None:
-            req, ready, not_before, on_link = item
+            req, frame, ready, not_before, on_link = item
             if not_before is not None:
                 delay = not_before - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            frame = self._channel.seal(FrameType.VERIFY, req.to_dict())
             if req.final:
                 self._final_seq = parse_header(frame).seq
             yield len(frame).to_bytes(4, "big") + frame

@@ -42,6 +42,8 @@ class InProcessVerifier:
         self.drop_replies = 0                 # the next this many replies are lost after the service acted
         self._deadline: float | None = None
         self._lock = threading.Lock()         # the service is not thread-safe: one call at a time, as the worker
+        self._order = threading.Condition()   # frames sealed ahead wait for the ones numbered before them
+        self._delivered: dict[bytes, int] = {}   # per session: the highest seq handed to the service
         self._channel: SecureChannel | None = None
         self.service = VerifierService(target, self.settings, static_key=self.key)
 
@@ -89,19 +91,32 @@ class InProcessVerifier:
         self._channel = None
 
     # -- delivery ------------------------------------------------------------------------------
+    REORDER_WAIT_S = 0.1
     def channel(self) -> SecureChannel:
         if self._channel is None:
             raise SessionLost(401, "no session with the verifier: open one")
         return self._channel
 
-    def deliver(self, channel: SecureChannel, ftype: FrameType, body: dict, kind: str) -> tuple[int, int, bytes, FrameType]:
-        """Seal a frame and run it through the service: (its seq, HTTP status, sealed reply, reply type).
-        Sealing and dispatch happen under one lock, so frames reach the service in the order they
-        were numbered (the HTTP app restores that order itself)."""
+    def deliver(self, channel: SecureChannel, ftype: FrameType, body: dict, kind: str,
+                frame: bytes | None = None) -> tuple[int, int, bytes, FrameType]:
+        """Seal a frame (or take one sealed already) and run it through the service: (its seq, HTTP
+        status, sealed reply, reply type). Frames reach the service in the order they were numbered,
+        as the HTTP app restores it: one sealed earlier waits for those before it (up to
+        ``REORDER_WAIT_S``: a frame that never comes is skipped)."""
         self._reachable()
+        with self._order:
+            if frame is not None:
+                seq = parse_header(frame).seq
+                give_up = time.monotonic() + self.REORDER_WAIT_S
+                while self._delivered.get(channel.session_id, seq - 1) < seq - 1 and time.monotonic() < give_up:
+                    self._order.wait(max(0.0, give_up - time.monotonic()))
         with self._lock:
-            frame = channel.seal(ftype, body)
+            if frame is None:
+                frame = channel.seal(ftype, body)
             seq = parse_header(frame).seq
+            with self._order:
+                self._delivered[channel.session_id] = max(seq, self._delivered.get(channel.session_id, 0))
+                self._order.notify_all()
             self.requests[kind] += 1
             self.bytes_sent += len(frame)
             try:
@@ -165,8 +180,8 @@ class _InProcessRound:
         threading.Thread(target=self._run, name="inprocess-round", daemon=True).start()
 
     def send(self, req: VerifyRequest) -> None:
-        if not self.result.done():
-            self._queue.put((req, time.perf_counter()))
+        if not self.result.done():      # numbered now: the service sees frames in the order they were sent
+            self._queue.put((req, self._channel.seal(FrameType.VERIFY, req.to_dict()), time.perf_counter()))
 
     def abandon(self) -> None:
         self._queue.put(None)
@@ -175,8 +190,8 @@ class _InProcessRound:
         v = self._verifier
         try:
             while (item := self._queue.get()) is not None:
-                req, ready = item
-                seq, status, reply, reply_type = v.deliver(self._channel, FrameType.VERIFY, req.to_dict(), "round")
+                req, frame, ready = item
+                seq, status, reply, reply_type = v.deliver(self._channel, FrameType.VERIFY, {}, "round", frame)
                 if req.final or reply_type != FrameType.ACK:
                     v._wait_reply(None)
                     if v.lose_reply():
