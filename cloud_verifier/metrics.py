@@ -16,6 +16,9 @@ class Metrics:
         self.draft_tokens = Counter("pipesd_draft_tokens", "draft tokens verified", registry=r)
         self.accepted_tokens = Counter("pipesd_accepted_tokens", "draft tokens accepted", registry=r)
         self.resyncs = Counter("pipesd_resyncs", "rounds answered with resync", registry=r)
+        self.conditional_rebased = Counter("pipesd_conditional_rebased",
+                                           "pipelined rounds whose assumption failed, answered as the target's "
+                                           "next token on the committed sequence instead", registry=r)
         self.conditional_dropped = Counter("pipesd_conditional_dropped",
                                            "pipelined rounds dropped because the round before them was not "
                                            "accepted whole (or the target's token was another)", registry=r)

@@ -10,6 +10,7 @@ Nothing here is written to disk, and no token content is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -118,6 +119,7 @@ class Session:
     committed: list[int] = field(default_factory=list)
     pending: PendingRound | None = None
     next_seq: int = 1                          # the frame sequence number the session expects next
+    last_answer: tuple[int, bool] | None = None   # the last round answered: (its id, answered rebased?)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -289,7 +291,7 @@ class VerifierService:
             session.state = self.target.new_state()
         return SessionOpened(session.channel.session_id.hex(), self.target.name, self.fingerprint,
                              self.target.vocab_size, self.target.eos_token_ids, self.settings.max_draft,
-                             self.max_context)
+                             self.max_context, self.settings.rebase)
 
     def _expire(self) -> None:
         """Drop idle sessions (TTL) and the staged logits rows of rounds idle past ``round_timeout_s``."""
@@ -419,6 +421,15 @@ class VerifierService:
             raise WireError(ErrorCode.MALFORMED, "open the session (vocabulary check) before verifying")
         self._check_limits(req)
         pending = self._round_for(session, req)
+        rebased = pending is None and self._rebases(session, req)
+        if rebased:
+            # Pipelined NAV whose assumption failed, right after the round it was drafted on: the edge saw
+            # the same verdict and waits for this round as an empty one on what we hold -- the target's
+            # next token, with no round trip of its own.
+            pending = PendingRound(req.round, list(session.committed), (len(session.committed),
+                                                                        prefix_hash(session.committed)))
+            req = dataclasses.replace(req, draft=(), q=())
+            self.metrics.conditional_rebased.inc()
         if pending is None:      # a stale or out-of-order batch: refused, nothing changes
             held = session.pending
             log.debug("batch refused: round %d offset %d final %s; holding round %s with %s tokens, committed %d",
@@ -466,6 +477,7 @@ class VerifierService:
         # target's own token is fed at the start of the next round.
         self.target.rollback(session.state, len(pending.base) + accepted)
         session.committed = pending.base + pending.tokens[:accepted] + [token]
+        session.last_answer = (req.round, rebased)
         elapsed = time.perf_counter() - t0
         m = self.metrics
         m.nav_rounds.inc()
@@ -474,7 +486,15 @@ class VerifierService:
         m.nav_seconds.observe(elapsed)
         self._evict(keep=session.channel.session_id)
         queued = max(0.0, t0 - arrived) * 1e3 if arrived is not None else 0.0
-        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3, round(queued, 3))
+        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3, round(queued, 3), rebased)
+
+    def _rebases(self, session: Session, req: VerifyRequest) -> bool:
+        """Is this refused batch a conditional round to answer rebased: its final, drafted on top of exactly
+        the round answered last, which was answered as drafted (rebased answers never chain: the target
+        does not decode on its own), on a session that holds a sequence?"""
+        return (self.settings.rebase and req.final and req.conditional and req.after is not None
+                and session.last_answer == (req.after, False) and bool(session.committed)
+                and len(session.committed) + 1 <= self.max_context)
 
     def _forward(self, state: TargetState, pending: PendingRound):
         """Logits rows for the staged tokens not yet run (row 0 predicts the round's first token)."""

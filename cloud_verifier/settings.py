@@ -31,6 +31,8 @@ class VerifierSettings:
     replay_window: int = 1024         # frame sequence numbers remembered per direction
     rekey_interval: int = 1 << 16     # frames per key epoch before the channel ratchets its keys
     eager_forward: bool = True        # run the target on draft batches as they arrive, not only at NAV
+    rebase: bool = True               # answer a failed conditional round (pipelined NAV) as the target's next
+                                      # token instead of dropping it (VerifyRequest.after; docs/protocol.md)
     max_batch: int = 32               # sessions whose target passes run as one batch (1: one by one)
     batch_wait_s: float = 0.002       # how long a pass waits for others to join, only while more requests
                                       # are in flight than queued (a lone session never waits)

@@ -284,13 +284,16 @@ AHEAD_DEPTHS = (1, 2, 4, 8)            # ... and how many of them may be in flig
 @functools.lru_cache(maxsize=512)
 def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: str = "latency", *, n_max: int = 32,
                  schedule: str = "dp", proactive: bool = True, pipelined: bool = True,
-                 power: DevicePower = DevicePower(), rate_scale: float = 1.0) -> RoundPlan:
+                 power: DevicePower = DevicePower(), rate_scale: float = 1.0, rebase: bool = True) -> RoundPlan:
     """The best segment structure and the head round's stopping thresholds (module docstring).
 
     `a`: the acceptance of the segment's positions from the head's first draft on (the last value for
     every later position), or one value for all. Structures searched: the head alone (m = 0: the target
     alone), and a head with rounds ahead of ``AHEAD_DRAFTS`` tokens, ``AHEAD_DEPTHS`` of them in flight
     (one, sent only once the verdict before says so, when not `pipelined`; none when not `proactive`).
+    `rebase`: the verifier answers a pipelined round whose assumption failed as the target's next token
+    (``VerifyRequest.after``): a rejection found while the next block is already sent commits one more
+    token, for one more target pass and no wall time (it is verified while the next round is drafted).
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -341,6 +344,10 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
         fin += pass_k
         np.add(fin, half, out=V[lead + j])
     V = V[lead:]
+    # Rebased rounds: block j + 1 went up before block j's verdict came (chained structures only).
+    rebased = np.zeros((used, KM))
+    if rebase and pipelined and used > 1:
+        rebased[:-1] = (sent[1:] < V[:-1]) & (np.repeat(dd[:, 0], M) > 0)
     # A rejection checked by block j leaves the blocks after it that already went up on the uplink: the
     # next segment's head waits for the one still being sent (up to `depth` of them were in flight).
     residual = np.zeros_like(V)
@@ -350,6 +357,7 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
         busy = (o <= depth) & (sent[o:] < V[:-o])
         np.maximum(residual[:-o], np.where(busy, uploaded[o:] - V[:-o], 0.0), out=residual[:-o])
     V = (V + residual).reshape(used, K, M)
+    rebased = rebased.reshape(used, K, M)
     V[1:, 0] = V[0, 0]                                   # structure 0, the head alone: block 0 only
     V[0, 0, 0] = costs.empty_latency + costs.passes(0)    # a lone empty round is a plain request
     # A verdict that comes while the device drafts ahead waits for the token being drafted, half of one on
@@ -375,7 +383,9 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     # T[k] = sum over q > k of q P(p = q): the rejection's position p, weighted by its probability.
     q_all = np.arange(1, len(S))
     T = np.concatenate([np.cumsum((q_all * (S[:-1] - S[1:]))[::-1])[::-1], [0.0]])
-    tokens = T[0] - T[Ei[-1]] + tail * E[-1]
+    if objective == "cloud_cost":
+        C = C + rebased * costs.passes(0)
+    tokens = T[0] - T[Ei[-1]] + tail * E[-1] + (p_block * rebased).sum(0)
     cost = (p_block * C).sum(0) + tail * C[-1]
     if not pipelined:     # an empty head cannot start a chain that waits for its verdict
         cost[chained[:, 0], 0] = np.inf

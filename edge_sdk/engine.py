@@ -298,7 +298,17 @@ class Decoding:
             self.stats.proactive_kept += len(nxt.draft)
             return nxt                     # with the rounds drafted on top of it, if any
         self._drop(nxt)
-        return self._new_round()
+        # 7. A pipelined round already sent on top of this one is not lost: the verifier answers it as an
+        #    empty round on what was just committed (rebased), the next round's head, already in flight.
+        return self._rebased(nxt) or self._new_round()
+
+    def _rebased(self, nxt: Round | None) -> Round | None:
+        """The round the verifier is answering rebased, if `nxt` (whose assumption failed) went up naming
+        the round just answered (``VerifyRequest.after``): an empty round on the output, in flight."""
+        if nxt is None or nxt.nav is None or not nxt.rebasable:
+            return None
+        self.stats.rebased_rounds += 1
+        return Round(nxt.id, list(self.out.tokens), nav=nxt.nav, batches=nxt.batches, rebased=True)
 
     def _draft(self, rnd: Round, cap: int) -> None:
         """Draft into `rnd` until the policy asks for NAV, EOS, or `cap`; stage the batches it closes."""
@@ -395,7 +405,8 @@ class Decoding:
             self.stats.drafts_interrupted += 1
             return None                  # the verdict came first, and made the guess useless
         new = self._new_round(tip.base + tip.tokens + [guess.token])
-        new.guess = guess
+        # It may be answered rebased if it fails, unless `tip` is itself answered rebased (they never chain).
+        new.guess, new.after = guess, None if tip.rebased else tip.id
         policy_cap = self.policy.max_draft if self.policy.ahead_draft is None else self.policy.ahead_draft
         new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, policy_cap))
         return new
@@ -428,7 +439,13 @@ class Decoding:
         stream drops the proactive round and sends this one again in one piece; so does a refusal as
         overloaded (429), after the wait the verifier asked for."""
         try:
-            return nav.result(), nxt
+            resp = nav.result()
+            if resp.rebased != rnd.rebased or resp.committed_len != len(rnd.base) + resp.accepted + 1:
+                # Not the answer this round's edge of the protocol expects: the verifier holds something
+                # else than we believe. Resend from the full prefix.
+                raise VerifierError(ErrorCode.RESYNC.http_status, ErrorCode.RESYNC,
+                                    f"unexpected verdict ({resp}) for a round on {len(rnd.base)} tokens")
+            return resp, nxt
         except TimeoutError:
             self._drop(nxt)
             raise

@@ -64,6 +64,12 @@ class CloudSession:
         return self._limits.max_draft if self._limits else DEFAULT_MAX_DRAFT
 
     @property
+    def rebases(self) -> bool:
+        """Does the session in use answer a failed conditional round rebased (``VerifyRequest.after``)?"""
+        opened = self.opened
+        return opened is not None and opened.rebase
+
+    @property
     def max_context(self) -> int | None:
         """The target's context (as the verifier's last session said; None before any)."""
         return self._limits.max_context if self._limits else None

@@ -44,6 +44,10 @@ class Round:
     then: "Round | None" = None   # the round drafted ahead on top of it, assuming it is accepted whole
     guess: DraftToken | None = None   # a round drafted ahead: the draft's guess that ends its base
     batches: int = 0              # batches sent (each runs a target pass when the verifier takes it)
+    after: int | None = None      # a round drafted ahead: the id of the round it is on (unless rebased)
+    rebasable: bool = False       # sent conditional, naming `after`: the verifier rebases it if it fails
+    rebased: bool = False         # such a round whose assumption failed: the verifier answers it as an
+                                  # empty round on the committed sequence (VerifyRequest.after)
 
     def chain(self) -> "list[Round]":
         """This round and every round drafted ahead on top of it."""
@@ -106,6 +110,9 @@ class Uploader:
         NAV, a proactive round whose base the verifier will hold only if the round before is accepted
         whole (always on its stream)."""
         req = dataclasses.replace(self._batch(rnd, synced, final=True), conditional=conditional)
+        if conditional and rnd.after is not None and self.cloud.rebases:
+            req = dataclasses.replace(req, after=rnd.after)
+            rnd.rebasable = True
         if rnd.id in self._streams or background or conditional:
             nav = self._nav(len(req.draft))
             nav.pipelined = conditional

@@ -87,17 +87,21 @@ class SessionOpened:
     eos_token_ids: tuple[int, ...]
     max_draft: int
     max_context: int
+    rebase: bool = False      # answers a failed conditional round as the target's next token (VerifyRequest)
 
     def to_dict(self) -> dict:
-        return {"session_id": self.session_id, "model": self.model, "vocab_fingerprint": self.vocab_fingerprint,
-                "vocab_size": self.vocab_size, "eos": pack_tokens(self.eos_token_ids),
-                "max_draft": self.max_draft, "max_context": self.max_context}
+        d = {"session_id": self.session_id, "model": self.model, "vocab_fingerprint": self.vocab_fingerprint,
+             "vocab_size": self.vocab_size, "eos": pack_tokens(self.eos_token_ids),
+             "max_draft": self.max_draft, "max_context": self.max_context}
+        if self.rebase:
+            d["rebase"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SessionOpened":
         return cls(_field(d, "session_id", str), _field(d, "model", str), _field(d, "vocab_fingerprint", str),
                    _count(d, "vocab_size"), unpack_tokens(_field(d, "eos", bytes), "eos"),
-                   _count(d, "max_draft"), _count(d, "max_context"))
+                   _count(d, "max_draft"), _count(d, "max_context"), _field(d, "rebase", bool, False))
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,13 @@ class VerifyRequest:
     NAV). The round names the base that round's verdict would leave if everything was accepted and
     the target's token is the one the edge assumed; the verifier runs it as soon as that holds, and
     answers RESYNC if it does not (the edge has dropped it by then; it is not counted as a resync).
+    ``after`` (with ``conditional``, to a verifier whose ``SessionOpened.rebase`` is set): the round
+    it was drafted on top of. When the assumption fails and the last round the verifier answered is
+    exactly that one, answered as drafted (not itself rebased), the verifier does not drop the round
+    but *rebases* it: it answers it as an empty round on what it holds -- the target's next token,
+    ``VerifyResponse.rebased`` set -- so the round trip already spent on it is not lost; the edge,
+    which sees the same verdict, expects exactly that answer. Rebased answers never chain: at most
+    one per verdict, so the target never decodes on its own beyond one token.
 
     Sampling (``sampling`` set, temperature > 0): ``q`` carries, per draft token, the draft's
     truncated distribution it was sampled from (sparse: support ids + float16 probabilities), and
@@ -133,12 +144,15 @@ class VerifyRequest:
     sampling: SamplingParams | None = None
     q: tuple[SparseDist, ...] = ()
     conditional: bool = False
+    after: int | None = None
 
     def to_dict(self) -> dict:
         d = {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
              "draft": pack_tokens(self.draft), "round": self.round, "offset": self.offset, "final": self.final}
         if self.conditional:
             d["cond"] = True
+        if self.after is not None:
+            d["after"] = self.after
         if self.sampling is not None and not self.sampling.greedy:
             d["s"] = self.sampling.to_dict()
             d["q_n"] = pack_tokens([len(q) for q in self.q])
@@ -151,7 +165,10 @@ class VerifyRequest:
         req = cls(_count(d, "base_len"), unpack_tokens(_field(d, "append", bytes), "append"),
                   unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""),
                   _count(d, "round") if "round" in d else 0, _count(d, "offset") if "offset" in d else 0,
-                  _field(d, "final", bool, True), *_sampling_from(d), _field(d, "cond", bool, False))
+                  _field(d, "final", bool, True), *_sampling_from(d), _field(d, "cond", bool, False),
+                  _count(d, "after") if "after" in d else None)
+        if req.after is not None and not (req.conditional and req.final):
+            raise WireError(ErrorCode.MALFORMED, "'after' belongs to a conditional final batch only")
         if len(req.prefix_hash) != (16 if req.base_len else 0):
             raise WireError(ErrorCode.MALFORMED, "'prefix_hash' must be 16 bytes when base_len > 0, else empty")
         if req.sampling is not None and len(req.q) != len(req.draft):
@@ -217,6 +234,8 @@ class VerifyResponse:
     ``token`` is the correction at the first rejected position, or the bonus token
     after the last draft token when all were accepted. ``committed_len`` is the
     verifier's committed length after this round (base + append + accepted + 1).
+    ``rebased``: a conditional round whose assumption failed, answered as an empty round on the
+    committed sequence the verifier held (``accepted`` 0, ``token`` the target's next one).
     """
 
     accepted: int
@@ -225,12 +244,15 @@ class VerifyResponse:
     verify_ms: float
     queue_ms: float = 0.0     # how long the final batch waited at the verifier before it was verified
                               # (behind the round before it, or other sessions' passes); absent when 0
+    rebased: bool = False
 
     def to_dict(self) -> dict:
         d = {"accepted": self.accepted, "token": self.token, "committed_len": self.committed_len,
              "verify_ms": self.verify_ms}
         if self.queue_ms > 0:
             d["queue_ms"] = self.queue_ms
+        if self.rebased:
+            d["rebased"] = True
         return d
 
     @classmethod
@@ -239,4 +261,4 @@ class VerifyResponse:
         if not math.isfinite(queue) or queue < 0:
             raise WireError(ErrorCode.MALFORMED, "field 'queue_ms' must be a finite number >= 0")
         return cls(_count(d, "accepted"), _count(d, "token"), _count(d, "committed_len"),
-                   float(_field(d, "verify_ms", (int, float))), queue)
+                   float(_field(d, "verify_ms", (int, float))), queue, _field(d, "rebased", bool, False))

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from cloud_verifier import VerifierSettings
 from edge_sdk.drafter import DRAFT_SUPPORT
 from edge_sdk.policies import make_policy
 from privacy.sampling import SamplingParams, truncate
@@ -141,10 +142,25 @@ def test_pipelined_nav_verifies_rounds_drafted_ahead_without_another_round_trip(
             stats.append(result.stats)
         assert sum(s.pipelined_rounds for s in stats) > 0
         assert sum(s.proactive_discarded for s in stats) > 0          # and chains were dropped on rejections
-        dropped = r.verifier.service.metrics.conditional_dropped._value.get()
-        assert dropped > 0 and r.verifier.service.metrics.resyncs._value.get() == 0
+        metrics = r.verifier.service.metrics
+        dropped, rebased = metrics.conditional_dropped._value.get(), metrics.conditional_rebased._value.get()
+        # A round sent on one that a verdict then broke is answered as the target's next token (rebased),
+        # exactly as often as the edge expected it; the rounds sent on top of it are dropped.
+        assert rebased == sum(s.rebased_rounds for s in stats) > 0 and dropped > 0
+        assert metrics.resyncs._value.get() == 0 and sum(s.resyncs for s in stats) == 0
         policy = make_policy("pipesd_no_pipeline")
         assert r.generate(PROMPTS[0], n=N, policy=policy).stats.pipelined_rounds == 0
+
+
+def test_pipelined_nav_without_rebasing_drops_every_broken_round():
+    """A verifier that does not rebase (an earlier build, or ``rebase=False``) says so when the session
+    opens: the edge names no round its rounds follow and expects no rebased answer."""
+    with Rig(latency_s=0.004, draft_seconds=0.001, settings=VerifierSettings(rebase=False)) as r:
+        for prompt in PROMPTS[:2]:
+            result = r.generate(prompt, "pipesd_model", N)
+            assert result.tokens == reference(prompt, N)
+            assert result.stats.pipelined_rounds > 0 and result.stats.rebased_rounds == result.stats.resyncs == 0
+        assert r.verifier.service.metrics.conditional_rebased._value.get() == 0
 
 
 def test_a_proactive_round_survives_only_on_what_nav_committed():

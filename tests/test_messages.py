@@ -26,9 +26,19 @@ from privacy import (
     VerifyRequest(12, (), (), b"h" * 16),
     VerifyResponse(3, 17, 20, 4.25),
     VerifyResponse(3, 17, 20, 4.25, 12.5),
+    SessionOpened("s1", "target", "ab" * 16, 2048, (0, 2), 64, 512, rebase=True),
+    VerifyRequest(12, (), (5,), b"h" * 16, round=4, conditional=True, after=3),
+    VerifyResponse(0, 17, 20, 4.25, rebased=True),
 ])
 def test_round_trip(msg):
     assert type(msg).from_dict(decode(encode(msg.to_dict()))) == msg
+
+
+def test_rebasing_fields_travel_only_when_used():
+    """Verifiers and edges of earlier builds neither send nor expect them."""
+    assert "rebase" not in SessionOpened("s1", "t", "ab" * 16, 2048, (0,), 64, 512).to_dict()
+    assert "rebased" not in VerifyResponse(1, 2, 3, 4.0).to_dict()
+    assert "after" not in VerifyRequest(0, (1,), (), conditional=True).to_dict()
 
 
 def test_a_result_names_its_queue_time_only_when_it_waited():
@@ -87,6 +97,9 @@ def test_bin_field_limit_is_applied_before_allocation():
     {"base_len": 0, "append": [1, 2], "draft": b""},      # tokens as a list
     {"base_len": "0", "append": b"", "draft": b""},       # wrong type
     {"base_len": 3, "append": b"", "draft": b""},         # a prefix length without its hash
+    {"base_len": 0, "append": b"", "draft": b"", "after": 2},                    # 'after' without 'cond'
+    {"base_len": 0, "append": b"", "draft": b"", "cond": True, "after": -2},     # not a round id
+    {"base_len": 0, "append": b"", "draft": b"", "cond": True, "after": 2, "final": False},  # not final
 ])
 def test_verify_request_validation(fields):
     with pytest.raises(WireError) as err:

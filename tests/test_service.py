@@ -40,6 +40,15 @@ def connect(service, key):
     return ch
 
 
+def _opened(service, key):
+    """A new session's OPENED reply (sealed), for what the verifier says of itself."""
+    hs = ClientHandshake(server_public=key.public_bytes)
+    ch = hs.finish(service.handshake(hs.hello()))
+    _, reply, _ = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
+                                                                          service.target.vocab_size).to_dict()))
+    return ch, reply
+
+
 def nav(service, ch, req):
     status, reply, _ = service.handle_frame(ch.seal(FrameType.VERIFY, req.to_dict()))
     return status, ch.open(reply)[1]
@@ -152,3 +161,56 @@ def test_out_of_order_or_stale_batches_are_refused_without_harm(target):
     assert status == 409 and ch.open(reply)[1]["error"]["code"] == "resync"
     status, done = nav(service, ch, VerifyRequest(0, (), (35,), round=1, offset=1))
     assert status == 200 and done["committed_len"] == len(prompt) + done["accepted"] + 1
+
+
+def test_a_failed_conditional_round_after_the_last_answer_is_answered_rebased(target):
+    """Pipelined NAV: a conditional round whose assumption failed, drafted on the round answered last,
+    is answered as an empty round on what the verifier holds (the target's next token); any other
+    failed conditional round is dropped (resync), and a verifier with ``rebase=False`` drops them all."""
+    service, key = make(target)
+    ch = connect(service, key)
+    prompt = (0, 41, 42, 43)
+    status, first = nav(service, ch, VerifyRequest(0, prompt, (), round=1))
+    committed = list(prompt) + [first["token"]]
+    wrong = (first["token"] + 1) % service.target.vocab_size
+    # Round 2 assumed the target's next token after round 1's would be `wrong`: not so once round 2's
+    # own empty round runs -- answered rebased: the target's token after what round 1 committed.
+    status, reference = nav(service, ch, VerifyRequest(len(committed), (), (), prefix_hash(committed), round=9))
+    assert status == 200
+    service2, key2 = make(target)
+    ch2 = connect(service2, key2)
+    nav(service2, ch2, VerifyRequest(0, prompt, (), round=1))
+    guessed = committed + [wrong]
+    status, rebased = nav(service2, ch2, VerifyRequest(len(guessed), (), (7, 8), prefix_hash(guessed), round=2,
+                                                       conditional=True, after=1))
+    assert status == 200 and rebased["rebased"] is True and rebased["accepted"] == 0
+    assert rebased["token"] == reference["token"] and rebased["committed_len"] == len(committed) + 1
+    assert service2.metrics.conditional_rebased._value.get() == 1
+    committed.append(rebased["token"])
+    # Rebased answers never chain (the target does not decode on its own): a round drafted on the rebased
+    # round 2 is dropped when it fails, and so is one naming a round answered before the last.
+    guessed = committed + [wrong]
+    for after in (2, 1):
+        status, reply, _ = service2.handle_frame(ch2.seal(FrameType.VERIFY, VerifyRequest(
+            len(guessed), (), (5,), prefix_hash(guessed), round=4, conditional=True, after=after).to_dict()))
+        assert status == 409 and ch2.open(reply)[1]["error"]["code"] == "resync"
+    # After a round answered as drafted, again one rebased answer.
+    status, plain = nav(service2, ch2, VerifyRequest(len(committed), (), (), prefix_hash(committed), round=5))
+    committed.append(plain["token"])
+    guessed = committed + [(plain["token"] + 1) % service2.target.vocab_size]
+    status, again = nav(service2, ch2, VerifyRequest(len(guessed), (), (), prefix_hash(guessed), round=6,
+                                                     conditional=True, after=5))
+    assert status == 200 and again["rebased"] is True and again["committed_len"] == len(committed) + 1
+    assert service2.metrics.conditional_rebased._value.get() == 2
+    # Switched off, the verifier says so at OPEN and drops failed conditional rounds as before.
+    service3, key3 = make(target, rebase=False)
+    hs = ClientHandshake(server_public=key3.public_bytes)
+    ch3 = hs.finish(service3.handshake(hs.hello()))
+    _, reply, _ = service3.handle_frame(ch3.seal(FrameType.OPEN, OpenSession(service3.fingerprint,
+                                                                            target.vocab_size).to_dict()))
+    other, opened = _opened(service, key)
+    assert "rebase" not in ch3.open(reply)[1] and other.open(opened)[1]["rebase"] is True
+    nav(service3, ch3, VerifyRequest(0, prompt, (), round=1))
+    status, reply, _ = service3.handle_frame(ch3.seal(FrameType.VERIFY, VerifyRequest(
+        len(guessed), (), (), prefix_hash(guessed), round=2, conditional=True, after=1).to_dict()))
+    assert status == 409 and service3.metrics.conditional_rebased._value.get() == 0
