@@ -12,7 +12,9 @@ proactive policy drafts on, assuming every token is accepted and the target's to
 draft's own next one; those tokens (and their uploads) survive only if both assumptions hold.
 A pipelined policy sends such a round's final batch before the verdict, marked conditional: the
 verifier runs it right after the verdict that makes its base true, so a fully accepted round costs
-no extra round trip, and drops it otherwise.
+no extra round trip; otherwise the first such round after a verdict is answered *rebased* -- as the
+target's next token on what was committed -- and becomes the next round, already in flight (the
+rounds on top of it are dropped).
 The committed sequence only ever grows by tokens the target chose, so greedy output equals
 target-only greedy decoding for every policy.
 
@@ -273,6 +275,7 @@ class Decoding:
     def _round(self, rnd: Round) -> Generator[TokenEvent, None, Round]:
         """One speculative round, top to bottom; returns the round to run next."""
         t0, policy = time.perf_counter(), self.policy
+        policy.rebases = self.cloud.rebases     # what the plan may count on (an earlier verifier: no)
         policy.start_round(self.profiler.estimate())
         # 1. Draft until the policy asks for NAV; each batch it closes goes up at once. (A round whose
         #    final batch already went up during the round before -- pipelined NAV -- is complete.)
@@ -297,12 +300,12 @@ class Decoding:
         if nxt is not None and proactive_survives(nxt.base, self.out.tokens):
             self.stats.proactive_kept += len(nxt.draft)
             return nxt                     # with the rounds drafted on top of it, if any
-        self._drop(nxt)
+        self._drop(nxt)                    # its drafts and guess, and every round on top of it
         # 7. A pipelined round already sent on top of this one is not lost: the verifier answers it as an
         #    empty round on what was just committed (rebased), the next round's head, already in flight.
-        return self._rebased(nxt) or self._new_round()
+        return self._rebased_head(nxt) or self._new_round()
 
-    def _rebased(self, nxt: Round | None) -> Round | None:
+    def _rebased_head(self, nxt: Round | None) -> Round | None:
         """The round the verifier is answering rebased, if `nxt` (whose assumption failed) went up naming
         the round just answered (``VerifyRequest.after``): an empty round on the output, in flight."""
         if nxt is None or nxt.nav is None or not nxt.rebasable:
@@ -437,7 +440,8 @@ class Decoding:
     def _verdict(self, nav: Nav, rnd: Round, nxt: Round | None) -> tuple[VerifyResponse, Round | None]:
         """(NAV result, the proactive round if still usable). A resync, a lost session or a broken
         stream drops the proactive round and sends this one again in one piece; so does a refusal as
-        overloaded (429), after the wait the verifier asked for."""
+        overloaded (429), after the wait the verifier asked for, and an answer that does not fit the
+        round (rebased when it was not sent to be, or the other way round; another committed length)."""
         try:
             resp = nav.result()
             if resp.rebased != rnd.rebased or resp.committed_len != len(rnd.base) + resp.accepted + 1:

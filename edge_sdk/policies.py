@@ -93,6 +93,7 @@ class Policy:
     max_ahead: int = 1          # rounds drafted ahead, each on top of the one before (a proactive policy)
     ahead_draft: int | None = None  # a round drafted ahead: its draft cap after the guess (0: the guess
                                     # alone; None: max_draft, as for any round)
+    rebases: bool = True        # set by the engine every round: the verifier answers rebased rounds
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -274,7 +275,7 @@ class PipeSD(Policy):
         # Planning costs milliseconds; a plan is reused while what it was made from has not really
         # moved (each cost within 20% or 2 ms, each acceptance within 0.05): rounds are re-planned when the
         # link, the device or the draft changes, not because a measurement jittered.
-        key = (min(self._segment, self.model.positions.pooled), beta is None, rate_scale)
+        key = (min(self._segment, self.model.positions.pooled), beta is None, rate_scale, self.rebases)
         kept = self._plans.get(key)
         if kept is not None and _close(kept[0], costs) and len(kept[1]) == len(a) and all(
                 abs(x - y) <= 0.05 for x, y in zip(kept[1], a)):
@@ -282,7 +283,8 @@ class PipeSD(Policy):
         batching = "at_trigger" if type(self.schedule) is AtTrigger else (
             "per_token" if type(self.schedule) is PerToken else "dp")
         plan = plan_segment(costs, a, self.objective, n_max=self.cap, schedule=batching, proactive=self._proactive,
-                            pipelined=self._pipelined, power=self.power, rate_scale=rate_scale)
+                            pipelined=self._pipelined, power=self.power, rate_scale=rate_scale,
+                            rebase=self.rebases)
         self._plans[key] = (costs, a, plan)
         self.plans_made += 1
         return plan

@@ -29,6 +29,7 @@ class GenerationStats:
     proactive_discarded: int = 0   # tokens drafted during NAV and thrown away (rejection, other target token)
     rebased_rounds: int = 0        # pipelined rounds whose assumption failed, answered as the target's next token
     pipelined_rounds: int = 0      # rounds verified on a final batch sent before the verdict they built on
+                                   # (rebased rounds included)
     target_passes: int = 0         # target passes asked for by rounds that got a verdict: each batch sent
                                    # for verification, plus each resend (a batch the verifier merges with
                                    # the next, or runs without eager forward, costs less: an upper bound;

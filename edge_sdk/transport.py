@@ -436,7 +436,9 @@ class RoundStream:
     stream. Frames are sealed when queued, on the caller's thread, so their sequence numbers
     follow the order in which the engine sends them -- a pipelined round after the round it
     was drafted on -- and the verifier restores that order across connections (the next
-    round's stream may overtake this one). ``abandon`` ends a round that went stale.
+    round's stream may overtake this one). ``abandon`` ends a round that went stale. A frame
+    numbered but never written (its request failed first) leaves a gap in the numbers, which the
+    verifier waits out for its ``reorder_wait_s`` before it runs the frames after it.
     """
 
     def __init__(self, conn: _Connection, on_sent=None):

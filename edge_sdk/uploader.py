@@ -8,7 +8,7 @@ final batch's reply is the NAV result. A round that nothing overlaps -- no batch
 nothing is drafted while it is verified -- goes up as one plain request (``Verifier.verify``), as
 do rounds resent whole after a resync; those run on the cloud session's request thread, so that
 every wait for the verifier, streamed or not, ends at the NAV deadline. A round that went stale
-is abandoned: batches not yet on the wire are dropped.
+is abandoned: nothing more of it is queued (what is queued already still goes up: it is numbered).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class Round:
     then: "Round | None" = None   # the round drafted ahead on top of it, assuming it is accepted whole
     guess: DraftToken | None = None   # a round drafted ahead: the draft's guess that ends its base
     batches: int = 0              # batches sent (each runs a target pass when the verifier takes it)
-    after: int | None = None      # a round drafted ahead: the id of the round it is on (unless rebased)
+    after: int | None = None      # a round drafted ahead: the id of the round it is on (None when that
+                                  # one is itself rebased: rebased answers never chain)
     rebasable: bool = False       # sent conditional, naming `after`: the verifier rebases it if it fails
     rebased: bool = False         # such a round whose assumption failed: the verifier answers it as an
                                   # empty round on the committed sequence (VerifyRequest.after)
@@ -108,7 +109,8 @@ class Uploader:
         """Send the round's final batch and return at once: on its stream if batches went ahead or the
         caller will draft meanwhile (`background`), else as one plain request. `conditional`: pipelined
         NAV, a proactive round whose base the verifier will hold only if the round before is accepted
-        whole (always on its stream)."""
+        whole (always on its stream); it names that round (``after``) when the verifier rebases, and
+        the round is then marked ``rebasable``."""
         req = dataclasses.replace(self._batch(rnd, synced, final=True), conditional=conditional)
         if conditional and rnd.after is not None and self.cloud.rebases:
             req = dataclasses.replace(req, after=rnd.after)
@@ -132,8 +134,9 @@ class Uploader:
         return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
 
     def cancel(self, rnd: Round) -> None:
-        """`rnd` went stale: drop what of it is not on the wire yet (a final batch already sent will be
-        refused by the verifier without a target pass)."""
+        """`rnd` went stale: queue nothing more of it (a final batch already sent is refused by the
+        verifier without a target pass -- or, if it named the round just answered, answered rebased:
+        the engine then keeps it, ``Decoding._rebased_head``)."""
         stream = self._streams.pop(rnd.id, None)
         if stream is not None:
             stream.abandon()

@@ -130,7 +130,7 @@ class Tally:
     mismatches: int = 0            # generations whose tokens differ from target greedy (-1: not checked)
     unverified: int = 0            # tokens emitted by the draft alone after a failed NAV (offline fallback)
     lower_bound_ms: float = 0.0
-    chain_bound_ms: float = 0.0    # lower_bound_tpt without rebased rounds: the bound of the runs before them
+    no_rebase_bound_ms: float = 0.0    # lower_bound_tpt without rebased rounds: the bound of the runs before them
     earlier_bound_ms: float = 0.0  # earlier_bound_tpt: the looser bound of the earlier runs, for comparison
     r1: float | None = None
     r2: float | None = None
@@ -196,8 +196,8 @@ class Tally:
         return self.lower_bound_ms / self.tpt_ms if self.tokens and self.lower_bound_ms else math.nan
 
     @property
-    def chain_efficiency(self) -> float:
-        return self.chain_bound_ms / self.tpt_ms if self.tokens and self.chain_bound_ms else math.nan
+    def no_rebase_efficiency(self) -> float:
+        return self.no_rebase_bound_ms / self.tpt_ms if self.tokens and self.no_rebase_bound_ms else math.nan
 
     @property
     def earlier_efficiency(self) -> float:
@@ -211,7 +211,7 @@ class Tally:
                  up_bytes_per_token=per_token(self.bytes_up), down_bytes_per_token=per_token(self.bytes_down),
                  draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
                  wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
-                 efficiency=self.efficiency, chain_efficiency=self.chain_efficiency, earlier_efficiency=self.earlier_efficiency,
+                 efficiency=self.efficiency, no_rebase_efficiency=self.no_rebase_efficiency, earlier_efficiency=self.earlier_efficiency,
                  passes_per_token=per_token(self.passes), batches_per_token=per_token(self.batches),
                  positions_per_rejection=self.positions_per_rejection)
         return d
@@ -463,7 +463,7 @@ class Bench:
         passes = [t.verify_s / t.rounds for t in tallies.values() if t.rounds and t.method == "cloud_only"]
         verify = passes[0] if passes else min(t.verify_s / t.rounds for t in sd if t.rounds)
         bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection)
-        chain = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection, 0.0)
+        no_rebase = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection, 0.0)
         # The earlier bound, as it was computed: geometric acceptance, β from the sealed bytes up per
         # drafted token at the fastest uplink, the mean pass per round.
         drafted = sum(t.drafted for t in sd)
@@ -474,9 +474,9 @@ class Bench:
         earlier = 1e3 * earlier_bound_tpt(gamma, beta, mean_pass, link.rtt_ms / 1e3, a)
         for t in tallies.values():
             if t.method == "cloud_only" and t.rounds:    # its own bound: a round trip + verify per token
-                t.lower_bound_ms = t.chain_bound_ms = t.earlier_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
+                t.lower_bound_ms = t.no_rebase_bound_ms = t.earlier_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
             elif t.method != "edge_only":
-                t.lower_bound_ms, t.chain_bound_ms, t.earlier_bound_ms = bound, chain, earlier
+                t.lower_bound_ms, t.no_rebase_bound_ms, t.earlier_bound_ms = bound, no_rebase, earlier
 
     # -- extras: sweep, timeline, tuners -----------------------------------------------------
     def run_sweep(self, verifier, pair: str, bar=None) -> None:
@@ -641,7 +641,7 @@ class Bench:
                         lossless += f", {t.unverified} tokens unverified (went offline)"
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
-                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.chain_bound_ms)} ms, {_fmt(t.chain_efficiency, 2)} "
+                        f"| {_fmt(t.efficiency, 2)} | {_fmt(t.no_rebase_bound_ms)} ms, {_fmt(t.no_rebase_efficiency, 2)} "
                         f"| {_fmt(t.acceptance, 2)} | {_fmt(t.positions_per_rejection, 2)} "
                         f"| {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
                         f"| {_fmt(t.rollback_rate, 2)} "

@@ -91,7 +91,8 @@ class InProcessVerifier:
         self._channel = None
 
     # -- delivery ------------------------------------------------------------------------------
-    REORDER_WAIT_S = 0.1
+    REORDER_WAIT_S = 0.1      # as the HTTP app's reorder_wait_s
+
     def channel(self) -> SecureChannel:
         if self._channel is None:
             raise SessionLost(401, "no session with the verifier: open one")
@@ -105,7 +106,7 @@ class InProcessVerifier:
         ``REORDER_WAIT_S``: a frame that never comes is skipped)."""
         self._reachable()
         with self._order:
-            if frame is not None:
+            if frame is not None:       # numbered when the engine sent it: after the ones before it
                 seq = parse_header(frame).seq
                 give_up = time.monotonic() + self.REORDER_WAIT_S
                 while self._delivered.get(channel.session_id, seq - 1) < seq - 1 and time.monotonic() < give_up:
@@ -127,6 +128,14 @@ class InProcessVerifier:
                 raise _plain(exc) from None
             self.bytes_received += len(reply)
         return seq, status, reply, reply_type
+
+    def skip(self, channel: SecureChannel, frames: list[bytes]) -> None:
+        """Frames numbered but never to be delivered (their round ended first): later ones need not wait."""
+        if frames:
+            with self._order:
+                last = max(parse_header(f).seq for f in frames)
+                self._delivered[channel.session_id] = max(last, self._delivered.get(channel.session_id, 0))
+                self._order.notify_all()
 
     def lose_reply(self) -> bool:
         """Is this reply one of the `drop_replies` lost after the service acted?"""
@@ -198,6 +207,7 @@ class _InProcessRound:
                         raise VerifierUnavailable("in-process verifier: the reply was lost")
                     msg = open_sealed_reply(self._channel, status, reply, seq, FrameType.RESULT)
                     self.result.set_result(VerifyResponse.from_dict(msg))
+                    self._skip_rest()
                     return
                 if self.on_sent is not None:
                     self.on_sent(len(req.draft), ready, time.perf_counter())
@@ -205,3 +215,16 @@ class _InProcessRound:
         except BaseException as exc:       # delivered to whoever waits for the result
             if not self.result.cancelled():
                 self.result.set_exception(exc)
+            self._skip_rest()
+
+    def _skip_rest(self) -> None:
+        """The round is answered (or failed): what it still had queued will never go, numbers and all."""
+        rest = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                rest.append(item[1])
+        self._verifier.skip(self._channel, rest)

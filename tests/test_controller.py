@@ -384,3 +384,21 @@ def test_deciding_is_cheap_enough_to_run_per_token():
             break
     assert calls == len(draft)                     # one prediction per drafted token, never a recomputation
     assert math.isfinite(policy.thresholds[0])
+
+
+def test_rebased_rounds_raise_the_rate_of_pipelined_structures_only():
+    """A rejection found while the next round is up commits one more token when the verifier rebases:
+    the plan counts it for pipelined structures, and for nothing else."""
+    costs = SegmentCosts.from_link(NATIVE)
+    with_rebase, without = plan_segment(costs, CLUSTERED), plan_segment(costs, CLUSTERED, rebase=False)
+    assert with_rebase.ahead > 0 and with_rebase.rate > 1.05 * without.rate
+    alone = [plan_segment(costs, CLUSTERED, proactive=False, rebase=r).rate for r in (True, False)]
+    assert alone[0] == alone[1]
+    # The policy plans with what the engine says of the session's verifier.
+    rates = {}
+    for rebases in (True, False):
+        policy = make_policy("pipesd_model")
+        policy.rebases = rebases
+        policy.start_round(NATIVE)
+        rates[rebases] = policy.plan.rate
+    assert rates[True] > rates[False]

@@ -148,22 +148,22 @@ def test_scenarios_follow_the_paper():
 
 
 def test_lower_bound():
-    chain = lambda *a: lower_bound_tpt(*a, rebased=0.0)      # noqa: E731  (no rebased rounds)
+    no_rebase = lambda *a: lower_bound_tpt(*a, rebased=0.0)      # noqa: E731  (no rebased rounds)
     # A rejection at every position (one position per run): the target alone, a round trip and a pass a token.
-    assert chain(0.01, 0.005, 0.02, 1.0) == pytest.approx(0.025)
+    assert no_rebase(0.01, 0.005, 0.02, 1.0) == pytest.approx(0.025)
     # ... and it is never above the target alone, whatever the draft: a draft slower than a round trip
     # does not help (the target's own tokens come one per round trip).
-    assert chain(0.2, 0.005, 0.02, 10.0) == pytest.approx(0.025)
+    assert no_rebase(0.2, 0.005, 0.02, 10.0) == pytest.approx(0.025)
     # Four positions per rejection and a 10 ms draft: three drafted (10 ms each), then a round trip.
-    assert chain(0.01, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.01 + 0.025) / 4)
+    assert no_rebase(0.01, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.01 + 0.025) / 4)
     # Longer runs or a faster device never make the bound worse; an unmeasured run length is the target's.
-    assert chain(0.01, 0.005, 0.02, 5.0) < chain(0.01, 0.005, 0.02, 3.0)
-    assert chain(0.005, 0.005, 0.02, 4.0) < chain(0.01, 0.005, 0.02, 4.0)
-    assert chain(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
+    assert no_rebase(0.01, 0.005, 0.02, 5.0) < no_rebase(0.01, 0.005, 0.02, 3.0)
+    assert no_rebase(0.005, 0.005, 0.02, 4.0) < no_rebase(0.01, 0.005, 0.02, 4.0)
+    assert no_rebase(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
     # Never rejected: every position drafted, at the draft's speed (or the target's, if that is faster).
-    assert chain(0.01, 0.005, 0.02, math.inf) == pytest.approx(0.01)
-    assert chain(0.05, 0.005, 0.02, math.inf) == pytest.approx(0.025)
-    assert math.isfinite(chain(0.0, 0.0, 0.0, 2.0))
+    assert no_rebase(0.01, 0.005, 0.02, math.inf) == pytest.approx(0.01)
+    assert no_rebase(0.05, 0.005, 0.02, math.inf) == pytest.approx(0.025)
+    assert math.isfinite(no_rebase(0.0, 0.0, 0.0, 2.0))
     # Rebased rounds (the default): each run may end with one more target token in the same time.
     assert lower_bound_tpt(0.01, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.01 + 0.025) / 5)
     assert lower_bound_tpt(0.01, 0.005, 0.02, 1.0) == pytest.approx(0.025 / 2)

@@ -145,8 +145,10 @@ def test_pipelined_nav_verifies_rounds_drafted_ahead_without_another_round_trip(
         metrics = r.verifier.service.metrics
         dropped, rebased = metrics.conditional_dropped._value.get(), metrics.conditional_rebased._value.get()
         # A round sent on one that a verdict then broke is answered as the target's next token (rebased),
-        # exactly as often as the edge expected it; the rounds sent on top of it are dropped.
-        assert rebased == sum(s.rebased_rounds for s in stats) > 0 and dropped > 0
+        # as often as the edge expected it (give or take the one sent on a generation's last verdict,
+        # which the verifier may not have reached yet); the rounds sent on top of it are dropped.
+        expected = sum(s.rebased_rounds for s in stats)
+        assert expected > 0 and expected - 4 <= rebased <= expected and dropped > 0
         assert metrics.resyncs._value.get() == 0 and sum(s.resyncs for s in stats) == 0
         policy = make_policy("pipesd_no_pipeline")
         assert r.generate(PROMPTS[0], n=N, policy=policy).stats.pipelined_rounds == 0
