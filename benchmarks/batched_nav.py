@@ -39,40 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from cloud_verifier import LocalVerifier  # noqa: E402
 from pipesd_lab.bench import PROMPTS, git_commit  # noqa: E402
+from benchmarks.timed_verifier import TimedVerifier  # noqa: E402
 
 VERIFIER_CORE, EDGE_CORE = 1, 0
-
-
-class TimedVerifier:
-    """Delegates to the real HTTP verifier and records each NAV round trip: from the moment the
-    round's final batch is handed to the transport to the moment its result is in."""
-
-    def __init__(self, inner):
-        self._inner, self.latencies = inner, []
-
-    def verify(self, req):
-        t0 = time.perf_counter()
-        try:
-            return self._inner.verify(req)
-        finally:
-            self.latencies.append(time.perf_counter() - t0)
-
-    def open_round(self):
-        stream = self._inner.open_round()
-        send = stream.send
-
-        def timed_send(req, *args, **kwargs):
-            if req.final:
-                t0 = time.perf_counter()
-                stream.result.add_done_callback(
-                    lambda f: f.cancelled() or f.exception() or self.latencies.append(time.perf_counter() - t0))
-            return send(req, *args, **kwargs)
-
-        stream.send = timed_send
-        return stream
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
 def edge_process(url, key, n_sessions, first, max_new, rounds_per_session, barrier, out):

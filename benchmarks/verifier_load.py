@@ -72,6 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipesd_lab.bench import PROMPTS, git_commit  # noqa: E402
+from benchmarks.timed_verifier import TimedVerifier  # noqa: E402
 
 FLOOD_FIRST = 2                   # flood sources: 127.0.0.2, 127.0.0.3, ...
 UNFINISHED_ADDRESS = "127.0.0.200"
@@ -80,37 +81,6 @@ MSGPACK, FRAME = "application/msgpack", "application/x-pipesd-frame"
 
 
 # -- honest edges (worker processes) ------------------------------------------------------------------
-class TimedVerifier:
-    """Delegates to the HTTP verifier and records each NAV round trip: from the round's final batch
-    handed to the transport to its verdict (refused rounds, e.g. 429, are not counted)."""
-
-    def __init__(self, inner):
-        self._inner, self.latencies = inner, []
-
-    def verify(self, req):
-        t0 = time.perf_counter()
-        resp = self._inner.verify(req)
-        self.latencies.append(time.perf_counter() - t0)
-        return resp
-
-    def open_round(self):
-        stream = self._inner.open_round()
-        send = stream.send
-
-        def timed_send(req, *args, **kwargs):
-            if req.final:
-                t0 = time.perf_counter()
-                stream.result.add_done_callback(
-                    lambda f: f.cancelled() or f.exception() or self.latencies.append(time.perf_counter() - t0))
-            return send(req, *args, **kwargs)
-
-        stream.send = timed_send
-        return stream
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 def honest_process(index: int, url: str, key: str, first: int, n_sessions: int, args: dict, reference: dict,
                    cpus: set[int] | None, barrier, out) -> None:
     """`n_sessions` EdgeClients, one thread each: warm up (opens every session), wait at the barrier,
@@ -159,7 +129,7 @@ def honest_process(index: int, url: str, key: str, first: int, n_sessions: int, 
     drafters = [LlamaCppDrafter(pipesd_models.draft_path(), threads=1) for _ in range(n_sessions)]
     clients = []
     for d in drafters:
-        timed = TimedVerifier(HttpVerifier(url, verifier_key=key))
+        timed = TimedVerifier(HttpVerifier(url, verifier_key=key), count_failures=False)
         clients.append((EdgeClient(verifier=timed, drafter=d, mode=args["mode"], offline="fail",
                                    nav_deadline_s=args["nav_deadline"]), timed))
 

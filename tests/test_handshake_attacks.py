@@ -654,16 +654,15 @@ def test_handshakes_have_an_in_flight_bound_of_their_own():
     from pipesd_lab.toy import ToyTarget, toy_pair
     from privacy import VerifyRequest
 
+    from .test_verifier_limits import open_in_app
+
     key = StaticKey.generate()
     state = VerifierApp(lambda: ToyTarget(toy_pair()[0]),
                         VerifierSettings(max_in_flight=2, max_handshakes_in_flight=3), key, None)
     state.load()
 
     async def scenario():
-        hs = ClientHandshake(server_public=key.public_bytes)
-        ch = hs.finish(await state.handshake(hs.hello()))
-        opening = OpenSession(state.service.fingerprint, state.service.target.vocab_size).to_dict()
-        assert (await state.in_order(ch.seal(FrameType.OPEN, opening)))[0] == 200
+        ch = await open_in_app(state, key)
         gate, done = threading.Event(), []
         busy = state.worker.submit(gate.wait, 10)          # the model worker is busy: everything queues
         while not busy.running():

@@ -32,6 +32,16 @@ from privacy import ClientHandshake, ErrorCode, FrameType, OpenSession, StaticKe
 from .conftest import PROMPTS
 from .test_service import connect
 
+
+async def open_in_app(state, key):
+    """A session opened through the verifier app's own entry points (no HTTP): its channel."""
+    hs = ClientHandshake(server_public=key.public_bytes)
+    ch = hs.finish(await state.handshake(hs.hello()))
+    opening = OpenSession(state.service.fingerprint, state.service.target.vocab_size).to_dict()
+    assert (await state.in_order(ch.seal(FrameType.OPEN, opening)))[0] == 200
+    return ch
+
+
 FRAME, STREAM, MSGPACK = "application/x-pipesd-frame", "application/x-pipesd-stream", "application/msgpack"
 
 
@@ -189,10 +199,7 @@ def test_a_frame_waits_for_an_earlier_frame_of_its_session_that_is_in_the_verifi
     state.load()
 
     async def scenario():
-        hs = ClientHandshake(server_public=key.public_bytes)
-        ch = hs.finish(await state.handshake(hs.hello()))
-        opening = OpenSession(state.service.fingerprint, state.service.target.vocab_size).to_dict()
-        assert (await state.in_order(ch.seal(FrameType.OPEN, opening)))[0] == 200
+        ch = await open_in_app(state, key)
         ch.seal(FrameType.VERIFY, VerifyRequest(0, PROMPT, DRAFT).to_dict())       # seq 2: refused, a gap
         first = ch.seal(FrameType.VERIFY, VerifyRequest(0, PROMPT, DRAFT[:8], round=1, final=False).to_dict())
         second = ch.seal(FrameType.VERIFY, VerifyRequest(0, (), DRAFT[8:], round=1, offset=8).to_dict())
