@@ -218,6 +218,10 @@ class PipeSD(Policy):
     now and then (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink.
     ``objective`` chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute)
     or ``edge_energy`` (modelled device joules; no drafting ahead, which spends them on guesses).
+    Without a `schedule` given, the objective picks it: DP token batches, except under ``cloud_cost``,
+    where the whole draft goes up at the trigger (``AtTrigger``): each batch sent ahead of the trigger
+    buys upload time with a target pass of its own (the verifier's eager forward), which is exactly
+    what that objective counts.
     With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
     """
 
@@ -233,7 +237,9 @@ class PipeSD(Policy):
         self.name, self.objective, self.power = name, objective, power
         self._proactive = self.proactive = proactive and objective != "edge_energy"
         self._pipelined = self.pipelined = pipelined and self.proactive
-        self.schedule = schedule if schedule is not None else DPSchedule()
+        if schedule is None:
+            schedule = AtTrigger() if objective == "cloud_cost" else DPSchedule()
+        self.schedule = schedule
         self.cap = self.max_draft = self.ahead_draft = max_draft
         self.max_ahead = 0
         self.tuner = tuner
@@ -494,7 +500,9 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
             raise ConfigError("pipesd's tuner is a CorrectionTuner (an OnlineAutotuner tunes pipesd_bo)")
         if corrected and tuner is None and objective == "latency":
             tuner = CorrectionTuner()      # it scores seconds per token: a correction for latency only
-        return PipeSD(mode, objective=objective, schedule=schedule(), proactive=proactive, pipelined=pipelined,
+        # The DP variants leave the schedule to the objective (cloud_cost sends at the trigger).
+        return PipeSD(mode, objective=objective, schedule=None if schedule is DPSchedule else schedule(),
+                      proactive=proactive, pipelined=pipelined,
                       tuner=tuner)
     thresholds = _PAPER[mode]
     trigger = DualThreshold(DEFAULT_R1 if r1 is None else r1, DEFAULT_R2 if r2 is None else r2)

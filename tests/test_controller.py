@@ -14,7 +14,7 @@ from edge_sdk.drafter import DraftToken
 from edge_sdk.errors import ConfigError
 from edge_sdk.policies import PipeSD, RoundVerdict, make_policy
 from edge_sdk.profiler import LinkEstimate, LinkProfiler
-from edge_sdk.scheduling import AtTrigger, DPSchedule, arrival_times, plan_batches, arrival_time
+from edge_sdk.scheduling import AtTrigger, DPSchedule, PerToken, arrival_times, plan_batches, arrival_time
 
 # Links as the profiler would report them (seconds): alpha, beta, gamma, verify, acceptance, nav_network.
 NATIVE = LinkEstimate(0.0005, 0.00002, 0.0003, 0.009, 0.7, 0.024, nav_latency=0.024, nav_per_token=0.00002,
@@ -320,6 +320,12 @@ def test_pipesd_modes_take_an_objective_and_refuse_thresholds():
     assert make_policy("pipesd", objective="cloud_cost").tuner is None     # the tuner scores seconds
     assert not make_policy("pipesd", objective="edge_energy").proactive
     assert isinstance(make_policy("pipesd_at_trigger").schedule, AtTrigger)
+    # A batch sent before the trigger costs a target pass: cloud cost sends at the trigger; the others batch.
+    assert isinstance(make_policy("pipesd", objective="cloud_cost").schedule, AtTrigger)
+    assert isinstance(make_policy("pipesd_model", objective="cloud_cost").schedule, AtTrigger)
+    assert isinstance(make_policy("pipesd", objective="edge_energy").schedule, DPSchedule)
+    assert isinstance(make_policy("pipesd").schedule, DPSchedule)
+    assert isinstance(make_policy("pipesd_per_token", objective="cloud_cost").schedule, PerToken)   # an ablation's own
     with pytest.raises(ConfigError, match="pipesd_fixed"):
         make_policy("pipesd", r1=0.1)
     with pytest.raises(ConfigError, match="objective"):

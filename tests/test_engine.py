@@ -15,6 +15,7 @@ import pytest
 from cloud_verifier import VerifierSettings
 from edge_sdk.drafter import DRAFT_SUPPORT
 from edge_sdk.policies import make_policy
+from edge_sdk.scheduling import AtTrigger
 from privacy.sampling import SamplingParams, truncate
 
 from .engine_kit import DRAFT, PROMPTS, SPECULATIVE, TARGET, Rig, reference
@@ -218,6 +219,20 @@ def test_every_objective_equals_target_greedy_also_through_restarts(objective):
                     r.verifier.restart()
             assert tokens == reference(prompt, 30) and all(e.verified for e in gen.result.events)
             assert gen.result.stats.resyncs >= 1
+
+
+def test_cloud_cost_sends_each_round_whole_so_each_verdict_costs_one_pass():
+    """A batch sent ahead of the trigger is a target pass of its own (eager forward): cloud cost, which
+    counts passes, sends each round in one batch -- and stays the target's greedy output."""
+    with Rig(latency_s=0.02, draft_seconds=0.005) as r:
+        policy = make_policy("pipesd", objective="cloud_cost")
+        assert isinstance(policy.schedule, AtTrigger)
+        for prompt in PROMPTS[:2]:
+            result = r.generate(prompt, n=30, policy=policy)
+            assert result.tokens == reference(prompt, 30)
+            stats = result.stats
+            assert stats.nav_rounds > 1 and stats.resyncs == 0
+            assert stats.batches_sent == stats.nav_rounds == stats.target_passes
 
 
 def test_verifier_down_for_a_whole_generation_equals_edge_only(rig):
