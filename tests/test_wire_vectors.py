@@ -70,8 +70,20 @@ def test_frames_decode_by_the_spec(keys, i):
         assert zstandard.frame_content_size(body) > 0
         body = zstandard.ZstdDecompressor().decompress(body)
     assert msgpack.unpackb(body) == msgpack.unpackb(bytes.fromhex(v["body_msgpack"]))
-    if v["direction"] == "s2c":
-        assert ack == 1   # answers the first request
+    assert ack == v["ack"]        # an s2c frame acks the request it answers; a c2s frame acks nothing (0)
+
+
+def test_pipelined_nav_vectors_carry_the_spec_fields(keys):
+    """The conditional final (``cond``, ``after``: the round it was drafted on) and its rebased RESULT, as the
+    spec's VERIFY and RESULT rows define them."""
+    frames = VECTORS["frames"]
+    request, answer = (msgpack.unpackb(bytes.fromhex(v["body_msgpack"])) for v in frames[-2:])
+    assert frames[-2]["direction"] == "c2s" and frames[-1]["direction"] == "s2c"
+    assert request["cond"] is True and request["final"] is True and request["after"] == 2 and request["round"] == 3
+    assert len(request["prefix_hash"]) == 16 and request["base_len"] == 7
+    assert answer["rebased"] is True and answer["accepted"] == 0 and answer["committed_len"] == 6
+    seq = struct.unpack(">Q", bytes.fromhex(frames[-2]["frame"])[21:29])[0]
+    assert frames[-1]["ack"] == seq     # the rebased RESULT answers that conditional request
 
 
 def test_psk_handshake_by_the_spec():

@@ -13,6 +13,7 @@ import json
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privacy import ChannelLimits, ClientHandshake, FrameType, StaticKey, encode, pack_tokens, server_handshake
+from privacy.messages import VerifyRequest, VerifyResponse, prefix_hash
 
 
 def fixed(label: str, n: int = 32) -> bytes:
@@ -32,14 +33,22 @@ def build() -> dict:
     edge = client.finish(reply, limits)
     frames = []
     verify = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens([0, 1, 2]), "draft": pack_tokens([3, 4])}
-    frames.append(("c2s", edge.seal(FrameType.VERIFY, verify, compress=False), verify))
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, verify, compress=False), verify, 0))
     result = {"accepted": 1, "token": 9, "committed_len": 5, "verify_ms": 1.5}
-    frames.append(("s2c", server.seal(FrameType.RESULT, result, ack=1, compress=False), result))
+    frames.append(("s2c", server.seal(FrameType.RESULT, result, ack=1, compress=False), result, 1))
     for seq in range(2, 6):      # seq 4 and 5 use the epoch-1 key
         body = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens(list(range(seq))), "draft": b""}
-        frames.append(("c2s", edge.seal(FrameType.VERIFY, body, compress=False), body))
+        frames.append(("c2s", edge.seal(FrameType.VERIFY, body, compress=False), body, 0))
     big = {"base_len": 0, "prefix_hash": b"", "append": pack_tokens([7] * 300), "draft": b""}
-    frames.append(("c2s", edge.seal(FrameType.VERIFY, big), big))   # zstd: decode-only vector
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, big), big, 0))   # zstd: decode-only vector
+    # Pipelined NAV: round 3, sent before round 2's verdict, conditional on it and naming it (after); the
+    # verdict kept 5 tokens, not its assumed 7, so the verifier answers it rebased (the target's next token
+    # on the 5 it holds, committed 6) and acks its sequence number (7).
+    base = [0, 1, 2, 3, 4, 5, 6]
+    cond = VerifyRequest(len(base), (), (11, 12), prefix_hash(base), round=3, conditional=True, after=2).to_dict()
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, cond, compress=False), cond, 0))
+    rebased = VerifyResponse(0, 13, 6, 1.25, rebased=True).to_dict()
+    frames.append(("s2c", server.seal(FrameType.RESULT, rebased, ack=7, compress=False), rebased, 7))
     return {
         "description": "PipeSD wire format v1: fixed keys -> exact bytes (hex). See docs/wire-format.md.",
         "rekey_interval": limits.rekey_interval,
@@ -49,8 +58,8 @@ def build() -> dict:
         "verifier_ephemeral_private": fixed("verifier ephemeral").hex(),
         "client_hello": encode(hello).hex(),
         "server_hello": encode(reply).hex(),
-        "frames": [{"direction": d, "frame": f.hex(), "body_msgpack": encode(b).hex(),
-                    "exact": not (f[4] & 1)} for d, f, b in frames],
+        "frames": [{"direction": d, "frame": f.hex(), "body_msgpack": encode(b).hex(), "exact": not (f[4] & 1),
+                    "ack": ack} for d, f, b, ack in frames],
         "psk": build_psk(),
     }
 
