@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from edge_sdk.engine import TokenEvent
-from edge_sdk.serve.app import _Output
+from edge_sdk.errors import OverloadTimeout, PromptTooLongError, VerifierTimeout
+from edge_sdk.serve.app import _api_error_of, _Output
 from edge_sdk.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatTemplate, TemplateError
 from edge_sdk.serve.requests import APIError, ChatRequest, CompletionRequest, parse
 from edge_sdk.stats import GenerationStats
@@ -122,3 +123,15 @@ def test_output_records_which_tokens_were_not_verified():
     assert info["pipesd"]["verified_tokens"] == 3 and info["pipesd"]["unverified_tokens"] == 3
     assert info["pipesd"]["unverified_ranges"] == [[2, 4], [5, 6]]
     assert "".join(out.text) == "t0t1t2t3t4t5tail"
+
+
+def test_generation_errors_map_to_openai_statuses():
+    """An overloaded verifier is a 503 that says how long to wait (a client's retry policy backs off); a
+    verifier gone is a 502; a prompt too long is the caller's 400."""
+    busy = _api_error_of(OverloadTimeout("stayed overloaded", retry_after_s=2.2))
+    assert (busy.status, busy.code, busy.headers) == (503, "verifier_overloaded", {"Retry-After": "3"})
+    assert _api_error_of(OverloadTimeout("stayed overloaded")).headers == {"Retry-After": "1"}
+    gone = _api_error_of(VerifierTimeout("no answer"))
+    assert (gone.status, gone.code) == (502, "verifier_unavailable")
+    long = _api_error_of(PromptTooLongError("no room"))
+    assert (long.status, long.code, long.param) == (400, "context_length_exceeded", "prompt")

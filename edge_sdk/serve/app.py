@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from ..client import EdgeClient
 from ..engine import TokenEvent
-from ..errors import ConfigError, PipeSDError, PromptTooLongError, VerifierError
+from ..errors import ConfigError, OverloadTimeout, PipeSDError, PromptTooLongError, VerifierError
 from ..stats import GenerationStats
 from ..chat import ChatTemplate, TemplateError
 from .metrics import ServeMetrics
@@ -326,6 +327,12 @@ def _api_error_of(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, ConfigError):
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, OverloadTimeout):
+        # The verifier is up but busy past the NAV deadline: what OpenAI answers an overloaded engine,
+        # with the wait it last asked for, so that a client's own retry policy backs off.
+        retry = exc.retry_after_s if exc.retry_after_s is not None else 1.0
+        return APIError(503, str(exc), type="server_error", code="verifier_overloaded",
+                        headers={"Retry-After": str(max(1, math.ceil(retry)))})
     if isinstance(exc, VerifierError):
         return APIError(502, f"the cloud verifier refused the request: {exc}", type="server_error",
                         code="verifier_error")
