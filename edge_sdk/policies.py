@@ -218,10 +218,10 @@ class PipeSD(Policy):
     now and then (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink.
     ``objective`` chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute)
     or ``edge_energy`` (modelled device joules; no drafting ahead, which spends them on guesses).
-    Without a `schedule` given, the objective picks it: DP token batches, except under ``cloud_cost``,
-    where the whole draft goes up at the trigger (``AtTrigger``): each batch sent ahead of the trigger
-    buys upload time with a target pass of its own (the verifier's eager forward), which is exactly
-    what that objective counts.
+    Without a ``schedule`` given, the objective picks it: DP token batches, except under ``cloud_cost``,
+    where the whole draft goes up at the trigger (``AtTrigger``): on a verifier with eager forward (the
+    default; ``--no-eager-forward`` turns it off) each batch sent ahead of the trigger buys upload time
+    with a target pass of its own, which is exactly what that objective counts.
     With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
     """
 
@@ -434,14 +434,15 @@ MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipe
          "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
          "pipesd_p_only")
 
-# The controller's variants: (upload schedule, proactive, pipelined NAV, BO correction).
+# The controller's variants: (upload schedule, proactive, pipelined NAV, BO correction). Schedule None: the
+# objective's own (``PipeSD``: DP batches, at the trigger under cloud_cost); the ablations fix theirs.
 _CONTROLLED = {
-    "pipesd": (DPSchedule, True, True, True),
-    "pipesd_model": (DPSchedule, True, True, False),        # the model alone, no BO correction
-    "pipesd_no_pipeline": (DPSchedule, True, False, False),  # a kept proactive round waits for its own NAV
+    "pipesd": (None, True, True, True),
+    "pipesd_model": (None, True, True, False),              # the model alone, no BO correction
+    "pipesd_no_pipeline": (None, True, False, False),       # a kept proactive round waits for its own NAV
     "pipesd_per_token": (PerToken, True, True, False),
     "pipesd_at_trigger": (AtTrigger, True, True, False),
-    "pipesd_no_proactive": (DPSchedule, False, False, False),
+    "pipesd_no_proactive": (None, False, False, False),
 }
 # The paper's dual threshold: which thresholds the trigger uses (pipesd_bo tunes both online).
 _PAPER = {"pipesd_bo": "r1 r2", "pipesd_fixed": "r1 r2", "pipesd_c_only": "r1", "pipesd_p_only": "r2"}
@@ -500,8 +501,7 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
             raise ConfigError("pipesd's tuner is a CorrectionTuner (an OnlineAutotuner tunes pipesd_bo)")
         if corrected and tuner is None and objective == "latency":
             tuner = CorrectionTuner()      # it scores seconds per token: a correction for latency only
-        # The DP variants leave the schedule to the objective (cloud_cost sends at the trigger).
-        return PipeSD(mode, objective=objective, schedule=None if schedule is DPSchedule else schedule(),
+        return PipeSD(mode, objective=objective, schedule=schedule() if schedule is not None else None,
                       proactive=proactive, pipelined=pipelined,
                       tuner=tuner)
     thresholds = _PAPER[mode]

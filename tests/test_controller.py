@@ -321,8 +321,9 @@ def test_pipesd_modes_take_an_objective_and_refuse_thresholds():
     assert not make_policy("pipesd", objective="edge_energy").proactive
     assert isinstance(make_policy("pipesd_at_trigger").schedule, AtTrigger)
     # A batch sent before the trigger costs a target pass: cloud cost sends at the trigger; the others batch.
-    assert isinstance(make_policy("pipesd", objective="cloud_cost").schedule, AtTrigger)
-    assert isinstance(make_policy("pipesd_model", objective="cloud_cost").schedule, AtTrigger)
+    for mode in ("pipesd", "pipesd_model", "pipesd_no_pipeline", "pipesd_no_proactive"):
+        assert isinstance(make_policy(mode, objective="cloud_cost").schedule, AtTrigger), mode
+        assert isinstance(make_policy(mode).schedule, DPSchedule), mode
     assert isinstance(make_policy("pipesd", objective="edge_energy").schedule, DPSchedule)
     assert isinstance(make_policy("pipesd").schedule, DPSchedule)
     assert isinstance(make_policy("pipesd_per_token", objective="cloud_cost").schedule, PerToken)   # an ablation's own

@@ -14,8 +14,8 @@ import pytest
 
 from cloud_verifier import VerifierSettings
 from edge_sdk.drafter import DRAFT_SUPPORT
-from edge_sdk.policies import make_policy
-from edge_sdk.scheduling import AtTrigger
+from edge_sdk.policies import PipeSD, make_policy
+from edge_sdk.scheduling import AtTrigger, DPSchedule
 from privacy.sampling import SamplingParams, truncate
 
 from .engine_kit import DRAFT, PROMPTS, SPECULATIVE, TARGET, Rig, reference
@@ -223,16 +223,25 @@ def test_every_objective_equals_target_greedy_also_through_restarts(objective):
 
 def test_cloud_cost_sends_each_round_whole_so_each_verdict_costs_one_pass():
     """A batch sent ahead of the trigger is a target pass of its own (eager forward): cloud cost, which
-    counts passes, sends each round in one batch -- and stays the target's greedy output."""
+    counts passes, sends each round in one batch -- and stays the target's greedy output. The same
+    controller with DP batches, on the same rig, asks for more passes than it gets verdicts."""
     with Rig(latency_s=0.02, draft_seconds=0.005) as r:
-        policy = make_policy("pipesd", objective="cloud_cost")
-        assert isinstance(policy.schedule, AtTrigger)
-        for prompt in PROMPTS[:2]:
-            result = r.generate(prompt, n=30, policy=policy)
-            assert result.tokens == reference(prompt, 30)
-            stats = result.stats
-            assert stats.nav_rounds > 1 and stats.resyncs == 0
-            assert stats.batches_sent == stats.nav_rounds == stats.target_passes
+        whole = make_policy("pipesd", objective="cloud_cost")
+        batched = PipeSD("pipesd", objective="cloud_cost", schedule=DPSchedule())
+        assert isinstance(whole.schedule, AtTrigger)
+        passes = {}
+        for policy in (whole, batched):
+            stats = []
+            for prompt in PROMPTS[:2]:
+                result = r.generate(prompt, n=30, policy=policy)
+                assert result.tokens == reference(prompt, 30)
+                stats.append(result.stats)
+            assert all(s.resyncs == 0 for s in stats)
+            passes[type(policy.schedule)] = (sum(s.target_passes for s in stats), sum(s.nav_rounds for s in stats))
+        asked, verdicts = passes[AtTrigger]
+        assert asked == verdicts > 2                          # a pass per verdict
+        asked, verdicts = passes[DPSchedule]
+        assert asked > verdicts, passes
 
 
 def test_verifier_down_for_a_whole_generation_equals_edge_only(rig):

@@ -31,9 +31,11 @@ def test_code_reproduces_the_vectors_exactly():
     fresh = build()
     for key in ("client_hello", "server_hello", "verifier_static_public"):
         assert fresh[key] == VECTORS[key]
+    assert len(fresh["frames"]) == len(VECTORS["frames"])
     for mine, published in zip(fresh["frames"], VECTORS["frames"]):
-        if published["exact"]:
-            assert mine["frame"] == published["frame"]
+        if not published["exact"]:       # zstd's bytes depend on its build: the rest must still match
+            mine, published = ({k: v for k, v in f.items() if k != "frame"} for f in (mine, published))
+        assert mine == published
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +75,18 @@ def test_frames_decode_by_the_spec(keys, i):
     assert ack == v["ack"]        # an s2c frame acks the request it answers; a c2s frame acks nothing (0)
 
 
-def test_pipelined_nav_vectors_carry_the_spec_fields(keys):
+def test_pipelined_nav_vectors_carry_the_spec_fields():
     """The conditional final (``cond``, ``after``: the round it was drafted on) and its rebased RESULT, as the
     spec's VERIFY and RESULT rows define them."""
-    frames = VECTORS["frames"]
-    request, answer = (msgpack.unpackb(bytes.fromhex(v["body_msgpack"])) for v in frames[-2:])
-    assert frames[-2]["direction"] == "c2s" and frames[-1]["direction"] == "s2c"
-    assert request["cond"] is True and request["final"] is True and request["after"] == 2 and request["round"] == 3
+    bodies = [(v, msgpack.unpackb(bytes.fromhex(v["body_msgpack"]))) for v in VECTORS["frames"]]
+    (request_v, request), = [(v, b) for v, b in bodies if b.get("cond")]
+    (answer_v, answer), = [(v, b) for v, b in bodies if b.get("rebased")]
+    assert request_v["direction"] == "c2s" and answer_v["direction"] == "s2c"
+    assert request["final"] is True and request["after"] == 2 and request["round"] == 3
     assert len(request["prefix_hash"]) == 16 and request["base_len"] == 7
-    assert answer["rebased"] is True and answer["accepted"] == 0 and answer["committed_len"] == 6
-    seq = struct.unpack(">Q", bytes.fromhex(frames[-2]["frame"])[21:29])[0]
-    assert frames[-1]["ack"] == seq     # the rebased RESULT answers that conditional request
+    assert answer["accepted"] == 0 and answer["committed_len"] == 6
+    seq = struct.unpack(">Q", bytes.fromhex(request_v["frame"])[21:29])[0]     # the header's seq field
+    assert answer_v["ack"] == seq       # the rebased RESULT answers that conditional request
 
 
 def test_psk_handshake_by_the_spec():
