@@ -410,14 +410,24 @@ class Decoding:
         new = self._new_round(tip.base + tip.tokens + [guess.token])
         # It may be answered rebased if it fails, unless `tip` is itself answered rebased (they never chain).
         new.guess, new.after = guess, None if tip.rebased else tip.id
-        policy_cap = self.policy.max_draft if self.policy.ahead_draft is None else self.policy.ahead_draft
+        # On a rebased round (an empty one, in flight) it is the first drafted round since the rejection:
+        # a head round, stopped by the policy's rule for one -- not a round deep in an accepted run, whose
+        # planned length (``ahead_draft``) assumes the surer positions there. Its drafting and its pass lie
+        # on the path to the next verdict.
+        new.opens_segment = tip.rebased
+        policy_cap = self.policy.max_draft if self.policy.ahead_draft is None or new.opens_segment \
+            else self.policy.ahead_draft
         new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, policy_cap))
         return new
 
     def _complete(self, rnd: Round) -> bool:
-        """Is a round drafted ahead complete: its cap reached, EOS, or the policy asked for NAV?"""
-        return (len(rnd.draft) >= rnd.cap or (bool(rnd.draft) and self._is_eos(rnd.draft[-1].token))
-                or (bool(rnd.draft) and self.policy.verify_now(rnd.draft, ahead=True)))
+        """Is a round drafted ahead complete: its cap reached, EOS, or the policy asked for NAV? (A round
+        that opens a segment asks as a head round would, its guess counted as its first draft.)"""
+        if len(rnd.draft) >= rnd.cap or (bool(rnd.draft) and self._is_eos(rnd.draft[-1].token)):
+            return True
+        if rnd.opens_segment:
+            return self.policy.verify_now([rnd.guess, *rnd.draft], ahead=False)
+        return bool(rnd.draft) and self.policy.verify_now(rnd.draft, ahead=True)
 
     def _draft_into(self, rnd: Round, nav: Nav) -> bool:
         """Draft a round ahead until it is complete (True) or `nav` answers first (False). A pipelined

@@ -49,6 +49,8 @@ class Round:
     rebasable: bool = False       # sent conditional, naming `after`: the verifier rebases it if it fails
     rebased: bool = False         # such a round whose assumption failed: the verifier answers it as an
                                   # empty round on the committed sequence (VerifyRequest.after)
+    opens_segment: bool = False   # drafted ahead on a rebased round: the first drafted round after a
+                                  # rejection, so drafted as a head round (the policy's stopping rule)
 
     def chain(self) -> "list[Round]":
         """This round and every round drafted ahead on top of it."""

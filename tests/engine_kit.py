@@ -7,6 +7,7 @@ both model protocols and ``pipesd_lab.inprocess`` runs the real verifier service
 
 from __future__ import annotations
 
+from cloud_verifier.target import PaddedTarget
 from edge_sdk.client import Generation
 from edge_sdk.engine import Engine
 from edge_sdk.offline import CircuitBreaker
@@ -30,8 +31,10 @@ class Rig:
     """An engine on the toy drafter, talking to an in-process verifier on the toy target."""
 
     def __init__(self, *, latency_s: float = 0.0, offline: str = "continue", offline_wait_s: float = 5.0,
-                 nav_deadline_s: float | None = None, draft_seconds: float = 0.0, settings=None, draft=DRAFT):
-        self.target = ToyTarget(TARGET)
+                 nav_deadline_s: float | None = None, draft_seconds: float = 0.0, settings=None, draft=DRAFT,
+                 pass_s: float = 0.0):
+        # pass_s: every target pass takes at least that long (a real target's pass, emulated)
+        self.target = PaddedTarget(ToyTarget(TARGET), pass_s) if pass_s else ToyTarget(TARGET)
         self.verifier = InProcessVerifier(self.target, settings, latency_s=latency_s)
         self.drafter = ToyDrafter(draft, seconds_per_token=draft_seconds)
         # Probes every few ms, so that coming back online takes milliseconds here.

@@ -6,6 +6,7 @@ deadlines, sampling's exactness and seeds -- on the toy pair through the real ve
 """
 
 import math
+from collections import Counter
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 
 from cloud_verifier import VerifierSettings
 from edge_sdk.drafter import DRAFT_SUPPORT
-from edge_sdk.policies import PipeSD, make_policy
+from edge_sdk.policies import PipeSD, Policy, make_policy
 from edge_sdk.scheduling import AtTrigger, DPSchedule
 from privacy.sampling import SamplingParams, truncate
 
@@ -153,6 +154,33 @@ def test_pipelined_nav_verifies_rounds_drafted_ahead_without_another_round_trip(
         assert metrics.resyncs._value.get() == 0 and sum(s.resyncs for s in stats) == 0
         policy = make_policy("pipesd_no_pipeline")
         assert r.generate(PROMPTS[0], n=N, policy=policy).stats.pipelined_rounds == 0
+
+
+class TwoThenEight(Policy):
+    """Pipelined: a head round stops at two drafts (its stopping rule); rounds drafted ahead run to eight."""
+
+    name, proactive, pipelined, max_draft, max_ahead, ahead_draft = "two-then-eight", True, True, 8, 2, 8
+
+    def verify_now(self, draft, ahead=False):
+        return not ahead and len(draft) >= 2
+
+
+def test_the_round_drafted_on_a_rebased_round_is_drafted_as_a_head():
+    """After a rejection the round in flight is answered rebased, and the round drafted on it is the first
+    drafted round of the new segment: the policy's head rule stops it (here: its guess and one draft),
+    not the length it plans for rounds deep in an accepted run (eight) -- its drafting and its pass are
+    on the path to the next verdict. Lossless either way."""
+    with Rig(latency_s=0.004, draft_seconds=0.0005, pass_s=0.004) as r:
+        policy, stats = TwoThenEight(), []
+        for prompt in PROMPTS[:4]:
+            result = r.generate(prompt, n=N, policy=policy)
+            assert result.tokens == reference(prompt, N)
+            stats.append(result.stats)
+        rebased = sum(s.rebased_rounds for s in stats)
+        sizes = Counter(size for s in stats for size in s.batch_sizes)
+        # Heads send 2 drafts, rounds ahead 8 (fewer only at the token budget), segment openers 1.
+        assert rebased > 4 and sizes[1] >= rebased // 2, (rebased, sizes)
+        assert sizes[2] > 0 and sizes[8] > 0
 
 
 def test_pipelined_nav_without_rebasing_drops_every_broken_round():
