@@ -411,10 +411,11 @@ class Decoding:
         # It may be answered rebased if it fails, unless `tip` is itself answered rebased (they never chain).
         new.guess, new.after = guess, None if tip.rebased else tip.id
         # On a rebased round (an empty one, in flight) it is the first drafted round since the rejection:
-        # a head round, stopped by the policy's rule for one -- not a round deep in an accepted run, whose
-        # planned length (``ahead_draft``) assumes the surer positions there. Its drafting and its pass lie
-        # on the path to the next verdict.
-        new.opens_segment = tip.rebased
+        # where the policy drafts head rounds, a head round, stopped by the policy's rule for one -- not a
+        # round deep in an accepted run, whose planned length (``ahead_draft``) assumes the surer positions
+        # there. Its drafting and its pass lie on the path to the next verdict. (A policy whose segments
+        # start with an empty head already has one: the rebased round.)
+        new.opens_segment = tip.rebased and self.policy.max_draft > 0
         policy_cap = self.policy.max_draft if self.policy.ahead_draft is None or new.opens_segment \
             else self.policy.ahead_draft
         new.cap = 0 if self._is_eos(guess.token) else min(room, self._cap(new.base, policy_cap))

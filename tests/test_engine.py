@@ -181,6 +181,20 @@ def test_the_round_drafted_on_a_rebased_round_is_drafted_as_a_head():
         # Heads send 2 drafts, rounds ahead 8 (fewer only at the token budget), segment openers 1.
         assert rebased > 4 and sizes[1] >= rebased // 2, (rebased, sizes)
         assert sizes[2] > 0 and sizes[8] > 0
+        # A policy whose head rounds are empty has its head already (the rebased round): the round on it is
+        # its first round ahead, the guess and eight drafts.
+        policy, stats = EmptyThenEight(), []
+        for prompt in PROMPTS[:4]:
+            result = r.generate(prompt, n=N, policy=policy)
+            assert result.tokens == reference(prompt, N)
+            stats.append(result.stats)
+        rebased = sum(s.rebased_rounds for s in stats)
+        sizes = Counter(size for s in stats for size in s.batch_sizes)
+        assert rebased > 4 and sizes[8] >= rebased and sizes[0] < rebased, (rebased, sizes)   # (0s: fresh heads)
+
+
+class EmptyThenEight(TwoThenEight):
+    name, max_draft = "empty-then-eight", 0
 
 
 def test_pipelined_nav_without_rebasing_drops_every_broken_round():
