@@ -51,10 +51,14 @@ class VerifierReplica:
     """One Serve replica: loads the target in its constructor, then serves the verifier app."""
 
     def __init__(self, model: str, backend: str, threads: int | None, settings: VerifierSettings,
-                 key_file: str | None, psk_file: str | None):
+                 key_file: str | None, psk_file: str | None, verbose: bool = False):
         from privacy import StaticKey, parse_psk
 
         from .app import create_app
+        from .target import quiet_libraries
+
+        if not verbose:                  # as pipesd-verifier: the libraries' own output off, unless --verbose
+            quiet_libraries(backend)
 
         if threads:
             import torch
@@ -83,7 +87,8 @@ class VerifierReplica:
 def build(model: str = "embedded", backend: str = "torch", threads: int | None = 1,
           settings: VerifierSettings | None = None, *, key_file: str | None = None, psk_file: str | None = None,
           replicas: int = 1, autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 0.5,
-          max_ongoing_requests: int | None = None, max_queued_requests: int = 256, affinity: bool = True):
+          max_ongoing_requests: int | None = None, max_queued_requests: int = 256, affinity: bool = True,
+          verbose: bool = False):
     """The Serve application (``serve.run`` it). ``autoscale=(min, max)`` scales on ongoing requests."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -103,7 +108,7 @@ def build(model: str = "embedded", backend: str = "torch", threads: int | None =
                                   max_ongoing_requests=ongoing, max_queued_requests=max_queued_requests,
                                   health_check_period_s=2, graceful_shutdown_timeout_s=5,
                                   graceful_shutdown_wait_loop_s=1, **scaling, **router)
-    return deployment.bind(model, backend, threads, settings, key_file, psk_file)
+    return deployment.bind(model, backend, threads, settings, key_file, psk_file, verbose)
 
 
 def _free_port(host: str) -> int:
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
         app = build(args.model, args.backend, args.threads, settings,
                     key_file=str(key_file) if key_file else None, psk_file=str(psk_file) if psk_file else None,
                     replicas=args.replicas, autoscale=autoscale, cpus_per_replica=args.cpus_per_replica,
-                    max_queued_requests=args.max_queued)
+                    max_queued_requests=args.max_queued, verbose=args.verbose)
         failure: list[BaseException] = []
 
         def deploy_app():

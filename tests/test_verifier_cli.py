@@ -133,3 +133,21 @@ def test_quiet_libraries_silences_llama_cpp_log(capfd):
     target = LlamaCppTarget(pipesd_models.target_path(), threads=1)
     target.logits(target.new_state(), [1, 2, 3], 0)
     assert capfd.readouterr().err == ""      # it printed "llama_context: n_ctx_seq (...) > n_ctx_train (0)"
+
+
+def test_a_ray_replica_quiets_the_libraries_as_the_cli_does(tmp_path):
+    """A Serve replica loads its target in its own process: without --verbose the libraries' own output
+    (transformers' warnings and bars) is off there too, as in pipesd-verifier."""
+    from transformers.utils import logging as hf_logging
+
+    from cloud_verifier import VerifierSettings
+    from cloud_verifier.ray_serve import VerifierReplica
+    from privacy import StaticKey
+
+    key = tmp_path / "verifier.key"
+    StaticKey.generate().save(key)
+    hf_logging.set_verbosity_warning()
+    VerifierReplica("embedded", "torch", 1, VerifierSettings(), str(key), None, verbose=True)
+    assert hf_logging.get_verbosity() == hf_logging.WARNING            # --verbose: left as it was
+    VerifierReplica("embedded", "torch", 1, VerifierSettings(), str(key), None)
+    assert hf_logging.get_verbosity() == hf_logging.ERROR
