@@ -247,7 +247,18 @@ class HttpVerifier:
             except SessionLost:
                 pass                     # the verifier dropped it meanwhile: a fresh handshake
         self._handshake()
-        return self._open(req)
+        try:
+            return self._open(req)
+        except SessionLost:
+            # The verifier forgot the handshake before its OPEN came: a flood pushed it out of the table of
+            # handshakes not yet proven, or it expired there. One handshake more; if that one is forgotten
+            # too, the verifier is as good as unreachable (the offline policy applies, the prober retries).
+            self._handshake()
+            try:
+                return self._open(req)
+            except SessionLost as exc:
+                raise VerifierUnavailable(f"the verifier forgot two handshakes before their OPEN ({exc.message})") \
+                    from exc
 
     def _open(self, req: OpenSession) -> SessionOpened:
         """OPEN (the vocabulary check) on the channel just established."""

@@ -569,6 +569,34 @@ def test_handshake_flood_never_evicts_an_honest_session(limited_verifier):
     assert 'status="500"' not in after
 
 
+def test_an_edge_whose_handshake_was_pushed_out_handshakes_once_more(limited_verifier):
+    """A flood fills the table of handshakes not yet proven (8 here) between an honest edge's handshake and
+    its OPEN: the OPEN meets 401, and the edge handshakes once more instead of failing the generation."""
+    from edge_sdk import EdgeClient
+
+    from .conftest import PROMPTS
+
+    url, key = limited_verifier.url, base64.b64decode(limited_verifier.public_key)
+    with EdgeClient(url, verifier_key=limited_verifier.public_key, threads=1) as client:
+        transport = client.engine.cloud.verifier
+        handshake, calls = transport._handshake, []
+
+        def pushed_out_once():
+            handshake()
+            calls.append(1)
+            if len(calls) == 1:          # 9 strangers' handshakes after ours: the table keeps the last 8
+                with from_address(url, "127.0.0.9", timeout=10.0) as http:
+                    for _ in range(9):
+                        assert post_hello(http, ClientHandshake(server_public=key).hello()).status_code == 200
+
+        transport._handshake = pushed_out_once
+        before = httpx.get(url + "/metrics").text
+        result = client.generate(PROMPTS[0], max_new_tokens=8, mode="cloud_only")
+        after = httpx.get(url + "/metrics").text
+    assert len(calls) == 2 and result.stats.unverified_tokens == 0 and len(result.tokens) == 8
+    assert metric(after, "pipesd_sessions_opened_total") == metric(before, "pipesd_sessions_opened_total") + 1
+
+
 @integration
 def test_service_makes_a_session_only_after_a_sealed_frame():
     """In-process: 100 handshakes against 2 sessions and 4 pending slots leave both sessions in place; a
