@@ -57,6 +57,7 @@ class VerifierApp:
         self.load_error: str | None = None
         self.in_flight = 0                    # established sessions' frames queued or running (max_in_flight)
         self.in_flight_by = collections.Counter()   # ... per session id
+        self._flight_lock = threading.Lock()  # both change on the event loop (admission) and the worker (release)
         self.handshaking = 0                  # handshakes queued or running (max_handshakes_in_flight)
         self.worker = ModelWorker(max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s,
                                   in_flight=lambda: self.in_flight, metrics=self.metrics)
@@ -99,15 +100,27 @@ class VerifierApp:
         `fn` may be a dispatch generator: its target passes are batched with other sessions'."""
         if self.service is None:
             raise WireError(ErrorCode.NOT_READY, self.load_error or "the target model is still loading")
-        own = key is not None and self.in_flight_by[key] == 0 and key in self.service.sessions
-        if self.in_flight >= self.settings.max_in_flight and not own:
-            raise self.overloaded("too many requests in flight; retry later")
-        self.in_flight += 1
-        self.in_flight_by[key] += 1
-        self.metrics.in_flight.set(self.in_flight)
+        with self._flight_lock:
+            own = key is not None and self.in_flight_by[key] == 0 and key in self.service.sessions
+            if self.in_flight >= self.settings.max_in_flight and not own:
+                raise self.overloaded("too many requests in flight; retry later")
+            self.in_flight += 1
+            self.in_flight_by[key] += 1
+            self.metrics.in_flight.set(self.in_flight)
         try:
-            return await asyncio.wrap_future(self.worker.submit(fn, *args, key=key))
-        finally:
+            future = self.worker.submit(fn, *args, key=key)
+        except BaseException:
+            self._release(key)
+            raise
+        # Released the moment the worker resolves it (on the worker's thread), not when this coroutine
+        # resumes: the worker's next cycle must not count it as a request still coming, or it waits
+        # batch_wait_s for company behind every call it just finished -- 2 ms before each of a
+        # pipelining session's rounds queued behind the one before.
+        future.add_done_callback(lambda _: self._release(key))
+        return await asyncio.wrap_future(future)
+
+    def _release(self, key: object | None) -> None:
+        with self._flight_lock:
             self.in_flight -= 1
             self.in_flight_by[key] -= 1
             if self.in_flight_by[key] <= 0:

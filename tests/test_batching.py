@@ -206,6 +206,35 @@ def test_a_lone_call_does_not_wait_for_company():
     worker.stop()
 
 
+def test_a_call_queued_behind_another_does_not_wait_for_company():
+    """The app counts a call in flight until the worker resolves it, not until the app's coroutine resumes:
+    a session's next call, queued while its previous one ran (a pipelined round behind the round it was
+    drafted on), starts as soon as that one ends. It used to wait the whole batch_wait_s for company."""
+    import asyncio
+
+    from cloud_verifier.app import VerifierApp
+    from pipesd_lab.toy import ToyTarget, toy_pair
+    from privacy import StaticKey
+
+    app = VerifierApp(lambda: ToyTarget(toy_pair()[0]), VerifierSettings(batch_wait_s=5.0), StaticKey.generate(), None)
+    app.load()
+
+    async def two_calls() -> float:
+        first = asyncio.ensure_future(app.run(lambda: time.sleep(0.05) or "first", key="s"))
+        await asyncio.sleep(0.01)                              # the first is running: the second queues
+        second = asyncio.ensure_future(app.run(lambda: "second", key="s"))
+        assert await first == "first"
+        t0 = time.monotonic()
+        assert await second == "second"
+        return time.monotonic() - t0
+
+    try:
+        assert asyncio.run(two_calls()) < 2.0
+        assert app.in_flight == 0 and not app.in_flight_by
+    finally:
+        app.worker.stop()
+
+
 def test_worker_waits_for_calls_in_flight_then_batches_them():
     in_flight = [3]
     worker, passes = make_worker(wait=1.0, in_flight=lambda: in_flight[0])
