@@ -165,31 +165,29 @@ class TwoThenEight(Policy):
         return not ahead and len(draft) >= 2
 
 
+def rebased_and_batch_sizes(r: Rig, policy) -> tuple[int, Counter]:
+    """Four lossless generations under `policy`: the rounds answered rebased, and the sizes of the batches sent."""
+    stats = []
+    for prompt in PROMPTS[:4]:
+        result = r.generate(prompt, n=N, policy=policy)
+        assert result.tokens == reference(prompt, N)
+        stats.append(result.stats)
+    return sum(s.rebased_rounds for s in stats), Counter(size for s in stats for size in s.batch_sizes)
+
+
 def test_the_round_drafted_on_a_rebased_round_is_drafted_as_a_head():
     """After a rejection the round in flight is answered rebased, and the round drafted on it is the first
     drafted round of the new segment: the policy's head rule stops it (here: its guess and one draft),
     not the length it plans for rounds deep in an accepted run (eight) -- its drafting and its pass are
     on the path to the next verdict. Lossless either way."""
     with Rig(latency_s=0.004, draft_seconds=0.0005, pass_s=0.004) as r:
-        policy, stats = TwoThenEight(), []
-        for prompt in PROMPTS[:4]:
-            result = r.generate(prompt, n=N, policy=policy)
-            assert result.tokens == reference(prompt, N)
-            stats.append(result.stats)
-        rebased = sum(s.rebased_rounds for s in stats)
-        sizes = Counter(size for s in stats for size in s.batch_sizes)
+        rebased, sizes = rebased_and_batch_sizes(r, TwoThenEight())
         # Heads send 2 drafts, rounds ahead 8 (fewer only at the token budget), segment openers 1.
         assert rebased > 4 and sizes[1] >= rebased // 2, (rebased, sizes)
         assert sizes[2] > 0 and sizes[8] > 0
         # A policy whose head rounds are empty has its head already (the rebased round): the round on it is
         # its first round ahead, the guess and eight drafts.
-        policy, stats = EmptyThenEight(), []
-        for prompt in PROMPTS[:4]:
-            result = r.generate(prompt, n=N, policy=policy)
-            assert result.tokens == reference(prompt, N)
-            stats.append(result.stats)
-        rebased = sum(s.rebased_rounds for s in stats)
-        sizes = Counter(size for s in stats for size in s.batch_sizes)
+        rebased, sizes = rebased_and_batch_sizes(r, EmptyThenEight())
         assert rebased > 4 and sizes[8] >= rebased and sizes[0] < rebased, (rebased, sizes)   # (0s: fresh heads)
 
 
