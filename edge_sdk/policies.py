@@ -214,8 +214,8 @@ class PipeSD(Policy):
     position. After each drafted head token the acceptance model's probability for it extends the
     round's survival, and the round stops when that falls below the threshold. A plan in which no
     draft pays makes the round draft nothing (the target decodes alone). While no drafted token goes
-    up (the target alone, or guesses alone) and one would pay on a faster uplink, a one-token probe
-    now and then (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink.
+    up (the target alone, or guesses alone) and one would pay on a faster uplink, a probe of a few
+    tokens now and then (exponentially rarer, at most every ``PROBE_MAX`` rounds) re-measures the uplink.
     ``objective`` chooses what a round costs: ``latency`` (seconds), ``cloud_cost`` (target compute)
     or ``edge_energy`` (modelled device joules; no drafting ahead, which spends them on guesses).
     Without a ``schedule`` given, the objective picks it: DP token batches, except under ``cloud_cost``,
@@ -225,7 +225,7 @@ class PipeSD(Policy):
     With a ``tuner`` (``CorrectionTuner``) the plan is corrected by what BO measures.
     """
 
-    PROBE_FIRST, PROBE_MAX = 4, 256
+    PROBE_FIRST, PROBE_MAX, PROBE_TOKENS = 4, 256, 8
     EMPTY_EVERY = 32        # drafted rounds between empty ones, while batch sizes cannot fit the uplink
 
     def __init__(self, name: str = "pipesd", *, objective: str = "latency", schedule: UploadSchedule | None = None,
@@ -253,6 +253,7 @@ class PipeSD(Policy):
         self._tracked: dict[int, tuple[list, int, float]] = {}       # id -> (draft, its length, survival)
         self._stop: list[float] = []                                 # the plan's S*(n), as plain floats
         self._probe_gap, self._unsent_rounds = self.PROBE_FIRST, 0
+        self._probe_len = 0        # this round is a probe of this many tokens (0: not a probe)
         self._since_empty = 0
         self.empty_probes = 0
         self.rounds = self.cloud_only_rounds = self.probes = 0
@@ -310,6 +311,7 @@ class PipeSD(Policy):
         self.proactive = plan.ahead > 0
         self.pipelined = self._pipelined and self.proactive
         self.max_draft = self.cap if plan.best_length > 0 else 0
+        self._probe_len = 0
         self.plan_s += time.perf_counter() - t
         if plan.best_length or plan.ahead_draft:        # tokens go up: the link's price is measured as it goes
             self._probe_gap, self._unsent_rounds = self.PROBE_FIRST, 0
@@ -332,9 +334,13 @@ class PipeSD(Policy):
             free = self._plan(link, beta=0.0)
             self._unsent_rounds = 0            # asked again after the gap, not every round, whatever the answer
             if free.best_length or free.ahead_draft:
-                # Drafted tokens would pay on a faster uplink: one token re-measures it (and nothing drafted
-                # ahead of it: on this link every drafted token is a cost).
-                self.max_draft = 1
+                # Drafted tokens would pay on a faster uplink: a probe re-measures it (and nothing drafted
+                # ahead of it: on this link every drafted token is a cost). As many tokens as one round trip
+                # of upload at the believed price, up to PROBE_TOKENS: a round trip's jitter over one
+                # token reads as a slow uplink -- and then keeps guess-only rounds that never correct it.
+                per_token = max(link.upload_per_token, 1e-6)
+                latency = link.nav_latency if link.nav_latency is not None else 0.02
+                self.max_draft = self._probe_len = max(1, min(self.PROBE_TOKENS, int(latency / per_token)))
                 self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
                 self.proactive = self.pipelined = False
                 self.probes += 1
@@ -342,6 +348,8 @@ class PipeSD(Policy):
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         if ahead:
             return False          # a round drafted ahead runs to its planned length (``ahead_draft``)
+        if self._probe_len:
+            return len(draft) >= self._probe_len      # a probe runs to its length
         t = time.perf_counter()
         stop = self._decide(draft)
         self.decide_s += time.perf_counter() - t

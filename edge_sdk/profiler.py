@@ -198,7 +198,8 @@ class LinkProfiler:
         """(round trip at zero tokens, seconds per final-batch token) of the recent NAVs, or None before
         any. Robust rather than least squares: the base is the median of the recent rounds that uploaded
         no draft token, the slope the median of what each recent drafted round took beyond it per token
-        -- a round that queued behind another's upload, or met a slow moment, moves neither. The slope
+        (weighted by its tokens) -- a round that queued behind another's upload, or met a slow moment,
+        moves neither. The slope
         is None while no drafted round (or no base) says anything."""
         navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
         if not navs:
@@ -212,7 +213,9 @@ class LinkProfiler:
                                                for k2, t2 in drafted[i + 1:] if k2 != k1))
             return max(0.0, statistics.median(t - slope * k for k, t in drafted)), slope
         if base is not None and drafted:
-            return base, max(0.0, statistics.median((t - base) / k for k, t in drafted))
+            # Each round's slope counted once per token it sent: a one-token round's slope is its whole
+            # noise (a 3 ms hiccup reads as 3 ms a token), an eight-token round's an eighth of it.
+            return base, max(0.0, statistics.median(s for k, t in drafted for s in [(t - base) / k] * k))
         if base is not None:
             return base, None
         mx = sum(k for k, _ in drafted) / len(drafted)

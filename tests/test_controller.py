@@ -286,7 +286,7 @@ def test_a_bandwidth_step_changes_the_draft_length_within_three_rounds(mode):
     mean = lambda xs: sum(xs) / len(xs)                       # noqa: E731 (the artificial verdicts alternate lengths)
     settled = mean(fast[-4:])
     assert settled >= 1                                        # drafted tokens go up
-    assert slow[2] < settled and sum(slow[4:]) <= 1            # fewer by the third round, then a probe at most
+    assert slow[2] < settled and sum(map(bool, slow[4:])) <= 1   # fewer by the third round, then a probe at most
     assert mean(back[PipeSD.PROBE_FIRST + 3:]) >= settled      # and as many again once a probe saw the link
 
 
@@ -409,3 +409,29 @@ def test_rebased_rounds_raise_the_rate_of_pipelined_structures_only():
         policy.start_round(NATIVE)
         rates[rebases] = policy.plan.rate
     assert rates[True] > rates[False]
+
+
+def test_one_token_jitter_does_not_price_the_uplink():
+    """The NAV line's slope weighs each round by the tokens it sent: one-token rounds that met a few ms of
+    jitter (a busy core, a GC pause) among eight-token rounds on a fast uplink do not make drafted tokens
+    look dear -- a price that, once guesses alone went up, nothing would correct."""
+    profiler = LinkProfiler()
+    for i in range(8):
+        profiler.observe_nav(0.023, 0)
+        profiler.observe_nav(0.023 + 8 * 0.00003, 8)                     # 30 us a token
+        if i % 2:
+            profiler.observe_nav(0.023 + 0.004, 1)                       # 4 ms of jitter on one token
+    assert profiler.estimate().upload_per_token < 0.0005
+
+
+def test_a_probe_sends_a_round_trip_of_tokens_at_the_believed_price():
+    """A controller in guess-only rounds (the uplink believed at 25 ms a token, a 100 ms round trip, a
+    0.4 ms draft) probes with four tokens, not one: a round trip's jitter over one token would read as
+    the slow uplink again."""
+    believed = dataclasses.replace(NATIVE, gamma=0.0004, nav_latency=0.1, nav_empty=0.1, nav_network=0.1,
+                                   nav_per_token=0.025, uplink_per_token=None)
+    policy = make_policy("pipesd_model")
+    lengths = [run_round(policy, believed, [0.3] * 32, accepted=0) for _ in range(PipeSD.PROBE_FIRST + 2)]
+    assert (policy.plan.best_length, policy.plan.ahead_draft) == (0, 0) and policy.plan.ahead > 0
+    assert policy.probes == 1
+    assert lengths == [0] * (PipeSD.PROBE_FIRST - 1) + [4, 0, 0]   # 100 ms / 25 ms; its confidences would stop it at 1
