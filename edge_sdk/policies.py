@@ -280,8 +280,8 @@ class PipeSD(Policy):
                   (min(max(x, 0.01), 0.99) for x in self.acceptance))
         costs, rate_scale = SegmentCosts.from_link(link, beta), round(math.exp(scale), 3)
         # Planning costs milliseconds; a plan is reused while what it was made from has not really
-        # moved (each cost within 20% or 2 ms, each acceptance within 0.05): rounds are re-planned when the
-        # link, the device or the draft changes, not because a measurement jittered.
+        # moved (``_close``; each acceptance within 0.05): rounds are re-planned when the link, the device
+        # or the draft changes, not because a measurement jittered.
         key = (min(self._segment, self.model.positions.pooled), beta is None, rate_scale, self.rebases)
         kept = self._plans.get(key)
         if kept is not None and _close(kept[0], costs) and len(kept[1]) == len(a) and all(
@@ -423,14 +423,18 @@ class PipeSD(Policy):
                 f"proactive={self._proactive}, pipelined={self._pipelined}, tuner={type(self.tuner).__name__ if self.tuner else None})")
 
 
-def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.2, floor: float = 2e-3) -> bool:
-    """Do two cost estimates price a round alike: every cost within `tolerance` (relative) or `floor`
-    seconds, per-token costs compared over a 16-token round?"""
-    for name, scale in _COST_SCALES:
-        x, y = scale * getattr(a, name), scale * getattr(b, name)
-        if abs(x - y) > max(floor, tolerance * max(abs(x), abs(y))):
-            return False
-    return True
+def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.1) -> bool:
+    """Do two cost estimates price a round alike: do their costs differ, summed over every cost (the
+    per-token ones over a 16-token round), by at most `tolerance` of what such a round costs? A plan is
+    a few ms of numpy; a draft token's time that jitters by 0.2 ms, or an uplink at 30 us a token that
+    reads 90 us, moves a 60 ms round by less than what re-planning costs -- a bandwidth step, a slower
+    device or target move it by far more."""
+    gap = scale = 0.0
+    for name, weight in _COST_SCALES:
+        x, y = weight * getattr(a, name), weight * getattr(b, name)
+        gap += abs(x - y)
+        scale += max(x, y)
+    return gap <= tolerance * scale
 
 
 _COST_SCALES = tuple((f.name, 16 if f.name in ("gamma", "beta", "pass_per_token") else 1)
