@@ -31,7 +31,7 @@ def target():
     # Mutated frames leave gaps in the sequence numbers (sealed, then sent broken); a real edge
     # does not, so the verifier's wait for a gap to fill is cut short here to keep the run fast.
     args = ["--max-draft", "16", "--max-frame-bytes", "65536", "--reorder-wait", "0.01"]
-    with LocalVerifier(model="embedded", threads=1, extra_args=args) as v:
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1, extra_args=args) as v:
         yield v
 
 

@@ -110,7 +110,7 @@ def psk(psk_file):
 def open_verifier(psk_file):
     """Static key and PSK both, no rate limit: the malformed cases and the fuzzer."""
     args = ["--psk-file", str(psk_file), "--handshake-rate", "0", "--client-handshake-rate", "0"]
-    with LocalVerifier(model="embedded", threads=1, extra_args=args) as v:
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1, extra_args=args) as v:
         yield v
 
 
@@ -119,7 +119,7 @@ def limited_verifier():
     """Tight limits: 4 sessions, 8 pending handshakes, 10 handshakes a burst per IP, 3 per client."""
     args = ["--max-sessions", "4", "--max-pending-handshakes", "8", "--handshake-rate", "5", "--handshake-burst", "10",
             "--client-handshake-rate", "1", "--client-handshake-burst", "3"]
-    with LocalVerifier(model="embedded", threads=1, extra_args=args) as v:
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1, extra_args=args) as v:
         yield v
 
 

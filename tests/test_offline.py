@@ -74,7 +74,7 @@ def test_transient_faults_under_the_threshold_change_nothing(verifier, reference
     fault-free run, and the generation never went offline."""
     faults = LinkProfile(up_mbps=50, down_mbps=100, rtt_ms=10, jitter_ms=4, loss=0.05, drop_replies=0.05, seed=7)
     with linked(verifier, faults, nav_deadline_s=3.0) as edge:
-        for prompt, expected in reference.items():
+        for prompt, expected in list(reference.items())[:4]:       # 50-160 requests: a few late, a few lost
             r = edge.generate(prompt, max_new_tokens=40, mode=mode)
             assert r.tokens == expected, (mode, prompt)
             assert r.stats.breaker_trips == 0 and all(e.verified for e in r.events)

@@ -451,7 +451,7 @@ def test_clients_against_a_verifier_at_max_in_flight_1_all_complete_verified():
     modes = ["vanilla", "cloud_only", "pipesd", "pipesd_fixed"]
     prompts = ["def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n"]
     n = 16
-    with LocalVerifier(model="embedded", threads=1, extra_args=["--max-in-flight", "1"]) as v:
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1, extra_args=["--max-in-flight", "1"]) as v:
         with EdgeClient(v.url, verifier_key=v.public_key, threads=1) as ref:
             expected = {p: ref.generate(p, max_new_tokens=n, mode="cloud_only").tokens for p in prompts}
         clients = [EdgeClient(v.url, verifier_key=v.public_key, threads=1, mode=m, offline="fail",

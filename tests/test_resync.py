@@ -17,6 +17,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def primary():
+    # The llama.cpp target restarts in about a second, the torch one in about six (importing transformers
+    # and converting the GGUF): restarts and replicas run on llama.cpp here, and one restart of each kind of
+    # round on torch in test_restart_of_the_torch_verifier below. The protocol is the same on both.
+    with LocalVerifier(model="embedded", backend="llamacpp", threads=1) as v:
+        yield v
+
+
+@pytest.fixture(scope="module")
+def torch_primary():
     with LocalVerifier(model="embedded", threads=1) as v:
         yield v
 
@@ -55,3 +64,9 @@ def test_failover_to_a_second_replica(primary, mode, settings):
         primary.start()                        # leave the module fixture as it was
     assert head + tail == reference
     assert gen.stats.resyncs >= 1
+
+
+@pytest.mark.parametrize("mode,settings", MODES[1:2])
+def test_restart_of_the_torch_verifier(torch_primary, mode, settings):
+    """The torch target (its KV pool) forgets a session as well: mid-generation, pipelined rounds in flight."""
+    test_restart_mid_generation(torch_primary, 9, mode, settings)
