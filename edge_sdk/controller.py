@@ -284,7 +284,8 @@ AHEAD_DEPTHS = (1, 2, 4, 8)            # ... and how many of them may be in flig
 @functools.lru_cache(maxsize=512)
 def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: str = "latency", *, n_max: int = 32,
                  schedule: str = "dp", proactive: bool = True, pipelined: bool = True,
-                 power: DevicePower = DevicePower(), rate_scale: float = 1.0, rebase: bool = True) -> RoundPlan:
+                 power: DevicePower = DevicePower(), rate_scale: float = 1.0, rebase: bool = True,
+                 guesses_only: bool = False, restart: float | None = None) -> RoundPlan:
     """The best segment structure and the head round's stopping thresholds (module docstring).
 
     `a`: the acceptance of the segment's positions from the head's first draft on (the last value for
@@ -293,10 +294,17 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     (one, sent only once the verdict before says so, when not `pipelined`; none when not `proactive`).
     `rebase`: the verifier answers a pipelined round whose assumption failed as the target's next token
     (``VerifyRequest.after``): a rejection found while the next block is already sent commits one more
-    token, for one more target pass and no wall time (it is verified while the next round is drafted).
+    token, for one more target pass and no wall time (it is verified while the next round is drafted) --
+    unless the guess that begins the next segment's first round (drafted on the rebased one before its
+    answer) is wrong: that round is refused, and the segment starts again when the answer comes, a pass
+    later. `restart`: that guess's acceptance (default: the first of `a`).
+    `guesses_only`: no drafted tokens at all, only rounds ahead of a guess each (looked-up guesses:
+    ``lookup.py``; `costs.gamma` is then a guess's cost) or the target alone.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if guesses_only:
+        n_max = 0
     S, reach = _survival((a,) if isinstance(a, (int, float)) else tuple(a))
     g = costs.gamma
     m = np.arange(n_max + 1, dtype=float)
@@ -308,6 +316,8 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     # Structures: (ahead_draft, ahead) pairs; (0, 0) is the head round alone.
     if not proactive:
         structs = [(0, 0)]
+    elif guesses_only:
+        structs = [(0, 0)] + [(0, d) for d in AHEAD_DEPTHS]
     elif not pipelined:
         structs = [(0, 0)] + [(k, 1) for k in AHEAD_DRAFTS]
     else:
@@ -320,7 +330,9 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     blocks = int(min(64, reach + 1))
     M, KM, lead = n_max + 1, K * (n_max + 1), max(AHEAD_DEPTHS) + 1
     short = int(kk[chained[:, 0], 0].min()) + 1 if chained.any() else 1    # the shortest chained round
-    used = min(blocks, max(1, math.ceil(reach / short))) if chained.any() else 1
+    # (Two blocks at least where a round ahead may be answered rebased: a sure rejection still pays there.)
+    used = min(max(blocks, 2), max(2 if rebase and pipelined else 1, math.ceil(reach / short))) \
+        if chained.any() else 1
     # V[lead + j]: block j's verdict, flat over (structure, head length); the `lead` blocks before
     # block 0 are -inf, so that "block j - 1 - depth has been verified" needs no test. The recurrence is
     # the costly part of planning: a few whole-array operations per block, in place.
@@ -356,8 +368,10 @@ def plan_segment(costs: SegmentCosts, a: float | tuple[float, ...], objective: s
     for o in range(1, min(max(AHEAD_DEPTHS), used - 1) + 1 if costs.beta * max(AHEAD_DRAFTS) > 5e-4 else 1):
         busy = (o <= depth) & (sent[o:] < V[:-o])
         np.maximum(residual[:-o], np.where(busy, uploaded[o:] - V[:-o], 0.0), out=residual[:-o])
-    V = (V + residual).reshape(used, K, M)
     rebased = rebased.reshape(used, K, M)
+    # After a rebased answer, a wrong guess at the head of the next segment's first round costs it a pass.
+    a_restart = (a if isinstance(a, (int, float)) else a[0]) if restart is None else restart
+    V = (V + residual).reshape(used, K, M) + rebased * (1.0 - a_restart) * costs.passes(0)
     V[1:, 0] = V[0, 0]                                   # structure 0, the head alone: block 0 only
     V[0, 0, 0] = costs.empty_latency + costs.passes(0)    # a lone empty round is a plain request
     # A verdict that comes while the device drafts ahead waits for the token being drafted, half of one on

@@ -35,6 +35,7 @@ class DraftToken:
     p_max: float     # max probability of the draft's next-token distribution
     p_token: float   # probability of the chosen token (equals p_max when greedy)
     q: SparseDist | None = None   # sampling: the distribution the token was drawn from (sent for NAV)
+    looked_up: bool = False       # a guess from ``lookup.LookupGuesser``, not from the draft model
 
     @property
     def confidence(self) -> float:

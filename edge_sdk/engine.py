@@ -36,6 +36,7 @@ from .controller import INTERRUPT_FROM_S
 from .drafter import DraftInterrupted, Drafter, DraftToken
 from .errors import (ConfigError, OverloadTimeout, PromptTooLongError, SessionLost, VerifierError,
                      VerifierTimeout, VerifierUnavailable)
+from .lookup import LookupGuesser
 from .offline import OFFLINE_POLICIES
 from .policies import Policy, RoundVerdict
 from .profiler import LinkProfiler
@@ -156,6 +157,7 @@ class Engine:
         self.drafter, self.cloud = drafter, cloud
         self.offline, self.offline_wait_s = offline, offline_wait_s
         self.profiler = LinkProfiler()
+        self.lookup = LookupGuesser()    # guesses that cost no drafting, scored on every committed token
 
     def start(self, prompt: Sequence[int], policy: Policy, *, max_new_tokens: int, stop: Sequence[str] = (),
               sampling: SamplingParams | None = None, timeline: bool = False) -> "Decoding":
@@ -295,6 +297,8 @@ class Decoding:
         self._learn(rnd, resp, nav, t0)
         # 5. Commit the accepted prefix and the target's token (its correction, or a bonus token).
         yield from self.out.commit(rnd.tokens[: resp.accepted] + [resp.token], verified=True)
+        self.engine.lookup.observe(self.out.tokens, self.out.prompt_len)
+        self.profiler.lookup_acceptance = self.engine.lookup.hit_rate
         # 6. Keep the proactive round only if it was built on exactly that; else roll back to the
         #    target's token (the drafter's set_context keeps the common prefix of its KV cache).
         if nxt is not None and proactive_survives(nxt.base, self.out.tokens):
@@ -401,12 +405,15 @@ class Decoding:
         last = tip.draft[-1].token if tip.draft else tip.base[-1]     # an empty round's: its guess
         if room < 0 or self._is_eos(last):
             return None                  # no room, or the end of the output
-        self.drafter.set_context(tip.base + tip.tokens)
-        try:
-            guess = self._next_token()
-        except DraftInterrupted:
-            self.stats.drafts_interrupted += 1
-            return None                  # the verdict came first, and made the guess useless
+        if self.policy.lookup_guesses:   # a guess that costs no drafting (lookup.py): the plan says it pays
+            guess = DraftToken(self.engine.lookup.guess(tip.base + tip.tokens), 0.0, 0.0, looked_up=True)
+        else:
+            self.drafter.set_context(tip.base + tip.tokens)
+            try:
+                guess = self._next_token()
+            except DraftInterrupted:
+                self.stats.drafts_interrupted += 1
+                return None              # the verdict came first, and made the guess useless
         new = self._new_round(tip.base + tip.tokens + [guess.token])
         # It may be answered rebased if it fails, unless `tip` is itself answered rebased (they never chain).
         new.guess, new.after = guess, None if tip.rebased else tip.id
@@ -690,7 +697,15 @@ class Decoding:
     def _next_token(self) -> DraftToken:
         """The drafter's next token, its time fed to the profiler (gamma)."""
         t = time.perf_counter()
-        d = self.drafter.next_token()
+        try:
+            d = self.drafter.next_token()
+        except DraftInterrupted:
+            # A token stopped after s seconds took at least s: where verdicts always come first (a draft
+            # slower than the round trip), no token would ever finish to say what one costs.
+            spent = time.perf_counter() - t
+            if spent > self.profiler.gamma:
+                self.profiler.observe_draft(spent)
+            raise
         self.profiler.observe_draft(time.perf_counter() - t)
         return d
 

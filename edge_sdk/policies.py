@@ -94,6 +94,7 @@ class Policy:
     ahead_draft: int | None = None  # a round drafted ahead: its draft cap after the guess (0: the guess
                                     # alone; None: max_draft, as for any round)
     rebases: bool = True        # set by the engine every round: the verifier answers rebased rounds
+    lookup_guesses: bool = False    # rounds drafted ahead begin with a looked-up guess (``lookup.py``), not a drafted one
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -296,18 +297,36 @@ class PipeSD(Policy):
         self.plans_made += 1
         return plan
 
+    LOOKUP_S = 2e-5      # what a looked-up guess costs the edge (a dict lookup or three)
+
+    def _lookup_plan(self, link: LinkEstimate) -> RoundPlan | None:
+        """The best structure with no drafting at all: the target alone, or rounds ahead of one looked-up
+        guess each (``lookup.py``) -- each answered rebased when its guess is wrong, so even guesses that
+        are never right make two tokens a round trip. None where that cannot happen (no pipelined NAV, a
+        verifier that does not rebase, no score for the guesser yet, a frozen controller)."""
+        if not (self._pipelined and self.rebases) or link.lookup_acceptance is None or self.frozen is not None:
+            return None
+        scale, _ = self.tuner.correction() if self.tuner is not None else self.fixed_correction
+        a = round(min(max(link.lookup_acceptance, 0.0), 0.95) / 0.05) * 0.05     # coarse: plans are cached
+        costs = dataclasses.replace(SegmentCosts.from_link(link), gamma=self.LOOKUP_S)
+        return plan_segment(costs, a, self.objective, n_max=0, proactive=True, pipelined=True, power=self.power,
+                            rate_scale=round(math.exp(scale), 3), rebase=True, guesses_only=True, restart=a)
+
     # -- the policy contract -------------------------------------------------------------------
     def start_round(self, link: LinkEstimate) -> None:
         t = time.perf_counter()
         link = self.frozen if self.frozen is not None else link
         self._last_link = link
         self.schedule.plan(link)
-        plan = self.plan = self._plan(link)
+        plan = self._plan(link)
+        lookup = self._lookup_plan(link)
+        self.lookup_guesses = lookup is not None and lookup.rate > plan.rate
+        plan = self.plan = lookup if self.lookup_guesses else plan
         self._stop = plan.stop_below.tolist()
         self.rounds += 1
         # The plan's structure: a head round (capped, its thresholds stop it), rounds drafted ahead.
         self.max_ahead, self.ahead_draft = plan.ahead, plan.ahead_draft
-        self.structures[(plan.best_length, plan.ahead, plan.ahead_draft)] += 1
+        self.structures[(plan.best_length, plan.ahead, -1 if self.lookup_guesses else plan.ahead_draft)] += 1
         self.proactive = plan.ahead > 0
         self.pipelined = self._pipelined and self.proactive
         self.max_draft = self.cap if plan.best_length > 0 else 0
@@ -333,7 +352,7 @@ class PipeSD(Policy):
         if self.frozen is None and self._unsent_rounds >= self._probe_gap:
             free = self._plan(link, beta=0.0)
             self._unsent_rounds = 0            # asked again after the gap, not every round, whatever the answer
-            if free.best_length or free.ahead_draft:
+            if (free.best_length or free.ahead_draft) and (lookup is None or free.rate > lookup.rate):
                 # Drafted tokens would pay on a faster uplink: a probe re-measures it (and nothing drafted
                 # ahead of it: on this link every drafted token is a cost). As many tokens as one round trip
                 # of upload at the believed price, up to PROBE_TOKENS: a round trip's jitter over one
@@ -383,7 +402,7 @@ class PipeSD(Policy):
         if self.frozen is not None:
             return
         draft, accepted, start = verdict.draft, verdict.accepted, self._segment
-        if verdict.guess is not None and accepted == drafted:
+        if verdict.guess is not None and not verdict.guess.looked_up and accepted == drafted:
             # The round drafted ahead on top of this one began with the draft's guess of the target's
             # token: one more drafted token, accepted when it was the target's.
             draft, accepted = draft + (verdict.guess,), accepted + (verdict.token == verdict.guess.token)

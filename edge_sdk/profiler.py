@@ -35,6 +35,7 @@ class LinkEstimate:
     verify_per_token: float = 0.0      # ... and per drafted token
     uplink_per_token: float | None = None   # s per token of non-final batches, when sizes varied enough to fit
     upload_last: float | None = None   # s per token: the last time recent uploads said (kept while none do)
+    lookup_acceptance: float | None = None   # how often a looked-up guess was the target's token, recently
 
     @property
     def upload_per_token(self) -> float:
@@ -118,6 +119,7 @@ class LinkProfiler:
         self._suspect: dict[bool, float] = {}   # a slow round off the line, per kind (drafted or not), awaiting a second
         self._verifies: deque[tuple[int, float]] = deque(maxlen=32)
         self.gamma = gamma
+        self.lookup_acceptance: float | None = None   # set by the engine from its LookupGuesser
         self.verify = 0.005
         self._smoothing = smoothing
         self.recency = recency
@@ -280,4 +282,5 @@ class LinkProfiler:
                 verify_per_token=verify[1] if verify else 0.0, uplink_per_token=uplink,
                 upload_last=self._upload_last)))
         alpha, beta, verify, acceptance, network, rest = kept[1]
-        return LinkEstimate(alpha, beta, self.gamma, verify, acceptance, network, **rest)
+        return LinkEstimate(alpha, beta, self.gamma, verify, acceptance, network, **rest,
+                            lookup_acceptance=self.lookup_acceptance)

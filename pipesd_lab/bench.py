@@ -226,13 +226,16 @@ def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float, r
     proposes a token the target would not have produced): `positions` of them on average, the last
     being the target's correction. Each of the others must be known at the cloud before the correction
     can be computed, either drafted by the edge -- one at a time, at least gamma each (sent as a guess
-    it needs no upload at all: the verifier checks it by the prefix hash) -- or as the target's own
-    token, one per verdict, a round trip each (the verdict that holds it cannot leave before the one
-    holding the token before it came back). The correction comes in a verdict that leaves no earlier
-    than the token before it, and takes a round trip: rtt plus one pass. So a run of p positions takes at
-    least (p - 1) min(gamma, rtt + verify) + rtt + verify, whatever the batching, the pipelining or the
-    stopping rule; the target alone (positions = 1) is the special case. Pipelined NAV cannot beat it: it
-    overlaps rounds, not a round trip with the token it waits for.
+    it needs no upload at all: the verifier checks it by the prefix hash) --, or guessed at no cost by
+    lookup (``edge_sdk.lookup``: one guess a round, so each verified in a pass of its own, after the
+    pass that checks the position before it), or as the target's own token, one per verdict, a round
+    trip each (the verdict that holds it cannot leave before the one holding the token before it came
+    back). The correction comes in a verdict that leaves no earlier than the token before it, and takes a
+    round trip: rtt plus one pass. So a run of p positions takes at least (p - 1) min(gamma, verify) +
+    rtt + verify, whatever the batching, the pipelining or the stopping rule; the target alone
+    (positions = 1) is the special case. Pipelined NAV cannot beat it: it overlaps rounds, not a round
+    trip with the token it waits for. (Before looked-up guesses the per-position term was min(gamma,
+    rtt + verify): a draft slower than a pass bounded its cell by drafting, which a free guess undercuts.)
 
     Rebased rounds (``VerifyRequest.after``) add tokens, not speed: a round sent on one whose verdict
     then rejects is answered with the target's next token one pass after that verdict, without a
@@ -244,13 +247,13 @@ def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float, r
     What makes it an estimate rather than a certainty is `positions`: the bench measures it on the
     positions the cell's methods checked (``Tally.positions_per_rejection``), not on every position of
     the target's output, so a method that checks where the draft is surer could see longer runs. inf
-    (never rejected) gives min(gamma, round trip) per token; NaN (nothing checked) the target alone.
+    (never rejected) gives min(gamma, verify) per token; NaN (nothing checked) the target alone.
     """
-    round_trip = rtt + verify
+    round_trip, per_position = rtt + verify, min(gamma, verify)
     if math.isinf(positions):
-        return min(gamma, round_trip)
+        return per_position
     p = max(1.0, positions) if math.isfinite(positions) else 1.0
-    return ((p - 1) * min(gamma, round_trip) + round_trip) / (p + rebased)
+    return ((p - 1) * per_position + round_trip) / (p + rebased)
 
 
 def earlier_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: float, max_n: int = 64) -> float:
@@ -696,10 +699,11 @@ def git_commit() -> str | None:
 
 
 def _structures(t: Tally) -> str:
-    """The controller's structures, e.g. "4 + 2×16: 61%, 0 + 4×0: 30%"."""
+    """The controller's structures, e.g. "4 + 2×16: 61%, 0 + 4×0: 30%, 0 + 4×lookup: 9%" (rounds ahead of a
+    looked-up guess each are recorded with -1 drafts)."""
     if not t.structures:
         return "-"
-    return ", ".join(f"{h} + {a}×{k}: {100 * share:.0f}%" if a else f"{h} alone: {100 * share:.0f}%"
+    return ", ".join(f"{h} + {a}×{'lookup' if k < 0 else k}: {100 * share:.0f}%" if a else f"{h} alone: {100 * share:.0f}%"
                      for h, a, k, share in t.structures)
 
 

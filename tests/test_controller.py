@@ -12,6 +12,7 @@ from edge_sdk.autotune import CorrectionTuner
 from edge_sdk.controller import AcceptanceModel, DevicePower, PositionAcceptance, SegmentCosts, plan_segment
 from edge_sdk.drafter import DraftToken
 from edge_sdk.errors import ConfigError
+from edge_sdk.lookup import LookupGuesser
 from edge_sdk.policies import PipeSD, RoundVerdict, make_policy
 from edge_sdk.profiler import LinkEstimate, LinkProfiler
 from edge_sdk.scheduling import AtTrigger, DPSchedule, PerToken, arrival_times, plan_batches, arrival_time
@@ -435,3 +436,42 @@ def test_a_probe_sends_a_round_trip_of_tokens_at_the_believed_price():
     assert (policy.plan.best_length, policy.plan.ahead_draft) == (0, 0) and policy.plan.ahead > 0
     assert policy.probes == 1
     assert lengths == [0] * (PipeSD.PROBE_FIRST - 1) + [4, 0, 0]   # 100 ms / 25 ms; its confidences would stop it at 1
+
+
+# -- looked-up guesses (lookup.py) -----------------------------------------------------------------
+def test_the_lookup_guesser_continues_the_latest_ngram_and_scores_itself():
+    g = LookupGuesser()
+    text = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
+    g.observe(text, scored_from=1)
+    assert g.guess(text) == 4                 # (1, 2) was last followed by 4
+    assert g.guess([8, 3, 9]) == 1            # (3, 9) -> 1
+    assert g.guess([42]) == 42                # never seen: the last token again
+    assert 0 < g.hit_rate < 1
+    g.observe([6, 6, 6, 6], scored_from=1)    # another generation: indexed from its start, scored
+    assert g.guess([6, 6]) == 6 and g.guess([1, 2]) == 4    # what the earlier one taught stays
+
+
+def test_looked_up_guesses_make_two_tokens_a_round_trip_where_drafting_does_not_pay():
+    """The paper's payload and 36 ms draft: the target alone is the best drafted plan. Rounds ahead of a
+    looked-up guess each, even one never right, are answered rebased: two tokens a round trip and two passes."""
+    costs = SegmentCosts.from_link(PAPER)
+    alone = plan_segment(costs, 0.7)
+    assert (alone.best_length, alone.ahead) == (0, 0)
+    blind = plan_segment(dataclasses.replace(costs, gamma=2e-5), 0.0, guesses_only=True, restart=0.0)
+    assert (blind.best_length, blind.ahead_draft) == (0, 0) and blind.ahead >= 1
+    assert blind.seconds_per_token == pytest.approx((costs.empty_latency + 2 * costs.passes(0)) / 2, rel=0.05)
+    assert blind.rate > 1.5 * alone.rate
+    # Without rebased answers a wrong guess buys nothing: the target alone again.
+    none = plan_segment(dataclasses.replace(costs, gamma=2e-5), 0.0, guesses_only=True, restart=0.0, rebase=False)
+    assert none.ahead == 0
+
+
+def test_pipesd_chooses_looked_up_guesses_only_where_they_beat_its_drafted_plan():
+    for link, lookup in ((PAPER, True), (NATIVE, False), (DEVICE, False)):
+        policy = make_policy("pipesd_model")
+        run_round(policy, dataclasses.replace(link, lookup_acceptance=0.2), [0.9] * 32)
+        assert policy.lookup_guesses == lookup, link
+    policy = make_policy("pipesd_model")
+    policy.rebases = False                     # a verifier that does not rebase: no looked-up guesses
+    run_round(policy, dataclasses.replace(PAPER, lookup_acceptance=0.2), [0.9] * 32)
+    assert not policy.lookup_guesses and policy.plan.ahead == 0

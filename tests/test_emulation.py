@@ -150,30 +150,30 @@ def test_scenarios_follow_the_paper():
 def test_lower_bound():
     no_rebase = lambda *a: lower_bound_tpt(*a, rebased=0.0)      # noqa: E731  (no rebased rounds)
     # A rejection at every position (one position per run): the target alone, a round trip and a pass a token.
-    assert no_rebase(0.01, 0.005, 0.02, 1.0) == pytest.approx(0.025)
-    # ... and it is never above the target alone, whatever the draft: a draft slower than a round trip
-    # does not help (the target's own tokens come one per round trip).
-    assert no_rebase(0.2, 0.005, 0.02, 10.0) == pytest.approx(0.025)
-    # Four positions per rejection and a 10 ms draft: three drafted (10 ms each), then a round trip.
-    assert no_rebase(0.01, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.01 + 0.025) / 4)
+    assert no_rebase(0.004, 0.005, 0.02, 1.0) == pytest.approx(0.025)
+    # Four positions per rejection and a 4 ms draft: three drafted (4 ms each), then a round trip.
+    assert no_rebase(0.004, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.004 + 0.025) / 4)
+    # A draft slower than a pass: a position may be a looked-up guess instead, verified in a pass of its own.
+    assert no_rebase(0.2, 0.005, 0.02, 10.0) == pytest.approx((9 * 0.005 + 0.025) / 10)
     # Longer runs or a faster device never make the bound worse; an unmeasured run length is the target's.
-    assert no_rebase(0.01, 0.005, 0.02, 5.0) < no_rebase(0.01, 0.005, 0.02, 3.0)
-    assert no_rebase(0.005, 0.005, 0.02, 4.0) < no_rebase(0.01, 0.005, 0.02, 4.0)
-    assert no_rebase(0.01, 0.005, 0.02, math.nan) == pytest.approx(0.025)
-    # Never rejected: every position drafted, at the draft's speed (or the target's, if that is faster).
-    assert no_rebase(0.01, 0.005, 0.02, math.inf) == pytest.approx(0.01)
-    assert no_rebase(0.05, 0.005, 0.02, math.inf) == pytest.approx(0.025)
+    assert no_rebase(0.004, 0.005, 0.02, 5.0) < no_rebase(0.004, 0.005, 0.02, 3.0)
+    assert no_rebase(0.002, 0.005, 0.02, 4.0) < no_rebase(0.004, 0.005, 0.02, 4.0)
+    assert no_rebase(0.004, 0.005, 0.02, math.nan) == pytest.approx(0.025)
+    # Never rejected: every position drafted at the draft's speed, or guessed at a pass each.
+    assert no_rebase(0.004, 0.005, 0.02, math.inf) == pytest.approx(0.004)
+    assert no_rebase(0.05, 0.005, 0.02, math.inf) == pytest.approx(0.005)
     assert math.isfinite(no_rebase(0.0, 0.0, 0.0, 2.0))
     # Rebased rounds (the default): each run may end with one more target token in the same time.
-    assert lower_bound_tpt(0.01, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.01 + 0.025) / 5)
-    assert lower_bound_tpt(0.01, 0.005, 0.02, 1.0) == pytest.approx(0.025 / 2)
-    assert lower_bound_tpt(0.01, 0.005, 0.02, math.inf) == pytest.approx(0.01)   # no rejection: nothing rebased
+    assert lower_bound_tpt(0.004, 0.005, 0.02, 4.0) == pytest.approx((3 * 0.004 + 0.025) / 5)
+    assert lower_bound_tpt(0.004, 0.005, 0.02, 1.0) == pytest.approx(0.025 / 2)
+    assert lower_bound_tpt(0.004, 0.005, 0.02, math.inf) == pytest.approx(0.004)   # no rejection: nothing rebased
 
 
 def test_the_earlier_bound_is_the_looser_floor():
-    # With geometric acceptance a (1 / (1 - a) positions per rejection) and an idle uplink, the earlier
-    # bound (bonus token free, round trip hidden) is never above the current one.
-    for gamma in (0.0005, 0.005, 0.01, 0.03):
+    # With geometric acceptance a (1 / (1 - a) positions per rejection), an idle uplink and a draft no
+    # slower than a pass, the earlier bound (bonus token free, round trip hidden) is never above the
+    # current one. (A slower draft: the earlier bound knew no free guesses, and is no floor there.)
+    for gamma in (0.0005, 0.002, 0.005):
         for a in (0.5, 0.75, 0.9):
             assert earlier_bound_tpt(gamma, 0.0, 0.005, 0.02, a) <= lower_bound_tpt(gamma, 0.005, 0.02, 1 / (1 - a), 0.0)
     assert earlier_bound_tpt(0.01, 0.0, 0.005, 0.02, 0.0) == pytest.approx(0.025)   # nothing accepted: the target

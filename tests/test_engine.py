@@ -195,6 +195,46 @@ class EmptyThenEight(TwoThenEight):
     name, max_draft = "empty-then-eight", 0
 
 
+class LookedUpGuesses(Policy):
+    """Pipelined, nothing drafted: rounds ahead of a looked-up guess each (``lookup.py``)."""
+
+    name, proactive, pipelined, max_draft, max_ahead, ahead_draft, lookup_guesses = "lookup", True, True, 0, 2, 0, True
+
+
+def test_looked_up_guesses_are_lossless_and_draft_nothing():
+    """Rounds ahead that begin with a looked-up guess: a right guess is verified without a round trip of its
+    own, a wrong one answered rebased -- the target's next token. Token-identical to target greedy, and the
+    draft model never runs."""
+    with Rig(latency_s=0.004, pass_s=0.002) as r:
+        stats = []
+        for prompt in PROMPTS[:4]:
+            result = r.generate(prompt, n=N, policy=LookedUpGuesses())
+            assert result.tokens == reference(prompt, N)
+            stats.append(result.stats)
+        assert sum(s.draft_n for s in stats) == 0 and r.drafter.evaluated == 0
+        assert sum(s.rebased_rounds for s in stats) > 0 and sum(s.guesses_right for s in stats) > 0
+        assert r.engine.profiler.lookup_acceptance is not None
+
+
+def test_pipesd_guesses_by_lookup_where_a_drafted_guess_costs_more_than_a_round_trip():
+    """A 30 ms draft against a 4 ms round trip and 2 ms passes: no drafted token pays, so PipeSD's plan is
+    looked-up guesses -- two or more tokens a round trip -- lossless; a fast draft keeps drafting."""
+    with Rig(latency_s=0.004, pass_s=0.002, draft_seconds=0.03) as r:
+        policy = make_policy("pipesd_model")
+        for prompt in PROMPTS[:3]:
+            result = r.generate(prompt, n=N, policy=policy)
+            assert result.tokens == reference(prompt, N)
+        lookup = sum(n for k, n in policy.structures.items() if k[2] < 0)
+        assert lookup > sum(policy.structures.values()) / 2, policy.structures
+        assert result.stats.rebased_rounds > 0
+    with Rig(latency_s=0.004, pass_s=0.002) as r:
+        policy = make_policy("pipesd_model")
+        for prompt in PROMPTS[:3]:
+            assert r.generate(prompt, n=N, policy=policy).tokens == reference(prompt, N)
+        lookup = sum(n for k, n in policy.structures.items() if k[2] < 0)
+        assert lookup <= sum(policy.structures.values()) / 20, policy.structures     # a few, before gamma is known
+
+
 def test_pipelined_nav_without_rebasing_drops_every_broken_round():
     """A verifier that does not rebase (an earlier build, or ``rebase=False``) says so when the session
     opens: the edge names no round its rounds follow and expects no rebased answer."""
