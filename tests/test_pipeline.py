@@ -93,3 +93,23 @@ def test_pipelined_stats_are_reported(slow_link_client):
     for key in ("nav_rounds", "rollback_rate", "mean_draft_length", "batches_sent", "batch_sizes",
                 "draft_s", "upload_s", "wait_s", "verify_s"):
         assert key in d
+
+
+def test_looked_up_guesses_on_the_real_pair_equal_target_greedy(verifier, reference):
+    """The paper's device (a 36 ms draft) on a 20 ms link: no drafted token pays, PipeSD guesses by lookup
+    -- rounds ahead answered rebased or verified on a right guess -- and stays token-identical to the target."""
+    import pipesd_models
+    from edge_sdk import LlamaCppDrafter
+    from pipesd_lab.emulation import SlowedDrafter
+
+    drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), 0.036)
+    link = LinkProfile(up_mbps=20, down_mbps=200, rtt_ms=20)
+    with EdgeClient(verifier=EmulatedLink.http(verifier.url, link, verifier_key=verifier.public_key),
+                    drafter=drafter, mode="pipesd_model") as c:
+        for prompt in PROMPTS[:3]:
+            r = c.generate(prompt, max_new_tokens=MAX_NEW, mode="pipesd_model")
+            assert r.tokens == reference[prompt], prompt
+        policy = c.policy()
+        lookup = sum(n for k, n in policy.structures.items() if k[2] < 0)
+        assert lookup > sum(policy.structures.values()) / 2, policy.structures
+        assert r.stats.rebased_rounds > 0 and r.stats.draft_n == 0
