@@ -9,9 +9,9 @@ it rebased (``VerifyRequest.after``) with the target's next token -- two tokens 
 two passes instead of one.
 
 ``LookupGuesser`` guesses the token that followed the latest earlier occurrence of the output's last
-three, two or one tokens (prompt lookup decoding, Saxena 2023; code and chat repeat themselves), else
-the last token again. It indexes the committed output as it grows (a dict per n-gram order) and
-scores itself on every committed token -- what it would have guessed before seeing it -- so the
+three, two or one tokens in the generation's prompt and output (prompt lookup decoding, Saxena 2023;
+code and chat repeat themselves), else the last token again. It indexes the committed sequence as it
+grows (a dict per n-gram order) and scores itself on every committed token -- what it would have guessed before seeing it -- so the
 controller knows how often a looked-up guess is right whether or not it is using them.
 """
 
@@ -23,8 +23,6 @@ ORDERS = (3, 2, 1)
 
 
 class LookupGuesser:
-    MAX_ENTRIES = 200_000      # the index outlives a generation (text repeats across requests), not forever
-
     def __init__(self, decay: float = 0.98):
         self._next: dict[tuple[int, ...], int] = {}     # n-gram -> the token that followed it last
         self._len, self._last = 0, None                 # the committed sequence indexed so far: its length, last token
@@ -48,11 +46,12 @@ class LookupGuesser:
     def observe(self, tokens: Sequence[int], scored_from: int) -> None:
         """Index the committed sequence `tokens`; score the guesses for its new positions from `scored_from`
         on (a prompt is indexed, not scored). A sequence that does not extend the one indexed (a new
-        generation, a revised tail) is indexed from its start; what earlier ones taught stays."""
+        generation, a revised tail) is indexed anew from its start: guesses come from the generation's own
+        prompt and output only. (An index kept across requests would also recall earlier answers -- a
+        cache of outputs, which repeated benchmark prompts would turn into perfect guesses.)"""
         have = self._len
         if have > len(tokens) or (have and tokens[have - 1] != self._last):
             have = 0
-        if len(self._next) > self.MAX_ENTRIES:
             self._next.clear()
         for i in range(have, len(tokens)):
             if i >= max(scored_from, 1):
