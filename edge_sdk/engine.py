@@ -227,6 +227,7 @@ class Decoding:
                                      f"{min(limits)} tokens")
         self.out = _Output(self.prompt, min(self.max_new_tokens, room), self.drafter.eos_token_ids,
                            lambda: TextAssembler(self.drafter.token_bytes, self.stop))
+        self.engine.lookup.start(self.prompt)       # guesses from this generation's own tokens only
 
     # -- the draft alone -------------------------------------------------------------------
     def _alone_by_choice(self) -> Iterator[TokenEvent]:
@@ -337,7 +338,7 @@ class Decoding:
     def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
         """Proactive drafting while `rnd`'s NAV is in flight; returns the round drafted on top of it.
 
-        Each round drafted ahead starts with the draft's guess of the target's token after a fully
+        Each round drafted ahead starts with a guess (drafted, or looked up: lookup.py) of the target's token after a fully
         accepted round before it (that guess joins its base); its batches name a base the verifier will
         hold only if that guess is right (else it refuses them). A pipelined policy goes further: a round
         complete before the verdict sends its final batch at once (conditional) and the next is drafted
@@ -397,8 +398,9 @@ class Decoding:
             self.drafter.interrupt()
 
     def _round_on(self, tip: Round) -> Round | None:
-        """A round on top of `tip` assuming it is accepted whole: its base ends with the draft's guess of
-        the target's next token. None when the token budget leaves no room or `tip` ends the output."""
+        """A round on top of `tip` assuming it is accepted whole: its base ends with a guess of the target's
+        next token -- drafted, or looked up where the policy's plan says so (``lookup.py``). None when the
+        token budget leaves no room or `tip` ends the output."""
         ahead = len(tip.base) + len(tip.draft) - len(self.out.tokens)     # tokens assumed beyond the output
         # The guess and the new round's own target token must fit the budget after `ahead`.
         room = self.out.remaining - ahead - 2
@@ -563,6 +565,9 @@ class Decoding:
         if guess is not None and resp.accepted == len(rnd.draft):
             self.stats.guesses_checked += 1
             self.stats.guesses_right += resp.token == guess.token
+            if guess.looked_up:
+                self.stats.lookups_checked += 1
+                self.stats.lookups_right += resp.token == guess.token
         self.policy.on_verdict(RoundVerdict(tuple(rnd.draft), resp.accepted, time.perf_counter() - t0,
                                             self.profiler.estimate(), resp.token, guess))
 

@@ -11,7 +11,7 @@ two passes instead of one.
 ``LookupGuesser`` guesses the token that followed the latest earlier occurrence of the output's last
 three, two or one tokens in the generation's prompt and output (prompt lookup decoding, Saxena 2023;
 code and chat repeat themselves), else the last token again. It indexes the committed sequence as it
-grows (a dict per n-gram order) and scores itself on every committed token -- what it would have guessed before seeing it -- so the
+grows (one dict from 3-, 2- and 1-grams to the token after them) and scores itself on every committed token -- what it would have guessed before seeing it -- so the
 controller knows how often a looked-up guess is right whether or not it is using them.
 """
 
@@ -28,11 +28,20 @@ class LookupGuesser:
         self._len, self._last = 0, None                 # the committed sequence indexed so far: its length, last token
         self.decay = decay
         self._hits, self._seen = 0.0, 0.0               # decayed counts: a memory of ~50 tokens
+        self._scored = 0
+
+    MIN_SCORED = 16            # a rate from fewer guesses than this is no rate
 
     @property
     def hit_rate(self) -> float | None:
-        """How often the guess before a committed token was that token, recently (None before any)."""
-        return self._hits / self._seen if self._seen else None
+        """How often the guess before a committed token was that token, recently (None before MIN_SCORED)."""
+        return self._hits / self._seen if self._scored >= self.MIN_SCORED else None
+
+    def start(self, prompt: Sequence[int]) -> None:
+        """A new generation: forget the last one's sequence, index `prompt` (its tokens are not scored)."""
+        self._next.clear()
+        self._len, self._last = 0, None
+        self.observe(prompt, scored_from=len(prompt))
 
     def guess(self, tokens: Sequence[int]) -> int:
         """The token the index expects after `tokens` (an assumed sequence may run past the indexed one)."""
@@ -58,6 +67,7 @@ class LookupGuesser:
                 hit = float(self.guess(tokens[max(0, i - ORDERS[0]):i]) == tokens[i])
                 self._hits = self._hits * self.decay + hit
                 self._seen = self._seen * self.decay + 1.0
+                self._scored += 1
             for n in ORDERS:
                 if i >= n:
                     self._next[tuple(tokens[i - n:i])] = tokens[i]

@@ -360,9 +360,9 @@ class PipeSD(Policy):
                 per_token = max(link.upload_per_token, 1e-6)
                 latency = link.nav_latency if link.nav_latency is not None else 0.02
                 self.max_draft = self._probe_len = max(1, min(self.PROBE_TOKENS, int(latency / per_token)))
-                self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
                 self.proactive = self.pipelined = False
-                self.probes += 1
+                # Counted (and the gap doubled) once the probe has gone up (``on_verdict``): a round already
+                # in flight (drafted ahead, or answered rebased) drafts nothing, and the next round tries.
 
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         if ahead:
@@ -398,6 +398,12 @@ class PipeSD(Policy):
 
     def on_verdict(self, verdict: RoundVerdict) -> None:
         drafted = len(verdict.draft)
+        if self._probe_len:
+            if drafted:
+                self.probes += 1
+                self._probe_gap = min(2 * self._probe_gap, self.PROBE_MAX)
+            else:
+                self._unsent_rounds = self._probe_gap      # the round was already in flight: probe the next
         self.schedule.observe(drafted)
         if self.frozen is not None:
             return

@@ -35,8 +35,10 @@ class GenerationStats:
                                    # the next, or runs without eager forward, costs less: an upper bound;
                                    # a dropped pipelined round asked for none)
     drafts_interrupted: int = 0    # tokens given up midway because a verdict made them useless (slow drafters)
-    guesses_checked: int = 0       # the draft's guesses of the target's next token that a verdict checked
+    guesses_checked: int = 0       # guesses of the target's next token (drafted or looked up) a verdict checked
     guesses_right: int = 0         # ... and found to be the target's (the rounds drafted on them went on)
+    lookups_checked: int = 0       # of those, guesses looked up in the output (lookup.py) rather than drafted
+    lookups_right: int = 0
     unverified_tokens: int = 0     # tokens emitted by the draft alone while the cloud was unreachable
     offline_s: float = 0.0         # time spent generating offline (circuit breaker open)
     breaker_trips: int = 0         # times a failed or overdue NAV sent the generation offline

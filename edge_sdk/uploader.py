@@ -42,7 +42,7 @@ class Round:
     nav: "Nav | None" = None      # its final batch already went up (pipelined NAV, during the round before)
     cap: int = 0                  # its draft length cap (a round drafted ahead)
     then: "Round | None" = None   # the round drafted ahead on top of it, assuming it is accepted whole
-    guess: DraftToken | None = None   # a round drafted ahead: the draft's guess that ends its base
+    guess: DraftToken | None = None   # a round drafted ahead: the guess (drafted or looked up) that ends its base
     batches: int = 0              # batches sent (each runs a target pass when the verifier takes it)
     after: int | None = None      # a round drafted ahead: the id of the round it is on (None when that
                                   # one is itself rebased: rebased answers never chain)

@@ -20,8 +20,9 @@ table shape, details, lower bound), ``results.json``, and PNG plots when matplot
 (``pip install pipesd[bench]``): TPT per method and scenario, bandwidth sweep, pipeline timeline,
 BO vs grid vs random search.
 
-The analytic lower bound (``lower_bound_tpt``) is the floor for a speculative decoder of our protocol,
-from the cell's measured γ, one-token pass, RTT and positions per rejection (an estimate: see there); ``efficiency`` is
+The analytic lower bound (``lower_bound_tpt``) is the floor for a speculative decoder of our protocol that
+proposes with the draft model and one looked-up guess a round, from the cell's measured γ, one-token pass,
+RTT and positions per rejection (an estimate: see there); ``efficiency`` is
 bound / TPT. ``earlier_bound_tpt`` (the bound of the runs before the segment controller, looser) is
 reported next to it so that the two can be compared.
 """
@@ -121,6 +122,8 @@ class Tally:
     passes: int = 0                # target passes the verifier ran for this method's verdicts
     guesses: int = 0               # guesses of the target's next token a verdict checked (pipelined rounds)
     guesses_right: int = 0
+    lookups: int = 0               # of those, looked up (edge_sdk.lookup), not drafted
+    lookups_right: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     draft_s: float = 0.0
@@ -156,6 +159,8 @@ class Tally:
         self.passes += stats.target_passes
         self.guesses += stats.guesses_checked
         self.guesses_right += stats.guesses_right
+        self.lookups += stats.lookups_checked
+        self.lookups_right += stats.lookups_right
         self.bytes_up += stats.bytes_up
         self.bytes_down += stats.bytes_down
         self.draft_s += stats.draft_s
@@ -179,13 +184,15 @@ class Tally:
     @property
     def positions_per_rejection(self) -> float:
         """Draft positions checked per rejection: drafted tokens up to each round's first rejection and
-        the guesses verdicts checked, over the rejections among them (1 / (1 - a), a the per-position
-        acceptance as a geometric model would fit it)."""
-        rejections = self.rollbacks + self.guesses - self.guesses_right
-        checked = self.accepted + self.guesses_right + rejections
-        if not rejections:
-            return math.inf if checked else math.nan      # never rejected: runs without end; nothing checked
-        return checked / rejections
+        the drafted guesses verdicts checked, over the rejections among them (1 / (1 - a), a the
+        per-position acceptance as a geometric model would fit it). Looked-up guesses: their own figure."""
+        return _runs(self.accepted + self.guesses_right - self.lookups_right,
+                     self.rollbacks + (self.guesses - self.lookups) - (self.guesses_right - self.lookups_right))
+
+    @property
+    def lookup_positions_per_rejection(self) -> float:
+        """The same for looked-up guesses (each checks one position)."""
+        return _runs(self.lookups_right, self.lookups - self.lookups_right)
 
     @property
     def rollback_rate(self) -> float:
@@ -217,6 +224,13 @@ class Tally:
         return d
 
 
+def _runs(right: int, rejections: int) -> float:
+    """Positions per rejection from positions found right and rejections (inf: never rejected; nan: none)."""
+    if not rejections:
+        return math.inf if right else math.nan
+    return (right + rejections) / rejections
+
+
 def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float, rebased: float = 1.0) -> float:
     """Seconds per output token no speculative decoder of our protocol can beat, in expectation, for
     runs of `positions` between rejections, each followed by up to `rebased` rebased tokens.
@@ -245,9 +259,14 @@ def lower_bound_tpt(gamma: float, verify: float, rtt: float, positions: float, r
     them, which the bench reports next to it).
 
     What makes it an estimate rather than a certainty is `positions`: the bench measures it on the
-    positions the cell's methods checked (``Tally.positions_per_rejection``), not on every position of
-    the target's output, so a method that checks where the draft is surer could see longer runs. inf
-    (never rejected) gives min(gamma, verify) per token; NaN (nothing checked) the target alone.
+    positions the cell's methods checked (``Tally.positions_per_rejection``, or the looked-up guesses'
+    figure where their runs are longer), not on every position of the target's output, so a method that
+    checks where the draft is surer could see longer runs. inf (never rejected) gives min(gamma, verify)
+    per token; NaN (nothing checked) the target alone (its round trip over 1 + `rebased` tokens).
+
+    Its scope is this SDK's proposers: the draft model, and one looked-up guess a round. A decoder that
+    sent several looked-up tokens in one round (a prompt-lookup drafter) would have positions at no
+    cost and no pass of their own, and could go below it.
     """
     round_trip, per_position = rtt + verify, min(gamma, verify)
     if math.isinf(positions):
@@ -453,7 +472,7 @@ class Bench:
             return
         pooled = Tally(sd[0].pair, regime, scenario.name, "pooled")
         for t in sd:
-            for name in ("accepted", "rollbacks", "guesses", "guesses_right"):
+            for name in ("accepted", "rollbacks", "guesses", "guesses_right", "lookups", "lookups_right"):
                 setattr(pooled, name, getattr(pooled, name) + getattr(t, name))
         # The device's draft time per token as the scenario sets it (draft_s also holds prefill and
         # discarded proactive drafting, which would inflate the bound).
@@ -465,8 +484,11 @@ class Bench:
         # pass per round of a speculative method (longer than a one-token pass: the bound is then higher).
         passes = [t.verify_s / t.rounds for t in tallies.values() if t.rounds and t.method == "cloud_only"]
         verify = passes[0] if passes else min(t.verify_s / t.rounds for t in sd if t.rounds)
-        bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection)
-        no_rebase = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, pooled.positions_per_rejection, 0.0)
+        # Runs as long as the draft's or as the lookup's, whichever is longer: either source may fill a position.
+        runs = [x for x in (pooled.positions_per_rejection, pooled.lookup_positions_per_rejection) if not math.isnan(x)]
+        p = max(runs) if runs else math.nan
+        bound = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, p)
+        no_rebase = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3, p, 0.0)
         # The earlier bound, as it was computed: geometric acceptance, β from the sealed bytes up per
         # drafted token at the fastest uplink, the mean pass per round.
         drafted = sum(t.drafted for t in sd)

@@ -441,14 +441,17 @@ def test_a_probe_sends_a_round_trip_of_tokens_at_the_believed_price():
 # -- looked-up guesses (lookup.py) -----------------------------------------------------------------
 def test_the_lookup_guesser_continues_the_latest_ngram_and_scores_itself():
     g = LookupGuesser()
-    text = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
-    g.observe(text, scored_from=1)
-    assert g.guess(text) == 4                 # (1, 2) was last followed by 4
+    prompt, output = [5, 1, 2, 3, 9], [1, 2, 4, 7, 1, 2]
+    g.start(prompt)
+    g.observe(prompt + output, scored_from=len(prompt))
+    assert g.guess(prompt + output) == 4      # (1, 2) was last followed by 4
     assert g.guess([8, 3, 9]) == 1            # (3, 9) -> 1
     assert g.guess([42]) == 42                # never seen: the last token again
-    assert 0 < g.hit_rate < 1
-    g.observe([6, 6, 6, 6], scored_from=1)    # another generation: indexed anew, from its own tokens only
-    assert g.guess([6, 6]) == 6 and g.guess([1, 2]) == 2
+    assert g.hit_rate is None                 # six guesses scored: no rate yet
+    g.observe(prompt + output + [4, 7, 1, 2] * 4, scored_from=len(prompt))
+    assert 0.5 < g.hit_rate < 1               # the repeats were guessed
+    g.start([6, 6, 6, 6])                     # another generation: its own tokens only, nothing recalled
+    assert g.guess([6, 6]) == 6 and g.guess([1, 2]) == 2 and g.guess([3, 9]) == 9
 
 
 def test_looked_up_guesses_make_two_tokens_a_round_trip_where_drafting_does_not_pay():
