@@ -338,9 +338,10 @@ class Decoding:
     def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
         """Proactive drafting while `rnd`'s NAV is in flight; returns the round drafted on top of it.
 
-        Each round drafted ahead starts with a guess (drafted, or looked up: lookup.py) of the target's token after a fully
-        accepted round before it (that guess joins its base); its batches name a base the verifier will
-        hold only if that guess is right (else it refuses them). A pipelined policy goes further: a round
+        Each round drafted ahead starts with a guess (drafted, or looked up: lookup.py) of the target's
+        token after a fully accepted round before it (that guess joins its base); its batches name a base
+        the verifier will hold only if that guess is right (else it refuses them, or answers the round
+        rebased). A pipelined policy goes further: a round
         complete before the verdict sends its final batch at once (conditional) and the next is drafted
         on top of it, up to the policy's ``max_ahead`` rounds: a chain the verifier runs one after
         another while each verdict holds. A round drafted ahead may hold the guess alone (the policy's
