@@ -269,8 +269,10 @@ class RoundPlan:
     def thresholds(self) -> tuple[float, float]:
         """(R1, R2) in the paper's form on the calibrated scale: R1 the survival threshold at the
         best length, R2 the first token's acceptance threshold."""
+        if len(self.stop_below) < 2:
+            return math.inf, math.inf          # a plan that drafts no head token (guesses only): stop at once
         n = max(1, min(self.best_length, len(self.stop_below) - 1))
-        return float(self.stop_below[n]), float(self.stop_below[1]) if len(self.stop_below) > 1 else math.inf
+        return float(self.stop_below[n]), float(self.stop_below[1])
 
 
 # Latency is priced in seconds plus this share of the target's seconds: between structures of (nearly)

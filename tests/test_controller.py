@@ -464,6 +464,7 @@ def test_looked_up_guesses_make_two_tokens_a_round_trip_where_drafting_does_not_
     assert (blind.best_length, blind.ahead_draft) == (0, 0) and blind.ahead >= 1
     assert blind.seconds_per_token == pytest.approx((costs.empty_latency + 2 * costs.passes(0)) / 2, rel=0.05)
     assert blind.rate > 1.5 * alone.rate
+    assert blind.thresholds == (math.inf, math.inf)         # no head token: the dual threshold stops at once
     # Without rebased answers a wrong guess buys nothing: the target alone again.
     none = plan_segment(dataclasses.replace(costs, gamma=2e-5), 0.0, guesses_only=True, restart=0.0, rebase=False)
     assert none.ahead == 0
