@@ -275,11 +275,11 @@ class PipeSD(Policy):
         return self.plan.thresholds if self.plan is not None else (None, None)
 
     def _plan(self, link: LinkEstimate, beta: float | None = None) -> RoundPlan:
-        scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
+        rate_scale, bias = self._correction()
         self.model.bias = bias
         a = tuple(round(1 / (1 + math.exp(-(math.log(x / (1 - x)) + bias))), 2) for x in
                   (min(max(x, 0.01), 0.99) for x in self.acceptance))
-        costs, rate_scale = SegmentCosts.from_link(link, beta), round(math.exp(scale), 3)
+        costs = SegmentCosts.from_link(link, beta)
         # Planning costs milliseconds; a plan is reused while what it was made from has not really
         # moved (``_close``; each acceptance within 0.05): rounds are re-planned when the link, the device
         # or the draft changes, not because a measurement jittered.
@@ -306,11 +306,16 @@ class PipeSD(Policy):
         verifier that does not rebase, no score for the guesser yet, a frozen controller)."""
         if not (self._pipelined and self.rebases) or link.lookup_acceptance is None or self.frozen is not None:
             return None
-        scale, _ = self.tuner.correction() if self.tuner is not None else self.fixed_correction
+        rate_scale, _ = self._correction()
         a = round(min(max(link.lookup_acceptance, 0.0), 0.95) / 0.05) * 0.05     # coarse: plans are cached
         costs = dataclasses.replace(SegmentCosts.from_link(link), gamma=self.LOOKUP_S)
         return plan_segment(costs, a, self.objective, n_max=0, proactive=True, pipelined=True, power=self.power,
-                            rate_scale=round(math.exp(scale), 3), rebase=True, guesses_only=True, restart=a)
+                            rate_scale=rate_scale, rebase=True, guesses_only=True, restart=a)
+
+    def _correction(self) -> tuple[float, float]:
+        """(rate scale, logit bias): the tuner's correction of the plan (rounded: plans are cached), or the fixed one."""
+        scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
+        return round(math.exp(scale), 3), bias
 
     # -- the policy contract -------------------------------------------------------------------
     def start_round(self, link: LinkEstimate) -> None:
