@@ -291,7 +291,10 @@ class Decoding:
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
         nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
-        # 4. The verdict, within the deadline; a resync or a lost reply sends the round again whole.
+        # 4. The verdict, within the deadline; a resync or a lost reply sends the round again whole. (Till
+        #    it comes, the policy may plan the next round: off the path.)
+        if not nav.done():
+            policy.idle(self.profiler.estimate())
         with self._waiting():
             resp, nxt = self._verdict(nav, rnd, nxt)
         self.synced = resp.committed_len

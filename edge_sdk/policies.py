@@ -99,6 +99,10 @@ class Policy:
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
 
+    def idle(self, link: LinkEstimate) -> None:
+        """The engine waits for a verdict with nothing left to draft: work done here (planning the next
+        round) is off the path that rounds wait on."""
+
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         """After each drafted token (the round's draft so far): ask for NAV now? `ahead`: the round is
         one drafted ahead, during the NAV of the round before."""
@@ -249,6 +253,7 @@ class PipeSD(Policy):
         self.frozen: LinkEstimate | None = None     # reproducible(): plan from this, learn nothing
         self._segment = 1          # the head round's first draft: its position in the segment
         self._plans: dict[tuple, tuple[SegmentCosts, tuple[float, ...], RoundPlan]] = {}
+        self._stale: dict[tuple, int] = {}    # plans used past their tolerance (key -> rounds): re-planned in idle()
         self.plans_made = 0
         self.structures: Counter[tuple[int, int, int]] = Counter()   # (head, rounds ahead, their drafts) chosen
         self._tracked: dict[int, tuple[list, int, float]] = {}       # id -> (draft, its length, survival)
@@ -260,6 +265,7 @@ class PipeSD(Policy):
         self.rounds = self.cloud_only_rounds = self.probes = 0
         # What deciding costs (it runs in the per-token loop): seconds in verify_now / start_round.
         self.decisions, self.decide_s, self.plan_s = 0, 0.0, 0.0
+        self.idle_s = 0.0         # ... and planning in idle(), off the path
 
     # -- what the controller believes --------------------------------------------------------
     @property
@@ -274,20 +280,33 @@ class PipeSD(Policy):
         """(R1, R2) of the current plan, on the calibrated scale (``RoundPlan.thresholds``)."""
         return self.plan.thresholds if self.plan is not None else (None, None)
 
-    def _plan(self, link: LinkEstimate, beta: float | None = None) -> RoundPlan:
+    # A plan whose inputs moved by less than this (costs, as ``_close`` sums them; each acceptance: by
+    # less than DEFER_ACCEPTANCE) is used as it is for the round starting now, and re-planned in the
+    # engine's next ``idle`` -- at most DEFER_ROUNDS rounds late. A bigger move (a bandwidth step, a
+    # slower device) is re-planned at once.
+    DEFER_TOLERANCE, DEFER_ACCEPTANCE, DEFER_ROUNDS = 0.3, 0.15, 2
+
+    def _plan(self, link: LinkEstimate, beta: float | None = None, *, segment: int | None = None,
+              defer: bool = False) -> RoundPlan:
+        segment = self._segment if segment is None else segment
         rate_scale, bias = self._correction()
         self.model.bias = bias
         a = tuple(round(1 / (1 + math.exp(-(math.log(x / (1 - x)) + bias))), 2) for x in
-                  (min(max(x, 0.01), 0.99) for x in self.acceptance))
+                  (min(max(x, 0.01), 0.99) for x in self.model.positions.curve(segment)))
         costs = SegmentCosts.from_link(link, beta)
         # Planning costs milliseconds; a plan is reused while what it was made from has not really
         # moved (``_close``; each acceptance within 0.05): rounds are re-planned when the link, the device
         # or the draft changes, not because a measurement jittered.
-        key = (min(self._segment, self.model.positions.pooled), beta is None, rate_scale, self.rebases)
+        key = (min(segment, self.model.positions.pooled), beta, rate_scale, self.rebases)
         kept = self._plans.get(key)
-        if kept is not None and _close(kept[0], costs) and len(kept[1]) == len(a) and all(
-                abs(x - y) <= 0.05 for x, y in zip(kept[1], a)):
+        if kept is not None and _close(kept[0], costs) and _near(kept[1], a, 0.05):
+            self._stale.pop(key, None)
             return kept[2]
+        if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
+                _close(kept[0], costs, self.DEFER_TOLERANCE) and _near(kept[1], a, self.DEFER_ACCEPTANCE):
+            self._stale[key] = self._stale.get(key, 0) + 1
+            return kept[2]
+        self._stale.pop(key, None)
         batching = "at_trigger" if type(self.schedule) is AtTrigger else (
             "per_token" if type(self.schedule) is PerToken else "dp")
         plan = plan_segment(costs, a, self.objective, n_max=self.cap, schedule=batching, proactive=self._proactive,
@@ -299,18 +318,31 @@ class PipeSD(Policy):
 
     LOOKUP_S = 2e-5      # what a looked-up guess costs the edge (a dict lookup or three)
 
-    def _lookup_plan(self, link: LinkEstimate) -> RoundPlan | None:
+    def _lookup_plan(self, link: LinkEstimate, *, defer: bool = False) -> RoundPlan | None:
         """The best structure with no drafting at all: the target alone, or rounds ahead of one looked-up
         guess each (``lookup.py``) -- each answered rebased when its guess is wrong, so even guesses that
         are never right make two tokens a round trip. None where that cannot happen (no pipelined NAV, a
-        verifier that does not rebase, no score for the guesser yet, a frozen controller)."""
+        verifier that does not rebase, no score for the guesser yet, a frozen controller). Reused and
+        deferred as ``_plan``'s plans are."""
         if not (self._pipelined and self.rebases) or link.lookup_acceptance is None or self.frozen is not None:
             return None
         rate_scale, _ = self._correction()
         a = round(min(max(link.lookup_acceptance, 0.0), 0.95) / 0.05) * 0.05     # coarse: plans are cached
         costs = dataclasses.replace(SegmentCosts.from_link(link), gamma=self.LOOKUP_S)
-        return plan_segment(costs, a, self.objective, n_max=0, proactive=True, pipelined=True, power=self.power,
+        key = ("lookup", rate_scale)
+        kept = self._plans.get(key)
+        if kept is not None and kept[1] == (a,) and _close(kept[0], costs):
+            self._stale.pop(key, None)
+            return kept[2]
+        if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
+                _close(kept[0], costs, self.DEFER_TOLERANCE) and _near(kept[1], (a,), self.DEFER_ACCEPTANCE):
+            self._stale[key] = self._stale.get(key, 0) + 1
+            return kept[2]
+        self._stale.pop(key, None)
+        plan = plan_segment(costs, a, self.objective, n_max=0, proactive=True, pipelined=True, power=self.power,
                             rate_scale=rate_scale, rebase=True, guesses_only=True, restart=a)
+        self._plans[key] = (costs, (a,), plan)
+        return plan
 
     def _correction(self) -> tuple[float, float]:
         """(rate scale, logit bias): the tuner's correction of the plan (rounded: plans are cached), or the fixed one."""
@@ -323,8 +355,8 @@ class PipeSD(Policy):
         link = self.frozen if self.frozen is not None else link
         self._last_link = link
         self.schedule.plan(link)
-        plan = self._plan(link)
-        lookup = self._lookup_plan(link)
+        plan = self._plan(link, defer=True)
+        lookup = self._lookup_plan(link, defer=True)
         self.lookup_guesses = lookup is not None and lookup.rate > plan.rate
         plan = self.plan = lookup if self.lookup_guesses else plan
         self._stop = plan.stop_below.tolist()
@@ -368,6 +400,20 @@ class PipeSD(Policy):
                 self.proactive = self.pipelined = False
                 # Counted (and the gap doubled) once the probe has gone up (``on_verdict``): a round already
                 # in flight (drafted ahead, or answered rebased) drafts nothing, and the next round tries.
+
+    def idle(self, link: LinkEstimate) -> None:
+        """Re-plan off the path: what ``start_round`` deferred, and the plan of a round that opens a
+        segment (the one after a rejection, the most common next head) at what is known now."""
+        if self.frozen is not None:
+            return
+        t = time.perf_counter()
+        for key in list(self._stale):
+            if key[0] == "lookup":
+                self._lookup_plan(link)
+            elif key[1] is None:         # (a probe's what-if plans are made when a probe is due)
+                self._plan(link, segment=key[0])
+        self._plan(link, segment=1)
+        self.idle_s += time.perf_counter() - t
 
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         if ahead:
@@ -440,7 +486,7 @@ class PipeSD(Policy):
             self.tuner = tuner
         clone.frozen = self._last_link if self._last_link is not None else LinkEstimate(0.005, 0.0005, 0.002, 0.005, 0.5)
         clone._proactive = clone._pipelined = clone.proactive = clone.pipelined = False
-        clone._plans = {}
+        clone._plans, clone._stale = {}, {}
         if self.tuner is not None:
             clone.fixed_correction = self.tuner.best()
         return clone
@@ -465,6 +511,11 @@ def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.1) -> bool:
         gap += abs(x - y)
         scale += max(x, y)
     return gap <= tolerance * scale
+
+
+def _near(a: tuple[float, ...], b: tuple[float, ...], tolerance: float) -> bool:
+    """Two acceptance curves of the same length, each position within `tolerance`."""
+    return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
 
 _COST_SCALES = tuple((f.name, 16 if f.name in ("gamma", "beta", "pass_per_token") else 1)

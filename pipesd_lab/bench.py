@@ -73,13 +73,13 @@ def _controller_counts(policy):
     """(decisions, decide_s, rounds, plan_s, cloud-only rounds, calibration) of a round controller, else None."""
     if not isinstance(policy, PipeSD):
         return None
-    return (policy.decisions, policy.decide_s, policy.rounds, policy.plan_s, policy.cloud_only_rounds,
+    return (policy.decisions, policy.decide_s, policy.rounds, policy.plan_s, policy.idle_s, policy.cloud_only_rounds,
             copy.deepcopy(policy.model.calibration), copy.copy(policy.structures))
 
 
 def _controller_report(tally: "Tally", policy, before) -> None:
     """What the controller did during the measured part of a cell (warm-up and tuning excluded)."""
-    decisions, decide_s, rounds, plan_s, cloud_rounds, cal0, structures = before
+    decisions, decide_s, rounds, plan_s, idle_s, cloud_rounds, cal0, structures = before
     measured = policy.model.calibration.since(cal0)
     if measured.count:
         tally.brier, tally.raw_brier = measured.brier, measured.raw_brier
@@ -88,6 +88,7 @@ def _controller_report(tally: "Tally", policy, before) -> None:
         tally.decide_us = 1e6 * (policy.decide_s - decide_s) / (policy.decisions - decisions)
     if policy.rounds > rounds:
         tally.plan_us = 1e6 * (policy.plan_s - plan_s) / (policy.rounds - rounds)
+        tally.idle_plan_us = 1e6 * (policy.idle_s - idle_s) / (policy.rounds - rounds)
     tally.cloud_only_rounds = policy.cloud_only_rounds - cloud_rounds
     tally.r1, tally.r2 = policy.thresholds
     chosen = policy.structures - structures
@@ -143,7 +144,8 @@ class Tally:
     raw_brier: float | None = None
     reliability: list | None = None
     decide_us: float | None = None       # per drafted token (verify_now)
-    plan_us: float | None = None         # per round (start_round)
+    plan_us: float | None = None         # per round (start_round: on the path)
+    idle_plan_us: float | None = None    # per round (PipeSD.idle: while the engine waits for a verdict)
     cloud_only_rounds: int = 0
     structures: list | None = None       # the controller's top three (head, rounds ahead, their drafts, share of rounds)
 
@@ -680,10 +682,10 @@ class Bench:
                     lines += [f"Round controller ({pair}, {regime}; R1 / R2 above are its thresholds on the "
                               "calibrated scale, inf: stop after one token):", "",
                               "| scenario | method | cloud-only rounds | acceptance model Brier | draft confidence "
-                              "as the prediction: Brier | decide µs / token | plan µs / round | structures "
-                              "chosen (head + rounds ahead × their drafts: share of rounds) |", "|" + "---|" * 8]
+                              "as the prediction: Brier | decide µs / token | plan µs / round (on the path / while waiting) | "
+                              "structures chosen (head + rounds ahead × their drafts: share of rounds) |", "|" + "---|" * 8]
                     lines += [f"| {t.scenario} | {t.method} | {t.cloud_only_rounds} / {t.rounds} | {_fmt(t.brier, 3)} "
-                              f"| {_fmt(t.raw_brier, 3)} | {_fmt(t.decide_us, 1)} | {_fmt(t.plan_us, 0)} "
+                              f"| {_fmt(t.raw_brier, 3)} | {_fmt(t.decide_us, 1)} | {_fmt(t.plan_us, 0)} / {_fmt(t.idle_plan_us, 0)} "
                               f"| {_structures(t)} |" for t in ctl]
                     lines.append("")
         if self.sweep:

@@ -479,3 +479,28 @@ def test_pipesd_chooses_looked_up_guesses_only_where_they_beat_its_drafted_plan(
     policy.rebases = False                     # a verifier that does not rebase: no looked-up guesses
     run_round(policy, dataclasses.replace(PAPER, lookup_acceptance=0.2), [0.9] * 32)
     assert not policy.lookup_guesses and policy.plan.ahead == 0
+
+
+def test_a_small_drift_is_replanned_off_the_path_and_a_step_at_once():
+    """Planning costs milliseconds: a plan whose costs drifted a little is used for the round starting
+    now and re-planned when the engine next waits (``idle``) -- at most DEFER_ROUNDS rounds late; a
+    bandwidth step is re-planned in start_round."""
+    policy = make_policy("pipesd_model")
+    policy.start_round(NATIVE)
+    made, first = policy.plans_made, policy.plan
+    drifted = dataclasses.replace(NATIVE, nav_latency=NATIVE.nav_latency * 1.2, nav_empty=NATIVE.nav_empty * 1.2)
+    policy.start_round(drifted)
+    assert policy.plans_made == made and policy.plan is first          # used as it was, marked stale
+    policy.idle(drifted)
+    assert policy.plans_made == made + 1 and policy.idle_s > 0            # re-planned off the path
+    policy.start_round(drifted)
+    assert policy.plans_made == made + 1 and policy.plan is not first    # ... and used from then on
+    again = dataclasses.replace(drifted, nav_latency=drifted.nav_latency * 1.2, nav_empty=drifted.nav_empty * 1.2)
+    for _ in range(PipeSD.DEFER_ROUNDS):
+        policy.start_round(again)                                        # no idle: stale, but kept ...
+    assert policy.plans_made == made + 1
+    policy.start_round(again)                                            # ... for DEFER_ROUNDS rounds at most
+    assert policy.plans_made == made + 2
+    step = dataclasses.replace(again, uplink_per_token=0.02, nav_per_token=0.02)
+    policy.start_round(step)
+    assert policy.plans_made == made + 3                                 # a step: at once

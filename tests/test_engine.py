@@ -156,6 +156,16 @@ def test_pipelined_nav_verifies_rounds_drafted_ahead_without_another_round_trip(
         assert r.generate(PROMPTS[0], n=N, policy=policy).stats.pipelined_rounds == 0
 
 
+def test_the_controller_plans_while_the_engine_waits_for_a_verdict():
+    """Once drafting ahead is done, the engine hands its wait to the policy (``Policy.idle``): PipeSD
+    re-plans there, off the path that rounds wait on; the output stays the target's."""
+    with Rig(latency_s=0.02, draft_seconds=0.0005) as r:
+        policy = make_policy("pipesd_model")
+        for prompt in PROMPTS[:2]:
+            assert r.generate(prompt, n=N, policy=policy).tokens == reference(prompt, N)
+        assert policy.idle_s > 0
+
+
 class TwoThenEight(Policy):
     """Pipelined: a head round stops at two drafts (its stopping rule); rounds drafted ahead run to eight."""
 
