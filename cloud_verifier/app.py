@@ -331,29 +331,50 @@ def create_app(load_target: Callable[[], Target], settings: VerifierSettings | N
     app = FastAPI(title="PipeSD verifier", lifespan=lifespan)
     app.state.verifier = state
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        if request.method != "POST":  # health, metrics, info: never held back by the bound below
-            response = await call_next(request)
-        elif state.open_requests >= state.max_open_requests:
-            # Bodies still arriving (or waiting for the model) are bounded: refuse before reading this one,
-            # and close the connection so that its file descriptor is free at once.
-            state.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
-            response = _error(ErrorCode.OVERLOADED, "too many requests open; retry later",
-                              headers={"Retry-After": str(settings.retry_after_s), "Connection": "close"})
-        else:
-            state.open_requests += 1
-            state.metrics.open_requests.set(state.open_requests)
+    class RequestAccounting:
+        """The bound on open POSTs and the request counters, as plain ASGI middleware: Starlette's
+        ``@app.middleware("http")`` (BaseHTTPMiddleware) runs every request as a task of its own behind
+        memory streams, which costs each of a session's rounds a little on its round trip."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            t0, status = time.perf_counter(), 500      # 500 until a response starts (the app raised)
+
+            async def sending(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
             try:
-                response = await call_next(request)
+                if scope["method"] != "POST":   # health, metrics, info: never held back by the bound below
+                    await self.app(scope, receive, sending)
+                elif state.open_requests >= state.max_open_requests:
+                    # Bodies still arriving (or waiting for the model) are bounded: refuse before reading this
+                    # one, and close the connection so that its file descriptor is free at once.
+                    state.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
+                    refusal = _error(ErrorCode.OVERLOADED, "too many requests open; retry later",
+                                     headers={"Retry-After": str(settings.retry_after_s), "Connection": "close"})
+                    await refusal(scope, receive, sending)
+                else:
+                    state.open_requests += 1
+                    state.metrics.open_requests.set(state.open_requests)
+                    try:
+                        await self.app(scope, receive, sending)
+                    finally:
+                        state.open_requests -= 1
+                        state.metrics.open_requests.set(state.open_requests)
             finally:
-                state.open_requests -= 1
-                state.metrics.open_requests.set(state.open_requests)
-        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        state.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+                endpoint = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+                state.metrics.requests.labels(endpoint, str(status)).inc()
+                state.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+
+    app.add_middleware(RequestAccounting)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError):
