@@ -262,6 +262,7 @@ class PipeSD(Policy):
         self._probe_len = 0        # this round is a probe of this many tokens (0: not a probe)
         self._since_empty = 0
         self.empty_probes = 0
+        self.unpriced_rounds = 0   # rounds kept short and serial because no drafted token was priced yet
         self.rounds = self.cloud_only_rounds = self.probes = 0
         # What deciding costs (it runs in the per-token loop): seconds in verify_now / start_round.
         self.decisions, self.decide_s, self.plan_s = 0, 0.0, 0.0
@@ -299,11 +300,12 @@ class PipeSD(Policy):
         # or the draft changes, not because a measurement jittered.
         key = (min(segment, self.model.positions.pooled), beta, rate_scale, self.rebases)
         kept = self._plans.get(key)
-        if kept is not None and _close(kept[0], costs) and _near(kept[1], a, 0.05):
+        tokens = _round_tokens(kept[2]) if kept is not None else 16
+        if kept is not None and _close(kept[0], costs, tokens=tokens) and _near(kept[1], a, 0.05):
             self._stale.pop(key, None)
             return kept[2]
         if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
-                _close(kept[0], costs, self.DEFER_TOLERANCE) and _near(kept[1], a, self.DEFER_ACCEPTANCE):
+                _close(kept[0], costs, self.DEFER_TOLERANCE, tokens) and _near(kept[1], a, self.DEFER_ACCEPTANCE):
             self._stale[key] = self._stale.get(key, 0) + 1
             return kept[2]
         self._stale.pop(key, None)
@@ -331,11 +333,11 @@ class PipeSD(Policy):
         costs = dataclasses.replace(SegmentCosts.from_link(link), gamma=self.LOOKUP_S)
         key = ("lookup", rate_scale)
         kept = self._plans.get(key)
-        if kept is not None and kept[1] == (a,) and _close(kept[0], costs):
+        if kept is not None and kept[1] == (a,) and _close(kept[0], costs, tokens=1):
             self._stale.pop(key, None)
             return kept[2]
         if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
-                _close(kept[0], costs, self.DEFER_TOLERANCE) and _near(kept[1], (a,), self.DEFER_ACCEPTANCE):
+                _close(kept[0], costs, self.DEFER_TOLERANCE, 1) and _near(kept[1], (a,), self.DEFER_ACCEPTANCE):
             self._stale[key] = self._stale.get(key, 0) + 1
             return kept[2]
         self._stale.pop(key, None)
@@ -380,6 +382,17 @@ class PipeSD(Policy):
                 self.max_draft, self._since_empty = 0, 0
                 self.proactive = self.pipelined = False
                 self.empty_probes += 1
+            elif self.frozen is None and link.uplink_per_token is None and link.nav_per_token is None \
+                    and link.upload_last is None:
+                # No drafted token has been priced on this link yet: the uplink's price is the profiler's
+                # prior (0.5 ms a token), which the paper's 0.29 MB token beats 46-fold even at 100 Mbps.
+                # Rounds drafted ahead would queue seconds of uploads before a verdict could say so, and
+                # the round trips they inflate hide the price (an empty round queued behind them reads as
+                # latency). Until a drafted round is priced, a round drafts a probe's worth at most and
+                # nothing ahead: a few serial rounds at a client's start.
+                self.max_draft = self._probe_len = self._probe_tokens(link)
+                self.max_ahead, self.proactive, self.pipelined = 0, False, False
+                self.unpriced_rounds += 1
             return
         # No drafted token goes up: the target decodes alone, or the draft's guesses ride in the rounds'
         # prefix hashes. Nothing then measures what a drafted token would cost on the link.
@@ -394,9 +407,7 @@ class PipeSD(Policy):
                 # ahead of it: on this link every drafted token is a cost). As many tokens as one round trip
                 # of upload at the believed price, up to PROBE_TOKENS: a round trip's jitter over one
                 # token reads as a slow uplink -- and then keeps guess-only rounds that never correct it.
-                per_token = max(link.upload_per_token, 1e-6)
-                latency = link.nav_latency if link.nav_latency is not None else 0.02
-                self.max_draft = self._probe_len = max(1, min(self.PROBE_TOKENS, int(latency / per_token)))
+                self.max_draft = self._probe_len = self._probe_tokens(link)
                 self.proactive = self.pipelined = False
                 # Counted (and the gap doubled) once the probe has gone up (``on_verdict``): a round already
                 # in flight (drafted ahead, or answered rebased) drafts nothing, and the next round tries.
@@ -414,6 +425,12 @@ class PipeSD(Policy):
                 self._plan(link, segment=key[0])
         self._plan(link, segment=1)
         self.idle_s += time.perf_counter() - t
+
+    def _probe_tokens(self, link: LinkEstimate) -> int:
+        """A probe's length: one round trip of upload at the believed price, 1 to PROBE_TOKENS tokens."""
+        per_token = max(link.upload_per_token, 1e-6)
+        latency = link.nav_latency if link.nav_latency is not None else 0.02
+        return max(1, min(self.PROBE_TOKENS, int(latency / per_token)))
 
     def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
         if ahead:
@@ -445,7 +462,9 @@ class PipeSD(Policy):
         return n >= len(stop) or survival < stop[n]
 
     def closes_batch(self, drafted: int) -> bool:
-        return self.schedule.closes_batch(drafted)
+        # A probe goes up whole, in its final batch: its round trip is then one clean sample of what its
+        # tokens cost (batches sent ahead would overlap it and make it no sample at all).
+        return not self._probe_len and self.schedule.closes_batch(drafted)
 
     def on_verdict(self, verdict: RoundVerdict) -> None:
         drafted = len(verdict.draft)
@@ -499,27 +518,36 @@ class PipeSD(Policy):
                 f"proactive={self._proactive}, pipelined={self._pipelined}, tuner={type(self.tuner).__name__ if self.tuner else None})")
 
 
-def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.1) -> bool:
+def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.1, tokens: int = 16) -> bool:
     """Do two cost estimates price a round alike: do their costs differ, summed over every cost (the
-    per-token ones over a 16-token round), by at most `tolerance` of what such a round costs? A plan is
-    a few ms of numpy; a draft token's time that jitters by 0.2 ms, or an uplink at 30 us a token that
-    reads 90 us, moves a 60 ms round by less than what re-planning costs -- a bandwidth step, a slower
-    device or target move it by far more."""
+    per-token ones over a round of `tokens` drafted tokens: the plan's, at most 16), by at most
+    `tolerance` of what such a round costs? A plan is a few ms of numpy; a draft token's time that
+    jitters by 0.2 ms, or an uplink at 30 us a token that reads 90 us, moves a 60 ms round by less than
+    what re-planning costs -- a bandwidth step, a slower device or target move it by far more. (A plan
+    that drafts nothing is priced as a round of one token: else a slow draft's 16 tokens -- half a
+    second at 30 ms -- made a round trip that tripled look like jitter.)"""
     gap = scale = 0.0
-    for name, weight in _COST_SCALES:
+    for name in _COST_NAMES:
+        weight = min(max(tokens, 1), 16) if name in _PER_TOKEN else 1
         x, y = weight * getattr(a, name), weight * getattr(b, name)
         gap += abs(x - y)
         scale += max(x, y)
     return gap <= tolerance * scale
 
 
+def _round_tokens(plan: RoundPlan) -> int:
+    """The tokens a segment's rounds draft under `plan`: the head, and the rounds ahead with their guesses."""
+    return plan.best_length + plan.ahead * (plan.ahead_draft + 1)
+
+
+_COST_NAMES = tuple(f.name for f in dataclasses.fields(SegmentCosts))
+_PER_TOKEN = ("gamma", "beta", "pass_per_token")
+
+
 def _near(a: tuple[float, ...], b: tuple[float, ...], tolerance: float) -> bool:
     """Two acceptance curves of the same length, each position within `tolerance`."""
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
-
-_COST_SCALES = tuple((f.name, 16 if f.name in ("gamma", "beta", "pass_per_token") else 1)
-                     for f in dataclasses.fields(SegmentCosts))
 
 
 MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",
