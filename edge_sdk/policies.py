@@ -299,16 +299,9 @@ class PipeSD(Policy):
         # moved (``_close``; each acceptance within 0.05): rounds are re-planned when the link, the device
         # or the draft changes, not because a measurement jittered.
         key = (min(segment, self.model.positions.pooled), beta, rate_scale, self.rebases)
-        kept = self._plans.get(key)
-        tokens = _round_tokens(kept[2]) if kept is not None else 16
-        if kept is not None and _close(kept[0], costs, tokens=tokens) and _near(kept[1], a, 0.05):
-            self._stale.pop(key, None)
-            return kept[2]
-        if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
-                _close(kept[0], costs, self.DEFER_TOLERANCE, tokens) and _near(kept[1], a, self.DEFER_ACCEPTANCE):
-            self._stale[key] = self._stale.get(key, 0) + 1
-            return kept[2]
-        self._stale.pop(key, None)
+        kept = self._reuse(key, costs, a, defer=defer)
+        if kept is not None:
+            return kept
         batching = "at_trigger" if type(self.schedule) is AtTrigger else (
             "per_token" if type(self.schedule) is PerToken else "dp")
         plan = plan_segment(costs, a, self.objective, n_max=self.cap, schedule=batching, proactive=self._proactive,
@@ -332,19 +325,32 @@ class PipeSD(Policy):
         a = round(min(max(link.lookup_acceptance, 0.0), 0.95) / 0.05) * 0.05     # coarse: plans are cached
         costs = dataclasses.replace(SegmentCosts.from_link(link), gamma=self.LOOKUP_S)
         key = ("lookup", rate_scale)
-        kept = self._plans.get(key)
-        if kept is not None and kept[1] == (a,) and _close(kept[0], costs, tokens=1):
-            self._stale.pop(key, None)
-            return kept[2]
-        if defer and kept is not None and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
-                _close(kept[0], costs, self.DEFER_TOLERANCE, 1) and _near(kept[1], (a,), self.DEFER_ACCEPTANCE):
-            self._stale[key] = self._stale.get(key, 0) + 1
-            return kept[2]
-        self._stale.pop(key, None)
+        kept = self._reuse(key, costs, (a,), defer=defer, tokens=1, near=0.0)    # (a is already coarse)
+        if kept is not None:
+            return kept
         plan = plan_segment(costs, a, self.objective, n_max=0, proactive=True, pipelined=True, power=self.power,
                             rate_scale=rate_scale, rebase=True, guesses_only=True, restart=a)
         self._plans[key] = (costs, (a,), plan)
         return plan
+
+    def _reuse(self, key: tuple, costs: SegmentCosts, a: tuple[float, ...], *, defer: bool,
+               tokens: int | None = None, near: float = 0.05) -> RoundPlan | None:
+        """The plan kept under `key` while it still fits `costs` and `a` (``_close`` over `tokens`, the
+        plan's own by default; each acceptance within `near`) -- or, with `defer`, fits them loosely and
+        has been used so for fewer than DEFER_ROUNDS rounds (``idle`` re-plans it); else None."""
+        kept = self._plans.get(key)
+        if kept is not None:
+            old_costs, old_a, plan = kept
+            tokens = _round_tokens(plan) if tokens is None else tokens
+            if _close(old_costs, costs, tokens=tokens) and _near(old_a, a, near):
+                self._stale.pop(key, None)
+                return plan
+            if defer and self._stale.get(key, 0) < self.DEFER_ROUNDS and \
+                    _close(old_costs, costs, self.DEFER_TOLERANCE, tokens) and _near(old_a, a, self.DEFER_ACCEPTANCE):
+                self._stale[key] = self._stale.get(key, 0) + 1
+                return plan
+        self._stale.pop(key, None)
+        return None
 
     def _correction(self) -> tuple[float, float]:
         """(rate scale, logit bias): the tuner's correction of the plan (rounded: plans are cached), or the fixed one."""
@@ -527,8 +533,9 @@ def _close(a: SegmentCosts, b: SegmentCosts, tolerance: float = 0.1, tokens: int
     that drafts nothing is priced as a round of one token: else a slow draft's 16 tokens -- half a
     second at 30 ms -- made a round trip that tripled look like jitter.)"""
     gap = scale = 0.0
+    per_token = min(max(tokens, 1), 16)
     for name in _COST_NAMES:
-        weight = min(max(tokens, 1), 16) if name in _PER_TOKEN else 1
+        weight = per_token if name in _PER_TOKEN else 1
         x, y = weight * getattr(a, name), weight * getattr(b, name)
         gap += abs(x - y)
         scale += max(x, y)
@@ -547,7 +554,6 @@ _PER_TOKEN = ("gamma", "beta", "pass_per_token")
 def _near(a: tuple[float, ...], b: tuple[float, ...], tolerance: float) -> bool:
     """Two acceptance curves of the same length, each position within `tolerance`."""
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
-
 
 
 MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",

@@ -70,7 +70,8 @@ SWEEP_MBPS = (10.0, 20.0, 40.0, 80.0)
 
 
 def _controller_counts(policy):
-    """(decisions, decide_s, rounds, plan_s, cloud-only rounds, calibration) of a round controller, else None."""
+    """(decisions, decide_s, rounds, plan_s, idle_s, cloud-only rounds, calibration, structures) of a round
+    controller, else None."""
     if not isinstance(policy, PipeSD):
         return None
     return (policy.decisions, policy.decide_s, policy.rounds, policy.plan_s, policy.idle_s, policy.cloud_only_rounds,
