@@ -168,6 +168,25 @@ def test_the_profiler_prices_the_uplink_robustly_and_follows_a_step():
     assert profiler.estimate().nav_latency == pytest.approx(0.030, abs=0.002)
 
 
+def test_a_small_bandwidth_step_is_priced_within_three_drafted_rounds():
+    """A 30% faster uplink (S4's 45.8 -> 64.9 Mbps) moves a four-token round by under 2 ms: too little
+    for a jump, so the slope follows by its recency-weighted median. A plain median of the last nine
+    rounds needed five new ones; the controller then re-plans a round or two after the price."""
+    profiler = LinkProfiler()
+    for i in range(10):
+        profiler.observe_nav(0.030 + (0.001 if i % 2 else -0.001), 0)
+        profiler.observe_nav(0.030 + 4 * 0.00143, 4)                     # 1.43 ms a drafted token
+    assert profiler.estimate().upload_per_token == pytest.approx(0.00143, rel=0.05)
+    for _ in range(3):
+        profiler.observe_nav(0.030, 0)
+        profiler.observe_nav(0.030 + 4 * 0.00101, 4)                     # the step: 1.01 ms a token
+    assert profiler.estimate().nav_per_token == pytest.approx(0.00101, rel=0.05)
+    for _ in range(2):
+        profiler.observe_nav(0.030 + 4 * 0.00101, 4)
+    profiler.observe_nav(0.030 + 0.004 + 4 * 0.00101, 4)                # a round that met a 4 ms hiccup ...
+    assert profiler.estimate().nav_per_token == pytest.approx(0.00101, rel=0.05)   # ... moves nothing
+
+
 def test_the_uplinks_price_is_kept_while_nothing_drafted_goes_up():
     """A controller that stopped uploading (a 0.29 MB token on a 100 Mbps uplink) measures the uplink no
     more; when the round trip jumps, the profiler clears its lines. The last measured price stands until a
