@@ -25,11 +25,11 @@ from .errors import (
     VocabMismatchError,
 )
 from .policies import MODES, PipeSD, Policy, RoundVerdict, Speculative, make_policy
-from .stats import GenerationStats
+from .stats import GenerationStats, RoundRecord
 from .transport import HttpVerifier, RoundChannel, Verifier
 
 __all__ = [
-    "EdgeClient", "Generation", "GenerationResult", "GenerationStats", "TokenEvent", "Drafter", "DraftToken",
+    "EdgeClient", "Generation", "GenerationResult", "GenerationStats", "RoundRecord", "TokenEvent", "Drafter", "DraftToken",
     "LlamaCppDrafter", "OnnxDrafter", "load_drafter", "Policy", "Speculative", "PipeSD", "RoundVerdict",
     "make_policy", "MODES", "Verifier", "RoundChannel", "HttpVerifier", "PipeSDError", "ConfigError",
     "PromptTooLongError", "VerifierError", "SessionLost", "VerifierUnavailable", "VerifierTimeout",

@@ -11,6 +11,7 @@ and the lab's commands, when the lab's extra is installed (pip install 'pipesd[b
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
     pipesd grid --quick --out /tmp/grid                    # PipeSD on links and devices beyond the bench's
     pipesd steps --seconds 60 --out /tmp/steps             # PipeSD's rounds on S4's bandwidth trace
+    pipesd rounds --scenario s1 --out /tmp/rounds          # where a method's time goes, verdict by verdict
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ LAB_COMMANDS = {
     "link": "run an emulated link as a TCP proxy in front of a verifier",
     "grid": "PipeSD vs the baselines on a grid of links and devices the bench's cells do not contain",
     "steps": "PipeSD's rounds against S4's bandwidth trace (the controller following the link)",
+    "rounds": "where a method's time goes: the gaps between its verdicts, by kind of round",
 }
 
 

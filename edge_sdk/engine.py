@@ -41,7 +41,7 @@ from .offline import OFFLINE_POLICIES
 from .policies import Policy, RoundVerdict
 from .profiler import LinkProfiler
 from .session import CloudSession
-from .stats import GenerationStats
+from .stats import GenerationStats, RoundRecord
 from .text import TextAssembler
 from .uploader import Nav, Round, Uploader
 
@@ -183,7 +183,8 @@ class Decoding:
         self.policy = policy
         self.prompt, self.max_new_tokens, self.stop = prompt, max_new_tokens, stop
         self.sampling = None if sampling is None or sampling.greedy else sampling
-        self.stats = GenerationStats(mode=policy.name, prompt_tokens=len(prompt), timeline=[] if timeline else None)
+        self.stats = GenerationStats(mode=policy.name, prompt_tokens=len(prompt), timeline=[] if timeline else None,
+                                     rounds=[] if timeline else None)
         self.out: _Output | None = None
         self.synced = 0                  # committed tokens the verifier holds
         self.unverified_from = None      # where the output's unverified tail starts (offline)
@@ -554,6 +555,10 @@ class Decoding:
     def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
         self._count_round(len(rnd.draft), resp.accepted)
+        if self.stats.rounds is not None:
+            self.stats.rounds.append(RoundRecord(
+                "rebased" if rnd.rebased else "pipelined" if nav.pipelined else "plain", len(rnd.draft),
+                resp.accepted, nav.sent_at, nav.answered_at, time.perf_counter(), resp.verify_ms, resp.queue_ms))
         self.stats.target_passes += max(1, rnd.batches)
         self.stats.verify_s += resp.verify_ms / 1e3
         self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None

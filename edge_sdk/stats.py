@@ -5,6 +5,23 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+@dataclass(frozen=True)
+class RoundRecord:
+    """One verdict, as the edge saw it (recorded with ``timeline=True``): what the round was, when its
+    final batch left and its verdict came back (perf_counter seconds), when the engine took the verdict
+    up (later than `answered_at` when it was busy drafting or planning), and what the verifier reported."""
+
+    kind: str              # "plain" (sent at the trigger), "pipelined" (sent before the verdict it builds
+                           # on) or "rebased" (a pipelined round answered as the target's next token)
+    drafted: int
+    accepted: int
+    sent_at: float
+    answered_at: float | None    # None where the reply came on a resend (resync) rather than the stream
+    taken_at: float
+    verify_ms: float
+    queue_ms: float
+
+
 @dataclass
 class GenerationStats:
     mode: str
@@ -49,6 +66,7 @@ class GenerationStats:
     # (kind, start, end) perf_counter spans of "draft", "upload" and "nav", when the request asked for
     # them (``timeline=True``): what overlapped what, for plots.
     timeline: list[tuple[str, float, float]] | None = None
+    rounds: list[RoundRecord] | None = None   # every verdict, in order (``timeline=True``)
 
     @property
     def acceptance_rate(self) -> float:

@@ -5,6 +5,7 @@
     pipesd link --upstream 127.0.0.1:8000 --scenario s1    # an emulated link as a TCP proxy
     pipesd grid --quick --out /tmp/grid                    # beyond the bench's cells (generalise.py)
     pipesd steps --seconds 60 --out /tmp/steps             # PipeSD on S4's bandwidth trace (generalise.py)
+    pipesd rounds --scenario s1 --out /tmp/rounds          # where a method's time goes, verdict by verdict (rounds.py)
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def _steps(args) -> int:
     return 0
 
 
+def _rounds(args) -> int:
+    from .rounds import rounds_main
+
+    args.out = args.out or _out("rounds")
+    try:
+        written = rounds_main(args, _command_line(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -143,6 +157,11 @@ def main(argv=None) -> int:
     st = sub.add_parser("steps", help="PipeSD's rounds against S4's bandwidth trace")
     add_steps_arguments(st)
     st.set_defaults(func=_steps)
+    from .rounds import add_rounds_arguments
+
+    rd = sub.add_parser("rounds", help="where a method's time goes: the gaps between its verdicts, by kind of round")
+    add_rounds_arguments(rd)
+    rd.set_defaults(func=_rounds)
     lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
     lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
     lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")

@@ -415,6 +415,22 @@ def test_timeline_shows_drafting_overlapping_uploads_and_nav():
         assert r.generate(PROMPTS[0], n=5, policy=per_token).stats.timeline is None
 
 
+def test_the_round_records_account_for_every_verdict_and_token():
+    """``timeline=True`` also records each verdict (``stats.rounds``): one per NAV round, in order, the
+    committed tokens adding up to the output, each taken up by the engine after it came back, which came
+    back after it was sent. A pipelined controller's records include rounds sent ahead and answered rebased."""
+    with Rig(latency_s=0.003) as r:
+        result = r.generate(PROMPTS[0], mode="pipesd_model", n=60, timeline=True)
+        rounds, stats = result.stats.rounds, result.stats
+        assert len(rounds) == stats.nav_rounds
+        assert sum(x.accepted + 1 for x in rounds) == stats.output_tokens
+        assert sum(x.drafted for x in rounds) == stats.draft_n
+        assert all(x.sent_at <= x.answered_at <= x.taken_at for x in rounds if x.answered_at is not None)
+        assert {x.kind for x in rounds} <= {"plain", "pipelined", "rebased"}
+        assert sum(x.kind == "rebased" for x in rounds) == stats.rebased_rounds
+        assert r.generate(PROMPTS[0], n=5).stats.rounds is None
+
+
 # -- sampling -----------------------------------------------------------------------------------
 def first_token_distribution(prompt, sampling: SamplingParams) -> np.ndarray:
     ids, p = truncate(TARGET.logits(prompt), sampling)

@@ -41,3 +41,25 @@ def test_a_one_point_grid_runs_end_to_end_losslessly():
     assert set(row["tpt_ms"]) == set(GRID_METHODS) and all(v > 0 for v in row["tpt_ms"].values())
     assert all(v == 0 for v in row["mismatches"].values())
     assert row["speedup"] > 0 and "| rtt20/draft native/ids@10Mbps |" in grid_markdown(rows, "pipesd grid", cfg)
+
+
+def test_the_rounds_report_groups_the_gaps_between_verdicts_by_what_came_before():
+    from edge_sdk.stats import RoundRecord
+    from pipesd_lab.rounds import transitions
+
+    def rec(kind, drafted, accepted, sent, answered):
+        return RoundRecord(kind, drafted, accepted, sent, answered, answered + 0.001, 10.0, 1.0)
+
+    generation = [rec("plain", 3, 1, 0.00, 0.04),        # rejected ...
+                  rec("rebased", 0, 0, 0.01, 0.05),      # ... answered rebased 10 ms later
+                  rec("plain", 2, 2, 0.05, 0.09),        # a head sent after that answer: 40 ms
+                  rec("pipelined", 4, 1, 0.06, 0.10),    # the round ahead of it: 10 ms
+                  rec("rebased", 0, 0, 0.07, 0.11)]      # 10 ms
+    rows = {(r["before"], r["this"]): r for r in transitions([generation])}
+    assert set(rows) == {("plain, rejected", "rebased, empty"), ("rebased, empty", "plain, drafted"),
+                         ("plain, all accepted", "pipelined, drafted"), ("pipelined, rejected", "rebased, empty")}
+    head = rows[("rebased, empty", "plain, drafted")]
+    assert head["n"] == 1 and head["gap_ms"] == pytest.approx(40.0) and head["share"] == pytest.approx(40 / 70)
+    assert head["nav_ms"] == pytest.approx(40.0) and head["late_ms"] == pytest.approx(1.0)
+    assert head["committed"] == 3
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
