@@ -280,6 +280,7 @@ class Decoding:
         """One speculative round, top to bottom; returns the round to run next."""
         t0, policy = time.perf_counter(), self.policy
         policy.rebases = self.cloud.rebases     # what the plan may count on (an earlier verifier: no)
+        policy.round_sent = rnd.nav is not None   # its draft is fixed: no probe can change it
         policy.start_round(self.profiler.estimate())
         # 1. Draft until the policy asks for NAV; each batch it closes goes up at once. (A round whose
         #    final batch already went up during the round before -- pipelined NAV -- is complete.)

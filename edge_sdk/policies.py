@@ -94,6 +94,8 @@ class Policy:
     ahead_draft: int | None = None  # a round drafted ahead: its draft cap after the guess (0: the guess
                                     # alone; None: max_draft, as for any round)
     rebases: bool = True        # set by the engine every round: the verifier answers rebased rounds
+    round_sent: bool = False    # set by the engine every round: the round starting already went up (drafted
+                                # ahead and sent pipelined, or answered rebased): its draft is fixed
     lookup_guesses: bool = False    # rounds drafted ahead begin with a looked-up guess (``lookup.py``), not a drafted one
 
     def start_round(self, link: LinkEstimate) -> None:
@@ -380,11 +382,14 @@ class PipeSD(Policy):
         if plan.best_length or plan.ahead_draft:        # tokens go up: the link's price is measured as it goes
             self._probe_gap, self._unsent_rounds = self.PROBE_FIRST, 0
             self._since_empty += 1
-            if self.frozen is None and (link.nav_empty is None and self._since_empty >= 2 or (
+            if self.frozen is None and not self.round_sent and (link.nav_empty is None and self._since_empty >= 2 or (
                     link.uplink_per_token is None and self._since_empty >= self.EMPTY_EVERY)):
                 # Without an empty round measured, drafting cannot be priced against not drafting; and
                 # while non-final batches cannot tell what a drafted token costs on the link (one size
-                # only), an empty round now and then measures the round trip without one.
+                # only), an empty round now and then measures the round trip without one. Not a round
+                # already sent: its draft is fixed, so the probe would only stop the rounds drafted ahead
+                # on it (on native S1 a fifth of the rebased rounds lost them: the next segment's head then
+                # went up after the rebased answer, a pass late) and measure nothing.
                 self.max_draft, self._since_empty = 0, 0
                 self.proactive = self.pipelined = False
                 self.empty_probes += 1

@@ -168,6 +168,24 @@ def test_the_profiler_prices_the_uplink_robustly_and_follows_a_step():
     assert profiler.estimate().nav_latency == pytest.approx(0.030, abs=0.002)
 
 
+def test_an_empty_probe_waits_for_a_round_not_yet_sent():
+    """While no measured round trip without an upload is at hand, the controller sends an empty round: no
+    draft, nothing ahead. A round that already went up (answered rebased, or sent pipelined) cannot be
+    that probe -- its draft is fixed -- so the probe waits for the next round instead of stopping the
+    rounds drafted ahead on it."""
+    link = dataclasses.replace(NATIVE, nav_empty=None)
+    policy = make_policy("pipesd_model")
+    policy.start_round(link)                 # a drafted round; the probe is due from the second
+    policy.on_verdict(RoundVerdict((tok(0.9),), 1, 0.03, link, token=1))
+    assert policy.proactive
+    policy.round_sent = True                 # a rebased round: it keeps what is drafted ahead on it
+    policy.start_round(link)
+    assert policy.proactive and policy.empty_probes == 0
+    policy.round_sent = False                # the next round is the probe
+    policy.start_round(link)
+    assert not policy.proactive and policy.max_draft == 0 and policy.empty_probes == 1
+
+
 def test_a_small_bandwidth_step_is_priced_within_three_drafted_rounds():
     """A 30% faster uplink (S4's 45.8 -> 64.9 Mbps) moves a four-token round by under 2 ms: too little
     for a jump, so the slope follows by its recency-weighted median. A plain median of the last nine
