@@ -68,43 +68,35 @@ def _energy(args) -> int:
     return 0
 
 
-def _grid(args) -> int:
-    from .generalise import grid_main
-
-    args.out = args.out or _out("grid")
+def _written_by(main, name: str, args) -> int:
+    """Run a lab command's ``main(args, command)`` into ``args.out`` (a new temporary folder by default),
+    its bad arguments a ConfigError, and print the files it wrote."""
+    args.out = args.out or _out(name)
     try:
-        written = grid_main(args, _command_line(args))
+        written = main(args, _command_line(args))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     for path in written:
         print(path)
     return 0
+
+
+def _grid(args) -> int:
+    from .generalise import grid_main
+
+    return _written_by(grid_main, "grid", args)
 
 
 def _steps(args) -> int:
     from .generalise import steps_main
 
-    args.out = args.out or _out("steps")
-    try:
-        written = steps_main(args, _command_line(args))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for path in written:
-        print(path)
-    return 0
+    return _written_by(steps_main, "steps", args)
 
 
 def _rounds(args) -> int:
     from .rounds import rounds_main
 
-    args.out = args.out or _out("rounds")
-    try:
-        written = rounds_main(args, _command_line(args))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for path in written:
-        print(path)
-    return 0
+    return _written_by(rounds_main, "rounds", args)
 
 
 def _hostport(text: str) -> tuple[str, int]:

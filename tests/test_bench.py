@@ -64,3 +64,12 @@ def test_bench_refuses_bad_arguments():
     proc = subprocess.run([sys.executable, "-m", "edge_sdk", "bench", "--scenarios", "s9", "--no-progress"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown scenario" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, says", [(["rounds", "--prompts", "0"], "--prompts must be positive"),
+                                        (["rounds", "--method", "nope"], "unknown method"),
+                                        (["grid", "--tokens", "0"], "--tokens must be positive")])
+def test_the_lab_commands_refuse_bad_arguments_before_running(args, says, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
