@@ -556,17 +556,19 @@ class Decoding:
     def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
         self._count_round(len(rnd.draft), resp.accepted)
+        own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it
         if self.stats.rounds is not None:
             self.stats.rounds.append(RoundRecord(
                 "rebased" if rnd.rebased else "pipelined" if nav.pipelined else "plain", len(rnd.draft),
-                resp.accepted, nav.sent_at, nav.answered_at, time.perf_counter(), resp.verify_ms, resp.queue_ms))
+                resp.accepted, nav.sent_at, nav.answered_at if own else None, time.perf_counter(),
+                resp.verify_ms, resp.queue_ms))
         self.stats.target_passes += max(1, rnd.batches)
         self.stats.verify_s += resp.verify_ms / 1e3
         self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
         # The link's part of the round trip: what the verifier spent verifying and waiting (behind the round
         # before, or other sessions) is off it. A round whose upload may have queued behind another's on
         # the uplink is no clean sample, unless it uploaded no draft token.
-        if nav.answered_at is not None and (not nav.contended or nav.final_tokens == 0):
+        if own and (not nav.contended or nav.final_tokens == 0):
             self.profiler.observe_nav(nav.answered_at - nav.sent_at - (resp.verify_ms + resp.queue_ms) / 1e3,
                                       nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)

@@ -212,9 +212,9 @@ class LinkProfiler:
         """(round trip at zero tokens, seconds per final-batch token) of the recent NAVs, or None before
         any. Robust rather than least squares: the base is the median of the recent rounds that uploaded
         no draft token, the slope the median of what each recent drafted round took beyond it per token
-        (weighted by its tokens) -- a round that queued behind another's upload, or met a slow moment,
-        moves neither. The slope
-        is None while no drafted round (or no base) says anything."""
+        (weighted by its tokens and by recency, 0.8 a round) -- a round that queued behind another's upload,
+        or met a slow moment, moves neither. The slope is None while no drafted round (or no base) says
+        anything."""
         navs = tuple(self._navs)      # a snapshot: round streams append from their own threads
         if not navs:
             return None
@@ -230,7 +230,8 @@ class LinkProfiler:
             # Each round's slope weighted by the tokens it sent (a one-token round's slope is its whole
             # noise: a 3 ms hiccup reads as 3 ms a token, an eight-token round's an eighth of it) and by
             # recency: a plain median of nine rounds took five to move after a 30% bandwidth step (too
-            # small a step for a jump), the weighted one takes about three; one odd round still moves nothing.
+            # small a step for a jump), the weighted one takes about three. One odd round among rounds of
+            # its size moves nothing (a round much larger than the rest weighs as several of them).
             slopes = [((t - base) / k, k * self.recency ** (len(drafted) - 1 - i)) for i, (k, t) in enumerate(drafted)]
             return base, max(0.0, weighted_median(slopes))
         if base is not None:

@@ -16,7 +16,8 @@ class RoundRecord:
     drafted: int
     accepted: int
     sent_at: float
-    answered_at: float | None    # None where the reply came on a resend (resync) rather than the stream
+    answered_at: float | None    # None where a resend answered (the request's own reply failed, was refused
+                                 # or did not fit the round)
     taken_at: float
     verify_ms: float
     queue_ms: float

@@ -10,6 +10,7 @@ a new one and resends its prefix.
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import queue
 import random
@@ -29,6 +30,9 @@ from privacy import (AFFINITY_HEADER, FRAMES_PATH, HANDSHAKE_PATH, MEDIA_FRAME, 
 
 from .errors import (ConfigError, HandshakeFailed, Overloaded, SessionLost, VerifierError, VerifierTimeout,
                      VerifierUnavailable, VocabMismatchError)
+
+
+logger = logging.getLogger(__name__)
 
 
 class RoundChannel(Protocol):
@@ -102,9 +106,10 @@ def check_url(url: object) -> str:
 class _StreamWorkers:
     """Daemon threads that run round streams, kept between rounds. Starting a thread per round cost the
     engine ~1 ms on its path (``Thread.start`` waits for the new thread to run, behind the GIL), each time
-    a round was sent; a kept worker takes the next stream from a queue. The pool grows to the most
-    streams open at once and no further; daemon threads, so a stream stuck on a dead verifier never
-    holds up the interpreter's exit."""
+    a round was sent; a kept worker takes the next stream from a queue. The pool grows to about the most
+    streams open at once (a stream counts as busy until its worker is back in the queue, a moment after
+    its result is out, so a round sent in that moment may start one more); daemon threads, so a stream
+    stuck on a dead verifier never holds up the interpreter's exit."""
 
     def __init__(self, name: str = "round-stream"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -126,11 +131,12 @@ class _StreamWorkers:
         while (job := self._jobs.get()) is not None:
             try:
                 job()
-            finally:
-                with self._lock:
-                    if self._closed:
-                        return
-                    self._idle += 1
+            except Exception:       # a stream reports its failures on its result: this is a bug, not a failure
+                logger.exception("a round stream raised")
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle += 1     # counted idle only while alive: a claimed worker always takes the job
 
     def close(self) -> None:
         """Idle workers end now, busy ones when their stream ends."""

@@ -81,6 +81,12 @@ class Nav:
     def done(self) -> bool:
         return self.future.done()
 
+    def answered_with(self, resp: VerifyResponse) -> bool:
+        """Did this request's own reply bring `resp` (not a resend after it failed or was refused)?"""
+        f = self.future
+        return (self.answered_at is not None and f.done() and not f.cancelled() and f.exception() is None
+                and f.result() is resp)
+
     def result(self) -> VerifyResponse:
         """The verdict, waiting at most until the deadline (TimeoutError after it)."""
         return self.future.result(timeout=max(0.0, self.deadline_s - (time.perf_counter() - self.sent_at)))

@@ -431,6 +431,24 @@ def test_the_round_records_account_for_every_verdict_and_token():
         assert r.generate(PROMPTS[0], n=5).stats.rounds is None
 
 
+def test_a_round_answered_by_a_resend_is_timed_by_neither_its_request_nor_the_profiler():
+    """A NAV whose own reply failed (or did not fit the round) is answered by a resend: the request's send
+    and answer times then say nothing of that answer (``Nav.answered_with``)."""
+    from concurrent.futures import Future
+
+    from edge_sdk.uploader import Nav
+    from privacy import VerifyResponse
+
+    own, other = (VerifyResponse(accepted=1, token=3, committed_len=5, verify_ms=1.0) for _ in range(2))
+    answered: Future = Future()
+    answered.set_result(own)
+    nav = Nav(answered, sent_at=0.0, final_tokens=1, deadline_s=1.0, answered_at=0.02)
+    assert nav.answered_with(own) and not nav.answered_with(other)
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("stream broke"))
+    assert not Nav(failed, sent_at=0.0, final_tokens=1, deadline_s=1.0).answered_with(other)
+
+
 # -- sampling -----------------------------------------------------------------------------------
 def first_token_distribution(prompt, sampling: SamplingParams) -> np.ndarray:
     ids, p = truncate(TARGET.logits(prompt), sampling)
