@@ -49,7 +49,7 @@ from edge_sdk.policies import PipeSD
 from edge_sdk.policies import MODES
 
 from .emulation import EmulatedLink, SlowedDrafter
-from .scenarios import DEVICE_PASS_MS, PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
+from .scenarios import DEVICE_VERIFIER_ARGS, PAYLOADS, REGIMES, SCENARIOS, Scenario, get_scenario
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n    def __init__(self):\n",
            "    def __repr__(self):\n        return ", "for i in range(10):\n", 'if __name__ == "__main__":\n',
@@ -573,7 +573,7 @@ class Bench:
                             if device_verifier is None:
                                 device_verifier = padded.enter_context(LocalVerifier(
                                     model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus,
-                                    extra_args=["--emulate-pass-ms", ",".join(f"{x:g}" for x in DEVICE_PASS_MS)]))
+                                    extra_args=list(DEVICE_VERIFIER_ARGS)))
                             verifier = device_verifier
                         self.results.extend(self.run_cell(verifier, pair, get_scenario(name), regime, bar))
                     if cfg.sweep:

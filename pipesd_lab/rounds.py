@@ -21,7 +21,7 @@ from pathlib import Path
 from edge_sdk.stats import RoundRecord
 
 from .bench import PROMPTS, Bench, BenchConfig, git_commit
-from .scenarios import DEVICE_PASS_MS, REGIMES, SCENARIOS, get_scenario
+from .scenarios import DEVICE_VERIFIER_ARGS, REGIMES, SCENARIOS, get_scenario
 
 
 def _outcome(r: RoundRecord) -> str:
@@ -65,7 +65,7 @@ def run_rounds(regime: str, scenario: str, method: str, prompts: int, pin: bool,
     cpus = bench.pin_cores()
     bench.gamma["embedded"] = bench.measure_gamma("embedded")
     generations, tokens, seconds = [], 0, 0.0
-    padded = ["--emulate-pass-ms", ",".join(f"{x:g}" for x in DEVICE_PASS_MS)] if regime == "device" else []
+    padded = list(DEVICE_VERIFIER_ARGS) if regime == "device" else []
     with LocalVerifier(model="embedded", threads=1, cpus=cpus, extra_args=padded) as verifier:
         with bench.client(verifier, "embedded", get_scenario(scenario), regime, method) as client:
             bench.tune(client, PROMPTS)

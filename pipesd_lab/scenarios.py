@@ -41,6 +41,7 @@ PAYLOADS = ("ids", "topk", "full")
 DEVICE_GAMMA_S = 0.025
 DEVICE_RTT_MS, DEVICE_JITTER_MS = 50.0, 5.0     # ±5 ms per direction: ±10 ms on the round trip
 DEVICE_PASS_MS = (20.0, 0.2)                    # the verifier's emulated target pass: fixed, per token
+DEVICE_VERIFIER_ARGS = ("--emulate-pass-ms", ",".join(f"{x:g}" for x in DEVICE_PASS_MS))   # its verifier's flags
 
 
 def payload_bytes(payload: str, vocab_size: int) -> int:
