@@ -12,6 +12,7 @@ and the lab's commands, when the lab's extra is installed (pip install 'pipesd[b
     pipesd grid --quick --out /tmp/grid                    # PipeSD on links and devices beyond the bench's
     pipesd steps --seconds 60 --out /tmp/steps             # PipeSD's rounds on S4's bandwidth trace
     pipesd rounds --scenario s1 --out /tmp/rounds          # where a method's time goes, verdict by verdict
+    pipesd stopping --out /tmp/stopping                    # what a round's stopping rule can save in target passes
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ LAB_COMMANDS = {
     "grid": "PipeSD vs the baselines on a grid of links and devices the bench's cells do not contain",
     "steps": "PipeSD's rounds against S4's bandwidth trace (the controller following the link)",
     "rounds": "where a method's time goes: the gaps between its verdicts, by kind of round",
+    "stopping": "what a round's stopping rule can save in target passes, replayed offline",
 }
 
 

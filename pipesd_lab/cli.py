@@ -99,6 +99,12 @@ def _rounds(args) -> int:
     return _written_by(rounds_main, "rounds", args)
 
 
+def _stopping(args) -> int:
+    from .stopping import stopping_main
+
+    return _written_by(stopping_main, "stopping", args)
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -154,6 +160,11 @@ def main(argv=None) -> int:
     rd = sub.add_parser("rounds", help="where a method's time goes: the gaps between its verdicts, by kind of round")
     add_rounds_arguments(rd)
     rd.set_defaults(func=_rounds)
+    from .stopping import add_stopping_arguments
+
+    sp = sub.add_parser("stopping", help="what a round's stopping rule can save in target passes, replayed offline")
+    add_stopping_arguments(sp)
+    sp.set_defaults(func=_stopping)
     lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
     lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
     lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")

@@ -68,7 +68,9 @@ def test_bench_refuses_bad_arguments():
 
 @pytest.mark.parametrize("args, says", [(["rounds", "--prompts", "0"], "--prompts must be positive"),
                                         (["rounds", "--method", "nope"], "unknown method"),
-                                        (["grid", "--tokens", "0"], "--tokens must be positive")])
+                                        (["grid", "--tokens", "0"], "--tokens must be positive"),
+                                        (["stopping", "--tokens", "3"], "--tokens must be in 8..400"),
+                                        (["stopping", "--pass", "gpu=20"], "expected NAME=FIXED_MS,PER_TOKEN_MS")])
 def test_the_lab_commands_refuse_bad_arguments_before_running(args, says, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edge_sdk", *args, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
