@@ -23,7 +23,10 @@ BO vs grid vs random search.
 The analytic lower bound (``lower_bound_tpt``) is the floor for a speculative decoder of our protocol that
 proposes with the draft model and one looked-up guess a round, from the cell's measured γ, one-token pass,
 RTT and positions per rejection (an estimate: see there); ``efficiency`` is
-bound / TPT. ``earlier_bound_tpt`` (the bound of the runs before the segment controller, looser) is
+bound / TPT. The *stack floor* is the same bound with each run's one unavoidable request costing, beyond its
+round trip and pass, what a request costs on this stack (edge turnaround, sealing, HTTP, the verifier's
+dispatch) as ``cloud_only`` pays it in the same cell: the part of the gap to the bound that no policy can
+close without a faster stack. ``earlier_bound_tpt`` (the bound of the runs before the segment controller, looser) is
 reported next to it so that the two can be compared.
 """
 
@@ -137,6 +140,7 @@ class Tally:
     lower_bound_ms: float = 0.0
     no_rebase_bound_ms: float = 0.0    # lower_bound_tpt without rebased rounds: the bound of the runs before them
     earlier_bound_ms: float = 0.0  # earlier_bound_tpt: the looser bound of the earlier runs, for comparison
+    stack_bound_ms: float = math.nan   # the bound with this stack's own cost per request (see Bench._bound)
     r1: float | None = None
     r2: float | None = None
     # The round controller's (pipesd and its controller ablations): acceptance-model calibration over
@@ -210,6 +214,10 @@ class Tally:
         return self.no_rebase_bound_ms / self.tpt_ms if self.tokens and self.no_rebase_bound_ms else math.nan
 
     @property
+    def stack_efficiency(self) -> float:
+        return self.stack_bound_ms / self.tpt_ms if self.tokens and self.stack_bound_ms > 0 else math.nan
+
+    @property
     def earlier_efficiency(self) -> float:
         return self.earlier_bound_ms / self.tpt_ms if self.tokens and self.earlier_bound_ms else math.nan
 
@@ -222,6 +230,7 @@ class Tally:
                  draft_ms_per_token=1e3 * per_token(self.draft_s), upload_ms_per_token=1e3 * per_token(self.upload_s),
                  wait_ms_per_token=1e3 * per_token(self.wait_s), verify_ms_per_token=1e3 * per_token(self.verify_s),
                  efficiency=self.efficiency, no_rebase_efficiency=self.no_rebase_efficiency, earlier_efficiency=self.earlier_efficiency,
+                 stack_efficiency=self.stack_efficiency,
                  passes_per_token=per_token(self.passes), batches_per_token=per_token(self.batches),
                  positions_per_rejection=self.positions_per_rejection)
         return d
@@ -500,11 +509,22 @@ class Bench:
         beta = (sum(t.bytes_up for t in sd) / max(1, drafted) + link.payload_bytes_per_token) * 8 / (up_mbps * 1e6)
         mean_pass = sum(t.verify_s for t in sd) / max(1, sum(t.rounds for t in sd))
         earlier = 1e3 * earlier_bound_tpt(gamma, beta, mean_pass, link.rtt_ms / 1e3, a)
+        # The stack's floor: the bound with each run's one unavoidable request (the one that brings its
+        # correction: whatever went up before the edge knew the token before it was built on a wrong one)
+        # costing what a request costs on this stack beyond its round trip and pass -- the edge's turnaround,
+        # sealing, HTTP both ways, the verifier's dispatch -- as `cloud_only` pays it in this cell (its time
+        # per request less RTT and its mean pass). Where cloud_only did not run: not reported.
+        alone = [t for t in tallies.values() if t.method == "cloud_only" and t.rounds]
+        stack = math.nan
+        if alone:
+            per_request = max(0.0, alone[0].seconds / alone[0].rounds - link.rtt_ms / 1e3 - alone[0].verify_s / alone[0].rounds)
+            stack = 1e3 * lower_bound_tpt(gamma, verify, link.rtt_ms / 1e3 + per_request, p)
         for t in tallies.values():
             if t.method == "cloud_only" and t.rounds:    # its own bound: a round trip + verify per token
                 t.lower_bound_ms = t.no_rebase_bound_ms = t.earlier_bound_ms = link.rtt_ms + 1e3 * t.verify_s / t.rounds
             elif t.method != "edge_only":
                 t.lower_bound_ms, t.no_rebase_bound_ms, t.earlier_bound_ms = bound, no_rebase, earlier
+                t.stack_bound_ms = stack
 
     # -- extras: sweep, timeline, tuners -----------------------------------------------------
     def run_sweep(self, verifier, pair: str, bar=None) -> None:
@@ -657,9 +677,10 @@ class Bench:
                     lines.append(f"| PipeSD speed-up vs {ref} | " + " | ".join(vals) + " |")
                 lines.append("")
                 lines += [f"Details ({pair}, {regime}):", "",
-                          "| scenario | method | TPT ms | bound ms | efficiency | (bound without rebasing) | acceptance | positions / rejection | NAV rounds "
-                          "| target passes / token | rollback rate | mean draft | sealed up B/tok | down B/tok | draft / upload (non-final batches) / "
-                          "wait / verify ms/tok | R1 / R2 | lossless |", "|" + "---|" * 17]
+                          "| scenario | method | TPT ms | bound ms | efficiency | (bound without rebasing) | (stack floor) | acceptance "
+                          "| positions / rejection | NAV rounds | target passes / token | rollback rate | mean draft | sealed up B/tok "
+                          "| down B/tok | draft / upload (non-final batches) / wait / verify ms/tok | R1 / R2 | lossless |",
+                          "|" + "---|" * 18]
                 for t in cell:
                     r = t.row()
                     thr = f"{t.r1:.3g} / {t.r2:.3g}" if t.r1 is not None else "-"
@@ -670,6 +691,7 @@ class Bench:
                     lines.append(
                         f"| {t.scenario} | {t.method} | {_fmt(t.tpt_ms)} | {_fmt(t.lower_bound_ms)} "
                         f"| {_fmt(t.efficiency, 2)} | {_fmt(t.no_rebase_bound_ms)} ms, {_fmt(t.no_rebase_efficiency, 2)} "
+                        f"| {_fmt(t.stack_bound_ms)} ms, {_fmt(t.stack_efficiency, 2)} "
                         f"| {_fmt(t.acceptance, 2)} | {_fmt(t.positions_per_rejection, 2)} "
                         f"| {t.rounds} | {_fmt(r['passes_per_token'], 2)} "
                         f"| {_fmt(t.rollback_rate, 2)} "
