@@ -4,16 +4,22 @@ A round of n drafted tokens costs the verifier one pass of ``fixed + per_token *
 accepted tokens plus one. Along the target's own greedy continuations the draft's proposal from any
 committed prefix is known exactly (its argmax agrees with the target's token or it does not: see
 ``pipesd_models.build.evaluate.greedy_acceptance``), so one teacher-forced pass of each model replays
-every round of every stopping rule, with no verifier and no noise. This is the ceiling of what
+every round of every stopping rule, with no verifier and no noise. It measures what
 ``objective="cloud_cost"`` can save by choosing when to stop a chain, against Vanilla's fixed k = 4:
 
-* fixed lengths k = 1..8 (Vanilla is k = 4);
+* fixed lengths k = 1..8 (Vanilla is k = 4), and the best fixed k up to 32;
 * the oracle that stops exactly before the first rejected token;
 * "stop when the survival falls below t", the survival being the product of the drafted tokens'
-  acceptance probabilities, either the draft's raw confidences or the round controller's own
-  ``AcceptanceModel`` (logistic on the confidence and the position in the segment), fitted on the other
-  half of the prompts (cross-fitted, so it is not scored on what it learnt); t swept, the best one reported
-  (a ceiling: the sweep is chosen on the scored data).
+  acceptance probabilities: the draft's raw confidences, or the round controller's own
+  ``AcceptanceModel`` (logistic on the confidence and the position in the segment) fitted on the other
+  half of the prompts (cross-fitted). Either the token whose confidence takes the survival below t is
+  left out (the rule looked at it: the most a confidence can tell) or sent (as the engine does: it
+  asks ``verify_now`` after each drafted token). t is swept and the best reported: a ceiling, since
+  the sweep is chosen on the scored data;
+* the round controller itself: ``PipeSD`` (``pipesd_no_proactive``, no rounds ahead, which a replay of
+  single rounds cannot price) with ``objective="cloud_cost"``, its acceptance model warm-started from
+  the other half and learning from its own verdicts as it goes, run through ``start_round`` /
+  ``verify_now`` / ``on_verdict`` as the engine runs it.
 
     pipesd stopping --out /tmp/stopping          # embedded pair, 26 prompts x 96 tokens: ~15 s
 """
@@ -21,6 +27,7 @@ every round of every stopping rule, with no verifier and no noise. This is the c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +35,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edge_sdk.controller import AcceptanceModel, SegmentCosts, plan_segment
+from edge_sdk.controller import AcceptanceModel
 from edge_sdk.drafter import DraftToken
+from edge_sdk.policies import RoundVerdict, make_policy
+from edge_sdk.profiler import LinkEstimate
 
 from .bench import PROMPTS, git_commit
 from .scenarios import DEVICE_PASS_MS
 
 # Prompts beyond the bench's, so that the two halves of the cross-fit have 13 prompts each.
 EXTRA_PROMPTS = ("def quicksort(arr):\n", "for key, value in items:\n", "with open(path) as f:\n", "class Node:\n",
-                 "def parse_args():\n", "import json\n\n", "try:\n    ", "def __eq__(self, other):\n",
-                 "if __name__ == '__main__':\n", "async def fetch(url):\n")
+                 "def parse_args():\n", "import json\n\n", "while True:\n", "def __eq__(self, other):\n",
+                 "def __init__(self, name):\n", "async def fetch(url):\n")
 # The target's pass on this machine's CPU (the profiler's NAV line on the embedded pair, native S1,
 # docs/energy.md), the same with the verifier's ~2.6 ms of work per request added, and the device
 # regime's emulated datacenter GPU.
@@ -80,25 +89,46 @@ def collect(prompts: Sequence[str], new_tokens: int) -> list[Continuation]:
     return out
 
 
-# A rule: (the continuation, the first position of the round, its position in the segment) -> tokens to draft.
+# A rule: (the continuation, the first position of the round, its position in the segment) -> tokens to
+# draft. A rule that learns from its verdicts also has ``observe(continuation, position, drafted, accepted)``.
 Rule = Callable[[Continuation, int, int], int]
 
 
-def replay(continuations: Sequence[Continuation], rule: Rule, fixed: float, per_token: float) -> dict:
-    """Every round of `rule` along the continuations: target ms per committed token, and what it drafted."""
-    cost = committed = drafted = rounds = 0
+@dataclass
+class Totals:
+    """What a rule's rounds cost and committed (pooled over continuations, or over the cross-fit's halves)."""
+
+    cost: float = 0.0
+    committed: int = 0
+    drafted: int = 0
+    rounds: int = 0
+
+    def __add__(self, other: "Totals") -> "Totals":
+        return Totals(self.cost + other.cost, self.committed + other.committed, self.drafted + other.drafted,
+                      self.rounds + other.rounds)
+
+    def row(self) -> dict:
+        return {"ms_per_token": self.cost / self.committed, "drafted_per_round": self.drafted / self.rounds,
+                "committed_per_round": self.committed / self.rounds}
+
+
+def replay(continuations: Sequence[Continuation], rule: Rule, fixed: float, per_token: float) -> Totals:
+    """Every round of `rule` along the continuations, with its target pass (ms) and committed tokens."""
+    out = Totals()
     for c in continuations:
         i, segment = 0, 1
         while i < len(c.agrees):
             n = max(0, min(rule(c, i, segment), len(c.agrees) - i))
             window = c.agrees[i:i + n]
             accepted = window.index(False) if False in window else n
-            cost += fixed + per_token * n
-            committed, drafted, rounds = committed + accepted + 1, drafted + n, rounds + 1
-            segment = 1 if accepted < n else segment + n + 1
+            if hasattr(rule, "observe"):
+                rule.observe(c, i, n, accepted)
+            # (A round accepted to the continuation's end: its bonus token lies beyond it, not counted.)
+            out += Totals(fixed + per_token * n, min(accepted + 1, len(c.agrees) - i), n, 1)
+            if n:                       # a round that drafted nothing leaves the segment where it was
+                segment = 1 if accepted < n else segment + n + 1
             i += accepted + 1
-    return {"ms_per_token": cost / committed, "drafted_per_round": drafted / rounds,
-            "committed_per_round": committed / rounds}
+    return out
 
 
 def fixed_length(k: int) -> Rule:
@@ -110,41 +140,49 @@ def oracle(c: Continuation, i: int, segment: int) -> int:
     return rest.index(False) if False in rest else len(rest)
 
 
-def survival_below(threshold: float, acceptance: Callable[[float, int], float], n_max: int = 32) -> Rule:
-    """Draft on while the product of the drafted tokens' acceptance stays at or above `threshold`
-    (a token is drafted, its confidence seen, and kept only if the survival with it holds)."""
+def survival_below(threshold: float, acceptance: Callable[[float, int], float], send_crossing: bool = False,
+                   n_max: int = 32) -> Rule:
+    """Draft on while the product of the drafted tokens' acceptance stays at or above `threshold`. The
+    token that takes it below is left out, or with `send_crossing` sent (the engine's order: a token is
+    drafted, then ``verify_now`` asks whether to stop after it)."""
 
     def rule(c: Continuation, i: int, segment: int) -> int:
         survival, n = 1.0, 0
         while i + n < len(c.agrees) and n < n_max:
             survival *= acceptance(c.confidence[i + n], segment + n)
             if survival < threshold:
-                break
+                return n + 1 if send_crossing else n
             n += 1
         return n
     return rule
 
 
-def controller(model: AcceptanceModel, fixed: float, per_token: float) -> Rule:
-    """The round controller's own rule under ``objective="cloud_cost"``: the head round of its plan for this
-    pass (one batch at the trigger, no rounds ahead), drafted until the survival of the tokens drafted so far,
-    the last one included, falls below the plan's threshold for that length (``PipeSD._decide``)."""
-    costs = SegmentCosts(gamma=0.036, beta=0.116, batch_cost=0.0, latency=0.02, empty_latency=0.02,
-                         pass_fixed=fixed / 1e3, pass_per_token=per_token / 1e3)
+class Controller:
+    """The round controller deciding each round's length as the engine asks it (see the module docstring).
+    The link is fixed: a round trip and an upload that ``cloud_cost`` does not price, the pass given."""
 
-    def rule(c: Continuation, i: int, segment: int) -> int:
-        plan = plan_segment(costs, model.positions.curve(segment), "cloud_cost", schedule="at_trigger",
-                            proactive=False)
-        if not plan.best_length:
-            return 0
-        survival, n = 1.0, 0
-        while i + n < len(c.agrees):
-            survival *= model.predict(c.confidence[i + n], segment + n)
-            n += 1
-            if n >= len(plan.stop_below) or survival < plan.stop_below[n]:
+    def __init__(self, model: AcceptanceModel, fixed: float, per_token: float):
+        self.policy = make_policy("pipesd_no_proactive", objective="cloud_cost")
+        self.policy.model = copy.deepcopy(model)
+        f, p = fixed / 1e3, per_token / 1e3
+        self.link = LinkEstimate(alpha=0.0, beta=0.116, gamma=0.036, verify=f, acceptance=0.6, nav_network=0.02,
+                                 nav_latency=0.02, nav_per_token=0.116, nav_empty=0.02, verify_fixed=f,
+                                 verify_per_token=p, uplink_per_token=0.116)
+        self._draft: list[DraftToken] = []
+
+    def __call__(self, c: Continuation, i: int, segment: int) -> int:
+        policy = self.policy
+        policy.start_round(self.link)
+        self._draft = []
+        while i + len(self._draft) < len(c.agrees) and len(self._draft) < policy.max_draft:
+            p = c.confidence[i + len(self._draft)]
+            self._draft.append(DraftToken(0, p, p))
+            if policy.verify_now(self._draft):
                 break
-        return n
-    return rule
+        return len(self._draft)
+
+    def observe(self, c: Continuation, i: int, n: int, accepted: int) -> None:
+        self.policy.on_verdict(RoundVerdict(tuple(self._draft[:n]), accepted, 0.0, self.link))
 
 
 def fitted_model(continuations: Sequence[Continuation]) -> AcceptanceModel:
@@ -162,28 +200,34 @@ def fitted_model(continuations: Sequence[Continuation]) -> AcceptanceModel:
 
 
 def evaluate(continuations: Sequence[Continuation], shapes: dict[str, tuple[float, float]]) -> dict:
-    half = [continuations[0::2], continuations[1::2]]
-    models = [fitted_model(half[1]), fitted_model(half[0])]      # each half scored by the other's fit
+    """Every rule's rows per pass shape, each with its change against Vanilla's k = 4."""
+    halves = [continuations[0::2], continuations[1::2]]
+    models = [fitted_model(halves[1]), fitted_model(halves[0])]      # each half scored by the other's fit
 
-    rules = {"raw confidence": lambda t: [(continuations, survival_below(t, lambda p, n: p))],
-             "AcceptanceModel, cross-fitted": lambda t: [(h, survival_below(t, m.predict)) for h, m in zip(half, models)]}
+    def crossfit(make_rule: Callable[[AcceptanceModel], Rule], fixed: float, per: float) -> Totals:
+        return sum((replay(h, make_rule(m), fixed, per) for h, m in zip(halves, models)), Totals())
+
     out = {}
     for name, (fixed, per) in shapes.items():
-        rules["the round controller (cloud_cost plan)"] = lambda t, fixed=fixed, per=per: [
-            (h, controller(m, fixed, per)) for h, m in zip(half, models)]
-        base = replay(continuations, fixed_length(4), fixed, per)["ms_per_token"]
-        rows = [{"rule": f"fixed k = {k}", **replay(continuations, fixed_length(k), fixed, per)} for k in range(1, 9)]
-        rows.append({"rule": "oracle (stops before the first rejection)", **replay(continuations, oracle, fixed, per)})
-        for label, make in rules.items():
-            sweep = []
-            for t in THRESHOLDS if not label.startswith("the round") else (None,):
-                parts = [replay(c, rule, fixed, per) for c, rule in make(t)]
-                sweep.append((float(np.mean([p["ms_per_token"] for p in parts])), t, parts))
-            best, t, parts = min(sweep, key=lambda x: x[0])
-            rows.append({"rule": f"{label}, its own thresholds" if label.startswith("the round") else
-                         f"survival >= {t} ({label}; best of {len(THRESHOLDS)} thresholds)",
-                         "ms_per_token": best, "drafted_per_round": float(np.mean([p["drafted_per_round"] for p in parts])),
-                         "committed_per_round": float(np.mean([p["committed_per_round"] for p in parts]))})
+        fixed_k = {k: replay(continuations, fixed_length(k), fixed, per) for k in range(1, 33)}
+        best_k = min(fixed_k, key=lambda k: fixed_k[k].row()["ms_per_token"])
+        rows = [{"rule": f"fixed k = {k}", **fixed_k[k].row()} for k in range(1, 9)]
+        if best_k > 8:
+            rows.append({"rule": f"best fixed k (1-32): k = {best_k}", **fixed_k[best_k].row()})
+        rows.append({"rule": "oracle (stops before the first rejection)", **replay(continuations, oracle, fixed, per).row()})
+        sweeps = {
+            "raw confidence, crossing token left out": lambda t: replay(
+                continuations, survival_below(t, lambda p, n: p), fixed, per),
+            "AcceptanceModel cross-fitted, crossing token left out": lambda t: crossfit(
+                lambda m: survival_below(t, m.predict), fixed, per),
+            "AcceptanceModel cross-fitted, crossing token sent": lambda t: crossfit(
+                lambda m: survival_below(t, m.predict, send_crossing=True), fixed, per)}
+        for label, run in sweeps.items():
+            t, totals = min(((t, run(t)) for t in THRESHOLDS), key=lambda x: x[1].row()["ms_per_token"])
+            rows.append({"rule": f"survival >= {t} ({label}; best of {len(THRESHOLDS)} thresholds)", **totals.row()})
+        rows.append({"rule": "the round controller (pipesd_no_proactive, objective cloud_cost)",
+                     **crossfit(lambda m: Controller(m, fixed, per), fixed, per).row()})
+        base = fixed_k[4].row()["ms_per_token"]
         for r in rows:
             r["vs_k4"] = r["ms_per_token"] / base - 1
         out[name] = {"pass_ms": [fixed, per], "rows": rows}
