@@ -564,7 +564,7 @@ class Decoding:
                 resp.verify_ms, resp.queue_ms))
         self.stats.target_passes += max(1, rnd.batches)
         self.stats.verify_s += resp.verify_ms / 1e3
-        self.stats.pipelined_rounds += nav.pipelined and nav.answered_at is not None
+        self.stats.pipelined_rounds += nav.pipelined and own      # not when a resend answered it
         # The link's part of the round trip: what the verifier spent verifying and waiting (behind the round
         # before, or other sessions) is off it. A round whose upload may have queued behind another's on
         # the uplink is no clean sample, unless it uploaded no draft token.
