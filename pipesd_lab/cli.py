@@ -6,11 +6,14 @@
     pipesd grid --quick --out /tmp/grid                    # beyond the bench's cells (generalise.py)
     pipesd steps --seconds 60 --out /tmp/steps             # PipeSD on S4's bandwidth trace (generalise.py)
     pipesd rounds --scenario s1 --out /tmp/rounds          # where a method's time goes, verdict by verdict (rounds.py)
+    pipesd stopping --out /tmp/stopping                    # what a stopping rule can save in target passes (stopping.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 import tempfile
 from pathlib import Path
@@ -81,28 +84,17 @@ def _written_by(main, name: str, args) -> int:
     return 0
 
 
-def _grid(args) -> int:
-    from .generalise import grid_main
-
-    return _written_by(grid_main, "grid", args)
-
-
-def _steps(args) -> int:
-    from .generalise import steps_main
-
-    return _written_by(steps_main, "steps", args)
-
-
-def _rounds(args) -> int:
-    from .rounds import rounds_main
-
-    return _written_by(rounds_main, "rounds", args)
-
-
-def _stopping(args) -> int:
-    from .stopping import stopping_main
-
-    return _written_by(stopping_main, "stopping", args)
+# The lab commands that write their results into --out: (module, its add-arguments function, its
+# main(args, command), help), registered by ``main`` and run by ``_written_by``.
+WRITTEN = {
+    "grid": ("generalise", "add_grid_arguments", "grid_main",
+             "PipeSD vs the baselines on a grid of links and devices beyond the bench's"),
+    "steps": ("generalise", "add_steps_arguments", "steps_main", "PipeSD's rounds against S4's bandwidth trace"),
+    "rounds": ("rounds", "add_rounds_arguments", "rounds_main",
+               "where a method's time goes: the gaps between its verdicts, by kind of round"),
+    "stopping": ("stopping", "add_stopping_arguments", "stopping_main",
+                 "what a round's stopping rule can save in target passes, replayed offline"),
+}
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -147,24 +139,12 @@ def main(argv=None) -> int:
     e = sub.add_parser("energy", help="joules per output token of each method, edge and cloud, per scenario")
     add_energy_arguments(e)
     e.set_defaults(func=_energy)
-    from .generalise import add_grid_arguments, add_steps_arguments
-
-    g = sub.add_parser("grid", help="PipeSD vs the baselines on a grid of links and devices beyond the bench's")
-    add_grid_arguments(g)
-    g.set_defaults(func=_grid)
-    st = sub.add_parser("steps", help="PipeSD's rounds against S4's bandwidth trace")
-    add_steps_arguments(st)
-    st.set_defaults(func=_steps)
-    from .rounds import add_rounds_arguments
-
-    rd = sub.add_parser("rounds", help="where a method's time goes: the gaps between its verdicts, by kind of round")
-    add_rounds_arguments(rd)
-    rd.set_defaults(func=_rounds)
-    from .stopping import add_stopping_arguments
-
-    sp = sub.add_parser("stopping", help="what a round's stopping rule can save in target passes, replayed offline")
-    add_stopping_arguments(sp)
-    sp.set_defaults(func=_stopping)
+    for name, (module, add, run, help_text) in WRITTEN.items():
+        lab = importlib.import_module(f".{module}", __package__)
+        sp = sub.add_parser(name, help=help_text)
+        getattr(lab, add)(sp)
+        sp.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
+        sp.set_defaults(func=functools.partial(_written_by, getattr(lab, run), name))
     lk = sub.add_parser("link", help="run an emulated link as a TCP proxy in front of a verifier")
     lk.add_argument("--upstream", type=_hostport, required=True, help="the verifier, HOST:PORT")
     lk.add_argument("--listen", type=_hostport, default=("127.0.0.1", 0), help="HOST:PORT (default: a free port)")

@@ -367,7 +367,6 @@ def add_grid_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pin", action="store_true", help="edge and verifier on separate cores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def add_steps_arguments(ap: argparse.ArgumentParser) -> None:
@@ -375,7 +374,6 @@ def add_steps_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--payload", default="full", choices=("ids", "topk", "full"))
     ap.add_argument("--pin", action="store_true", help="edge and verifier on separate cores")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def grid_main(args, command: str) -> list[Path]:

@@ -101,7 +101,6 @@ def add_rounds_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompts", type=int, default=32, help="generations of 64 tokens to record")
     ap.add_argument("--pin", action="store_true", help="edge and verifier on separate cores")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def rounds_main(args, command: str) -> list[Path]:

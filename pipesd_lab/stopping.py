@@ -265,7 +265,6 @@ def add_stopping_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pass", dest="shapes", type=_shape, action="append", default=None,
                     help="a target pass to price, NAME=FIXED_MS,PER_TOKEN_MS (repeatable; default: "
                     + ", ".join(f"{k}={a:g},{b:g}" for k, (a, b) in PASS_SHAPES.items()) + ")")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default: a new temporary one)")
 
 
 def stopping_main(args, command: str) -> list[Path]:
