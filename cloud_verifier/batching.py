@@ -118,7 +118,7 @@ class ModelWorker:
             while parked:
                 batch, parked = parked, []
                 try:
-                    rows = self.logits_many([(f.state, f.tokens, f.first_row) for _, _, f in batch])
+                    rows = self.logits_many([(f.state, f.tokens, f.first_row, f.parents) for _, _, f in batch])
                 except BaseException as exc:             # the call itself failed: every session in it fails
                     rows = [exc] * len(batch)
                 if self.metrics is not None:

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="write a new pre-shared key (32 random bytes, base64) to PATH and exit")
     ap.add_argument("--force", action="store_true", help="let --generate-key / --generate-psk replace an existing file")
     ap.add_argument("--max-draft", type=int, default=d.max_draft)
+    ap.add_argument("--max-tree-nodes", type=int, default=d.max_tree_nodes,
+                    help="nodes of a token tree a round may send (0: chains only); the llama.cpp backend verifies chains only")
     ap.add_argument("--max-sessions", type=int, default=d.max_sessions)
     ap.add_argument("--max-cached-tokens", type=int, default=d.max_cached_tokens)
     ap.add_argument("--max-memory-mb", type=float, default=d.max_memory_bytes / 2**20,
@@ -116,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> VerifierSettings:
-    return VerifierSettings(max_draft=args.max_draft, max_sessions=args.max_sessions,
+    return VerifierSettings(max_draft=args.max_draft, max_tree_nodes=args.max_tree_nodes, max_sessions=args.max_sessions,
                             max_cached_tokens=args.max_cached_tokens, max_in_flight=args.max_in_flight,
                             max_context=args.max_context, session_ttl_s=args.session_ttl,
                             max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,

@@ -12,6 +12,11 @@ the slots' keys up to the longest row; an explicit 4D mask lets query q of row b
 exactly positions 0..L_b+q of its own slot, so shorter rows ignore what lies beyond
 their length (old tokens of a rolled-back draft, padding, a former owner's keys).
 
+Token trees: a row's last nodes may form a tree (``trees``). They are written in wire order
+like any tokens, but each node takes the rotary position of its depth and sees, among the
+tree's slots, only its ancestors and itself. ``KVPool.compact`` then moves the accepted root
+path's keys down to the positions a plain sequence would give them.
+
 Bounded: at most ``max_slots`` slots, capacity at most the target's context. Slots and
 capacity grow by doubling as sessions arrive and lengthen (an idle verifier holds little).
 When every slot is taken, the least recently used session not in the current pass loses
@@ -29,19 +34,28 @@ import torch
 class BatchView:
     """The cache object handed to the model for one forward pass over several pool rows."""
 
-    def __init__(self, pool: "KVPool", slots: list[int], starts: list[int], n: int):
+    def __init__(self, pool: "KVPool", slots: list[int], starts: list[int], n: int,
+                 trees: list[tuple[int, list[int]] | None] | None = None):
         self.pool, self.n = pool, n
         self.kv_len = max(starts) + n
         self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         self.slot_index = torch.tensor(slots)
         self.rows = self.slot_index[:, None]                                 # [B, 1]
-        self.positions = torch.tensor(starts)[:, None] + torch.arange(n)    # [B, n]: absolute positions written
+        self.written = torch.tensor(starts)[:, None] + torch.arange(n)      # [B, n]: cache positions written
+        self.positions = self.written                                       # [B, n]: rotary positions
+        # trees[b] = (q, parents): row b's queries q.. are a tree's nodes (None: no tree in row b)
+        self.trees = [(b, tree) for b, tree in enumerate(trees or ()) if tree is not None]
+        if self.trees:
+            self.positions = self.written.clone()
+            for b, (q, parents) in self.trees:
+                depth = _depths(parents)
+                self.positions[b, q: q + len(parents)] = self.written[b, q] + torch.tensor(depth)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new keys/values ([B, heads, n, dim]) and return the rows' whole caches."""
         out = []
         for store, new in ((self.pool.keys[layer_idx], keys), (self.pool.values[layer_idx], values)):
-            store[self.rows, :, self.positions] = new.transpose(1, 2).to(store.dtype)   # [B, n, heads, dim]
+            store[self.rows, :, self.written] = new.transpose(1, 2).to(store.dtype)     # [B, n, heads, dim]
             window = store[:, :, : self.kv_len]
             if self.contiguous:                                             # a view, no copy (e.g. one row)
                 out.append(window[int(self.slot_index[0]): int(self.slot_index[0]) + len(self.slot_index)])
@@ -50,8 +64,12 @@ class BatchView:
         return out[0], out[1]
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, n, kv_len] additive mask: row b's query q sees its own slot's positions 0..L_b+q."""
-        visible = torch.arange(self.kv_len)[None, None, :] <= self.positions[:, :, None]
+        """[B, 1, n, kv_len] additive mask: row b's query q sees its own slot's positions 0..L_b+q
+        (a tree's node: the positions before the tree, its ancestors and itself)."""
+        visible = torch.arange(self.kv_len)[None, None, :] <= self.written[:, :, None]
+        for b, (q, parents) in self.trees:
+            at = int(self.written[b, q])
+            visible[b, q: q + len(parents), at: at + len(parents)] = _ancestry(parents)
         return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
     # transformers asks these of a cache in a few code paths; position ids are always passed explicitly.
@@ -61,6 +79,23 @@ class BatchView:
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+def _depths(parents: list[int]) -> list[int]:
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def _ancestry(parents: list[int]) -> torch.Tensor:
+    """[m, m] bool: entry (i, j) is true where node j is node i itself or one of its ancestors."""
+    m = len(parents)
+    seen = torch.eye(m, dtype=torch.bool)
+    for i, parent in enumerate(parents):      # parents precede their children: row `parent` is complete
+        if parent >= 0:
+            seen[i] |= seen[parent]
+    return seen
 
 
 class KVPool:
@@ -142,7 +177,18 @@ class KVPool:
         self.recent.pop(slot, None)
         owner.cache = None
         owner.tokens.clear()
+        owner.tree_at = None
 
-    def view(self, slots: list[int], starts: list[int], n: int) -> BatchView:
+    def view(self, slots: list[int], starts: list[int], n: int,
+             trees: list[tuple[int, list[int]] | None] | None = None) -> BatchView:
         self.reserve(max(starts) + n)
-        return BatchView(self, slots, starts, n)
+        return BatchView(self, slots, starts, n, trees)
+
+    def compact(self, state, at: int, path: list[int]) -> None:
+        """Move the keys and values cached at positions at + path[j] to at + j (a tree's accepted path,
+        node indices increasing, so each moves down or stays)."""
+        if not self.holds(state) or not path or path == list(range(len(path))):
+            return
+        source = torch.tensor(path) + at
+        for store in (*self.keys, *self.values):
+            store[state.cache, :, at: at + len(path)] = store[state.cache, :, source]

@@ -26,6 +26,32 @@ def greedy_accept(draft: Sequence[int], logits: np.ndarray) -> tuple[int, int]:
     return accepted, int(predicted[accepted])
 
 
+def greedy_accept_tree(nodes: Sequence[int], parents: Sequence[int], logits: np.ndarray) -> tuple[list[int], int]:
+    """The tree form of ``greedy_accept``: (the accepted path's node indices, the target's next token).
+
+    ``nodes``/``parents`` as in ``VerifyRequest`` (parents precede children, -1 the base, siblings
+    distinct). Row 0 of ``logits`` is the target's distribution after the base, row 1 + i after the
+    base plus node i's root path. From the base, follow the child whose token is the target's argmax
+    until no child is; what the walk accepted is exactly the tokens target-only greedy decoding would
+    produce next, and the argmax where it stopped is the correction or bonus token. A chain (parents
+    0..n-2 after -1) gives the same answer as ``greedy_accept``.
+    """
+    if logits.shape[0] != len(nodes) + 1 or len(parents) != len(nodes):
+        raise ValueError(f"need {len(nodes) + 1} logits rows and {len(nodes)} parents")
+    children: dict[int, dict[int, int]] = {}
+    for i, (token, parent) in enumerate(zip(nodes, parents)):
+        children.setdefault(parent, {})[token] = i
+    predicted = logits.argmax(axis=-1)
+    path, at = [], -1
+    while True:
+        token = int(predicted[at + 1])
+        child = children.get(at, {}).get(token)
+        if child is None:
+            return path, token
+        path.append(child)
+        at = child
+
+
 def speculative_accept(draft: Sequence[int], q_rows: Sequence[SparseDist], logits: np.ndarray,
                        params: SamplingParams, first_position: int) -> tuple[int, int]:
     """The speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023); (accepted, next token).

@@ -41,9 +41,9 @@ from privacy.channel import Header
 from privacy.messages import vocab_fingerprint
 
 from .metrics import Metrics
-from .nav import greedy_accept, speculative_accept
+from .nav import greedy_accept, greedy_accept_tree, speculative_accept
 from .settings import VerifierSettings
-from .target import Target, TargetState
+from .target import PassJob, Target, TargetState
 
 log = logging.getLogger("cloud_verifier")
 
@@ -60,6 +60,7 @@ class PendingRound:
     base: list[int]                                          # the committed prefix the round builds on
     named: tuple[int, bytes]                                 # (base_len, prefix_hash) its first batch named
     tokens: list[int] = field(default_factory=list)          # draft tokens staged so far
+    parents: tuple[int, ...] = ()                            # a token tree's parent indices (empty: a chain)
     rows: list[np.ndarray] = field(default_factory=list)     # logits computed as batches arrived
     sampling: SamplingParams | None = None                    # the round's sampling (None: greedy)
     q: list[SparseDist] = field(default_factory=list)        # per staged token: the q it was drawn from
@@ -98,6 +99,7 @@ class Forward:
     state: TargetState
     tokens: list[int]
     first_row: int
+    parents: tuple[int, ...] = ()       # the last len(parents) tokens are a token tree (target.PassJob)
 
 
 Steps = Generator[Forward, np.ndarray, tuple[int, bytes, FrameType]]
@@ -216,7 +218,7 @@ class VerifierService:
         try:
             while True:
                 job = steps.send(rows)
-                rows = self.target.logits_many([(job.state, job.tokens, job.first_row)])[0]
+                rows = self.target.logits_many([PassJob(job.state, job.tokens, job.first_row, job.parents)])[0]
                 if isinstance(rows, Exception):
                     raise rows
         except StopIteration as done:
@@ -291,7 +293,14 @@ class VerifierService:
             session.state = self.target.new_state()
         return SessionOpened(session.channel.session_id.hex(), self.target.name, self.fingerprint,
                              self.target.vocab_size, self.target.eos_token_ids, self.settings.max_draft,
-                             self.max_context, self.settings.rebase)
+                             self.max_context, self.settings.rebase, self.tree_nodes)
+
+    @property
+    def tree_nodes(self) -> int:
+        """The most nodes of a token tree this verifier verifies (0: chains only)."""
+        if not getattr(self.target, "supports_trees", False):
+            return 0
+        return min(self.settings.max_tree_nodes, self.settings.max_draft)
 
     def _expire(self) -> None:
         """Drop idle sessions (TTL) and the staged logits rows of rounds idle past ``round_timeout_s``."""
@@ -428,7 +437,7 @@ class VerifierService:
             # next token, with no round trip of its own.
             pending = PendingRound(req.round, list(session.committed), (len(session.committed),
                                                                         prefix_hash(session.committed)))
-            req = dataclasses.replace(req, draft=(), q=())
+            req = dataclasses.replace(req, draft=(), q=(), parents=())
             self.metrics.conditional_rebased.inc()
         if pending is None:      # a stale or out-of-order batch: refused, nothing changes
             held = session.pending
@@ -452,6 +461,7 @@ class VerifierService:
         if pending.tokens and pending.sampling != req.sampling:
             raise WireError(ErrorCode.MALFORMED, "every batch of a round must carry the same sampling parameters")
         pending.sampling = req.sampling
+        pending.parents = req.parents
         pending.tokens.extend(req.draft)
         pending.q.extend(req.q)
         pending.q_bytes += sum(q.ids.nbytes + q.p16.nbytes for q in req.q)
@@ -469,14 +479,23 @@ class VerifierService:
         if pending.rows_held < len(pending.tokens) + 1:
             yield from self._forward(session.state, pending)
         rows = np.concatenate(pending.rows)
-        if pending.sampling is None:
-            accepted, token = greedy_accept(pending.tokens, rows)
+        node = None
+        if pending.parents:
+            path, token = greedy_accept_tree(pending.tokens, pending.parents, rows)
+            self.target.keep_path(session.state, path)       # the cache: prefix + the path, as a sequence
+            accepted, node = len(path), (path[-1] if path else None)
+            kept = [pending.tokens[i] for i in path]
         else:
-            accepted, token = speculative_accept(pending.tokens, pending.q, rows, pending.sampling, len(pending.base))
+            if pending.sampling is None:
+                accepted, token = greedy_accept(pending.tokens, rows)
+            else:
+                accepted, token = speculative_accept(pending.tokens, pending.q, rows, pending.sampling,
+                                                     len(pending.base))
+            kept = pending.tokens[:accepted]
         # Rollback: the cache keeps the committed prefix and the accepted draft tokens; the
         # target's own token is fed at the start of the next round.
         self.target.rollback(session.state, len(pending.base) + accepted)
-        session.committed = pending.base + pending.tokens[:accepted] + [token]
+        session.committed = pending.base + kept + [token]
         session.last_answer = (req.round, rebased)
         elapsed = time.perf_counter() - t0
         m = self.metrics
@@ -486,7 +505,7 @@ class VerifierService:
         m.nav_seconds.observe(elapsed)
         self._evict(keep=session.channel.session_id)
         queued = max(0.0, t0 - arrived) * 1e3 if arrived is not None else 0.0
-        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3, round(queued, 3), rebased)
+        return VerifyResponse(accepted, token, len(session.committed), elapsed * 1e3, round(queued, 3), rebased, node)
 
     def _rebases(self, session: Session, req: VerifyRequest) -> bool:
         """Is this refused batch a conditional round to answer rebased: its final, drafted on top of exactly
@@ -501,7 +520,7 @@ class VerifierService:
         first = len(pending.base) - 1 + pending.rows_held
         pending.busy = True             # the budget leaves these rows alone until the pass has answered
         try:
-            pending.add_rows((yield Forward(state, pending.base + pending.tokens, first)))
+            pending.add_rows((yield Forward(state, pending.base + pending.tokens, first, pending.parents)))
         finally:
             pending.busy = False
 
@@ -522,6 +541,16 @@ class VerifierService:
         return p
 
     def _check_limits(self, req: VerifyRequest) -> None:
+        if req.parents:
+            if not self.tree_nodes:
+                raise WireError(ErrorCode.TREE_UNSUPPORTED, "this verifier verifies chains only (its target "
+                                f"{self.target.name} cannot run token trees, or they are turned off)", tree_nodes=0)
+            if req.sampling is not None:
+                raise WireError(ErrorCode.TREE_UNSUPPORTED, "token trees are verified greedily only: send a "
+                                "sampled draft as a chain", tree_nodes=self.tree_nodes)
+            if len(req.draft) > self.tree_nodes:
+                raise WireError(ErrorCode.DRAFT_TOO_LONG, f"a token tree of {len(req.draft)} nodes exceeds the "
+                                f"limit of {self.tree_nodes}", tree_nodes=self.tree_nodes)
         if len(req.draft) > self.settings.max_draft or req.offset + len(req.draft) > self.settings.max_draft:
             raise WireError(ErrorCode.DRAFT_TOO_LONG,
                             f"a round of {req.offset + len(req.draft)} draft tokens exceeds the limit of "

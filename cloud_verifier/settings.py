@@ -10,6 +10,8 @@ class VerifierSettings:
     """Every bound of the verifier. Batched NAV is the default: ``max_batch=1`` runs sessions one by one."""
 
     max_draft: int = 64               # draft tokens per NAV round (422 draft_too_long beyond)
+    max_tree_nodes: int = 64          # nodes of a token tree (VerifyRequest.parents), at most max_draft; 0: chains
+                                      # only (and so on a target that cannot verify trees: 422 tree_unsupported)
     max_append: int = 4096            # committed tokens sent in one frame: prompt or resync (422 batch_too_large)
     max_frame_bytes: int = 1 << 20    # one frame on the wire (413 payload_too_large beyond)
     max_body_bytes: int = 1 << 20     # one body after decompression (413)
@@ -60,6 +62,8 @@ class VerifierSettings:
     def __post_init__(self):
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if self.max_tree_nodes < 0:
+            raise ValueError("max_tree_nodes must not be negative")
         if self.kv_slots < self.max_batch:
             raise ValueError(f"kv_slots ({self.kv_slots}) must be at least max_batch ({self.max_batch})")
         if self.batch_wait_s < 0:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -29,10 +29,33 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 @dataclass
 class TargetState:
-    """One session's KV cache and the tokens it covers (backend-specific cache object)."""
+    """One session's KV cache and the tokens it covers (backend-specific cache object).
+
+    After a token tree's pass, ``tokens`` holds the tree's nodes in wire order from ``tree_at`` on (the
+    cache holds them there too); ``keep_path`` turns that back into a sequence. Until it does, the
+    nodes are not a prefix of anything, and the next pass forgets them."""
 
     cache: object = None
     tokens: list[int] = field(default_factory=list)
+    tree_at: int | None = None
+
+
+class PassJob(NamedTuple):
+    """One session's part of a target pass: hold `tokens` after it, return the rows from `first_row`.
+
+    `parents` (a token tree): the last len(parents) tokens are a tree's nodes, parents[i] the index of
+    node i's parent among them (-1: the token before the tree); each node sees its root path only, at
+    the position of its depth. Empty: `tokens` is a plain sequence. A plain (state, tokens, first_row)
+    tuple is the same job without a tree."""
+
+    state: TargetState
+    tokens: Sequence[int]
+    first_row: int
+    parents: Sequence[int] = ()
+
+
+def as_job(job) -> PassJob:
+    return job if isinstance(job, PassJob) else PassJob(*job)
 
 
 class Target(Protocol):
@@ -51,12 +74,17 @@ class Target(Protocol):
         covering all of `tokens`; callers crop it with ``rollback``.
         """
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+    def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         """``logits`` for several sessions (distinct states); a batching backend runs them as one pass.
-        A job whose pass failed gets the exception in its place (the others' rows stand)."""
+        A job whose pass failed gets the exception in its place (the others' rows stand). Jobs with a
+        tree (``PassJob.parents``) only where ``supports_trees`` is true."""
 
     def rollback(self, state: TargetState, length: int) -> None:
         """Forget every cached position at or after `length`."""
+
+    # Token trees (optional): a target that verifies them sets ``supports_trees = True`` and has
+    # keep_path(state, path): after a tree's pass, keep the root path `path` (node indices) and forget
+    # the other nodes, so that the state holds the prefix plus the path as a plain sequence.
 
     def release(self, state: TargetState) -> None:
         """The session is gone: free what its cache holds."""
@@ -198,6 +226,8 @@ class TorchTarget:
         self.pool.release(state)
 
     def rollback(self, state: TargetState, length: int) -> None:
+        if state.tree_at is not None:  # a tree's nodes become a sequence only through keep_path
+            length, state.tree_at = min(length, state.tree_at), None
         del state.tokens[length:]     # positions past the length are masked out and overwritten later
 
     def logits(self, state: TargetState, tokens: Sequence[int], first_row: int) -> np.ndarray:
@@ -206,18 +236,24 @@ class TorchTarget:
             raise rows
         return rows
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+    supports_trees = True
+
+    def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         """``logits`` for several sessions (distinct states) at once; a failed pass's jobs get its exception."""
-        if len({id(state) for state, _, _ in jobs}) != len(jobs):
+        jobs = [as_job(job) for job in jobs]
+        if len({id(job.state) for job in jobs}) != len(jobs):
             raise ValueError("one forward pass takes each session at most once")
         # No job of this call may lose its slot to another: protect the slots already held first.
-        keep = {state.cache for state, _, _ in jobs if self.pool.holds(state)}
-        for state, _, _ in jobs:
-            keep.add(self.pool.acquire(state, keep=keep))
+        keep = {job.state.cache for job in jobs if self.pool.holds(job.state)}
+        for job in jobs:
+            keep.add(self.pool.acquire(job.state, keep=keep))
         work = []
-        for i, (state, tokens, first_row) in enumerate(jobs):
-            # Keep at least one token to run so that row `first_row` is produced by this pass.
-            start = min(common_prefix(state.tokens, tokens), first_row)
+        for i, (state, tokens, first_row, parents) in enumerate(jobs):
+            if state.tree_at is not None:            # a tree's nodes nobody kept a path of: not a prefix
+                self.rollback(state, state.tree_at)
+            # Keep at least one token to run so that row `first_row` is produced by this pass; a tree's
+            # nodes always run (their cached keys sit at wire order, not at their depth's position).
+            start = min(common_prefix(state.tokens, tokens), first_row, len(tokens) - len(parents))
             self.rollback(state, start)
             work.append((len(tokens) - start, i, start))
         out: list[np.ndarray | Exception] = [None] * len(jobs)
@@ -226,7 +262,8 @@ class TorchTarget:
                 self._run(jobs, group, out)
             except Exception as exc:     # this pass failed: its sessions fail, the call's other passes stand
                 for _, i, _ in group:
-                    jobs[i][0].tokens.clear()      # what the slot holds for them is unknown now
+                    jobs[i].state.tokens.clear()   # what the slot holds for them is unknown now
+                    jobs[i].state.tree_at = None
                     out[i] = exc
         return out
 
@@ -235,18 +272,33 @@ class TorchTarget:
         n = group[-1][0]
         rows = [jobs[i] for _, i, _ in group]
         starts = [start for _, _, start in group]
-        view = self.pool.view([state.cache for state, _, _ in rows], starts, n)
+        trees = [(len(job.tokens) - len(job.parents) - start, job.parents) if job.parents else None
+                 for job, start in zip(rows, starts)]
+        view = self.pool.view([job.state.cache for job in rows], starts, n, trees)
         ids = torch.zeros((len(rows), n), dtype=torch.long)           # right padding: masked by causality
-        for b, ((state, tokens, _), start) in enumerate(zip(rows, starts)):
-            ids[b, : len(tokens) - start] = torch.tensor(tokens[start:])
+        for b, (job, start) in enumerate(zip(rows, starts)):
+            ids[b, : len(job.tokens) - start] = torch.tensor(job.tokens[start:])
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=view.mask(torch.float32), position_ids=view.positions,
                                 cache=view, use_cache=True).logits
-        for b, ((state, tokens, first_row), start, (_, i, _)) in enumerate(zip(rows, starts, group)):
+        for b, (job, start, (_, i, _)) in enumerate(zip(rows, starts, group)):
+            state, tokens, first_row = job.state, job.tokens, job.first_row
             state.tokens.extend(tokens[start:])
+            state.tree_at = len(tokens) - len(job.parents) if job.parents else None
             # A copy: a view would keep the whole batch's logits alive while a round is pending.
             out[i] = logits[b, first_row - start: len(tokens) - start].float().numpy().copy()
 
+    def keep_path(self, state: TargetState, path: Sequence[int]) -> None:
+        """After a tree's pass: the state holds the prefix plus the nodes of `path` (a root path, node
+        indices), their keys moved down to the positions a plain sequence would give them."""
+        at = state.tree_at
+        if at is None:                # its slot went to another session: the next pass recomputes the prefix
+            return
+        nodes = state.tokens[at:]
+        self.pool.compact(state, at, list(path))
+        del state.tokens[at:]
+        state.tokens.extend(nodes[i] for i in path)
+        state.tree_at = None
 
 def _similar_lengths(work: list[tuple[int, int, int]], max_len: int):
     """Split (new tokens, job, start), sorted by length, into passes whose padding is at most 2x and
@@ -401,11 +453,15 @@ class LlamaCppTarget:
     def release(self, state: TargetState) -> None:
         self.pool.release(state)
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+    supports_trees = False       # one sequence per context; the verifier refuses trees (tree_unsupported)
+
+    def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         out: list[np.ndarray | Exception] = []
-        for job in jobs:                                # one context per session: no shared pass (yet)
+        for job in map(as_job, jobs):                   # one context per session: no shared pass (yet)
             try:
-                out.append(self.logits(*job))
+                if job.parents:
+                    raise ValueError("the llama.cpp target verifies chains only, not token trees")
+                out.append(self.logits(job.state, job.tokens, job.first_row))
             except Exception as exc:                    # this session fails, the others' rows stand
                 job[0].tokens.clear()                   # what its context holds is unknown now
                 out.append(exc)
@@ -482,10 +538,11 @@ class PaddedTarget:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def logits_many(self, jobs: Sequence[tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
+    def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         t0 = time.perf_counter()
+        jobs = [as_job(job) for job in jobs]
         out = self.inner.logits_many(jobs)
-        rows = sum(max(1, len(tokens) - first_row) for _, tokens, first_row in jobs)
+        rows = sum(max(1, len(job.tokens) - job.first_row) for job in jobs)
         rest = self.fixed_s + self.per_token_s * rows - (time.perf_counter() - t0)
         if rest > 0:
             time.sleep(rest)

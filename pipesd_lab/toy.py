@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cloud_verifier.target import TargetState, common_prefix
+from cloud_verifier.target import TargetState, as_job, common_prefix
 from edge_sdk.drafter import _LogitsDrafter
 
 BOS, EOS = 0, 1
@@ -85,11 +85,15 @@ class ToyTarget:
         state.tokens.clear()
 
     def rollback(self, state: TargetState, length: int) -> None:
+        if state.tree_at is not None:     # a tree's nodes become a sequence only through keep_path
+            length, state.tree_at = min(length, state.tree_at), None
         del state.tokens[length:]
 
     def logits(self, state: TargetState, tokens: Sequence[int], first_row: int) -> np.ndarray:
         if len(tokens) > self.max_context:
             raise ValueError(f"{len(tokens)} tokens exceed the context of {self.max_context}")
+        if state.tree_at is not None:
+            self.rollback(state, state.tree_at)
         keep = min(common_prefix(state.tokens, tokens), first_row)
         self.rollback(state, keep)
         self.positions_computed += len(tokens) - keep
@@ -97,11 +101,35 @@ class ToyTarget:
         state.tokens.extend(tokens[keep:])
         return np.stack([self.language.logits(tokens[: i + 1]) for i in range(first_row, len(tokens))])
 
+    supports_trees = True
+
+    def logits_tree(self, state: TargetState, tokens: Sequence[int], first_row: int,
+                    parents: Sequence[int]) -> np.ndarray:
+        """A token tree's rows: the last len(parents) tokens are its nodes, each seen after its root path."""
+        at = len(tokens) - len(parents)
+        rows = self.logits(state, tokens[:at], first_row)
+        paths: list[list[int]] = []
+        for token, parent in zip(tokens[at:], parents):
+            paths.append((paths[parent] if parent >= 0 else []) + [token])
+        self.positions_computed += len(parents)
+        state.tokens.extend(tokens[at:])
+        state.tree_at = at
+        return np.concatenate([rows] + [self.language.logits(list(tokens[:at]) + p)[None] for p in paths])
+
+    def keep_path(self, state: TargetState, path: Sequence[int]) -> None:
+        at, nodes = state.tree_at, state.tokens[state.tree_at:]
+        del state.tokens[at:]
+        state.tokens.extend(nodes[i] for i in path)
+        state.tree_at = None
+
     def logits_many(self, jobs):
         out = []
-        for job in jobs:
+        for job in map(as_job, jobs):
             try:
-                out.append(self.logits(*job))
+                if job.parents:
+                    out.append(self.logits_tree(*job))
+                else:
+                    out.append(self.logits(job.state, job.tokens, job.first_row))
             except Exception as exc:      # this session fails, the others' rows stand
                 out.append(exc)
         return out

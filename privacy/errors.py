@@ -24,6 +24,7 @@ class ErrorCode(str, Enum):
     OVERLOADED = "overloaded"                # too many requests in flight: retry after a delay
     BATCH_TOO_LARGE = "batch_too_large"      # more tokens in one frame than allowed
     REQUEST_TIMEOUT = "request_timeout"      # the request body did not arrive in time (the connection is closed)
+    TREE_UNSUPPORTED = "tree_unsupported"    # a token tree this verifier cannot verify (its target, sampling, size)
     INTERNAL = "internal"                    # a fault of the verifier, never of the input
 
     @property
@@ -48,6 +49,7 @@ _STATUS = {
     ErrorCode.OVERLOADED: 429,
     ErrorCode.BATCH_TOO_LARGE: 422,
     ErrorCode.REQUEST_TIMEOUT: 408,
+    ErrorCode.TREE_UNSUPPORTED: 422,
     ErrorCode.INTERNAL: 500,
 }
 

@@ -88,6 +88,7 @@ class SessionOpened:
     max_draft: int
     max_context: int
     rebase: bool = False      # answers a failed conditional round as the target's next token (VerifyRequest)
+    tree_nodes: int = 0       # the most nodes a token tree may have (VerifyRequest.parents); 0: chains only
 
     def to_dict(self) -> dict:
         d = {"session_id": self.session_id, "model": self.model, "vocab_fingerprint": self.vocab_fingerprint,
@@ -95,13 +96,16 @@ class SessionOpened:
              "max_draft": self.max_draft, "max_context": self.max_context}
         if self.rebase:
             d["rebase"] = True
+        if self.tree_nodes:
+            d["tree_nodes"] = self.tree_nodes
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SessionOpened":
         return cls(_field(d, "session_id", str), _field(d, "model", str), _field(d, "vocab_fingerprint", str),
                    _count(d, "vocab_size"), unpack_tokens(_field(d, "eos", bytes), "eos"),
-                   _count(d, "max_draft"), _count(d, "max_context"), _field(d, "rebase", bool, False))
+                   _count(d, "max_draft"), _count(d, "max_context"), _field(d, "rebase", bool, False),
+                   _count(d, "tree_nodes") if "tree_nodes" in d else 0)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,14 @@ class VerifyRequest:
     which sees the same verdict, expects exactly that answer. Rebased answers never chain: at most
     one per verdict, so the target never decodes on its own beyond one token.
 
+    A **token tree** (``parents`` set, to a verifier whose ``SessionOpened.tree_nodes`` allows it): the
+    draft is a tree's nodes in an order where every node comes after its parent, and ``parents[i]`` is
+    the index of node i's parent in the draft, -1 for a node that follows the base directly (the
+    round's first position may have several candidates). Siblings carry distinct tokens. The verifier
+    runs the whole tree in one target pass and accepts the longest root path that the target's greedy
+    decoding would produce; ``VerifyResponse.node`` names the deepest node on it. A tree goes up in
+    one final batch (offset 0) and is greedy only. An empty ``parents`` is a chain, as before.
+
     Sampling (``sampling`` set, temperature > 0): ``q`` carries, per draft token, the draft's
     truncated distribution it was sampled from (sparse: support ids + float16 probabilities), and
     the verifier applies the speculative-sampling rule instead of argmax matching. Greedy requests
@@ -145,6 +157,11 @@ class VerifyRequest:
     q: tuple[SparseDist, ...] = ()
     conditional: bool = False
     after: int | None = None
+    parents: tuple[int, ...] = ()
+
+    @property
+    def is_tree(self) -> bool:
+        return bool(self.parents)
 
     def to_dict(self) -> dict:
         d = {"base_len": self.base_len, "prefix_hash": self.prefix_hash, "append": pack_tokens(self.append),
@@ -153,6 +170,8 @@ class VerifyRequest:
             d["cond"] = True
         if self.after is not None:
             d["after"] = self.after
+        if self.parents:
+            d["tree"] = pack_tokens([p + 1 for p in self.parents])     # 0: a child of the base
         if self.sampling is not None and not self.sampling.greedy:
             d["s"] = self.sampling.to_dict()
             d["q_n"] = pack_tokens([len(q) for q in self.q])
@@ -166,7 +185,11 @@ class VerifyRequest:
                   unpack_tokens(_field(d, "draft", bytes), "draft"), _field(d, "prefix_hash", bytes, b""),
                   _count(d, "round") if "round" in d else 0, _count(d, "offset") if "offset" in d else 0,
                   _field(d, "final", bool, True), *_sampling_from(d), _field(d, "cond", bool, False),
-                  _count(d, "after") if "after" in d else None)
+                  _count(d, "after") if "after" in d else None, _tree_from(d))
+        if req.parents:
+            check_tree(req.draft, req.parents)
+            if not req.final or req.offset:
+                raise WireError(ErrorCode.MALFORMED, "a token tree goes up in one final batch (offset 0)")
         if req.after is not None and not (req.conditional and req.final):
             raise WireError(ErrorCode.MALFORMED, "'after' belongs to a conditional final batch only")
         if len(req.prefix_hash) != (16 if req.base_len else 0):
@@ -177,6 +200,39 @@ class VerifyRequest:
             if q.prob_of(token) <= 0.0:
                 raise WireError(ErrorCode.MALFORMED, "a draft token lies outside the q it was sampled from")
         return req
+
+
+def _tree_from(d: dict) -> tuple[int, ...]:
+    if "tree" not in d:
+        return ()
+    encoded = unpack_tokens(_field(d, "tree", bytes), "tree")
+    if not encoded:
+        raise WireError(ErrorCode.MALFORMED, "'tree' must name a parent for every draft token")
+    return tuple(e - 1 for e in encoded)
+
+
+def check_tree(nodes: Sequence[int], parents: Sequence[int]) -> None:
+    """A well-formed token tree, or WireError(MALFORMED) saying what is wrong: one parent per node,
+    each parent before its child (-1: the base), so no cycle can be written, and siblings distinct."""
+    if len(parents) != len(nodes):
+        raise WireError(ErrorCode.MALFORMED, f"a tree of {len(nodes)} nodes needs {len(nodes)} parents, "
+                        f"got {len(parents)}")
+    seen: set[tuple[int, int]] = set()
+    for i, (token, parent) in enumerate(zip(nodes, parents)):
+        if not -1 <= parent < i:
+            raise WireError(ErrorCode.MALFORMED, f"node {i}'s parent {parent} does not come before it "
+                            "(parents precede their children; -1 is the base)")
+        if (parent, token) in seen:
+            raise WireError(ErrorCode.MALFORMED, f"node {i} repeats a sibling's token {token}")
+        seen.add((parent, token))
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Each node's depth (0: a child of the base) in a well-formed tree."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
 
 
 def _sampling_from(d: dict) -> tuple[SamplingParams | None, tuple[SparseDist, ...]]:
@@ -245,6 +301,7 @@ class VerifyResponse:
     queue_ms: float = 0.0     # how long the final batch waited at the verifier before it was verified
                               # (behind the round before it, or other sessions' passes); absent when 0
     rebased: bool = False
+    node: int | None = None   # a tree round with an accepted node: the deepest one (its path is accepted)
 
     def to_dict(self) -> dict:
         d = {"accepted": self.accepted, "token": self.token, "committed_len": self.committed_len,
@@ -253,6 +310,8 @@ class VerifyResponse:
             d["queue_ms"] = self.queue_ms
         if self.rebased:
             d["rebased"] = True
+        if self.node is not None:
+            d["node"] = self.node
         return d
 
     @classmethod
@@ -261,4 +320,5 @@ class VerifyResponse:
         if not math.isfinite(queue) or queue < 0:
             raise WireError(ErrorCode.MALFORMED, "field 'queue_ms' must be a finite number >= 0")
         return cls(_count(d, "accepted"), _count(d, "token"), _count(d, "committed_len"),
-                   float(_field(d, "verify_ms", (int, float))), queue, _field(d, "rebased", bool, False))
+                   float(_field(d, "verify_ms", (int, float))), queue, _field(d, "rebased", bool, False),
+                   _count(d, "node") if "node" in d else None)

@@ -138,7 +138,7 @@ def test_settings_bound_the_batch():
 # -- the model worker (plain functions, no model) ---------------------------------------------
 class FakeForward:
     def __init__(self, state, tokens, first_row):
-        self.state, self.tokens, self.first_row = state, tokens, first_row
+        self.state, self.tokens, self.first_row, self.parents = state, tokens, first_row, ()
 
 
 def occupy(worker):
@@ -153,8 +153,8 @@ def make_worker(max_batch=8, wait=0.05, in_flight=lambda: 0):
     passes = []
 
     def logits_many(jobs):
-        passes.append([state for state, _, _ in jobs])
-        return [f"rows-{state}" for state, _, _ in jobs]
+        passes.append([state for state, *_ in jobs])
+        return [f"rows-{state}" for state, *_ in jobs]
 
     worker = ModelWorker(max_batch=max_batch, max_wait_s=wait, in_flight=in_flight)
     worker.logits_many = logits_many
@@ -251,7 +251,7 @@ def test_worker_waits_for_calls_in_flight_then_batches_them():
 def test_a_failed_row_fails_only_its_session():
     worker, _ = make_worker()
     worker.logits_many = lambda jobs: [RuntimeError("this row's pass failed") if state == "bad" else f"rows-{state}"
-                                       for state, _, _ in jobs]
+                                       for state, *_ in jobs]
     gate = occupy(worker)
     good, bad = worker.submit(dispatch("good", []), key="g"), worker.submit(dispatch("bad", []), key="b")
     gate.set()

@@ -89,6 +89,26 @@ def test_pipelined_nav_vectors_carry_the_spec_fields():
     assert answer_v["ack"] == seq       # the rebased RESULT answers that conditional request
 
 
+def test_tree_vectors_carry_the_spec_fields():
+    """A token tree's VERIFY (``tree``: each node's parent index + 1, 0 the base) and the RESULT naming the
+    deepest accepted node, decoded by the spec's rules alone."""
+    bodies = [(v, msgpack.unpackb(bytes.fromhex(v["body_msgpack"]))) for v in VECTORS["frames"]]
+    (request_v, request), = [(v, b) for v, b in bodies if "tree" in b]
+    (answer_v, answer), = [(v, b) for v, b in bodies if "node" in b]
+    draft = struct.unpack(f"<{len(request['draft']) // 4}I", request["draft"])
+    parents = [p - 1 for p in struct.unpack(f"<{len(request['tree']) // 4}I", request["tree"])]
+    assert draft == (21, 22, 23, 24) and parents == [-1, -1, 0, 2]
+    assert all(p < i for i, p in enumerate(parents))           # parents precede their children
+    path, node = [], answer["node"]
+    while node >= 0:
+        path.append(draft[node])
+        node = parents[node]
+    assert path[::-1] == [21, 23] and answer["accepted"] == 2
+    assert answer["committed_len"] == request["base_len"] + answer["accepted"] + 1
+    seq = struct.unpack(">Q", bytes.fromhex(request_v["frame"])[21:29])[0]
+    assert answer_v["direction"] == "s2c" and answer_v["ack"] == seq
+
+
 def test_psk_handshake_by_the_spec():
     """PSK mode from the spec alone: psk_id = HMAC over this hello's e and r under a key derived from the
     PSK (not a fixed hash of the key), and the session keys the OPEN frame is sealed with."""

@@ -49,6 +49,14 @@ def build() -> dict:
     frames.append(("c2s", edge.seal(FrameType.VERIFY, cond, compress=False), cond, 0))
     rebased = VerifyResponse(0, 13, 6, 1.25, rebased=True).to_dict()
     frames.append(("s2c", server.seal(FrameType.RESULT, rebased, ack=7, compress=False), rebased, 7))
+    # A token tree on the 6 committed tokens: two candidates for the first position (21, 22), 21 -> 23 -> 24.
+    # The target follows 21 -> 23 and then wants 25: accepted 2, the deepest accepted node 2, committed 9.
+    committed = [0, 1, 2, 3, 4, 5]
+    tree = VerifyRequest(len(committed), (), (21, 22, 23, 24), prefix_hash(committed), round=4,
+                         parents=(-1, -1, 0, 2)).to_dict()
+    frames.append(("c2s", edge.seal(FrameType.VERIFY, tree, compress=False), tree, 0))
+    answer = VerifyResponse(2, 25, 9, 2.5, node=2).to_dict()
+    frames.append(("s2c", server.seal(FrameType.RESULT, answer, ack=8, compress=False), answer, 8))
     return {
         "description": "PipeSD wire format v1: fixed keys -> exact bytes (hex). See docs/wire-format.md.",
         "rekey_interval": limits.rekey_interval,
