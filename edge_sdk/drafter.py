@@ -61,6 +61,11 @@ def choose_token(logits: np.ndarray, sampling: SamplingParams | None, position: 
     return DraftToken(int(q.ids[i]), float(exact.max()), float(exact[i]), q)
 
 
+class TreeFull(ValueError):
+    """A token tree's drafter has no room for more branches: the tree stops growing (its candidates may
+    still join it as leaves)."""
+
+
 class DraftInterrupted(Exception):
     """``next_token`` gave up: ``interrupt`` was called before or while the token was drafted. No token
     comes of the call, and the context is undefined until the next ``set_context``."""
@@ -147,6 +152,11 @@ class _LogitsDrafter:
             self._stop.clear()
             raise DraftInterrupted("the token was no longer wanted")
 
+    def tree(self) -> "SequentialTree":
+        """Start a token tree after the current context, grown one node at a time (``SequentialTree``);
+        the llama.cpp drafter grows a level in one decode instead."""
+        return SequentialTree(self)
+
     def next_token(self) -> DraftToken:
         if not self._tokens:
             raise ValueError("the draft context is empty: a prompt needs at least one token")
@@ -156,6 +166,46 @@ class _LogitsDrafter:
         d = choose_token(self._logits(), self.sampling, len(self._tokens))
         self._tokens.append(d.token)
         return d
+
+
+class SequentialTree:
+    """A token tree for any drafter that gives the logits after its context: each node's row comes from
+    moving the context to the node's root path (``set_context`` keeps the common prefix cached, so a
+    sibling costs its own token plus what its branch re-evaluates). The drafter's next ``set_context``
+    ends it. Same calls as ``LlamaCppTree``."""
+
+    def __init__(self, drafter: _LogitsDrafter):
+        self.drafter = drafter
+        self.context = list(drafter._tokens)
+        self.root = drafter._logits().copy()
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+
+    def grow(self, parents: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
+        if len(tokens) != len(parents) or not tokens:
+            raise ValueError("grow takes one parent per token, and at least one")
+        rows = []
+        for parent, token in zip(parents, tokens):
+            if not -1 <= parent < len(self.tokens):
+                raise ValueError(f"parent {parent} is not a node of the tree yet")
+            self.tokens.append(int(token))
+            self.parents.append(parent)
+            self.drafter._interrupted()
+            self.drafter.set_context(self.context + self._path_tokens(len(self.tokens) - 1))
+            rows.append(self.drafter._logits().copy())
+        return rows
+
+    def _path_tokens(self, node: int) -> list[int]:
+        return path_tokens(self.tokens, self.parents, node)
+
+
+def path_tokens(tokens: Sequence[int], parents: Sequence[int], node: int) -> list[int]:
+    """The tokens from a tree's first level down to `node` (parents precede children; -1: the context)."""
+    path = []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return path[::-1]
 
 
 _LOAD_LOCK = threading.Lock()
@@ -177,19 +227,24 @@ def quiet_llama_cpp(llama_cpp) -> None:
 
 
 class LlamaCppDrafter(_LogitsDrafter):
-    """llama-cpp-python drafter: ``logits_all=False``, last row read with ``llama_get_logits_ith``.
+    """A GGUF draft on llama.cpp's own API: one context whose KV cache keeps the committed prefix (sequence
+    0) and, while a token tree is drafted (``tree``), the tree's branches as further sequences sharing it.
 
-    The logical context may run one token ahead of what llama.cpp has evaluated (the
-    newest drafted token is only evaluated when the next one is asked for), so a round
-    of k drafted tokens costs k - 1 evaluations plus the resync after NAV.
+    The logical context may run one token ahead of what llama.cpp has evaluated (the newest drafted
+    token is only evaluated when the next one is asked for), so a round of k drafted tokens costs
+    k - 1 evaluations plus the resync after NAV. Tokenizing, the GGUF metadata and token pieces come
+    from a vocabulary-only ``llama_cpp.Llama``.
     """
+
+    TREE_SEQUENCES = 16      # llama.cpp sequences: a token tree has at most this many leaves
 
     def __init__(self, model_path: str | Path, *, n_ctx: int | None = None, threads: int | None = None,
                  verbose: bool = False):
         import llama_cpp
         from llama_cpp import Llama
 
-        self._llama_cpp = llama_cpp
+        self._lib = llama_cpp
+        self._model = self._ctx = self._batch = None
         self.threads = threads or min(4, len(os.sched_getaffinity(0)))
         if not verbose:
             quiet_llama_cpp(llama_cpp)
@@ -197,29 +252,48 @@ class LlamaCppDrafter(_LogitsDrafter):
         # and 2 (dup2): two loads at once in different threads can leave stdout on /dev/null for good.
         with _LOAD_LOCK:
             try:
-                meta = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False).metadata
+                self._vocab_llm = Llama(model_path=str(model_path), vocab_only=True, n_ctx=64, verbose=False)
+                meta = self._vocab_llm.metadata
                 trained = int(meta[f"{meta['general.architecture']}.context_length"])
                 self.max_context = min(n_ctx or trained, trained)
-                self.llm = Llama(model_path=str(model_path), n_ctx=self.max_context,
-                                 n_batch=min(512, self.max_context), logits_all=False, n_threads=self.threads,
-                                 n_threads_batch=self.threads, verbose=verbose)
+                self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
+                                                                   llama_cpp.llama_model_default_params())
+                if not self._model:
+                    raise ValueError("llama.cpp could not load the model")
+                self.n_batch = min(512, self.max_context)
+                params = llama_cpp.llama_context_default_params()
+                params.n_ctx = self.max_context
+                params.n_batch = params.n_ubatch = self.n_batch
+                params.n_seq_max = self.TREE_SEQUENCES
+                params.kv_unified = True          # one cache: a branch shares its prefix's cells, no copies
+                params.n_threads = params.n_threads_batch = self.threads
+                params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED    # as the Llama class's default
+                params.no_perf = True
+                self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+                if not self._ctx:
+                    raise ValueError(f"llama.cpp could not create a context of {self.max_context} positions")
             except (ValueError, KeyError, RuntimeError) as exc:
+                self.close()
                 raise ModelLoadError(f"cannot load the draft model {model_path}: not a GGUF llama.cpp can read "
                                      f"({exc})") from None
-        self.metadata: dict[str, str] = dict(self.llm.metadata)   # GGUF keys: chat template, token ids...
-        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
-        self.vocab_size = self.llm.n_vocab()
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.TREE_SEQUENCES)
+        self.metadata: dict[str, str] = dict(meta)   # GGUF keys: chat template, token ids...
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(vocab)
         self.vocab_tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8", "replace")
                              for i in range(self.vocab_size)]
         self.eos_token_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i))
         self._pieces = [_piece(llama_cpp, vocab, i) for i in range(self.vocab_size)]
+        self._tokens: list[int] = []      # logical context
+        self._cached: list[int] = []      # what sequence 0 of the KV cache holds, in order
+        self._logits_at = -1              # context length the current logits row belongs to
+        self._branches = 0                # sequences 1.. a token tree used (cleared by the next set_context)
+        self._abort = None                # llama.cpp's abort callback, installed by the first interrupt
         # Warm up: llama.cpp allocates its compute buffers on the first decode (hundreds of ms),
         # which would otherwise land in the first request's time to first token.
-        self.llm.eval([0])
-        self.llm.n_tokens = 0
-        self._tokens: list[int] = []      # logical context
-        self._logits_at = -1              # context length the current logits row belongs to
-        self._abort = None                # llama.cpp's abort callback, installed by the first interrupt
+        self._decode([0], [0], [(0,)], [True])
+        llama_cpp.llama_memory_seq_rm(self._memory, -1, 0, -1)
 
     def interrupt(self, on: bool = True) -> None:
         """Stop the token being drafted midway: llama.cpp checks an abort callback between the nodes of
@@ -230,11 +304,11 @@ class LlamaCppDrafter(_LogitsDrafter):
         super().interrupt(on)
         if self._abort is None and not on:
             stop = self._stop
-            self._abort = self._llama_cpp.ggml_abort_callback(lambda _data: stop.is_set())
-            self._llama_cpp.llama_set_abort_callback(self.llm.ctx, self._abort, None)
+            self._abort = self._lib.ggml_abort_callback(lambda _data: stop.is_set())
+            self._lib.llama_set_abort_callback(self._ctx, self._abort, None)
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return self._vocab_llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]
@@ -242,32 +316,167 @@ class LlamaCppDrafter(_LogitsDrafter):
     def set_context(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.max_context:
             raise ValueError(f"context of {len(tokens)} tokens exceeds the draft's {self.max_context}")
-        evaluated = self.llm.n_tokens
-        n = min(evaluated, len(tokens))
-        same = np.asarray(self.llm.input_ids[:n]) == np.asarray(tokens[:n], dtype=np.intc)
+        self._drop_branches()
+        n = min(len(self._cached), len(tokens))
+        same = np.asarray(self._cached[:n]) == np.asarray(tokens[:n])
         keep = n if same.all() else int(np.argmin(same))
-        if keep < evaluated:
-            self.llm.n_tokens = keep   # llama-cpp-python removes the tail from the KV cache on the next eval
-            self._logits_at = -1       # the logits row belonged to the removed tail
+        self._forget(keep)                # (also what a tree's nodes left there)
         self._tokens = list(tokens)
+
+    def _forget(self, keep: int) -> None:
+        """Sequence 0 keeps its first `keep` positions."""
+        self._lib.llama_memory_seq_rm(self._memory, 0, keep, -1)
+        if keep < len(self._cached):
+            del self._cached[keep:]
+            self._logits_at = -1          # the logits row belonged to the removed tail
+
+    def _drop_branches(self) -> None:
+        for seq in range(1, self._branches + 1):
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._branches = 0
+
+    def _decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[Sequence[int]],
+                logits: Sequence[bool]) -> None:
+        """One llama_decode of at most n_batch tokens; an abort (``interrupt``) is ``DraftInterrupted``."""
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, ids, out) in enumerate(zip(tokens, positions, seqs, logits)):
+            batch.token[i], batch.pos[i], batch.logits[i] = token, pos, out
+            batch.n_seq_id[i] = len(ids)
+            for j, seq in enumerate(ids):
+                batch.seq_id[i][j] = seq
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            self._logits_at = -1
+            if self._stop is not None and self._stop.is_set():    # aborted: llama.cpp keeps what it had
+                self._interrupted()
+            raise RuntimeError(f"llama_decode failed ({status})")
+
+    def _row(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.vocab_size,))
 
     def _logits(self) -> np.ndarray:
         """Logits after the whole logical context, evaluating what is missing."""
         n = len(self._tokens)
         if self._logits_at != n:
-            start = self.llm.n_tokens
-            if start >= n:                # all cached, but the logits row is stale: redo the last token
-                start = n - 1
-                self.llm.n_tokens = start
-            try:
-                self.llm.eval(self._tokens[start:n])
-            except RuntimeError:
-                if self._stop is not None and self._stop.is_set():    # aborted: llama.cpp keeps what it had
-                    self._interrupted()
-                raise
+            if len(self._cached) >= n:        # all cached, but the logits row is stale: redo the last token
+                self._forget(n - 1)
+            start = len(self._cached)
+            while start < n:
+                chunk = self._tokens[start: start + self.n_batch]
+                try:
+                    self._decode(chunk, range(start, start + len(chunk)), [(0,)] * len(chunk),
+                                 [start + i == n - 1 for i in range(len(chunk))])
+                except BaseException:
+                    self._lib.llama_memory_seq_rm(self._memory, 0, len(self._cached), -1)   # unknown state
+                    raise
+                self._cached.extend(chunk)
+                start += len(chunk)
             self._logits_at = n
-        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.vocab_size,))
+        return self._row(-1)
+
+    # -- token trees ----------------------------------------------------------------------------------
+    def tree(self) -> "LlamaCppTree":
+        """Start a token tree after the current context (see ``LlamaCppTree``)."""
+        self._logits()                        # the context evaluated, its last row ready
+        return LlamaCppTree(self)
+
+    def close(self) -> None:
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:             # at interpreter exit the library may be half torn down
+            pass
+
+
+class LlamaCppTree:
+    """A token tree drafted after a ``LlamaCppDrafter``'s context, a level at a time.
+
+    ``grow(parents, tokens)`` adds nodes whose parents are already in the tree (-1: the context) and
+    returns each new node's logits row (the draft's distribution after its root path), all from one
+    llama_decode. Node i sits at the position of its depth; its KV cells carry a sequence id of its
+    own branch, and a branch forks from its parent's by ``llama_memory_seq_cp`` (in the unified cache
+    the new sequence tags the shared cells: no copy, no re-decoding of the prefix). llama.cpp masks a
+    query by its first sequence id, so each node sees the context and its own ancestors only. The
+    first child of a node stays on its parent's sequence (the context's is 0); each further child
+    forks a new one, at most ``TREE_SEQUENCES - 1`` of them (``ValueError`` beyond). The drafter's
+    next ``set_context`` drops the branches and keeps sequence 0's common prefix, as for a chain.
+    """
+
+    def __init__(self, drafter: LlamaCppDrafter):
+        self.drafter = drafter
+        self.base = len(drafter._tokens)
+        self.root = drafter._row(-1).copy()           # the distribution at the tree's first position
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depth: list[int] = []
+        self._seq: list[int] = []                     # each node's sequence
+        self._children: dict[int, int] = {}           # node -> children so far
+
+    def grow(self, parents: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
+        d, lib = self.drafter, self.drafter._lib
+        if len(tokens) != len(parents) or not tokens:
+            raise ValueError("grow takes one parent per token, and at least one")
+        if len(self.tokens) + len(tokens) + self.base > d.max_context or len(tokens) > d.n_batch:
+            raise ValueError("the tree does not fit the draft's context or batch")
+        tokens = [int(t) for t in tokens]
+        children, forks, plan = dict(self._children), 0, []
+        for parent in parents:
+            if not -1 <= parent < len(self.tokens) + len(plan):
+                raise ValueError(f"parent {parent} is not a node of the tree yet")
+            fork = children.get(parent, 0) > 0          # a sibling holds the parent's sequence: fork a new one
+            children[parent] = children.get(parent, 0) + 1
+            forks += fork
+            plan.append(fork)
+        if d._branches + forks >= d.TREE_SEQUENCES:
+            raise TreeFull(f"a tree has at most {d.TREE_SEQUENCES} branches on this drafter")
+        d._interrupted()
+        seqs, positions = [], []
+        for parent, token, fork in zip(parents, tokens, plan):
+            depth = 0 if parent < 0 else self.depth[parent] + 1
+            seq = 0 if parent < 0 else self._seq[parent]
+            if fork:
+                d._branches += 1
+                lib.llama_memory_seq_rm(d._memory, d._branches, -1, -1)
+                lib.llama_memory_seq_cp(d._memory, seq, d._branches, 0, self.base + depth)   # context + ancestors
+                seq = d._branches
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.depth.append(depth)
+            self._seq.append(seq)
+            seqs.append((seq,))
+            positions.append(self.base + depth)
+        self._children = children
+        d._logits_at = -1                              # the context's row is `root` now
+        d._decode(tokens, positions, seqs, [True] * len(tokens))
+        rows = [d._row(i).copy() for i in range(len(tokens))]
+        # Sequence 0 now holds the context plus its branch's nodes: record them so that a set_context to
+        # the accepted path keeps the cells where that path ran along sequence 0.
+        d._cached = d._tokens[: self.base] + self._path_tokens(self._seq0_tip())
+        return rows
+
+    def _seq0_tip(self) -> int:
+        tip = -1
+        for i, seq in enumerate(self._seq):
+            if seq == 0 and (tip < 0 or self.depth[i] > self.depth[tip]):
+                tip = i
+        return tip
+
+    def _path_tokens(self, node: int) -> list[int]:
+        return path_tokens(self.tokens, self.parents, node)
 
 
 def _byte_decoder() -> dict[str, int]:

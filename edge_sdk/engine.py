@@ -24,6 +24,7 @@ the offline settings); ``Decoding`` is one generation and everything that belong
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from .profiler import LinkProfiler
 from .session import CloudSession
 from .stats import GenerationStats, RoundRecord
 from .text import TextAssembler
+from .trees import draft_tree
 from .uploader import Nav, Round, Uploader
 
 
@@ -122,6 +124,15 @@ def proactive_survives(assumed_base: Sequence[int], committed: Sequence[int]) ->
     the target would not have produced is ever kept.
     """
     return list(assumed_base) == list(committed)
+
+
+def _fits(rnd: Round, resp: VerifyResponse) -> bool:
+    """Does the verdict name a path of the round's draft (a tree's node, a chain's length)?"""
+    try:
+        rnd.accepted(resp)
+    except ValueError:
+        return False
+    return True
 
 
 def _resendable(exc: Exception) -> bool:
@@ -285,11 +296,14 @@ class Decoding:
         # 1. Draft until the policy asks for NAV; each batch it closes goes up at once. (A round whose
         #    final batch already went up during the round before -- pipelined NAV -- is complete.)
         if rnd.nav is None:
-            self._draft(rnd, self._cap(rnd.base))
+            if self._tree_round():
+                self._draft_tree(rnd)
+            else:
+                self._draft(rnd, self._cap(rnd.base))
         # 2. The final batch asks for NAV (the round's first batch also carries the committed tail
         #    the verifier lacks).
         ahead = policy.proactive and not self.cloud.serial and (bool(rnd.draft) or policy.pipelined) and not (
-            rnd.draft and self._is_eos(rnd.draft[-1].token))
+            rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
         nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
@@ -301,8 +315,9 @@ class Decoding:
             resp, nxt = self._verdict(nav, rnd, nxt)
         self.synced = resp.committed_len
         self._learn(rnd, resp, nav, t0)
-        # 5. Commit the accepted prefix and the target's token (its correction, or a bonus token).
-        yield from self.out.commit(rnd.tokens[: resp.accepted] + [resp.token], verified=True)
+        # 5. Commit the accepted prefix (a tree's: the path to the node named) and the target's token
+        #    (its correction, or a bonus token).
+        yield from self.out.commit(rnd.accepted(resp) + [resp.token], verified=True)
         self.engine.lookup.observe(self.out.tokens, self.out.prompt_len)
         self.profiler.lookup_acceptance = self.engine.lookup.hit_rate
         # 6. Keep the proactive round only if it was built on exactly that; else roll back to the
@@ -338,6 +353,34 @@ class Decoding:
                 break
             if policy.closes_batch(len(rnd.draft)):
                 self.uploader.stage(rnd, self.synced)
+        self._spent("draft", t)
+
+    def _tree_round(self) -> bool:
+        """Is this round a token tree? Where the policy asks for one and the drafter, the verifier and
+        greedy decoding allow it; else the round is a chain, and the stats say why."""
+        if self.policy.tree is None:
+            return False
+        why = ("sampling: trees are verified greedily only" if self.sampling is not None
+               else "the drafter drafts chains only" if not hasattr(self.drafter, "tree")
+               else "the verifier verifies chains only" if not self.cloud.tree_nodes else "")
+        self.stats.tree_fallback = why
+        return not why
+
+    def _draft_tree(self, rnd: Round) -> None:
+        """Draft `rnd` as a token tree (``trees.draft_tree``) within the verifier's and the output's bounds."""
+        t = time.perf_counter()
+        shape = self.policy.tree
+        depth = self._cap(rnd.base, shape.max_depth)
+        # the verifier stores every node after the base: the tree's size must fit its context too
+        room = (self.cloud.max_context or self.drafter.max_context) - len(rnd.base) - 1
+        nodes = min(shape.nodes, self.cloud.tree_nodes, self.cloud.max_draft, room)
+        if depth > 0 and nodes > 0:
+            self.drafter.set_context(rnd.base)
+            drafts, parents, _ = draft_tree(self.drafter.tree(), dataclasses.replace(shape, nodes=nodes),
+                                            max_depth=depth, ends=self._is_eos)
+            rnd.draft, rnd.parents = drafts, tuple(parents) if drafts else ()
+            self.stats.tree_rounds += 1
+            self.stats.tree_nodes += len(drafts)
         self._spent("draft", t)
 
     def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
@@ -470,7 +513,8 @@ class Decoding:
         round (rebased when it was not sent to be, or the other way round; another committed length)."""
         try:
             resp = nav.result()
-            if resp.rebased != rnd.rebased or resp.committed_len != len(rnd.base) + resp.accepted + 1:
+            if (resp.rebased != rnd.rebased or resp.committed_len != len(rnd.base) + resp.accepted + 1
+                    or not _fits(rnd, resp)):
                 # Not the answer this round's edge of the protocol expects: the verifier holds something
                 # else than we believe. Resend from the full prefix.
                 raise VerifierError(ErrorCode.RESYNC.http_status, ErrorCode.RESYNC,
@@ -491,9 +535,10 @@ class Decoding:
                 # asked us to wait. The NAV deadline counts from this refusal (a pipelined round may have
                 # gone up long before its turn), and the retry after the wait gets a whole one.
                 deadline = self._overload_wait(exc, 1, time.perf_counter() + nav.deadline_s, nav.deadline_s)
-                return self._resend(self.out.tokens, self.synced, rnd.tokens, q, deadline=deadline, overloads=1), None
+                return self._resend(self.out.tokens, self.synced, rnd.tokens, q, deadline=deadline, overloads=1,
+                                    parents=rnd.parents), None
             resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
-            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, resync), None
+            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, resync, parents=rnd.parents), None
 
     def _drop(self, nxt: Round | None) -> None:
         """Throw away rounds drafted ahead (and anything of theirs not yet on the wire)."""
@@ -503,7 +548,7 @@ class Decoding:
 
     def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
                 resync: VerifierError | None = None, *, deadline: float | None = None,
-                overloads: int = 0) -> VerifyResponse:
+                overloads: int = 0, parents: tuple[int, ...] = ()) -> VerifyResponse:
         """A round sent whole until it is answered; `resync`: the verifier already said it lost or
         disagrees with our prefix. Such a verifier gets all of it (after a new session if it lost ours);
         a lost reply is retried as it was: the request names its base (length + hash), so a verifier that
@@ -520,7 +565,7 @@ class Decoding:
             deadline = time.perf_counter() + window
         while True:
             try:
-                resp = self.uploader.whole(prefix, synced, draft, q)
+                resp = self.uploader.whole(prefix, synced, draft, q, parents)
                 self.stats.target_passes += 1
                 return resp
             except TimeoutError:          # past the deadline: the caller goes offline, no retry

@@ -50,6 +50,7 @@ from .drafter import DraftToken
 from .errors import ConfigError
 from .profiler import LinkEstimate
 from .scheduling import AtTrigger, DPSchedule, PerToken, UploadSchedule
+from .trees import TreeShape
 from .triggers import (
     DEFAULT_R1,
     DEFAULT_R2,
@@ -97,6 +98,8 @@ class Policy:
     round_sent: bool = False    # set by the engine every round: the round starting already went up (drafted
                                 # ahead and sent pipelined, or answered rebased): its draft is fixed
     lookup_guesses: bool = False    # rounds drafted ahead begin with a looked-up guess (``lookup.py``), not a drafted one
+    tree: TreeShape | None = None   # each round a token tree of this shape (``trees.py``) where the drafter, the
+                                    # verifier and greedy decoding allow; else chains, by the rules above
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -136,6 +139,26 @@ class CloudOnly(Policy):
     """The target alone: an empty draft per round, one token per round trip (the reference output)."""
 
     name, max_draft = "cloud_only", 0
+
+
+class TreeRounds(Policy):
+    """Each round one token tree (``trees.py``): the draft's likeliest continuations, best-first, up to the
+    shape's node budget, sent whole; the verifier accepts the longest path the target agrees with.
+    Nothing is drafted during NAV yet. Where a tree cannot go (sampling, a drafter or verifier without
+    trees) its rounds are chains cut by the same value rule: the draft's top token while the chain's
+    value (the product of its probabilities) stays above ``min_value``, at most ``max_draft`` tokens."""
+
+    name = "tree"
+
+    def __init__(self, shape: TreeShape | None = None):
+        self.tree = shape if shape is not None else TreeShape()
+        self.max_draft = min(self.tree.max_depth, MAX_DRAFT)
+
+    def verify_now(self, draft: Sequence[DraftToken], ahead: bool = False) -> bool:
+        value = 1.0
+        for d in draft:
+            value *= d.confidence
+        return value < self.tree.min_value
 
 
 class Speculative(Policy):
@@ -561,7 +584,7 @@ def _near(a: tuple[float, ...], b: tuple[float, ...], tolerance: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
 
-MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "pipesd_model", "pipesd_no_pipeline",
+MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "tree", "pipesd_model", "pipesd_no_pipeline",
          "pipesd_bo",
          "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
          "pipesd_p_only")
@@ -617,6 +640,8 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
         return EdgeOnly()
     if mode == "cloud_only":
         return CloudOnly()
+    if mode == "tree":
+        return TreeRounds()
     if mode == "vanilla":
         k = 4 if draft_k is None else draft_k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_K:

@@ -70,6 +70,12 @@ class CloudSession:
         return opened is not None and opened.rebase
 
     @property
+    def tree_nodes(self) -> int:
+        """The largest token tree the session in use verifies (0: chains only, or no session)."""
+        opened = self.opened
+        return opened.tree_nodes if opened is not None else 0
+
+    @property
     def max_context(self) -> int | None:
         """The target's context (as the verifier's last session said; None before any)."""
         return self._limits.max_context if self._limits else None

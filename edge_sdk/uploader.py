@@ -27,6 +27,7 @@ from .errors import VerifierUnavailable
 from .profiler import LinkProfiler
 from .session import CloudSession
 from .transport import RoundChannel
+from .trees import root_path
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Round:
                                   # empty round on the committed sequence (VerifyRequest.after)
     opens_segment: bool = False   # drafted ahead on a rebased round: the first drafted round after a
                                   # rejection, so drafted as a head round (the policy's stopping rule)
+    parents: tuple[int, ...] = () # a token tree: each draft token's parent (-1: the base); empty: a chain
 
     def chain(self) -> "list[Round]":
         """This round and every round drafted ahead on top of it."""
@@ -63,6 +65,16 @@ class Round:
     @property
     def tokens(self) -> list[int]:
         return [d.token for d in self.draft]
+
+    def accepted(self, resp: VerifyResponse) -> list[int]:
+        """The draft tokens the verdict kept: a chain's first ``accepted``, a tree's path to ``node``.
+        A verdict that names no such path is a ValueError (the verifier answered another round)."""
+        if not self.parents:
+            return self.tokens[: resp.accepted]
+        path = root_path(self.parents, resp.node) if resp.node is not None and 0 <= resp.node < len(self.draft) else []
+        if len(path) != resp.accepted or (resp.accepted and resp.node is None):
+            raise ValueError(f"the verdict's path ({resp.node}, {resp.accepted} accepted) is not one of the tree's")
+        return [self.draft[i].token for i in path]
 
 
 @dataclass
@@ -134,12 +146,13 @@ class Uploader:
         return self._send(req)
 
     def whole(self, prefix: Sequence[int], synced: int, draft: Sequence[int],
-              q: Sequence[SparseDist | None] = ()) -> VerifyResponse:
-        """One round in one request, answered within the NAV deadline: `draft` after the committed
-        `prefix`, of which the verifier holds `synced` tokens (0: send it all). For resends after a
-        resync and for verifying an offline tail."""
+              q: Sequence[SparseDist | None] = (), parents: Sequence[int] = ()) -> VerifyResponse:
+        """One round in one request, answered within the NAV deadline: `draft` (a tree when `parents`)
+        after the committed `prefix`, of which the verifier holds `synced` tokens (0: send it all). For
+        resends after a resync and for verifying an offline tail."""
         base_len = min(synced, len(prefix))
-        return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
+        return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q,
+                                        parents)).result()
 
     def cancel(self, rnd: Round) -> None:
         """`rnd` went stale: queue nothing more of it (a final batch already sent is refused by the
@@ -159,20 +172,23 @@ class Uploader:
         """The round's next batch: the tokens not yet sent, naming the base as the verifier should hold it."""
         if rnd.named is None:
             rnd.named = min(synced, len(rnd.base))
+        if rnd.parents and (rnd.sent or not final):
+            raise ValueError("a token tree goes up whole, in its final batch")
         req = self._request(rnd.id, rnd.base, rnd.named, rnd.tokens[rnd.sent:], rnd.sent, final,
-                            [d.q for d in rnd.draft[rnd.sent:]])
+                            [d.q for d in rnd.draft[rnd.sent:]], rnd.parents)
         rnd.sent = len(rnd.draft)
         rnd.batches += 1
         self.batch_sizes.append(len(req.draft))
         return req
 
     def _request(self, round_id: int, base: Sequence[int], base_len: int, draft: Sequence[int], offset: int,
-                 final: bool, q: Sequence[SparseDist | None]) -> VerifyRequest:
+                 final: bool, q: Sequence[SparseDist | None], parents: Sequence[int] = ()) -> VerifyRequest:
         """Every request of the protocol: the round's first batch carries the committed tokens the
         verifier lacks (`base[base_len:]`); all its batches name `base[:base_len]` by length and hash."""
         return VerifyRequest(base_len, tuple(base[base_len:]) if offset == 0 else (), tuple(draft),
                              prefix_hash(base[:base_len]) if base_len else b"", round_id, offset, final,
-                             self.sampling, tuple(q) if self.sampling is not None else ())
+                             self.sampling, tuple(q) if self.sampling is not None else (),
+                             parents=tuple(parents) if draft else ())
 
     # -- sending -----------------------------------------------------------------------------
     def _nav(self, final_tokens: int) -> Nav:

@@ -351,17 +351,39 @@ class SlowedDrafter:
 
     def next_token(self):
         d = self.inner.next_token()
+        self._slow(1)
+        return d
+
+    def tree(self):
+        """The inner drafter's token tree, each node charged like a drafted token (a level that the real
+        device would decode in one batch costs it less: pessimistic for trees)."""
+        return _SlowedTree(self, self.inner.tree())
+
+    def _slow(self, tokens: int) -> None:
         if self.seconds_per_token > 0:
             t = time.perf_counter()
-            stopped = self._stop.wait(self.seconds_per_token)
-            self.slept_s += min(time.perf_counter() - t, self.seconds_per_token)
+            stopped = self._stop.wait(self.seconds_per_token * tokens)
+            self.slept_s += min(time.perf_counter() - t, self.seconds_per_token * tokens)
             if stopped:
                 self._stop.clear()
                 raise DraftInterrupted("the token was no longer wanted")
-        return d
 
     def interrupt(self, on: bool = True) -> None:
         """The emulated compute stops at once, as the slower device's llama.cpp would stop at its next
         graph node (``LlamaCppDrafter.interrupt``); the real part of the token is interrupted too."""
         self._stop.set() if on else self._stop.clear()
         self.inner.interrupt(on)
+
+
+class _SlowedTree:
+    def __init__(self, slowed: SlowedDrafter, inner):
+        self.slowed, self.inner = slowed, inner
+        slowed._slow(1)                  # the tree's first row: what drafting a token costs
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def grow(self, parents, tokens):
+        rows = self.inner.grow(parents, tokens)
+        self.slowed._slow(len(tokens))
+        return rows

@@ -280,7 +280,7 @@ def test_a_failed_pass_fails_its_calls_only():
 
 # -- real clients sharing a real verifier's batches -------------------------------------------
 MAX_NEW = 40
-MODES = ["pipesd", "vanilla", "edgellm", "hsl", "pipesd_per_token", "cloud_only", "pipesd_fixed", "vanilla"]
+MODES = ["pipesd", "vanilla", "edgellm", "hsl", "pipesd_per_token", "cloud_only", "pipesd_fixed", "tree"]
 
 
 def batch_histogram(url):

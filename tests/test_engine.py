@@ -266,7 +266,7 @@ def test_a_proactive_round_survives_only_on_what_nav_committed():
         assert kept > 0 and discarded > 0
 
 
-@pytest.mark.parametrize("mode", ["pipesd_fixed", "vanilla", "cloud_only", "pipesd_per_token"])
+@pytest.mark.parametrize("mode", ["pipesd_fixed", "vanilla", "cloud_only", "pipesd_per_token", "tree"])
 def test_lost_replies_are_retried_without_double_commits(rig, mode):
     """The verifier acted but its reply was lost: the edge retries the round as it was, the verifier
     answers resync (its prefix moved on), the round goes again whole. Output unchanged, never offline."""
@@ -280,7 +280,7 @@ def test_lost_replies_are_retried_without_double_commits(rig, mode):
     assert gen.stats.resyncs >= 1 and gen.stats.breaker_trips == 0 and rig.verifier.drop_replies == 0
 
 
-@pytest.mark.parametrize("mode", ["pipesd_fixed", "pipesd", "pipesd_no_pipeline"])
+@pytest.mark.parametrize("mode", ["pipesd_fixed", "pipesd", "pipesd_no_pipeline", "tree"])
 @pytest.mark.parametrize("pause_after", [1, 9])
 def test_a_verifier_restart_mid_generation_changes_nothing(rig, pause_after, mode):
     prompt = PROMPTS[5]
@@ -566,3 +566,32 @@ def test_restarts_while_proactive_rounds_are_in_flight_never_lose_the_new_sessio
         result = gen.result
         assert result.tokens == reference(prompt, 80) and all(e.verified for e in result.events)
         assert result.stats.resyncs >= 5 and result.stats.breaker_trips == 0
+
+
+def test_tree_rounds_go_as_trees_and_accept_other_branches_than_the_first(rig):
+    """The tree policy on the toy pair: rounds are real trees, and verdicts accept paths that leave the
+    draft's first choice (a sibling that was not the draft's top token), still token-identical."""
+    import edge_sdk.uploader as uploader
+
+    off_first, seen = 0, 0
+    accepted = uploader.Round.accepted
+
+    def spy(self, resp):
+        nonlocal off_first, seen
+        path = accepted(self, resp)
+        if self.parents and resp.node is not None:
+            seen += 1
+            first_children = [i for i, p in enumerate(self.parents) if p == -1]
+            off_first += path[0] != self.draft[first_children[0]].token
+        return path
+
+    uploader.Round.accepted = spy
+    try:
+        for prompt in PROMPTS[:6]:
+            result = rig.generate(prompt, "tree", N)
+            assert result.tokens == reference(prompt, N)
+            assert result.stats.tree_rounds > 0 and result.stats.tree_fallback == ""
+            assert result.stats.tree_nodes > result.stats.draft_n_accepted
+    finally:
+        uploader.Round.accepted = accepted
+    assert seen > 0 and off_first > 0

@@ -75,7 +75,7 @@ def test_rollback_is_exact(onnx_drafter):
 
 def test_every_policy_with_the_onnx_draft_equals_target_greedy(verifier, client):
     modes = ["vanilla", "hsl", "edgellm", "pipesd", "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger",
-             "pipesd_no_proactive", "pipesd_c_only", "pipesd_p_only"]
+             "pipesd_no_proactive", "pipesd_c_only", "pipesd_p_only", "tree"]
     prompts = PROMPTS[:5]
     reference = {p: client.generate(p, max_new_tokens=40, mode="cloud_only").tokens for p in prompts}
     with EdgeClient(verifier.url, verifier_key=verifier.public_key, draft_backend="onnx", threads=1) as c:
@@ -89,6 +89,8 @@ def test_every_policy_with_the_onnx_draft_equals_target_greedy(verifier, client)
             # Every mode really speculated with the ONNX draft. Counted over the prompts, not per prompt:
             # PipeSD's controller may price a whole generation as cloud-only rounds on this fast link.
             assert drafted > 0, mode
+            if mode == "tree":           # the ONNX drafter grows trees a node at a time (SequentialTree)
+                assert r.stats.tree_rounds > 0 and r.stats.tree_fallback == ""
 
 
 def test_backend_selection_errors():

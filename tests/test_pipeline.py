@@ -15,7 +15,7 @@ from .conftest import PROMPTS
 SPECULATIVE = [m for m in MODES if m not in ("cloud_only", "edge_only")]
 # The product's policies run every prompt; the ablations (one piece of PipeSD changed each) run the first
 # eight: the same code paths, and tests/test_engine.py runs every policy on the toy pair as well.
-FULL = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_bo")
+FULL = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_bo", "tree")
 ABLATION_PROMPTS = 8
 MAX_NEW = 48
 
@@ -58,6 +58,8 @@ def test_every_policy_equals_target_greedy(client, reference, mode):
         assert totals["kept"] > 0, "proactive drafting should keep some rounds"
     if mode == "pipesd_per_token":
         assert totals["batches"] > totals["rounds"], "tokens should go up before the trigger"
+    if mode == "tree":   # real trees went: more nodes than tokens kept, so some rounds branched
+        assert totals["drafted"] > totals["accepted"] + totals["rounds"]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def torch_primary():
         yield v
 
 
-MODES = [("vanilla", {"draft_k": 4}), ("pipesd", {}), ("pipesd", {"objective": "cloud_cost"})]
+MODES = [("vanilla", {"draft_k": 4}), ("pipesd", {}), ("pipesd", {"objective": "cloud_cost"}), ("tree", {})]
 
 
 # Paused after the first token (the session just opened) and mid-generation (rounds, for pipelined PipeSD
@@ -66,7 +66,8 @@ def test_failover_to_a_second_replica(primary, mode, settings):
     assert gen.stats.resyncs >= 1
 
 
-@pytest.mark.parametrize("mode,settings", MODES[1:2])
+@pytest.mark.parametrize("mode,settings", [MODES[1], MODES[3]])
 def test_restart_of_the_torch_verifier(torch_primary, mode, settings):
-    """The torch target (its KV pool) forgets a session as well: mid-generation, pipelined rounds in flight."""
+    """The torch target (its KV pool) forgets a session as well: mid-generation, pipelined rounds in flight,
+    or token trees (the llama.cpp target verifies chains only, so trees are restarted here)."""
     test_restart_mid_generation(torch_primary, 9, mode, settings)

@@ -177,7 +177,7 @@ def test_engine_first_two_tokens_match_the_target_joint(verifier, real_pair):
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "hsl", "edgellm", "pipesd", "pipesd_fixed", "pipesd_per_token",
-                                  "pipesd_no_proactive", "cloud_only", "edge_only"])
+                                  "pipesd_no_proactive", "cloud_only", "edge_only", "tree"])
 def test_same_seed_same_text_for_every_policy(verifier, mode):
     def run(seed):
         with EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=mode, threads=1) as c:
@@ -189,6 +189,16 @@ def test_same_seed_same_text_for_every_policy(verifier, mode):
     a, b, other = run(123), run(123), run(124)
     assert a == b and len(a) == 40                               # a fresh client
     assert a != other
+
+
+def test_a_tree_policy_samples_with_chains_and_says_why(client):
+    """Token trees are verified greedily only: under sampling the tree policy's rounds are chains (the
+    exact speculative-sampling path every chain policy takes), and the stats say so."""
+    r = client.generate("class Stack:\n", max_new_tokens=24, mode="tree", temperature=0.8, seed=5)
+    assert r.stats.tree_rounds == 0 and r.stats.draft_n > 0
+    assert r.stats.tree_fallback == "sampling: trees are verified greedily only"
+    greedy = client.generate("class Stack:\n", max_new_tokens=24, mode="tree")
+    assert greedy.stats.tree_rounds > 0 and greedy.stats.tree_fallback == ""
 
 
 def test_sampling_parameters_are_checked(client):

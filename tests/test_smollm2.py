@@ -61,6 +61,8 @@ def test_smollm2_vanilla_equals_target_greedy(smol):
         ref = smol.generate(prompt, max_new_tokens=24, mode="cloud_only", parse_special=True)
         spec = smol.generate(prompt, max_new_tokens=24, mode="vanilla", draft_k=4, parse_special=True)
         assert spec.tokens == ref.tokens
+        tree = smol.generate(prompt, max_new_tokens=24, mode="tree", parse_special=True)   # a 49k vocabulary
+        assert tree.tokens == ref.tokens and tree.stats.tree_rounds > 0
         assert ref.text.strip()
         drafted, accepted = drafted + spec.stats.draft_n, accepted + spec.stats.draft_n_accepted
     # Q4_1 draft vs f32 target of the same weights agree almost always (not a realistic speed-up case).
