@@ -36,6 +36,8 @@ class DraftToken:
     p_token: float   # probability of the chosen token (equals p_max when greedy)
     q: SparseDist | None = None   # sampling: the distribution the token was drawn from (sent for NAV)
     looked_up: bool = False       # a guess from ``lookup.LookupGuesser``, not from the draft model
+    alt: int | None = None        # greedy: the draft's runner-up at this position (a leaf sibling, trees.py)
+    p_alt: float = 0.0            # ... and its probability
 
     @property
     def confidence(self) -> float:
@@ -52,7 +54,8 @@ def choose_token(logits: np.ndarray, sampling: SamplingParams | None, position: 
     uniform keyed by (seed, `position`), so a redrafted position draws the same number."""
     if sampling is None or sampling.greedy:
         token, p_max = softmax_confidence(logits)
-        return DraftToken(token, p_max, p_max)
+        alt = _runner_up(logits, token)
+        return DraftToken(token, p_max, p_max, alt=alt, p_alt=p_max * float(np.exp(logits[alt] - logits[token])))
     top_k = min(sampling.top_k or DRAFT_SUPPORT, DRAFT_SUPPORT)
     ids, probs = truncate(logits, SamplingParams(sampling.temperature, top_k, sampling.top_p, sampling.seed))
     q = SparseDist.quantize(ids, probs)
@@ -107,6 +110,12 @@ def softmax_confidence(logits: np.ndarray) -> tuple[int, float]:
     best = int(logits.argmax())
     p_max = 1.0 / float(np.exp(logits - logits[best]).sum())
     return best, p_max
+
+
+def _runner_up(logits: np.ndarray, best: int) -> int:
+    """The second-likeliest token of a row (its likeliest being `best`)."""
+    two = np.argpartition(logits, -2)[-2:]
+    return int(two[0] if two[1] == best else two[1])
 
 
 def _piece(llama_cpp, vocab, token: int) -> bytes:

@@ -44,7 +44,7 @@ from .profiler import LinkProfiler
 from .session import CloudSession
 from .stats import GenerationStats, RoundRecord
 from .text import TextAssembler
-from .trees import draft_tree
+from .trees import draft_tree, sibling_leaves
 from .uploader import Nav, Round, Uploader
 
 
@@ -304,6 +304,8 @@ class Decoding:
         #    the verifier lacks).
         ahead = policy.proactive and not self.cloud.serial and (bool(rnd.draft) or policy.pipelined) and not (
             rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
+        if rnd.nav is None:
+            self._add_leaves(rnd)
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
         nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
@@ -366,6 +368,19 @@ class Decoding:
         self.stats.tree_fallback = why
         return not why
 
+    def _add_leaves(self, rnd: Round) -> None:
+        """A chain about to go up whole becomes a tree where the policy asks for leaves: the draft's
+        runner-up at each position it is worth it (``trees.sibling_leaves``; no drafting, a verifier row
+        each). Not for a chain whose batches went up already, nor where trees cannot go."""
+        floor = self.policy.leaves
+        if floor is None or rnd.sent or rnd.parents or not rnd.draft or self.sampling is not None:
+            return
+        room = min(self.cloud.tree_nodes, self.cloud.max_draft) - len(rnd.draft)
+        if room <= 0:
+            return
+        rnd.leaves, rnd.leaf_parents = sibling_leaves(rnd.draft, floor, room)
+        self.stats.leaves_sent += len(rnd.leaves)
+
     def _draft_tree(self, rnd: Round) -> None:
         """Draft `rnd` as a token tree (``trees.draft_tree``) within the verifier's and the output's bounds."""
         t = time.perf_counter()
@@ -413,6 +428,7 @@ class Decoding:
                         break                        # the verdict came first
                     if not self.policy.pipelined:
                         break                        # complete: it goes up once the verdict says it may
+                    self._add_leaves(tip)
                     tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
                     continue
                 if depth >= self.policy.max_ahead:
@@ -442,7 +458,7 @@ class Decoding:
             if not verdict.cancelled() and verdict.exception() is None:
                 resp = verdict.result()
                 nxt = rnd.then
-                if nxt is not None and nxt.base == rnd.base + rnd.tokens[: resp.accepted] + [resp.token]:
+                if nxt is not None and _fits(rnd, resp) and nxt.base == rnd.base + rnd.accepted(resp) + [resp.token]:
                     return                       # the chain holds: what is being drafted is still wanted
             self.drafter.interrupt()
 
@@ -528,17 +544,18 @@ class Decoding:
             if isinstance(exc, VerifierError) and not (_resendable(exc) or overloaded):
                 raise
             self._drop(nxt)
-            q = [d.q for d in rnd.draft]
+            q = [d.q for d in rnd.draft + rnd.leaves]
+            tokens, parents = rnd.wire()
             if overloaded:
                 # The verifier refused the round before acting on it (what of it went up on a stream is
                 # only staged there): it goes again whole, naming its base as before, once the verifier
                 # asked us to wait. The NAV deadline counts from this refusal (a pipelined round may have
                 # gone up long before its turn), and the retry after the wait gets a whole one.
                 deadline = self._overload_wait(exc, 1, time.perf_counter() + nav.deadline_s, nav.deadline_s)
-                return self._resend(self.out.tokens, self.synced, rnd.tokens, q, deadline=deadline, overloads=1,
-                                    parents=rnd.parents), None
+                return self._resend(self.out.tokens, self.synced, tokens, q, deadline=deadline, overloads=1,
+                                    parents=parents), None
             resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
-            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, resync, parents=rnd.parents), None
+            return self._resend(self.out.tokens, self.synced, tokens, q, resync, parents=parents), None
 
     def _drop(self, nxt: Round | None) -> None:
         """Throw away rounds drafted ahead (and anything of theirs not yet on the wire)."""
@@ -600,11 +617,18 @@ class Decoding:
 
     def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
-        self._count_round(len(rnd.draft), resp.accepted)
+        self._count_round(len(rnd.draft) + len(rnd.leaves), resp.accepted, rnd.rejected(resp))
+        # What the chain itself came to (a leaf taken is where the target rejected the chain's token: the
+        # leaf's token is the target's there), as a chain-only verifier would have said: the policy and
+        # the profiler learn the draft's acceptance from it.
+        accepted, token = rnd.chain_accepted(resp), resp.token
+        if rnd.leaf_taken(resp):
+            token = rnd.accepted(resp)[-1]
+            self.stats.leaves_accepted += 1
         own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it
         if self.stats.rounds is not None:
             self.stats.rounds.append(RoundRecord(
-                "rebased" if rnd.rebased else "pipelined" if nav.pipelined else "plain", len(rnd.draft),
+                "rebased" if rnd.rebased else "pipelined" if nav.pipelined else "plain", len(rnd.draft) + len(rnd.leaves),
                 resp.accepted, nav.sent_at, nav.answered_at if own else None, time.perf_counter(),
                 resp.verify_ms, resp.queue_ms))
         self.stats.target_passes += max(1, rnd.batches)
@@ -617,16 +641,16 @@ class Decoding:
             self.profiler.observe_nav(nav.answered_at - nav.sent_at - (resp.verify_ms + resp.queue_ms) / 1e3,
                                       nav.final_tokens)
             self._trace("nav", nav.sent_at, nav.answered_at)
-        self.profiler.observe_round(len(rnd.draft), resp.accepted, resp.verify_ms / 1e3)
+        self.profiler.observe_round(len(rnd.draft), accepted, resp.verify_ms / 1e3)
         guess = rnd.then.guess if rnd.then is not None else None
-        if guess is not None and resp.accepted == len(rnd.draft):
+        if guess is not None and accepted == len(rnd.draft):
             self.stats.guesses_checked += 1
             self.stats.guesses_right += resp.token == guess.token
             if guess.looked_up:
                 self.stats.lookups_checked += 1
                 self.stats.lookups_right += resp.token == guess.token
-        self.policy.on_verdict(RoundVerdict(tuple(rnd.draft), resp.accepted, time.perf_counter() - t0,
-                                            self.profiler.estimate(), resp.token, guess))
+        self.policy.on_verdict(RoundVerdict(tuple(rnd.draft), accepted, time.perf_counter() - t0,
+                                            self.profiler.estimate(), token, guess))
 
     # -- offline: the circuit breaker (offline.py, session.py) -----------------------------------
     def _go_offline(self, cause: Exception) -> None:
@@ -785,12 +809,12 @@ class Decoding:
     def _new_round(self, base: list[int] | None = None) -> Round:
         return Round(self.cloud.next_round_id(), list(self.out.tokens) if base is None else base)
 
-    def _count_round(self, drafted: int, accepted: int) -> None:
+    def _count_round(self, drafted: int, accepted: int, rejected: bool | None = None) -> None:
         s = self.stats
         s.nav_rounds += 1
         s.draft_n += drafted
         s.draft_n_accepted += accepted
-        s.rollback_rounds += accepted < drafted
+        s.rollback_rounds += accepted < drafted if rejected is None else rejected
 
     def _spent(self, kind: str, start: float) -> None:
         end = time.perf_counter()

@@ -40,7 +40,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,6 +100,8 @@ class Policy:
     lookup_guesses: bool = False    # rounds drafted ahead begin with a looked-up guess (``lookup.py``), not a drafted one
     tree: TreeShape | None = None   # each round a token tree of this shape (``trees.py``) where the drafter, the
                                     # verifier and greedy decoding allow; else chains, by the rules above
+    leaves: float | None = None     # a chain sent whole takes the draft's runner-ups as leaf siblings where their
+                                    # value is at least this (``trees.sibling_leaves``; greedy, a tree verifier)
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -261,10 +263,11 @@ class PipeSD(Policy):
     def __init__(self, name: str = "pipesd", *, objective: str = "latency", schedule: UploadSchedule | None = None,
                  proactive: bool = True, pipelined: bool = True, max_draft: int = MAX_DRAFT,
                  tuner: CorrectionTuner | None = None, model: AcceptanceModel | None = None,
-                 power: DevicePower = DevicePower()):
+                 power: DevicePower = DevicePower(), siblings: bool = True):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         self.name, self.objective, self.power = name, objective, power
+        self.siblings = siblings   # rounds sent whole take leaf siblings where they pay (``_leaf_floor``)
         self._proactive = self.proactive = proactive and objective != "edge_energy"
         self._pipelined = self.pipelined = pipelined and self.proactive
         if schedule is None:
@@ -382,6 +385,16 @@ class PipeSD(Policy):
         scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
         return round(math.exp(scale), 3), bias
 
+    def _leaf_floor(self, link: LinkEstimate, plan: RoundPlan) -> float | None:
+        """The value a leaf sibling (``trees.sibling_leaves``) must have to pay for itself: what its verifier
+        row (and, for latency, its upload) costs, in committed tokens at the plan's rate. Under
+        ``edge_energy`` none go (the radio's bytes are the cost and a token's worth is not priced)."""
+        if self.objective == "edge_energy" or not plan.rate > 0 or not math.isfinite(plan.rate):
+            return None
+        costs = SegmentCosts.from_link(link)
+        node = costs.pass_per_token if self.objective == "cloud_cost" else costs.beta + costs.pass_per_token
+        return node * plan.rate
+
     # -- the policy contract -------------------------------------------------------------------
     def start_round(self, link: LinkEstimate) -> None:
         t = time.perf_counter()
@@ -393,6 +406,7 @@ class PipeSD(Policy):
         self.lookup_guesses = lookup is not None and lookup.rate > plan.rate
         plan = self.plan = lookup if self.lookup_guesses else plan
         self._stop = plan.stop_below.tolist()
+        self.leaves = self._leaf_floor(link, plan) if self.siblings else None
         self.rounds += 1
         # The plan's structure: a head round (capped, its thresholds stop it), rounds drafted ahead.
         self.max_ahead, self.ahead_draft = plan.ahead, plan.ahead_draft

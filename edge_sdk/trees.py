@@ -118,6 +118,24 @@ def draft_tree(tree: TreeContext, shape: TreeShape, *, max_depth: int | None = N
     return [n.draft for n in nodes], [n.parent for n in nodes], [n.value for n in nodes]
 
 
+def sibling_leaves(chain: Sequence[DraftToken], min_value: float, room: int) -> tuple[list[DraftToken], list[int]]:
+    """Leaves that turn a drafted chain into a tree at no drafting cost: at each position, the draft's
+    runner-up (``DraftToken.alt``, from the row that position was drafted from) as a sibling of the
+    chain's token, where its value -- the chain's value up to its parent times its own probability --
+    is at least `min_value`; at most `room` of them, the most valuable. Returns the leaves and their
+    parents (indices into the chain, -1: the base). When the target rejects the chain's token at a
+    position but produces the runner-up there, the round keeps that token too: one more committed token
+    for a verifier row."""
+    reach, found = 1.0, []
+    for j, d in enumerate(chain):
+        if d.alt is not None and reach * d.p_alt >= min_value:
+            found.append((reach * d.p_alt, j))
+        reach *= d.confidence
+    found = sorted(sorted(found, reverse=True)[: max(0, room)], key=lambda v: v[1])
+    return ([DraftToken(chain[j].alt, chain[j].p_max, chain[j].p_alt) for _, j in found],
+            [j - 1 for _, j in found])
+
+
 def root_path(parents: Sequence[int], node: int | None) -> list[int]:
     """Node indices from the tree's first level down to `node` (None: the empty path)."""
     path = []

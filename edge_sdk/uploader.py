@@ -53,6 +53,8 @@ class Round:
     opens_segment: bool = False   # drafted ahead on a rebased round: the first drafted round after a
                                   # rejection, so drafted as a head round (the policy's stopping rule)
     parents: tuple[int, ...] = () # a token tree: each draft token's parent (-1: the base); empty: a chain
+    leaves: list[DraftToken] = field(default_factory=list)   # a chain's leaf siblings (trees.sibling_leaves),
+    leaf_parents: list[int] = field(default_factory=list)    # ... sent with it as one tree; their parents
 
     def chain(self) -> "list[Round]":
         """This round and every round drafted ahead on top of it."""
@@ -66,15 +68,42 @@ class Round:
     def tokens(self) -> list[int]:
         return [d.token for d in self.draft]
 
+    def wire(self) -> tuple[list[int], tuple[int, ...]]:
+        """The draft as the round's request carries it: its tokens and, for a tree, their parents (a chain
+        with leaves is a tree: the chain first, then the leaves)."""
+        if not self.leaves:
+            return self.tokens, self.parents
+        return (self.tokens + [d.token for d in self.leaves],
+                tuple(range(-1, len(self.draft) - 1)) + tuple(self.leaf_parents))
+
     def accepted(self, resp: VerifyResponse) -> list[int]:
         """The draft tokens the verdict kept: a chain's first ``accepted``, a tree's path to ``node``.
         A verdict that names no such path is a ValueError (the verifier answered another round)."""
-        if not self.parents:
-            return self.tokens[: resp.accepted]
-        path = root_path(self.parents, resp.node) if resp.node is not None and 0 <= resp.node < len(self.draft) else []
+        tokens, parents = self.wire()
+        if not parents:
+            return tokens[: resp.accepted]
+        path = root_path(parents, resp.node) if resp.node is not None and 0 <= resp.node < len(tokens) else []
         if len(path) != resp.accepted or (resp.accepted and resp.node is None):
             raise ValueError(f"the verdict's path ({resp.node}, {resp.accepted} accepted) is not one of the tree's")
-        return [self.draft[i].token for i in path]
+        return [tokens[i] for i in path]
+
+    def rejected(self, resp: VerifyResponse) -> bool:
+        """Did the verdict reject a drafted token -- is its token a correction rather than a bonus? (In a
+        tree: the path's last node has children, none of them the target's.)"""
+        tokens, parents = self.wire()
+        if not parents:
+            return resp.accepted < len(tokens)
+        last = resp.node if resp.node is not None else -1
+        return last in parents
+
+    def leaf_taken(self, resp: VerifyResponse) -> bool:
+        """Did the verdict end on one of the chain's leaves (the target rejected the chain's token there and
+        produced the leaf's)?"""
+        return bool(self.leaves) and resp.node is not None and resp.node >= len(self.draft)
+
+    def chain_accepted(self, resp: VerifyResponse) -> int:
+        """How many of the chain's own tokens the verdict kept (a leaf taken is where the chain was rejected)."""
+        return resp.accepted - self.leaf_taken(resp)
 
 
 @dataclass
@@ -172,10 +201,11 @@ class Uploader:
         """The round's next batch: the tokens not yet sent, naming the base as the verifier should hold it."""
         if rnd.named is None:
             rnd.named = min(synced, len(rnd.base))
-        if rnd.parents and (rnd.sent or not final):
+        if (rnd.parents or rnd.leaves) and (rnd.sent or not final):
             raise ValueError("a token tree goes up whole, in its final batch")
-        req = self._request(rnd.id, rnd.base, rnd.named, rnd.tokens[rnd.sent:], rnd.sent, final,
-                            [d.q for d in rnd.draft[rnd.sent:]], rnd.parents)
+        tokens, parents = rnd.wire()
+        req = self._request(rnd.id, rnd.base, rnd.named, tokens[rnd.sent:], rnd.sent, final,
+                            [d.q for d in (rnd.draft + rnd.leaves)[rnd.sent:]], parents)
         rnd.sent = len(rnd.draft)
         rnd.batches += 1
         self.batch_sizes.append(len(req.draft))

@@ -595,3 +595,37 @@ def test_tree_rounds_go_as_trees_and_accept_other_branches_than_the_first(rig):
     finally:
         uploader.Round.accepted = accepted
     assert seen > 0 and off_first > 0
+
+
+# -- leaves: a chain's runner-ups sent as siblings -----------------------------------------------------
+@pytest.mark.parametrize("mode", ["vanilla", "pipesd", "pipesd_no_proactive", "pipesd_fixed"])
+def test_chains_with_leaf_siblings_stay_identical_and_take_leaves(mode):
+    """Any chain policy may send its chain with the draft's runner-ups as leaves: where the target rejects
+    the chain's token but produces the runner-up, the round keeps it. Token-identical, and the policy
+    learns the chain's own acceptance (a leaf taken counts as the chain's rejection there)."""
+    taken = sent = 0
+    with Rig(latency_s=0.002) as r:
+        for prompt in PROMPTS:
+            policy = make_policy(mode)
+            policy.leaves = 0.0
+            result = r.generate(prompt, mode, N, policy=policy)
+            assert result.tokens == reference(prompt, N)
+            s = result.stats
+            assert s.output_tokens == len(result.tokens) == s.draft_n_accepted + s.nav_rounds
+            taken, sent = taken + s.leaves_accepted, sent + s.leaves_sent
+    assert sent > 0 and 0 < taken < sent
+
+
+def test_leaves_survive_restarts_and_lost_replies(rig):
+    prompt = PROMPTS[5]
+    policy = make_policy("pipesd_fixed")
+    policy.leaves = 0.0
+    gen = rig.stream(prompt, "pipesd_fixed", N, policy=policy)
+    events = iter(gen)
+    head = [next(events).token for _ in range(6)]
+    rig.verifier.restart()
+    middle = [next(events).token for _ in range(6)]
+    rig.verifier.drop_replies = 2
+    tail = [e.token for e in events if e.token is not None]
+    assert head + middle + tail == reference(prompt, N)
+    assert gen.stats.resyncs >= 1 and gen.stats.leaves_sent > 0

@@ -157,3 +157,20 @@ def test_a_tree_wider_than_the_drafters_sequences_stops_branching_and_keeps_its_
     assert len(drafts) == 64 and all(p < i for i, p in enumerate(parents))
     assert tree_drafter._branches < LlamaCppDrafter.TREE_SEQUENCES      # it ran out of sequences, not memory
     assert len(set(parents)) - 1 <= len(tree.tokens)                     # every parent was grown (decoded)
+
+
+def test_leaves_are_the_runner_ups_worth_their_row():
+    from edge_sdk.drafter import DraftToken, choose_token
+    from edge_sdk.trees import sibling_leaves
+
+    row = np.log(np.array([0.05, 0.6, 0.3, 0.05], dtype=np.float32))
+    d = choose_token(row, None, 0)
+    assert (d.token, d.alt) == (1, 2) and d.p_alt == pytest.approx(0.3, rel=1e-5)
+    chain = [DraftToken(1, 0.6, 0.6, alt=2, p_alt=0.3), DraftToken(5, 0.5, 0.5, alt=6, p_alt=0.4),
+             DraftToken(7, 0.9, 0.9, alt=8, p_alt=0.05)]
+    # values: 0.3 at the base, 0.6 * 0.4 = 0.24 after the first token, 0.6 * 0.5 * 0.05 = 0.015 after the second
+    leaves, parents = sibling_leaves(chain, 0.1, room=8)
+    assert [x.token for x in leaves] == [2, 6] and parents == [-1, 0]
+    leaves, parents = sibling_leaves(chain, 0.0, room=1)          # the most valuable one when room is short
+    assert [x.token for x in leaves] == [2] and parents == [-1]
+    assert sibling_leaves(chain, 0.5, room=8) == ([], [])

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 import pipesd_models
-from cloud_verifier import VerifierService, VerifierSettings
 from cloud_verifier.batching import ModelWorker
 from cloud_verifier.nav import greedy_accept, greedy_accept_tree
 from cloud_verifier.target import LlamaCppTarget, PassJob, TorchTarget
-from privacy import (ClientHandshake, ErrorCode, FrameType, OpenSession, SamplingParams, StaticKey, VerifyRequest,
+from privacy import (ClientHandshake, ErrorCode, FrameType, OpenSession, SamplingParams, VerifyRequest,
                      VerifyResponse, WireError, decode, encode, prefix_hash)
 from privacy.messages import SessionOpened, SparseDist, check_tree, tree_depths
+
+from .test_service import make
 
 
 def logits_for(argmaxes, vocab=16):
@@ -164,11 +165,6 @@ def test_trees_and_chains_share_one_batched_pass(target):
 
 
 # -- the verifier core ------------------------------------------------------------------------------
-def make(target, **settings):
-    key = StaticKey.generate()
-    return VerifierService(target, VerifierSettings(**settings), static_key=key), key
-
-
 def connect(service, key):
     hs = ClientHandshake(server_public=key.public_bytes)
     ch = hs.finish(service.handshake(hs.hello()))
