@@ -15,7 +15,7 @@ from .conftest import PROMPTS
 SPECULATIVE = [m for m in MODES if m not in ("cloud_only", "edge_only")]
 # The product's policies run every prompt; the ablations (one piece of PipeSD changed each) run the first
 # eight: the same code paths, and tests/test_engine.py runs every policy on the toy pair as well.
-FULL = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_bo", "tree")
+FULL = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_bo")
 ABLATION_PROMPTS = 8
 MAX_NEW = 48
 
