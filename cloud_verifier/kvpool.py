@@ -30,6 +30,8 @@ from collections import OrderedDict
 
 import torch
 
+from privacy.messages import tree_depths
+
 
 class BatchView:
     """The cache object handed to the model for one forward pass over several pool rows."""
@@ -48,7 +50,7 @@ class BatchView:
         if self.trees:
             self.positions = self.written.clone()
             for b, (q, parents) in self.trees:
-                depth = _depths(parents)
+                depth = tree_depths(parents)
                 self.positions[b, q: q + len(parents)] = self.written[b, q] + torch.tensor(depth)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -79,13 +81,6 @@ class BatchView:
     @property
     def is_compileable(self) -> bool:
         return False
-
-
-def _depths(parents: list[int]) -> list[int]:
-    depths: list[int] = []
-    for parent in parents:
-        depths.append(0 if parent < 0 else depths[parent] + 1)
-    return depths
 
 
 def _ancestry(parents: list[int]) -> torch.Tensor:

@@ -375,7 +375,8 @@ class Decoding:
         floor = self.policy.leaves
         if floor is None or rnd.sent or rnd.parents or not rnd.draft or self.sampling is not None:
             return
-        room = min(self.cloud.tree_nodes, self.cloud.max_draft) - len(rnd.draft)
+        # the verifier stores every node after the base, so leaves must fit its context too
+        room = min(self.cloud.tree_nodes, self.cloud.max_draft, self._context() - len(rnd.base) - 1) - len(rnd.draft)
         if room <= 0:
             return
         rnd.leaves, rnd.leaf_parents = sibling_leaves(rnd.draft, floor, room)
@@ -386,9 +387,9 @@ class Decoding:
         t = time.perf_counter()
         shape = self.policy.tree
         depth = self._cap(rnd.base, shape.max_depth)
-        # the verifier stores every node after the base: the tree's size must fit its context too
-        room = (self.cloud.max_context or self.drafter.max_context) - len(rnd.base) - 1
-        nodes = min(shape.nodes, self.cloud.tree_nodes, self.cloud.max_draft, room)
+        # the verifier stores every node after the base, and so does the drafter: the tree's size must fit
+        # both contexts
+        nodes = min(shape.nodes, self.cloud.tree_nodes, self.cloud.max_draft, self._context() - len(rnd.base) - 1)
         if depth > 0 and nodes > 0:
             self.drafter.set_context(rnd.base)
             drafts, parents, _ = draft_tree(self.drafter.tree(), dataclasses.replace(shape, nodes=nodes),
@@ -544,18 +545,17 @@ class Decoding:
             if isinstance(exc, VerifierError) and not (_resendable(exc) or overloaded):
                 raise
             self._drop(nxt)
-            q = [d.q for d in rnd.draft + rnd.leaves]
-            tokens, parents = rnd.wire()
+            rnd.as_chain()                # whatever verifier answers the resend takes a chain
+            q = [d.q for d in rnd.draft]
             if overloaded:
                 # The verifier refused the round before acting on it (what of it went up on a stream is
                 # only staged there): it goes again whole, naming its base as before, once the verifier
                 # asked us to wait. The NAV deadline counts from this refusal (a pipelined round may have
                 # gone up long before its turn), and the retry after the wait gets a whole one.
                 deadline = self._overload_wait(exc, 1, time.perf_counter() + nav.deadline_s, nav.deadline_s)
-                return self._resend(self.out.tokens, self.synced, tokens, q, deadline=deadline, overloads=1,
-                                    parents=parents), None
+                return self._resend(self.out.tokens, self.synced, rnd.tokens, q, deadline=deadline, overloads=1), None
             resync = exc if isinstance(exc, VerifierError) else None   # else a broken stream: resend as it was
-            return self._resend(self.out.tokens, self.synced, tokens, q, resync, parents=parents), None
+            return self._resend(self.out.tokens, self.synced, rnd.tokens, q, resync), None
 
     def _drop(self, nxt: Round | None) -> None:
         """Throw away rounds drafted ahead (and anything of theirs not yet on the wire)."""
@@ -565,7 +565,7 @@ class Decoding:
 
     def _resend(self, prefix: list[int], synced: int, draft: list[int], q: list,
                 resync: VerifierError | None = None, *, deadline: float | None = None,
-                overloads: int = 0, parents: tuple[int, ...] = ()) -> VerifyResponse:
+                overloads: int = 0) -> VerifyResponse:
         """A round sent whole until it is answered; `resync`: the verifier already said it lost or
         disagrees with our prefix. Such a verifier gets all of it (after a new session if it lost ours);
         a lost reply is retried as it was: the request names its base (length + hash), so a verifier that
@@ -582,7 +582,7 @@ class Decoding:
             deadline = time.perf_counter() + window
         while True:
             try:
-                resp = self.uploader.whole(prefix, synced, draft, q, parents)
+                resp = self.uploader.whole(prefix, synced, draft, q)
                 self.stats.target_passes += 1
                 return resp
             except TimeoutError:          # past the deadline: the caller goes offline, no retry
@@ -776,9 +776,12 @@ class Decoding:
         """A round's draft length cap: the policy's (`policy_cap`, else its ``max_draft``), the
         verifier's, the token budget (every NAV round commits accepted + 1 tokens, hence remaining - 1)
         and the context."""
-        context = min(self.drafter.max_context, self.cloud.max_context or self.drafter.max_context)
         cap = self.policy.max_draft if policy_cap is None else policy_cap
-        return max(0, min(cap, self.cloud.max_draft, self.out.remaining - 1, context - len(base) - 1))
+        return max(0, min(cap, self.cloud.max_draft, self.out.remaining - 1, self._context() - len(base) - 1))
+
+    def _context(self) -> int:
+        """The shorter of the draft's and the target's contexts."""
+        return min(self.drafter.max_context, self.cloud.max_context or self.drafter.max_context)
 
     def _next_token(self) -> DraftToken:
         """The drafter's next token, its time fed to the profiler (gamma)."""

@@ -31,7 +31,8 @@ class GenerationStats:
     draft_n: int = 0               # draft tokens sent for verification
     draft_n_accepted: int = 0      # of those, accepted by the target
     nav_rounds: int = 0            # verification requests
-    rollback_rounds: int = 0       # rounds in which at least one draft token was rejected
+    rollback_rounds: int = 0       # rounds whose target token was a correction: a drafted token rejected (in a
+                                   # tree, or a chain with leaves: and none of its siblings the target's)
     resyncs: int = 0               # times the prefix was resent (verifier restart, eviction, mismatch)
     ttft_s: float = 0.0            # request start -> first output token
     total_s: float = 0.0           # request start -> last output token

@@ -87,6 +87,17 @@ class Round:
             raise ValueError(f"the verdict's path ({resp.node}, {resp.accepted} accepted) is not one of the tree's")
         return [tokens[i] for i in path]
 
+    def as_chain(self) -> None:
+        """Become a plain chain: leaves dropped, a tree cut to its first-choice line (each node's first
+        child). A round resent after a resync goes so: the verifier answering now may take no tree."""
+        self.leaves, self.leaf_parents = [], []
+        if self.parents:
+            line, at = [], -1
+            while (child := next((i for i, p in enumerate(self.parents) if p == at), None)) is not None:
+                line.append(child)
+                at = child
+            self.draft, self.parents = [self.draft[i] for i in line], ()
+
     def rejected(self, resp: VerifyResponse) -> bool:
         """Did the verdict reject a drafted token -- is its token a correction rather than a bonus? (In a
         tree: the path's last node has children, none of them the target's.)"""
@@ -175,13 +186,12 @@ class Uploader:
         return self._send(req)
 
     def whole(self, prefix: Sequence[int], synced: int, draft: Sequence[int],
-              q: Sequence[SparseDist | None] = (), parents: Sequence[int] = ()) -> VerifyResponse:
-        """One round in one request, answered within the NAV deadline: `draft` (a tree when `parents`)
-        after the committed `prefix`, of which the verifier holds `synced` tokens (0: send it all). For
-        resends after a resync and for verifying an offline tail."""
+              q: Sequence[SparseDist | None] = ()) -> VerifyResponse:
+        """One round in one request, answered within the NAV deadline: the chain `draft` after the committed
+        `prefix`, of which the verifier holds `synced` tokens (0: send it all). For resends after a resync
+        (a tree or a chain with leaves goes again as its chain) and for verifying an offline tail."""
         base_len = min(synced, len(prefix))
-        return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q,
-                                        parents)).result()
+        return self._send(self._request(self.cloud.next_round_id(), prefix, base_len, draft, 0, True, q)).result()
 
     def cancel(self, rnd: Round) -> None:
         """`rnd` went stale: queue nothing more of it (a final batch already sent is refused by the

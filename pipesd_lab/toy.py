@@ -117,6 +117,8 @@ class ToyTarget:
         return np.concatenate([rows] + [self.language.logits(list(tokens[:at]) + p)[None] for p in paths])
 
     def keep_path(self, state: TargetState, path: Sequence[int]) -> None:
+        if state.tree_at is None:
+            return
         at, nodes = state.tree_at, state.tokens[state.tree_at:]
         del state.tokens[at:]
         state.tokens.extend(nodes[i] for i in path)

@@ -629,3 +629,36 @@ def test_leaves_survive_restarts_and_lost_replies(rig):
     tail = [e.token for e in events if e.token is not None]
     assert head + middle + tail == reference(prompt, N)
     assert gen.stats.resyncs >= 1 and gen.stats.leaves_sent > 0
+
+
+@pytest.mark.parametrize("mode", ["tree", "vanilla"])
+def test_trees_and_leaves_fit_the_targets_context_to_its_last_position(mode):
+    """Near the end of a short target context, a tree's nodes and a chain's leaves are cut to what the
+    verifier can store (it counts every node), so the generation runs to the context's end, identical."""
+    with Rig(settings=VerifierSettings(max_context=48)) as r:
+        for prompt in PROMPTS[:4]:
+            policy = make_policy(mode, draft_k=8) if mode == "vanilla" else make_policy(mode)
+            policy.leaves = 0.0 if mode == "vanilla" else None
+            result = r.generate(prompt, mode, 200, policy=policy)
+            assert result.stats.finish_reason == "length" and len(prompt) + len(result.tokens) >= 47
+            assert result.tokens == reference(prompt, len(result.tokens))
+
+
+@pytest.mark.parametrize("mode", ["tree", "leaves"])
+def test_a_restart_into_a_chains_only_verifier_resends_the_round_as_a_chain(mode):
+    """The verifier comes back verifying chains only (another backend, --max-tree-nodes 0): the round in
+    flight is resent as its chain, later rounds are chains, and the output is unchanged."""
+    with Rig() as r:
+        policy = make_policy("tree" if mode == "tree" else "pipesd_fixed")
+        if mode == "leaves":
+            policy.leaves = 0.0
+        gen = r.stream(PROMPTS[5], "pipesd_fixed", N, policy=policy)
+        events = iter(gen)
+        head = [next(events).token for _ in range(6)]
+        r.verifier.settings = VerifierSettings(max_tree_nodes=0)
+        r.verifier.restart()
+        tail = [e.token for e in events if e.token is not None]
+        assert head + tail == reference(PROMPTS[5], N)
+        assert gen.stats.resyncs >= 1
+        if mode == "tree":
+            assert gen.stats.tree_rounds > 0 and gen.stats.tree_fallback == "the verifier verifies chains only"

@@ -174,3 +174,19 @@ def test_leaves_are_the_runner_ups_worth_their_row():
     leaves, parents = sibling_leaves(chain, 0.0, room=1)          # the most valuable one when room is short
     assert [x.token for x in leaves] == [2] and parents == [-1]
     assert sibling_leaves(chain, 0.5, room=8) == ([], [])
+
+
+@pytest.mark.integration
+def test_a_tree_near_the_end_of_the_drafts_context_stops_growing_instead_of_failing():
+    drafter = LlamaCppDrafter(pipesd_models.pair_paths("embedded")[0], n_ctx=64, threads=1)
+    try:
+        drafter.set_context((drafter.tokenize("x = ") * 40)[:58])     # 6 positions left: 24 nodes do not fit
+        drafts, parents, _ = draft_tree(drafter.tree(), TreeShape(nodes=24, width=4, batch=4, min_value=0.0),
+                                        max_depth=5)
+        assert len(drafts) == 24 and max(len(root_path(parents, i)) for i in range(24)) <= 5
+        tree = drafter.tree()
+        with pytest.raises(ValueError, match="not a node of the tree yet"):   # a parent grown in the same call
+            tree.grow([-1, 0], [5, 6])
+        assert tree.tokens == [] and drafter._branches == 0                   # refused before changing anything
+    finally:
+        drafter.close()
