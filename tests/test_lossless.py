@@ -25,7 +25,8 @@ def test_reference_is_real_generation(reference):
     assert len({tuple(t) for t in outputs}) > len(outputs) // 2, "different prompts should give different text"
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
+# k = 4 (vanilla's default) runs every prompt in tests/test_pipeline.py
+@pytest.mark.parametrize("k", [1, 2, 8])
 def test_vanilla_equals_target_greedy(client, reference, k):
     accepted = drafted = 0
     for prompt in PROMPTS:

@@ -177,7 +177,7 @@ def test_engine_first_two_tokens_match_the_target_joint(verifier, real_pair):
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "hsl", "edgellm", "pipesd", "pipesd_fixed", "pipesd_per_token",
-                                  "pipesd_no_proactive", "cloud_only", "edge_only", "tree"])
+                                  "pipesd_no_proactive", "cloud_only", "edge_only"])
 def test_same_seed_same_text_for_every_policy(verifier, mode):
     def run(seed):
         with EdgeClient(verifier.url, verifier_key=verifier.public_key, mode=mode, threads=1) as c:
