@@ -10,11 +10,11 @@ import pipesd_models
 from cloud_verifier.batching import ModelWorker
 from cloud_verifier.nav import greedy_accept, greedy_accept_tree
 from cloud_verifier.target import LlamaCppTarget, PassJob, TorchTarget
-from privacy import (ClientHandshake, ErrorCode, FrameType, OpenSession, SamplingParams, VerifyRequest,
+from privacy import (ErrorCode, FrameType, SamplingParams, VerifyRequest,
                      VerifyResponse, WireError, decode, encode, prefix_hash)
 from privacy.messages import SessionOpened, SparseDist, check_tree, tree_depths
 
-from .test_service import make
+from .test_service import _opened, make
 
 
 def logits_for(argmaxes, vocab=16):
@@ -166,11 +166,8 @@ def test_trees_and_chains_share_one_batched_pass(target):
 
 # -- the verifier core ------------------------------------------------------------------------------
 def connect(service, key):
-    hs = ClientHandshake(server_public=key.public_bytes)
-    ch = hs.finish(service.handshake(hs.hello()))
-    status, reply, _ = service.handle_frame(ch.seal(FrameType.OPEN, OpenSession(service.fingerprint,
-                                                                              service.target.vocab_size).to_dict()))
-    assert status == 200
+    """A new session: its channel and what OPENED said."""
+    ch, reply = _opened(service, key)
     return ch, SessionOpened.from_dict(ch.open(reply)[1])
 
 
