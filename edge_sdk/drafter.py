@@ -214,13 +214,19 @@ class SequentialTree:
         return path_tokens(self.tokens, self.parents, node)
 
 
-def path_tokens(tokens: Sequence[int], parents: Sequence[int], node: int) -> list[int]:
-    """The tokens from a tree's first level down to `node` (parents precede children; -1: the context)."""
+def root_path(parents: Sequence[int], node: int | None) -> list[int]:
+    """Node indices from a tree's first level down to `node` (parents precede children; -1: the context;
+    None: the empty path)."""
     path = []
-    while node >= 0:
-        path.append(tokens[node])
+    while node is not None and node >= 0:
+        path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def path_tokens(tokens: Sequence[int], parents: Sequence[int], node: int) -> list[int]:
+    """The tokens from a tree's first level down to `node`."""
+    return [tokens[i] for i in root_path(parents, node)]
 
 
 _LOAD_LOCK = threading.Lock()

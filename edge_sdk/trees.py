@@ -22,7 +22,9 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .drafter import DraftToken, TreeFull
+from .drafter import DraftToken, TreeFull, root_path
+
+__all__ = ["TreeContext", "TreeShape", "draft_tree", "root_path", "sibling_leaves"]
 
 
 class TreeContext(Protocol):
@@ -134,12 +136,3 @@ def sibling_leaves(chain: Sequence[DraftToken], min_value: float, room: int) -> 
     found = sorted(sorted(found, reverse=True)[: max(0, room)], key=lambda v: v[1])
     return ([DraftToken(chain[j].alt, chain[j].p_max, chain[j].p_alt) for _, j in found],
             [j - 1 for _, j in found])
-
-
-def root_path(parents: Sequence[int], node: int | None) -> list[int]:
-    """Node indices from the tree's first level down to `node` (None: the empty path)."""
-    path = []
-    while node is not None and node >= 0:
-        path.append(node)
-        node = parents[node]
-    return path[::-1]
