@@ -167,10 +167,12 @@ class _LogitsDrafter:
             self._stop.clear()
             raise DraftInterrupted("the token was no longer wanted")
 
-    def tree(self) -> "SequentialTree":
+    def tree(self, chain: int = 0) -> "SequentialTree":
         """Start a token tree after the current context, grown one node at a time (``SequentialTree``);
-        the llama.cpp drafter grows a level in one decode instead."""
-        return SequentialTree(self)
+        the llama.cpp drafter grows a level in one decode instead. `chain`: the context's last `chain`
+        tokens are a chain already drafted -- they become the tree's first nodes (node i the i-th, each
+        the parent of the next) and branches may grow off them."""
+        return SequentialTree(self, chain)
 
     def next_token(self) -> DraftToken:
         if not self._tokens:
@@ -189,12 +191,14 @@ class SequentialTree:
     sibling costs its own token plus what its branch re-evaluates). The drafter's next ``set_context``
     ends it. Same calls as ``LlamaCppTree``."""
 
-    def __init__(self, drafter: _LogitsDrafter):
+    def __init__(self, drafter: _LogitsDrafter, chain: int = 0):
+        if not 0 <= chain < len(drafter._tokens):
+            raise ValueError("a tree's chain is part of the context, after at least one token")
         self.drafter = drafter
-        self.context = list(drafter._tokens)
-        self.root = drafter._logits().copy()
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
+        self.context = list(drafter._tokens[: len(drafter._tokens) - chain])
+        self.root = drafter._logits().copy() if not chain else None
+        self.tokens: list[int] = list(drafter._tokens[len(self.context):])
+        self.parents: list[int] = list(range(-1, chain - 1))
 
     def grow(self, parents: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
         if len(tokens) != len(parents) or not tokens:
@@ -398,11 +402,15 @@ class LlamaCppDrafter(_LogitsDrafter):
         return self._row(-1)
 
     # -- token trees ----------------------------------------------------------------------------------
-    def tree(self) -> "LlamaCppTree":
-        """Start a token tree after the current context (see ``LlamaCppTree``); an earlier tree's branches go."""
+    def tree(self, chain: int = 0) -> "LlamaCppTree":
+        """Start a token tree after the current context (see ``LlamaCppTree``); an earlier tree's branches
+        go. `chain`: the context's last `chain` tokens are a chain already drafted, which becomes the
+        tree's first nodes: branches fork off its cells, nothing is decoded again."""
+        if not 0 <= chain < len(self._tokens):
+            raise ValueError("a tree's chain is part of the context, after at least one token")
         self._drop_branches()
-        self._logits()                        # the context evaluated, its last row ready
-        return LlamaCppTree(self)
+        self._logits()       # the context evaluated (a chain's last token too: the next guess needs it anyway)
+        return LlamaCppTree(self, chain)
 
     def close(self) -> None:
         lib = getattr(self, "_lib", None)
@@ -439,15 +447,17 @@ class LlamaCppTree:
     next ``set_context`` drops the branches and keeps sequence 0's common prefix, as for a chain.
     """
 
-    def __init__(self, drafter: LlamaCppDrafter):
+    def __init__(self, drafter: LlamaCppDrafter, chain: int = 0):
         self.drafter = drafter
-        self.base = len(drafter._tokens)
-        self.root = drafter._row(-1).copy()           # the distribution at the tree's first position
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.depth: list[int] = []
-        self._seq: list[int] = []                     # each node's sequence
-        self._children: dict[int, int] = {}           # node -> children so far
+        self.base = len(drafter._tokens) - chain
+        # the distribution at the tree's first position (a chain's tokens carry their own alternatives)
+        self.root = drafter._row(-1).copy() if not chain else None
+        # A chain already drafted: its nodes lie on sequence 0, each the first child of the one before.
+        self.tokens: list[int] = list(drafter._tokens[self.base:])
+        self.parents: list[int] = list(range(-1, chain - 1))
+        self.depth: list[int] = list(range(chain))
+        self._seq: list[int] = [0] * chain                     # each node's sequence
+        self._children: dict[int, int] = {i: 1 for i in range(-1, chain - 1)}   # node -> children so far
 
     def grow(self, parents: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
         d, lib = self.drafter, self.drafter._lib
@@ -486,7 +496,11 @@ class LlamaCppTree:
             positions.append(self.base + depth)
         self._children = children
         d._logits_at = -1                              # the context's row is `root` now
-        d._decode(tokens, positions, seqs, [True] * len(tokens))
+        try:
+            d._decode(tokens, positions, seqs, [True] * len(tokens))
+        except BaseException:          # interrupted or failed: sequence 0 keeps what it held (the tree is dropped)
+            lib.llama_memory_seq_rm(d._memory, 0, len(d._cached), -1)
+            raise
         rows = [d._row(i).copy() for i in range(len(tokens))]
         # Sequence 0 now holds the context plus its branch's nodes: record them so that a set_context to
         # the accepted path keeps the cells where that path ran along sequence 0.

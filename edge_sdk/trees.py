@@ -24,13 +24,13 @@ import numpy as np
 
 from .drafter import DraftToken, TreeFull, root_path
 
-__all__ = ["TreeContext", "TreeShape", "draft_tree", "root_path", "sibling_leaves"]
+__all__ = ["TreeContext", "TreeShape", "draft_tree", "root_path"]
 
 
 class TreeContext(Protocol):
     """What a drafter gives to grow a tree after its context (``LlamaCppDrafter.tree``)."""
 
-    root: np.ndarray          # logits at the tree's first position
+    root: np.ndarray | None   # logits at the tree's first position (None on a chain: its tokens carry theirs)
 
     def grow(self, parents: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
         """Add nodes (parents: indices of nodes added before, -1 the context); each one's logits row."""
@@ -41,19 +41,22 @@ class TreeShape:
     """How large a round's tree may grow. ``nodes``: the most nodes it holds; ``width``: candidates
     taken from each expanded node's distribution; ``batch``: nodes expanded per drafter call;
     ``min_value``: a node less likely than this to be accepted is left out (it costs a verifier row
-    and bytes for almost nothing); ``max_depth``: levels at most."""
+    and bytes for almost nothing); ``max_depth``: levels at most (branches off a chain: levels below
+    the chain); ``min_expand``: a node is expanded -- its children drafted, a drafter call -- only if
+    it is at least this likely to be accepted."""
 
     nodes: int = 24
     width: int = 4
     batch: int = 4
     min_value: float = 0.02
     max_depth: int = 16
+    min_expand: float = 0.0
 
     def __post_init__(self):
         if self.nodes < 1 or self.width < 1 or self.batch < 1 or self.max_depth < 1:
             raise ValueError("a tree shape needs nodes, width, batch and max_depth of at least 1")
-        if not 0 <= self.min_value < 1:
-            raise ValueError("min_value is a probability in [0, 1)")
+        if not (0 <= self.min_value < 1 and 0 <= self.min_expand < 1):
+            raise ValueError("min_value and min_expand are probabilities in [0, 1)")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class _Node:
     value: float                  # estimated probability that the target accepts this node
     depth: int
     grown: int | None = None      # its index in the drafter's tree once expanded (its row computed)
+    below: int = 0                # levels below the chain it branches off (0: a node of that chain)
 
 
 def _candidates(row: np.ndarray, width: int) -> list[tuple[int, float, float]]:
@@ -74,32 +78,52 @@ def _candidates(row: np.ndarray, width: int) -> list[tuple[int, float, float]]:
     return [(int(t), float(p[t]), float(p[top[0]])) for t in top]
 
 
-def draft_tree(tree: TreeContext, shape: TreeShape, *, max_depth: int | None = None,
-               ends: Callable[[int], bool] = lambda token: False) -> tuple[list[DraftToken], list[int], list[float]]:
+def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | None = None,
+               ends: Callable[[int], bool] = lambda token: False,
+               chain: Sequence[DraftToken] = ()) -> tuple[list[DraftToken], list[int], list[float]]:
     """Grow a tree (see the module docstring): its nodes' tokens, their parents (-1: the context;
     every parent comes before its children) and their values. `max_depth` caps the levels below
     ``shape.max_depth`` (the output's remaining budget); `ends(token)`: a token after which nothing
-    follows (EOS), never expanded."""
+    follows (EOS), never expanded.
+
+    With a `chain` (a round's drafted chain, ``tree`` started on it: ``drafter.tree(len(chain))``), the
+    tree starts as that chain -- its first nodes, returned first -- and grows branches off it: at each
+    position the draft's runner-up (``DraftToken.alt``, no drafting) and, where a branch is worth
+    expanding, what the draft drafts after it, up to ``shape.max_depth`` levels below the chain. The
+    chain itself is never extended (where it ends is the round controller's choice). A tree that only
+    takes runner-ups (``max_depth`` 1) draws nothing from the drafter: `tree` may be None."""
     depth_cap = min(shape.max_depth, max_depth if max_depth is not None else shape.max_depth)
     nodes: list[_Node] = []
     heap: list[tuple[float, int, int, DraftToken, int]] = []      # (-value, tie, parent, draft, depth)
     tie = 0
 
-    def offer(row: np.ndarray, parent: int, value: float, depth: int) -> None:
+    def push(value: float, parent: int, draft: DraftToken, depth: int) -> None:
         nonlocal tie
-        for token, p, p_max in _candidates(row, shape.width):
-            tie += 1
-            heapq.heappush(heap, (-value * p, tie, parent, DraftToken(token, p_max, p), depth))
+        tie += 1
+        heapq.heappush(heap, (-value, tie, parent, draft, depth))
 
-    if depth_cap >= 1:
+    def offer(row: np.ndarray, parent: int, value: float, depth: int) -> None:
+        for token, p, p_max in _candidates(row, shape.width):
+            push(value * p, parent, DraftToken(token, p_max, p), depth)
+
+    if chain:
+        depth_cap = len(chain) + shape.max_depth if max_depth is None else min(len(chain) + shape.max_depth, max_depth)
+        reach = 1.0
+        for j, d in enumerate(chain):
+            if d.alt is not None:
+                push(reach * d.p_alt, j - 1, DraftToken(d.alt, d.p_max, d.p_alt), j)
+            reach *= d.confidence
+            nodes.append(_Node(d, j - 1, reach, j, grown=j))
+    elif depth_cap >= 1:
         offer(tree.root, -1, 1.0, 0)
+    budget = shape.nodes + len(chain)
     full = False                      # the drafter has no room for more branches: leaves only from now
-    while len(nodes) < shape.nodes:
-        best = max(-heap[0][0] if heap else 0.0, shape.min_value)
+    while len(nodes) < budget:
+        best = max(-heap[0][0] if heap else 0.0, shape.min_value, shape.min_expand)
         # Admitted nodes that could still have a child worth more than the best candidate (and worth
-        # keeping) are expanded first.
-        due = [i for i, n in enumerate(nodes) if n.grown is None and n.value >= best
-               and n.depth + 1 < depth_cap and not ends(n.draft.token)] if not full else []
+        # keeping) are expanded first; a chain's nodes are not (their runner-ups are offered already).
+        due = [i for i, n in enumerate(nodes) if n.grown is None and n.value >= best and n.depth + 1 < depth_cap
+               and (not chain or n.below < shape.max_depth) and not ends(n.draft.token)] if not full else []
         if due:
             due = sorted(due, key=lambda i: -nodes[i].value)[: shape.batch]
             try:
@@ -116,23 +140,6 @@ def draft_tree(tree: TreeContext, shape: TreeShape, *, max_depth: int | None = N
         if not heap or -heap[0][0] < shape.min_value:
             break
         neg, _, parent, draft, depth = heapq.heappop(heap)
-        nodes.append(_Node(draft, parent, -neg, depth))
+        below = nodes[parent].below + 1 if chain and parent >= 0 else 1 if chain else 0
+        nodes.append(_Node(draft, parent, -neg, depth, below=below))
     return [n.draft for n in nodes], [n.parent for n in nodes], [n.value for n in nodes]
-
-
-def sibling_leaves(chain: Sequence[DraftToken], min_value: float, room: int) -> tuple[list[DraftToken], list[int]]:
-    """Leaves that turn a drafted chain into a tree at no drafting cost: at each position, the draft's
-    runner-up (``DraftToken.alt``, from the row that position was drafted from) as a sibling of the
-    chain's token, where its value -- the chain's value up to its parent times its own probability --
-    is at least `min_value`; at most `room` of them, the most valuable. Returns the leaves and their
-    parents (indices into the chain, -1: the base). When the target rejects the chain's token at a
-    position but produces the runner-up there, the round keeps that token too: one more committed token
-    for a verifier row."""
-    reach, found = 1.0, []
-    for j, d in enumerate(chain):
-        if d.alt is not None and reach * d.p_alt >= min_value:
-            found.append((reach * d.p_alt, j))
-        reach *= d.confidence
-    found = sorted(sorted(found, reverse=True)[: max(0, room)], key=lambda v: v[1])
-    return ([DraftToken(chain[j].alt, chain[j].p_max, chain[j].p_alt) for _, j in found],
-            [j - 1 for _, j in found])

@@ -133,6 +133,33 @@ def test_each_tree_node_gets_the_distribution_chain_drafting_gives_its_path(draf
 
 
 @pytest.mark.integration
+def test_branches_off_a_drafted_chain_fork_its_cells_and_get_their_paths_distributions(drafters):
+    """``tree(chain)`` on the chain just drafted: branches fork off its cells (nothing decoded again),
+    every branch node's row equals chain drafting along its path, and chain drafting then goes on from
+    the chain as if no tree had been grown (the next round drafted ahead) or from any branch."""
+    tree_drafter, plain = drafters
+    context = tree_drafter.tokenize("def fibonacci(n):\n    if n < 2:\n")
+    tree_drafter.set_context(context)
+    chain = [tree_drafter.next_token() for _ in range(5)]
+    tree = tree_drafter.tree(len(chain))
+    assert tree.tokens == [d.token for d in chain] and tree.base == len(context)
+    rows, grow = {}, tree.grow
+    tree.grow = lambda parents, tokens: [rows.setdefault(len(tree.tokens) - len(tokens) + i, r)
+                                         for i, r in enumerate(grow(parents, tokens))]
+    drafts, parents, _ = draft_tree(tree, TreeShape(nodes=12, width=2, batch=4, min_value=0.0, max_depth=3),
+                                    chain=chain)
+    assert len(drafts) == 17 and rows and min(rows) >= len(chain)
+    for i, row in rows.items():
+        plain.set_context(context + tree._path_tokens(i))
+        np.testing.assert_allclose(plain._logits(), row, atol=5e-3)
+    on = context + [d.token for d in chain]
+    for accepted in (on, context + [drafts[j].token for j in root_path(parents, len(drafts) - 1)]):
+        tree_drafter.set_context(accepted)
+        plain.set_context(accepted)
+        assert [tree_drafter.next_token().token for _ in range(4)] == [plain.next_token().token for _ in range(4)]
+
+
+@pytest.mark.integration
 def test_chain_drafting_after_a_tree_continues_from_any_accepted_branch(drafters):
     tree_drafter, plain = drafters
     context = tree_drafter.tokenize("import os\nimport sys\n\n")
@@ -159,21 +186,58 @@ def test_a_tree_wider_than_the_drafters_sequences_stops_branching_and_keeps_its_
     assert len(set(parents)) - 1 <= len(tree.tokens)                     # every parent was grown (decoded)
 
 
-def test_leaves_are_the_runner_ups_worth_their_row():
+def test_branches_off_a_chain_are_the_runner_ups_worth_their_row():
     from edge_sdk.drafter import DraftToken, choose_token
-    from edge_sdk.trees import sibling_leaves
 
     row = np.log(np.array([0.05, 0.6, 0.3, 0.05], dtype=np.float32))
     d = choose_token(row, None, 0)
     assert (d.token, d.alt) == (1, 2) and d.p_alt == pytest.approx(0.3, rel=1e-5)
     chain = [DraftToken(1, 0.6, 0.6, alt=2, p_alt=0.3), DraftToken(5, 0.5, 0.5, alt=6, p_alt=0.4),
              DraftToken(7, 0.9, 0.9, alt=8, p_alt=0.05)]
+
+    def leaves(min_value, nodes=8):     # runner-ups alone: no drafter needed
+        drafts, parents, values = draft_tree(None, TreeShape(nodes=nodes, min_value=min_value, max_depth=1),
+                                             chain=chain)
+        assert drafts[:3] == chain and parents[:3] == [-1, 0, 1]          # the chain first, as it was
+        return [x.token for x in drafts[3:]], parents[3:], values[3:]
+
     # values: 0.3 at the base, 0.6 * 0.4 = 0.24 after the first token, 0.6 * 0.5 * 0.05 = 0.015 after the second
-    leaves, parents = sibling_leaves(chain, 0.1, room=8)
-    assert [x.token for x in leaves] == [2, 6] and parents == [-1, 0]
-    leaves, parents = sibling_leaves(chain, 0.0, room=1)          # the most valuable one when room is short
-    assert [x.token for x in leaves] == [2] and parents == [-1]
-    assert sibling_leaves(chain, 0.5, room=8) == ([], [])
+    tokens, parents, values = leaves(0.1)
+    assert tokens == [2, 6] and parents == [-1, 0] and values == pytest.approx([0.3, 0.24])
+    assert leaves(0.0, nodes=1)[:2] == ([2], [-1])                     # the most valuable one when room is short
+    assert leaves(0.5) == ([], [], [])
+
+
+def test_branches_off_a_chain_grow_under_the_likeliest_runner_ups():
+    """Branches below a chain: the chain's nodes are never extended; a runner-up worth expanding gets the
+    draft's continuation, each node valued at its parent's value times its own probability, at most
+    ``max_depth`` levels below the chain; the chain's nodes stay first and unchanged."""
+    from edge_sdk.drafter import DraftToken
+
+    fake = FakeTree(seed=3)
+    chain, path, reach, reaches = [], (), 1.0, []
+    for _ in range(4):                               # a chain drafted along the fake's first choices
+        p = probs(fake.row(path))
+        first, second = (int(t) for t in np.argsort(-p)[:2])
+        chain.append(DraftToken(first, float(p[first]), float(p[first]), alt=second, p_alt=float(p[second])))
+        reaches.append(reach)
+        reach *= float(p[first])
+        path += (first,)
+        fake.paths.append(path)                      # the drafter's tree holds the chain as its first nodes
+    drafts, parents, values = draft_tree(fake, TreeShape(nodes=12, width=2, min_value=0.0, max_depth=3),
+                                         chain=chain)
+    assert drafts[:4] == chain and parents[:4] == [-1, 0, 1, 2] and len(drafts) == 16
+    paths, below = [], []
+    for i, (d, parent) in enumerate(zip(drafts, parents)):
+        assert parent < i and (i < 4 or parent != 3)       # the chain's last node gets no children
+        paths.append((paths[parent] if parent >= 0 else ()) + (d.token,))
+        below.append(0 if i < 4 else below[parent] + 1 if parent >= 4 else 1)
+        if i >= 4 and below[i] == 1:                       # a runner-up of the chain
+            assert d.token == chain[parent + 1].alt and values[i] == pytest.approx(reaches[parent + 1] * d.p_token)
+        elif i >= 4:                                       # drafted below a branch: from its row
+            p = probs(fake.row(paths[parent]))
+            assert d.token in np.argsort(-p)[:2] and values[i] == pytest.approx(values[parent] * p[d.token])
+    assert 1 < max(below) <= 3 and len(set(paths)) == len(paths)
 
 
 @pytest.mark.integration
