@@ -44,7 +44,7 @@ from .profiler import LinkProfiler
 from .session import CloudSession
 from .stats import GenerationStats, RoundRecord
 from .text import TextAssembler
-from .trees import draft_tree, sibling_leaves
+from .trees import draft_tree
 from .uploader import Nav, Round, Uploader
 
 
@@ -305,7 +305,9 @@ class Decoding:
         ahead = policy.proactive and not self.cloud.serial and (bool(rnd.draft) or policy.pipelined) and not (
             rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
         if rnd.nav is None:
-            self._add_leaves(rnd)
+            t = time.perf_counter()
+            self._add_leaves(rnd, self._cap(rnd.base))
+            self._spent("draft", t)
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
         nxt = self._draft_ahead(rnd, nav) if ahead else rnd.then
@@ -368,19 +370,38 @@ class Decoding:
         self.stats.tree_fallback = why
         return not why
 
-    def _add_leaves(self, rnd: Round) -> None:
-        """A chain about to go up whole becomes a tree where the policy asks for leaves: the draft's
-        runner-up at each position it is worth it (``trees.sibling_leaves``; no drafting, a verifier row
-        each). Not for a chain whose batches went up already, nor where trees cannot go."""
-        floor = self.policy.leaves
-        if floor is None or rnd.sent or rnd.parents or not rnd.draft or self.sampling is not None:
-            return
-        # the verifier stores every node after the base, so leaves must fit its context too
-        room = min(self.cloud.tree_nodes, self.cloud.max_draft, self._context() - len(rnd.base) - 1) - len(rnd.draft)
+    def _add_leaves(self, rnd: Round, depth: int) -> bool:
+        """A chain about to go up whole becomes a tree where the policy asks for branches
+        (``Policy.branches``): the draft's runner-up at each position where it is worth it (no drafting,
+        a verifier row each) and, for a policy that expands them, what the draft drafts after the best
+        of those (``trees.draft_tree`` on the chain: a level of branches in one decode). Not for a chain
+        whose batches went up already, nor where trees cannot go. No path is longer than `depth` (what
+        the output has room for). False: drafting the branches was interrupted (a verdict made the round
+        useless: ``_interrupt``), and the round has none."""
+        shape = self.policy.branches
+        if shape is None or rnd.sent or rnd.parents or not rnd.draft or self.sampling is not None:
+            return True
+        # the verifier stores every node after the base, so branches must fit its context too
+        room = min(shape.nodes, min(self.cloud.tree_nodes, self.cloud.max_draft,
+                                    self._context() - len(rnd.base) - 1) - len(rnd.draft))
         if room <= 0:
-            return
-        rnd.leaves, rnd.leaf_parents = sibling_leaves(rnd.draft, floor, room)
+            return True
+        tree = None
+        if shape.max_depth > 1 and not hasattr(self.drafter, "tree"):
+            shape = dataclasses.replace(shape, max_depth=1)      # a drafter of chains only: runner-ups alone
+        try:
+            if shape.max_depth > 1:
+                self.drafter.set_context(rnd.base + rnd.tokens)
+                tree = self.drafter.tree(len(rnd.draft))
+            drafts, parents, _ = draft_tree(tree, dataclasses.replace(shape, nodes=room), ends=self._is_eos,
+                                            chain=rnd.draft, max_depth=max(depth, len(rnd.draft)))
+        except DraftInterrupted:
+            self.stats.drafts_interrupted += 1
+            return False
+        n = len(rnd.draft)
+        rnd.leaves, rnd.leaf_parents = drafts[n:], parents[n:]
         self.stats.leaves_sent += len(rnd.leaves)
+        return True
 
     def _draft_tree(self, rnd: Round) -> None:
         """Draft `rnd` as a token tree (``trees.draft_tree``) within the verifier's and the output's bounds."""
@@ -429,7 +450,8 @@ class Decoding:
                         break                        # the verdict came first
                     if not self.policy.pipelined:
                         break                        # complete: it goes up once the verdict says it may
-                    self._add_leaves(tip)
+                    if not self._add_leaves(tip, tip.cap):
+                        break                        # the verdict came first
                     tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
                     continue
                 if depth >= self.policy.max_ahead:
@@ -621,10 +643,9 @@ class Decoding:
         # What the chain itself came to (a leaf taken is where the target rejected the chain's token: the
         # leaf's token is the target's there), as a chain-only verifier would have said: the policy and
         # the profiler learn the draft's acceptance from it.
-        accepted, token = rnd.chain_accepted(resp), resp.token
-        if rnd.leaf_taken(resp):
-            token = rnd.accepted(resp)[-1]
-            self.stats.leaves_accepted += 1
+        accepted, token = rnd.chain_verdict(resp)
+        self.stats.leaves_accepted += rnd.leaf_taken(resp)
+        self.stats.leaves_kept += resp.accepted - accepted
         own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it
         if self.stats.rounds is not None:
             self.stats.rounds.append(RoundRecord(

@@ -100,8 +100,9 @@ class Policy:
     lookup_guesses: bool = False    # rounds drafted ahead begin with a looked-up guess (``lookup.py``), not a drafted one
     tree: TreeShape | None = None   # each round a token tree of this shape (``trees.py``) where the drafter, the
                                     # verifier and greedy decoding allow; else chains, by the rules above
-    leaves: float | None = None     # a chain sent whole takes the draft's runner-ups as leaf siblings where their
-                                    # value is at least this (``trees.sibling_leaves``; greedy, a tree verifier)
+    branches: TreeShape | None = None   # a chain sent whole grows branches off it, of this shape (``trees.draft_tree``
+                                        # on the chain: runner-ups, and what the draft drafts after them where
+                                        # ``max_depth`` > 1; greedy, a tree verifier)
 
     def start_round(self, link: LinkEstimate) -> None:
         """A round begins; `link` is what the profiler measures now."""
@@ -263,11 +264,15 @@ class PipeSD(Policy):
     def __init__(self, name: str = "pipesd", *, objective: str = "latency", schedule: UploadSchedule | None = None,
                  proactive: bool = True, pipelined: bool = True, max_draft: int = MAX_DRAFT,
                  tuner: CorrectionTuner | None = None, model: AcceptanceModel | None = None,
-                 power: DevicePower = DevicePower(), siblings: bool = True):
+                 power: DevicePower = DevicePower(), branch_depth: int = 1):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         self.name, self.objective, self.power = name, objective, power
-        self.siblings = siblings   # rounds sent whole take leaf siblings where they pay (``_leaf_floor``)
+        if branch_depth < 0:
+            raise ConfigError(f"branch_depth is a number of levels, at least 0, not {branch_depth!r}")
+        # Rounds sent whole grow branches where they pay (``_branches``): 0 none (chains), 1 the draft's
+        # runner-ups alone (no drafting), more: what the draft drafts after them, that many levels down.
+        self.branch_depth = branch_depth
         self._proactive = self.proactive = proactive and objective != "edge_energy"
         self._pipelined = self.pipelined = pipelined and self.proactive
         if schedule is None:
@@ -385,15 +390,24 @@ class PipeSD(Policy):
         scale, bias = self.tuner.correction() if self.tuner is not None else self.fixed_correction
         return round(math.exp(scale), 3), bias
 
-    def _leaf_floor(self, link: LinkEstimate, plan: RoundPlan) -> float | None:
-        """The value a leaf sibling (``trees.sibling_leaves``) must have to pay for itself: what its verifier
-        row (and, for latency, its upload) costs, in committed tokens at the plan's rate. Under
-        ``edge_energy`` none go (the radio's bytes are the cost and a token's worth is not priced)."""
-        if self.objective == "edge_energy" or not plan.rate > 0 or not math.isfinite(plan.rate):
+    BRANCH_NODES = 32     # branch nodes a round may carry at most (each must also pay for itself)
+    TREE_DEPTH = 4        # ``pipesd_tree``: levels of branches below a chain
+
+    def _branches(self, link: LinkEstimate, plan: RoundPlan) -> TreeShape | None:
+        """The branches a round sent whole grows (``trees.draft_tree`` on its chain). A node goes where
+        its value -- its chance of being accepted, which is one more committed token -- pays for its
+        verifier row (and, for latency, its upload), in committed tokens at the plan's rate; it is
+        expanded where its value also pays for a level of drafting (a token's, at the plan's rate).
+        None: no branches (``branch_depth`` 0, or under ``edge_energy``, where the radio's bytes are the
+        cost and a token's worth is not priced)."""
+        if not self.branch_depth or self.objective == "edge_energy" or not plan.rate > 0 or not math.isfinite(plan.rate):
             return None
         costs = SegmentCosts.from_link(link)
         node = costs.pass_per_token if self.objective == "cloud_cost" else costs.beta + costs.pass_per_token
-        return node * plan.rate
+        floor = min(node * plan.rate, 0.99)
+        expand = min(floor + (costs.gamma if self.objective == "latency" else 0.0) * plan.rate, 0.99)
+        return TreeShape(nodes=self.BRANCH_NODES, width=2, batch=4, min_value=floor,
+                         max_depth=self.branch_depth, min_expand=expand)
 
     # -- the policy contract -------------------------------------------------------------------
     def start_round(self, link: LinkEstimate) -> None:
@@ -406,7 +420,7 @@ class PipeSD(Policy):
         self.lookup_guesses = lookup is not None and lookup.rate > plan.rate
         plan = self.plan = lookup if self.lookup_guesses else plan
         self._stop = plan.stop_below.tolist()
-        self.leaves = self._leaf_floor(link, plan) if self.siblings else None
+        self.branches = self._branches(link, plan)
         self.rounds += 1
         # The plan's structure: a head round (capped, its thresholds stop it), rounds drafted ahead.
         self.max_ahead, self.ahead_draft = plan.ahead, plan.ahead_draft
@@ -598,20 +612,24 @@ def _near(a: tuple[float, ...], b: tuple[float, ...], tolerance: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
 
-MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "tree", "pipesd_model", "pipesd_no_pipeline",
+MODES = ("pipesd", "vanilla", "hsl", "edgellm", "cloud_only", "edge_only", "tree", "pipesd_tree", "pipesd_chain",
+         "pipesd_model", "pipesd_no_pipeline",
          "pipesd_bo",
          "pipesd_fixed", "pipesd_per_token", "pipesd_at_trigger", "pipesd_no_proactive", "pipesd_c_only",
          "pipesd_p_only")
 
-# The controller's variants: (upload schedule, proactive, pipelined NAV, BO correction). Schedule None: the
-# objective's own (``PipeSD``: DP batches, at the trigger under cloud_cost); the ablations fix theirs.
+# The controller's variants: (upload schedule, proactive, pipelined NAV, BO correction, branch depth). Schedule
+# None: the objective's own (``PipeSD``: DP batches, at the trigger under cloud_cost); the ablations fix theirs.
+# Branch depth (``PipeSD.branch_depth``): 0 chains alone, 1 the draft's runner-ups, more: drafted branches.
 _CONTROLLED = {
-    "pipesd": (None, True, True, True),
-    "pipesd_model": (None, True, True, False),              # the model alone, no BO correction
-    "pipesd_no_pipeline": (None, True, False, False),       # a kept proactive round waits for its own NAV
-    "pipesd_per_token": (PerToken, True, True, False),
-    "pipesd_at_trigger": (AtTrigger, True, True, False),
-    "pipesd_no_proactive": (None, False, False, False),
+    "pipesd": (None, True, True, True, 1),
+    "pipesd_tree": (None, True, True, True, PipeSD.TREE_DEPTH),   # branches drafted under the runner-ups
+    "pipesd_chain": (None, True, True, True, 0),                  # chains alone: the controller without trees
+    "pipesd_model": (None, True, True, False, 1),           # the model alone, no BO correction
+    "pipesd_no_pipeline": (None, True, False, False, 1),    # a kept proactive round waits for its own NAV
+    "pipesd_per_token": (PerToken, True, True, False, 1),
+    "pipesd_at_trigger": (AtTrigger, True, True, False, 1),
+    "pipesd_no_proactive": (None, False, False, False, 1),
 }
 # The paper's dual threshold: which thresholds the trigger uses (pipesd_bo tunes both online).
 _PAPER = {"pipesd_bo": "r1 r2", "pipesd_fixed": "r1 r2", "pipesd_c_only": "r1", "pipesd_p_only": "r2"}
@@ -666,15 +684,14 @@ def make_policy(mode: str, *, draft_k: int | None = None, r1: float | None = Non
     if mode == "edgellm":
         return Speculative(mode, AdaptiveCumulative(), proactive=True)
     if mode in _CONTROLLED:
-        schedule, proactive, pipelined, corrected = _CONTROLLED[mode]
+        schedule, proactive, pipelined, corrected, branch_depth = _CONTROLLED[mode]
         objective = objective or "latency"
         if tuner is not None and not isinstance(tuner, CorrectionTuner):
             raise ConfigError("pipesd's tuner is a CorrectionTuner (an OnlineAutotuner tunes pipesd_bo)")
         if corrected and tuner is None and objective == "latency":
             tuner = CorrectionTuner()      # it scores seconds per token: a correction for latency only
         return PipeSD(mode, objective=objective, schedule=schedule() if schedule is not None else None,
-                      proactive=proactive, pipelined=pipelined,
-                      tuner=tuner)
+                      proactive=proactive, pipelined=pipelined, tuner=tuner, branch_depth=branch_depth)
     thresholds = _PAPER[mode]
     trigger = DualThreshold(DEFAULT_R1 if r1 is None else r1, DEFAULT_R2 if r2 is None else r2)
     if "r1" not in thresholds:

@@ -108,14 +108,20 @@ class Round:
         return last in parents
 
     def leaf_taken(self, resp: VerifyResponse) -> bool:
-        """Did the verdict end on one of the chain's leaves (the target rejected the chain's token there and
-        produced the leaf's)?"""
+        """Did the verdict end on one of the chain's branches (the target rejected the chain's token where
+        the branch forks and produced the branch's first token there)?"""
         return bool(self.leaves) and resp.node is not None and resp.node >= len(self.draft)
 
-    def chain_accepted(self, resp: VerifyResponse) -> int:
-        """How many of the chain's own tokens the verdict kept (a leaf taken is where the chain was rejected)."""
-        return resp.accepted - self.leaf_taken(resp)
-
+    def chain_verdict(self, resp: VerifyResponse) -> tuple[int, int]:
+        """What the chain itself came to, as a chain-only verifier would have said: how many of its own
+        tokens the verdict kept, and the target's token after them (where a branch was taken, the
+        branch's first token)."""
+        if not self.leaf_taken(resp):
+            return resp.accepted, resp.token
+        tokens, parents = self.wire()
+        path = root_path(parents, resp.node)
+        kept = sum(i < len(self.draft) for i in path)
+        return kept, tokens[path[kept]]
 
 @dataclass
 class Nav:

@@ -5,6 +5,7 @@ replies and resyncs, a verifier restart, offline fallback (continue, wait, verif
 deadlines, sampling's exactness and seeds -- on the toy pair through the real verifier service.
 """
 
+import dataclasses
 import math
 from collections import Counter
 import threading
@@ -17,6 +18,7 @@ from cloud_verifier import VerifierSettings
 from edge_sdk.drafter import DRAFT_SUPPORT
 from edge_sdk.policies import PipeSD, Policy, make_policy
 from edge_sdk.scheduling import AtTrigger, DPSchedule
+from edge_sdk.trees import TreeShape
 from privacy.sampling import SamplingParams, truncate
 
 from .engine_kit import DRAFT, PROMPTS, SPECULATIVE, TARGET, Rig, reference
@@ -85,14 +87,18 @@ def test_every_policy_equals_target_greedy(mode):
             assert totals["drafted"] <= 4 * totals["rounds"]
 
 
-def test_a_slow_drafter_is_interrupted_when_a_verdict_makes_its_token_useless():
+@pytest.mark.parametrize("branches", [False, True])
+def test_a_slow_drafter_is_interrupted_when_a_verdict_makes_its_token_useless(branches):
     """A device drafting 10 ms a token and a 30 ms round trip: PipeSD drafts ahead, verdicts that break
-    the chain interrupt the token being drafted instead of waiting for it, and the output stays the
-    target's own."""
+    the chain interrupt the token being drafted instead of waiting for it (also while it drafts a
+    round's branches), and the output stays the target's own."""
     with Rig(latency_s=0.03, draft_seconds=0.01) as r:
         interrupted = 0
         for prompt in PROMPTS[:4]:
-            result = r.generate(prompt, "pipesd", 30)
+            policy = make_policy("pipesd")
+            if branches:          # every branch goes, three levels deep
+                policy._branches = lambda link, plan: TreeShape(nodes=8, width=2, min_value=0.0, max_depth=3)
+            result = r.generate(prompt, "pipesd", 30, policy=policy)
             assert result.tokens == reference(prompt, 30)
             interrupted += result.stats.drafts_interrupted
         assert interrupted > 0
@@ -597,29 +603,40 @@ def test_tree_rounds_go_as_trees_and_accept_other_branches_than_the_first(rig):
     assert seen > 0 and off_first > 0
 
 
-# -- leaves: a chain's runner-ups sent as siblings -----------------------------------------------------
-@pytest.mark.parametrize("mode", ["vanilla", "pipesd", "pipesd_no_proactive", "pipesd_fixed"])
-def test_chains_with_leaf_siblings_stay_identical_and_take_leaves(mode):
-    """Any chain policy may send its chain with the draft's runner-ups as leaves: where the target rejects
-    the chain's token but produces the runner-up, the round keeps it. Token-identical, and the policy
-    learns the chain's own acceptance (a leaf taken counts as the chain's rejection there)."""
-    taken = sent = 0
+# -- branches: a chain's runner-ups sent as siblings, and what the draft drafts after them -----------------
+SIBLINGS = TreeShape(nodes=32, width=2, min_value=0.0, max_depth=1)       # runner-ups alone
+
+
+@pytest.mark.parametrize("mode,depth", [("vanilla", 1), ("pipesd", 1), ("pipesd_no_proactive", 1),
+                                        ("pipesd_fixed", 1), ("vanilla", 3), ("pipesd", 3)])
+def test_chains_with_branches_stay_identical_and_take_them(mode, depth):
+    """Any chain policy may send its chain with branches: the draft's runner-ups as siblings, and (depth
+    > 1) what the draft drafts after them. Where the target rejects the chain's token but produces a
+    branch's, the round keeps the branch's path. Token-identical, and the policy learns the chain's own
+    acceptance (a branch taken counts as the chain's rejection there)."""
+    taken = sent = deep = 0
     with Rig(latency_s=0.002) as r:
         for prompt in PROMPTS:
             policy = make_policy(mode)
-            policy.leaves = 0.0
+            policy.branches = dataclasses.replace(SIBLINGS, max_depth=depth)
+            if isinstance(policy, PipeSD):        # it prices its own every round: here every branch goes
+                policy._branches = lambda link, plan, shape=policy.branches: shape
             result = r.generate(prompt, mode, N, policy=policy)
             assert result.tokens == reference(prompt, N)
             s = result.stats
             assert s.output_tokens == len(result.tokens) == s.draft_n_accepted + s.nav_rounds
-            taken, sent = taken + s.leaves_accepted, sent + s.leaves_sent
+            taken, sent, deep = taken + s.leaves_accepted, sent + s.leaves_sent, deep + s.leaves_kept
     assert sent > 0 and 0 < taken < sent
+    # runner-ups alone: one node kept a branch taken; drafted branches: some verdicts keep more (vanilla's
+    # rounds do not depend on timing: there, they do in every run)
+    assert deep == taken if depth == 1 else deep >= taken
+    assert mode != "vanilla" or depth == 1 or deep > taken
 
 
 def test_leaves_survive_restarts_and_lost_replies(rig):
     prompt = PROMPTS[5]
     policy = make_policy("pipesd_fixed")
-    policy.leaves = 0.0
+    policy.branches = dataclasses.replace(SIBLINGS, max_depth=3)
     gen = rig.stream(prompt, "pipesd_fixed", N, policy=policy)
     events = iter(gen)
     head = [next(events).token for _ in range(6)]
@@ -638,7 +655,7 @@ def test_trees_and_leaves_fit_the_targets_context_to_its_last_position(mode):
     with Rig(settings=VerifierSettings(max_context=48)) as r:
         for prompt in PROMPTS[:4]:
             policy = make_policy(mode, draft_k=8) if mode == "vanilla" else make_policy(mode)
-            policy.leaves = 0.0 if mode == "vanilla" else None
+            policy.branches = dataclasses.replace(SIBLINGS, max_depth=3) if mode == "vanilla" else None
             result = r.generate(prompt, mode, 200, policy=policy)
             assert result.stats.finish_reason == "length" and len(prompt) + len(result.tokens) >= 47
             assert result.tokens == reference(prompt, len(result.tokens))
@@ -651,7 +668,7 @@ def test_a_restart_into_a_chains_only_verifier_resends_the_round_as_a_chain(mode
     with Rig() as r:
         policy = make_policy("tree" if mode == "tree" else "pipesd_fixed")
         if mode == "leaves":
-            policy.leaves = 0.0
+            policy.branches = dataclasses.replace(SIBLINGS, max_depth=3)
         gen = r.stream(PROMPTS[5], "pipesd_fixed", N, policy=policy)
         events = iter(gen)
         head = [next(events).token for _ in range(6)]

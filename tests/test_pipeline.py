@@ -8,7 +8,8 @@ import pytest
 from edge_sdk import EdgeClient
 from pipesd_lab.emulation import EmulatedLink, LinkProfile
 from edge_sdk.engine import proactive_survives
-from edge_sdk.policies import MODES
+from edge_sdk.policies import MODES, make_policy
+from edge_sdk.trees import TreeShape
 
 from .conftest import PROMPTS
 
@@ -115,3 +116,17 @@ def test_looked_up_guesses_on_the_real_pair_equal_target_greedy(verifier, refere
         lookup = sum(n for k, n in policy.structures.items() if k[2] < 0)
         assert lookup > sum(policy.structures.values()) / 2, policy.structures
         assert r.stats.rebased_rounds > 0 and r.stats.draft_n == 0
+
+
+def test_drafted_branches_on_the_controllers_chains_stay_lossless_and_are_kept(client, reference):
+    """The real pair, drafted branches under every runner-up (three levels, every node let through): the
+    llama.cpp drafter forks them off the chain's cells, the torch target verifies the trees, verdicts keep
+    branch paths deeper than their first node, and the output is the target's own."""
+    policy = make_policy("pipesd_tree")
+    policy._branches = lambda link, plan: TreeShape(nodes=16, width=2, min_value=0.0, max_depth=3)
+    taken = kept = 0
+    for prompt in PROMPTS[:ABLATION_PROMPTS]:
+        r = client.generate(prompt, max_new_tokens=MAX_NEW, mode=policy)
+        assert r.tokens == reference[prompt], f"branches diverged from target greedy on {prompt!r}"
+        taken, kept = taken + r.stats.leaves_accepted, kept + r.stats.leaves_kept
+    assert kept > taken > 0
