@@ -66,6 +66,9 @@ MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd"
 # drafted ahead wait for the verdict before them), the paper's BO-tuned dual threshold instead of the
 # controller, no DP batches (two ways), nothing drafted ahead. The paper's
 # threshold ablations (pipesd_fixed, pipesd_c_only, pipesd_p_only) run with --methods.
+# The controller with chains alone and with drafted branches (issue 19), beside ``pipesd`` in every cell
+# they are asked for (its runner-up siblings sit between the two).
+TREE_METHODS = ("pipesd_chain", "pipesd_tree")
 ABLATIONS = ("pipesd_model", "pipesd_no_pipeline", "pipesd_bo", "pipesd_per_token", "pipesd_at_trigger",
              "pipesd_no_proactive")
 PAPER_TRIGGER = ("pipesd_bo", "pipesd_fixed", "pipesd_c_only", "pipesd_p_only")   # share pipesd_bo's thresholds
@@ -129,6 +132,12 @@ class Tally:
     guesses_right: int = 0
     lookups: int = 0               # of those, looked up (edge_sdk.lookup), not drafted
     lookups_right: int = 0
+    # Token trees: branch nodes sent with chains, rounds that kept a branch, branch nodes those kept
+    # (``GenerationStats.leaves_*``), and the nodes of whole-tree rounds (the ``tree`` mode).
+    branch_nodes: int = 0
+    branches_taken: int = 0
+    branch_nodes_kept: int = 0
+    tree_nodes: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     draft_s: float = 0.0
@@ -177,6 +186,10 @@ class Tally:
         self.wait_s += stats.wait_s
         self.verify_s += stats.verify_s
         self.unverified += stats.unverified_tokens if self.method != "edge_only" else 0
+        self.branch_nodes += stats.leaves_sent
+        self.branches_taken += stats.leaves_accepted
+        self.branch_nodes_kept += stats.leaves_kept
+        self.tree_nodes += stats.tree_nodes
         if matches is None:
             self.mismatches = -1
         elif not matches:
@@ -442,7 +455,7 @@ class Bench:
     # -- one cell -------------------------------------------------------------------------
     def methods_in(self, scenario: str) -> tuple[str, ...]:
         ablate = "all" in self.config.ablation_scenarios or scenario in self.config.ablation_scenarios
-        return tuple(m for m in self.config.methods if ablate or not m.startswith("pipesd_"))
+        return tuple(m for m in self.config.methods if ablate or not m.startswith("pipesd_") or m in TREE_METHODS)
 
     def run_cell(self, verifier, pair: str, scenario: Scenario, regime: str, bar=None) -> list[Tally]:
         methods = self.methods_in(scenario.name)
@@ -450,9 +463,10 @@ class Bench:
         clients = {}
         try:
             r1 = r2 = None
-            if "pipesd" in methods:
-                clients["pipesd"] = self.client(verifier, pair, scenario, regime, "pipesd")
-                self.tune(clients["pipesd"], PROMPTS, bar)
+            for m in ("pipesd",) + TREE_METHODS:     # the controller's BO correction settles first
+                if m in methods:
+                    clients[m] = self.client(verifier, pair, scenario, regime, m)
+                    self.tune(clients[m], PROMPTS, bar)
             if any(m in PAPER_TRIGGER for m in methods):    # the paper's trigger: BO first, as the paper did
                 clients["pipesd_bo"] = self.client(verifier, pair, scenario, regime, "pipesd_bo")
                 self.tune(clients["pipesd_bo"], PROMPTS, bar)
@@ -709,6 +723,19 @@ class Bench:
                         f"{_fmt(r['upload_ms_per_token'])} / {_fmt(r['wait_ms_per_token'])} / "
                         f"{_fmt(r['verify_ms_per_token'])} | {thr} | {lossless} |")
                 lines.append("")
+                shaped = [t for t in cell if t.branch_nodes or t.tree_nodes or t.method in TREE_METHODS + ("pipesd", "tree")]
+                if shaped:
+                    lines += [f"Token trees ({pair}, {regime}): the shapes sent, per NAV round (a chain's branch nodes; "
+                              "a `tree` round's nodes), rounds whose verdict kept a branch, the branch nodes kept:", "",
+                              "| scenario | method | committed / round | branch nodes / round | rounds keeping a branch "
+                              "| branch nodes kept / round | tree nodes / round | sealed up B / committed token |",
+                              "|" + "---|" * 8]
+                    per_round = lambda x, t: x / t.rounds if t.rounds else math.nan   # noqa: E731
+                    lines += [f"| {t.scenario} | {t.method} | {_fmt(t.row()['committed_per_round'], 2)} "
+                              f"| {_fmt(per_round(t.branch_nodes, t), 2)} | {_fmt(per_round(t.branches_taken, t), 3)} "
+                              f"| {_fmt(per_round(t.branch_nodes_kept, t), 3)} | {_fmt(per_round(t.tree_nodes, t), 2)} "
+                              f"| {_fmt(t.row()['up_bytes_per_token'], 0)} |" for t in shaped]
+                    lines.append("")
                 ctl = [t for t in cell if t.decide_us is not None]
                 if ctl:
                     lines += [f"Round controller ({pair}, {regime}; R1 / R2 above are its thresholds on the "
