@@ -306,7 +306,7 @@ class Decoding:
             rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
         if rnd.nav is None:
             t = time.perf_counter()
-            self._add_leaves(rnd, self._cap(rnd.base))
+            self._add_branches(rnd, self._cap(rnd.base))
             self._spent("draft", t)
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
@@ -370,7 +370,7 @@ class Decoding:
         self.stats.tree_fallback = why
         return not why
 
-    def _add_leaves(self, rnd: Round, depth: int) -> bool:
+    def _add_branches(self, rnd: Round, depth: int) -> bool:
         """A chain about to go up whole becomes a tree where the policy asks for branches
         (``Policy.branches``): the draft's runner-up at each position where it is worth it (no drafting,
         a verifier row each) and, for a policy that expands them, what the draft drafts after the best
@@ -450,7 +450,7 @@ class Decoding:
                         break                        # the verdict came first
                     if not self.policy.pipelined:
                         break                        # complete: it goes up once the verdict says it may
-                    if not self._add_leaves(tip, tip.cap):
+                    if not self._add_branches(tip, tip.cap):
                         break                        # the verdict came first
                     tip.nav = self.uploader.finalize(tip, len(tip.base), background=True, conditional=True)
                     continue

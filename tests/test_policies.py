@@ -1,5 +1,6 @@
 """Policies answer the engine's questions; plain objects, checked on hand-made drafts (no model, no I/O)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -87,6 +88,30 @@ def test_pipesd_variants_differ_in_one_respect():
     assert make_policy("pipesd_bo").tuner is not None
     assert make_policy("pipesd_bo", r1=0.1, r2=0.5).tuner is None     # fixed thresholds switch BO off
     assert make_policy("pipesd_fixed", r1=0.1).thresholds == (0.1, 0.2)
+
+
+def test_the_controllers_branches_are_priced_from_its_costs():
+    """pipesd_chain sends chains, pipesd runner-ups (one level, nothing drafted), pipesd_tree drafted
+    branches; a node must pay for its verifier row and upload at the plan's rate, an expansion for a
+    token's drafting too; a slower uplink or verifier raises both floors; edge_energy sends none."""
+    shapes = {}
+    for mode in ("pipesd_chain", "pipesd", "pipesd_tree"):
+        policy = make_policy(mode)
+        policy.start_round(LINK)
+        shapes[mode] = policy.branches
+    assert shapes["pipesd_chain"] is None
+    assert shapes["pipesd"].max_depth == 1 and shapes["pipesd_tree"].max_depth == PipeSD.TREE_DEPTH
+    tree = shapes["pipesd_tree"]
+    assert 0 < tree.min_value < tree.min_expand < 1
+    policy = make_policy("pipesd_tree")
+    dear = dataclasses.replace(LINK, beta=0.02)
+    policy.start_round(dear)
+    assert policy.branches.min_value > tree.min_value
+    energy = make_policy("pipesd_tree", objective="edge_energy")
+    energy.start_round(LINK)
+    assert energy.branches is None
+    with pytest.raises(ConfigError):
+        PipeSD(branch_depth=-1)
 
 
 def test_the_dp_schedule_closes_the_planned_batches_and_follows_the_window():
