@@ -36,7 +36,7 @@ class DraftToken:
     p_token: float   # probability of the chosen token (equals p_max when greedy)
     q: SparseDist | None = None   # sampling: the distribution the token was drawn from (sent for NAV)
     looked_up: bool = False       # a guess from ``lookup.LookupGuesser``, not from the draft model
-    alt: int | None = None        # greedy: the draft's runner-up at this position (a leaf sibling, trees.py)
+    alt: int | None = None        # greedy: the draft's runner-up at this position (a branch of a chain, trees.py)
     p_alt: float = 0.0            # ... and its probability
 
     @property
@@ -409,7 +409,9 @@ class LlamaCppDrafter(_LogitsDrafter):
         if not 0 <= chain < len(self._tokens):
             raise ValueError("a tree's chain is part of the context, after at least one token")
         self._drop_branches()
-        self._logits()       # the context evaluated (a chain's last token too: the next guess needs it anyway)
+        # The context evaluated, a chain's last token too (a branch's children would fork its cells). A
+        # level grown overwrites the row after it, so the next guess evaluates that token again.
+        self._logits()
         return LlamaCppTree(self, chain)
 
     def close(self) -> None:

@@ -148,6 +148,22 @@ def _overloaded(exc: Exception) -> bool:
                                                or exc.status == ErrorCode.OVERLOADED.http_status)
 
 
+class _TreeOnDemand:
+    """A drafter's tree on a chain, started when a branch is first expanded: starting one evaluates the
+    chain's last token, a token's work before the round goes up, wasted on a round whose branches are
+    runner-ups alone."""
+
+    root = None                       # a tree on a chain: its tokens carry their alternatives
+
+    def __init__(self, start):
+        self._start, self._tree = start, None
+
+    def grow(self, parents, tokens):
+        if self._tree is None:
+            self._tree = self._start()
+        return self._tree.grow(parents, tokens)
+
+
 class Engine:
     """Runs generations for one drafter and, unless it works alone, one verifier.
 
@@ -306,7 +322,7 @@ class Decoding:
             rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
         if rnd.nav is None:
             t = time.perf_counter()
-            self._add_branches(rnd, self._cap(rnd.base))
+            self._add_branches(rnd, self._cap(rnd.base))     # (nothing interrupts drafting outside _draft_ahead)
             self._spent("draft", t)
         nav = rnd.nav or self.uploader.finalize(rnd, self.synced, background=ahead)
         # 3. While NAV is in flight, a proactive policy drafts the next round, assuming all is accepted.
@@ -389,10 +405,12 @@ class Decoding:
         tree = None
         if shape.max_depth > 1 and not hasattr(self.drafter, "tree"):
             shape = dataclasses.replace(shape, max_depth=1)      # a drafter of chains only: runner-ups alone
-        try:
-            if shape.max_depth > 1:
+        elif shape.max_depth > 1:
+            def start():
                 self.drafter.set_context(rnd.base + rnd.tokens)
-                tree = self.drafter.tree(len(rnd.draft))
+                return self.drafter.tree(len(rnd.draft))
+            tree = _TreeOnDemand(start)
+        try:
             drafts, parents, _ = draft_tree(tree, dataclasses.replace(shape, nodes=room), ends=self._is_eos,
                                             chain=rnd.draft, max_depth=max(depth, len(rnd.draft)))
         except DraftInterrupted:
@@ -639,11 +657,12 @@ class Decoding:
 
     def _learn(self, rnd: Round, resp: VerifyResponse, nav: Nav, t0: float) -> None:
         """Count the round, feed the profiler, and tell the policy how its round ended."""
-        self._count_round(len(rnd.draft) + len(rnd.leaves), resp.accepted, rnd.rejected(resp))
-        # What the chain itself came to (a leaf taken is where the target rejected the chain's token: the
-        # leaf's token is the target's there), as a chain-only verifier would have said: the policy and
-        # the profiler learn the draft's acceptance from it.
+        # What the chain itself came to (a branch taken is where the target rejected the chain's token: the
+        # branch's first token is the target's there), as a chain-only verifier would have said: the policy
+        # and the profiler learn the draft's acceptance from it, and a branch taken counts as a rollback.
         accepted, token = rnd.chain_verdict(resp)
+        self._count_round(len(rnd.draft) + len(rnd.leaves), resp.accepted,
+                          accepted < len(rnd.draft) if rnd.leaves else rnd.rejected(resp))
         self.stats.leaves_accepted += rnd.leaf_taken(resp)
         self.stats.leaves_kept += resp.accepted - accepted
         own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it

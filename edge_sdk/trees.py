@@ -87,7 +87,9 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
     follows (EOS), never expanded.
 
     With a `chain` (a round's drafted chain, ``tree`` started on it: ``drafter.tree(len(chain))``), the
-    tree starts as that chain -- its first nodes, returned first -- and grows branches off it: at each
+    tree starts as that chain -- its first nodes, returned first -- and grows branches off it (then
+    ``shape.nodes`` counts the branch nodes, ``shape.max_depth`` the levels below the chain, and
+    `max_depth` still the whole path's length): at each
     position the draft's runner-up (``DraftToken.alt``, no drafting) and, where a branch is worth
     expanding, what the draft drafts after it, up to ``shape.max_depth`` levels below the chain. The
     chain itself is never extended (where it ends is the round controller's choice). A tree that only
@@ -110,7 +112,7 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
         depth_cap = len(chain) + shape.max_depth if max_depth is None else min(len(chain) + shape.max_depth, max_depth)
         reach = 1.0
         for j, d in enumerate(chain):
-            if d.alt is not None:
+            if d.alt is not None and j < depth_cap:
                 push(reach * d.p_alt, j - 1, DraftToken(d.alt, d.p_max, d.p_alt), j)
             reach *= d.confidence
             nodes.append(_Node(d, j - 1, reach, j, grown=j))

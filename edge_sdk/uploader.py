@@ -53,7 +53,7 @@ class Round:
     opens_segment: bool = False   # drafted ahead on a rebased round: the first drafted round after a
                                   # rejection, so drafted as a head round (the policy's stopping rule)
     parents: tuple[int, ...] = () # a token tree: each draft token's parent (-1: the base); empty: a chain
-    leaves: list[DraftToken] = field(default_factory=list)   # a chain's leaf siblings (trees.sibling_leaves),
+    leaves: list[DraftToken] = field(default_factory=list)   # a chain's branches (trees.draft_tree on it),
     leaf_parents: list[int] = field(default_factory=list)    # ... sent with it as one tree; their parents
 
     def chain(self) -> "list[Round]":

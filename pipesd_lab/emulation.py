@@ -361,8 +361,8 @@ class SlowedDrafter:
 
     def tree(self, chain: int = 0):
         """The inner drafter's token tree; each level grown is charged as one batched decode
-        (``LEVEL_NODE``), the tree's first row as a token (a tree on a chain already drafted: nothing)."""
-        return _SlowedTree(self, self.inner.tree(chain), chain)
+        (``LEVEL_NODE``), the tree's first row as a token (on a chain: the chain's last token evaluated)."""
+        return _SlowedTree(self, self.inner.tree(chain))
 
     def _slow(self, tokens: int) -> None:
         if self.seconds_per_token > 0:
@@ -381,10 +381,9 @@ class SlowedDrafter:
 
 
 class _SlowedTree:
-    def __init__(self, slowed: SlowedDrafter, inner, chain: int = 0):
+    def __init__(self, slowed: SlowedDrafter, inner):
         self.slowed, self.inner = slowed, inner
-        if not chain:
-            slowed._slow(1)              # the tree's first row: what drafting a token costs
+        slowed._slow(1)                  # the tree's first row: what drafting a token costs
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -19,7 +19,8 @@ from pipesd_lab.toy import ToyDrafter, ToyTarget, toy_pair
 TARGET, DRAFT = toy_pair()
 PROMPTS = [TARGET.tokenize(text) for text in ("hello", "abc", "The toy", "x = 1;", "zz", "q", "pipeline", "0123")]
 SPECULATIVE = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_model", "pipesd_bo", "pipesd_fixed", "pipesd_per_token",
-               "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only", "pipesd_no_proactive", "tree")
+               "pipesd_at_trigger", "pipesd_c_only", "pipesd_p_only", "pipesd_no_proactive", "tree", "pipesd_tree",
+               "pipesd_chain")
 
 
 def reference(prompt: list[int], n: int) -> list[int]:
