@@ -320,7 +320,7 @@ class Decoding:
         #    the verifier lacks).
         ahead = policy.proactive and not self.cloud.serial and (bool(rnd.draft) or policy.pipelined) and not (
             rnd.draft and self._is_eos(rnd.draft[-1].token)) and not rnd.parents
-        if rnd.nav is None:
+        if rnd.nav is None and rnd.draft and policy.branches is not None:
             t = time.perf_counter()
             self._add_branches(rnd, self._cap(rnd.base))     # (nothing interrupts drafting outside _draft_ahead)
             self._spent("draft", t)
