@@ -13,11 +13,13 @@ from edge_sdk.trees import TreeShape
 
 from .conftest import PROMPTS
 
-SPECULATIVE = [m for m in MODES if m not in ("cloud_only", "edge_only")]
+# The controller's tree variants are left out here: pipesd_chain is pipesd without its runner-ups, and
+# pipesd_tree's drafted branches are tested below with every branch let through (its own pricing sends few).
+SPECULATIVE = [m for m in MODES if m not in ("cloud_only", "edge_only", "pipesd_chain", "pipesd_tree")]
 # The product's policies run every prompt; the ablations (one piece of PipeSD changed each) run the first
-# eight: the same code paths, and tests/test_engine.py runs every policy on the toy pair as well.
+# six: the same code paths, and tests/test_engine.py runs every policy on the toy pair as well.
 FULL = ("pipesd", "vanilla", "hsl", "edgellm", "pipesd_bo")
-ABLATION_PROMPTS = 8
+ABLATION_PROMPTS = 6
 MAX_NEW = 48
 
 
@@ -121,11 +123,11 @@ def test_looked_up_guesses_on_the_real_pair_equal_target_greedy(verifier, refere
 def test_drafted_branches_on_the_controllers_chains_stay_lossless_and_are_kept(client, reference):
     """The real pair, drafted branches under every runner-up (three levels, every node let through): the
     llama.cpp drafter forks them off the chain's cells, the torch target verifies the trees, verdicts keep
-    branch paths deeper than their first node, and the output is the target's own."""
+    branch paths deeper than their first node, and the output is the target's own (4 prompts)."""
     policy = make_policy("pipesd_tree")
     policy._branches = lambda link, plan: TreeShape(nodes=16, width=2, min_value=0.0, max_depth=3)
     taken = kept = 0
-    for prompt in PROMPTS[:ABLATION_PROMPTS]:
+    for prompt in PROMPTS[:4]:
         r = client.generate(prompt, max_new_tokens=MAX_NEW, mode=policy)
         assert r.tokens == reference[prompt], f"branches diverged from target greedy on {prompt!r}"
         taken, kept = taken + r.stats.leaves_accepted, kept + r.stats.leaves_kept
