@@ -66,7 +66,8 @@ class _Node:
     value: float                  # estimated probability that the target accepts this node
     depth: int
     grown: int | None = None      # its index in the drafter's tree once expanded (its row computed)
-    below: int = 0                # levels below the chain it branches off (0: a node of that chain)
+    below: int = 0                # levels below the chain it branches off (0: a node of that chain; without
+                                  # a chain, its depth + 1)
 
 
 def _candidates(row: np.ndarray, width: int) -> list[tuple[int, float, float]]:
@@ -94,7 +95,8 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
     expanding, what the draft drafts after it, up to ``shape.max_depth`` levels below the chain. The
     chain itself is never extended (where it ends is the round controller's choice). A tree that only
     takes runner-ups (``max_depth`` 1) draws nothing from the drafter: `tree` may be None."""
-    depth_cap = min(shape.max_depth, max_depth if max_depth is not None else shape.max_depth)
+    levels = len(chain) + shape.max_depth          # (with a chain, shape.max_depth counts levels below it)
+    depth_cap = levels if max_depth is None else min(levels, max_depth)
     nodes: list[_Node] = []
     heap: list[tuple[float, int, int, DraftToken, int]] = []      # (-value, tie, parent, draft, depth)
     tie = 0
@@ -109,7 +111,6 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
             push(value * p, parent, DraftToken(token, p_max, p), depth)
 
     if chain:
-        depth_cap = len(chain) + shape.max_depth if max_depth is None else min(len(chain) + shape.max_depth, max_depth)
         reach = 1.0
         for j, d in enumerate(chain):
             if d.alt is not None and j < depth_cap:
@@ -125,7 +126,7 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
         # Admitted nodes that could still have a child worth more than the best candidate (and worth
         # keeping) are expanded first; a chain's nodes are not (their runner-ups are offered already).
         due = [i for i, n in enumerate(nodes) if n.grown is None and n.value >= best and n.depth + 1 < depth_cap
-               and (not chain or n.below < shape.max_depth) and not ends(n.draft.token)] if not full else []
+               and n.below < shape.max_depth and not ends(n.draft.token)] if not full else []
         if due:
             due = sorted(due, key=lambda i: -nodes[i].value)[: shape.batch]
             try:
@@ -142,6 +143,5 @@ def draft_tree(tree: TreeContext | None, shape: TreeShape, *, max_depth: int | N
         if not heap or -heap[0][0] < shape.min_value:
             break
         neg, _, parent, draft, depth = heapq.heappop(heap)
-        below = nodes[parent].below + 1 if chain and parent >= 0 else 1 if chain else 0
-        nodes.append(_Node(draft, parent, -neg, depth, below=below))
+        nodes.append(_Node(draft, parent, -neg, depth, below=nodes[parent].below + 1 if parent >= 0 else 1))
     return [n.draft for n in nodes], [n.parent for n in nodes], [n.value for n in nodes]
