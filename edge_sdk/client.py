@@ -31,7 +31,7 @@ from .transport import HttpVerifier, Verifier
 
 def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None = None,
                         backend: str = "llamacpp") -> Path:
-    from pipesd_models import PairUnavailable, pair_paths
+    from pipesd_models import PairUnavailable, pair_draft
 
     if backend not in DRAFT_BACKENDS:
         raise ConfigError(f"unknown draft backend {backend!r}; choose from {', '.join(DRAFT_BACKENDS)}")
@@ -39,7 +39,7 @@ def resolve_draft_model(pair: str = "embedded", draft_model: str | Path | None =
         path = Path(draft_model)
     else:
         try:
-            path = pair_paths(pair, backend)[0]
+            path = pair_draft(pair, backend)
         except PairUnavailable as exc:
             raise ConfigError(str(exc)) from None
     if not path.is_file():

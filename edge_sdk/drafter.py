@@ -563,6 +563,7 @@ class OnnxDrafter(_LogitsDrafter):
             self.vocab_size = int(meta["vocab_size"])
             trained = int(meta["max_context"])
             self._bos = int(meta["bos"])
+            self._add_bos = meta.get("add_bos", "1") == "1"   # older exports lack it: they all added BOS
             self.eos_token_ids = frozenset(int(t) for t in json.loads(meta["eos"]))
             self._shape = (int(meta["layers"]), int(meta["kv_heads"]), 0, int(meta["head_dim"]))
         except (KeyError, ValueError) as exc:
@@ -586,7 +587,7 @@ class OnnxDrafter(_LogitsDrafter):
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         self.tokenizer.encode_special_tokens = not special   # special=False: "<|endoftext|>" is plain text
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self._bos] if add_bos else []) + ids
+        return ([self._bos] if add_bos and self._add_bos else []) + ids
 
     def token_bytes(self, token: int) -> bytes:
         return self._pieces[token]

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
 from edge_sdk.autotune import GridTuner, OnlineAutotuner, RandomTuner, SkoptTuner
+from edge_sdk.chat import ChatTemplate
 from edge_sdk.controller import OBJECTIVES
 from edge_sdk.policies import PipeSD
 from edge_sdk.policies import MODES
@@ -60,6 +61,12 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n
            '        raise ValueError("', '"""Utilities for', "def _check_arg(name, value):\n", "        return self._",
            "from collections import", "class Error(Exception):\n", "    @property\n    def name(self):\n",
            "def main(argv=None):\n    parser = argparse."]
+# SmolLM2 is an instruct model: its pairs run chat turns (rendered by the GGUF's own template, as
+# EdgeClient.chat does) between the code prompts. None is a training prompt of the SmolLM2 draft builder.
+CHAT_QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a list.",
+                  "Give me three ideas for a rainy afternoon.", "Explain what an API is.",
+                  "What is the difference between a list and a tuple in Python?", "Name three colours.",
+                  "How do I read a file line by line in Python?", "Why is the sky blue?"]
 BASELINES = ("vanilla", "hsl", "edgellm")
 MAIN_METHODS = ("cloud_only", "edge_only", "vanilla", "hsl", "edgellm", "pipesd")
 # What each piece of PipeSD buys: the controller without its BO correction, no pipelined NAV (rounds
@@ -360,7 +367,8 @@ class Bench:
         self.tuned: dict[tuple, tuple[float, float]] = {}
         self.gamma: dict[str, float] = {}
         self.vocab: dict[str, int] = {}
-        self._references: dict[tuple[str, str], list[int]] = {}
+        self.prompts: dict[str, list] = {}   # per pair: text, or token ids where the prompt has control tokens
+        self._references: dict[tuple, list[int]] = {}
         self._ref_clients: dict = {}
         self.commit = git_commit()      # the code that runs, not whatever is checked out when it ends
 
@@ -382,6 +390,12 @@ class Bench:
         """Real seconds per drafted token of this pair's draft on this machine (1 thread)."""
         drafter = self._drafter(pair, 0.0).inner
         self.vocab[pair] = drafter.vocab_size
+        self.prompts[pair] = list(PROMPTS)
+        if pair.startswith("smollm2"):     # a chat turn, then a code prompt, ..., then the other code prompts
+            template = ChatTemplate.for_drafter(drafter)
+            chats = [tuple(drafter.tokenize(template.render([{"role": "user", "content": q}]), special=True))
+                     for q in CHAT_QUESTIONS]
+            self.prompts[pair] = [p for turn in zip(chats, PROMPTS) for p in turn] + PROMPTS[len(chats):]
         drafter.set_context(drafter.tokenize(PROMPTS[0]))
         for _ in range(8):
             drafter.next_token()
@@ -435,11 +449,12 @@ class Bench:
                 bar.set_postfix_str(f"tuning {policy.name}: {done} candidates")
         return used
 
-    def _interleave(self, clients: dict, tallies: dict, min_tokens: int, bar=None) -> None:
+    def _interleave(self, pair: str, clients: dict, tallies: dict, min_tokens: int, bar=None) -> None:
         """Methods take turns, prompt by prompt, until each has `min_tokens` output tokens."""
         i = 0
+        prompts = self.prompts[pair]
         while any(t.tokens < min_tokens for t in tallies.values()):
-            prompt = PROMPTS[i % len(PROMPTS)]
+            prompt = prompts[i % len(prompts)]
             i += 1
             for method, client in clients.items():
                 tally = tallies[method]
@@ -466,10 +481,10 @@ class Bench:
             for m in ("pipesd",) + TREE_METHODS:     # the controller's BO correction settles first
                 if m in methods:
                     clients[m] = self.client(verifier, pair, scenario, regime, m)
-                    self.tune(clients[m], PROMPTS, bar)
+                    self.tune(clients[m], self.prompts[pair], bar)
             if any(m in PAPER_TRIGGER for m in methods):    # the paper's trigger: BO first, as the paper did
                 clients["pipesd_bo"] = self.client(verifier, pair, scenario, regime, "pipesd_bo")
-                self.tune(clients["pipesd_bo"], PROMPTS, bar)
+                self.tune(clients["pipesd_bo"], self.prompts[pair], bar)
                 r1, r2 = clients["pipesd_bo"].policy().thresholds
                 self.tuned[(pair, regime, scenario.name)] = (r1, r2)
             for m in methods:
@@ -481,10 +496,10 @@ class Bench:
             if "pipesd_bo" not in methods and "pipesd_bo" in clients:   # tuned only for the ablations' thresholds
                 clients.pop("pipesd_bo").close()
             for m, client in clients.items():   # warm-up: the profiler and the DP plan
-                for p in PROMPTS[-self.config.warmup:] if self.config.warmup else ():
+                for p in self.prompts[pair][-self.config.warmup:] if self.config.warmup else ():
                     client.generate(p, max_new_tokens=self.config.tokens_per_prompt)
             before = {m: _controller_counts(c.policy()) for m, c in clients.items()}
-            self._interleave(clients, tallies, self.config.min_tokens, bar)
+            self._interleave(pair, clients, tallies, self.config.min_tokens, bar)
             for m, c in clients.items():
                 if m in tallies and before[m] is not None:
                     _controller_report(tallies[m], c.policy(), before[m])
@@ -561,7 +576,7 @@ class Bench:
                        for m in methods}
             tallies = {m: Tally(pair, regime, sc.name, m) for m in methods}
             try:
-                self._interleave(clients, tallies, self.config.sweep_tokens, bar)
+                self._interleave(pair, clients, tallies, self.config.sweep_tokens, bar)
             finally:
                 for c in clients.values():
                     c.close()
@@ -574,9 +589,9 @@ class Bench:
         for method in ("vanilla", "pipesd_fixed"):
             with self.client(verifier, pair, s1, regime, method,
                               *((r1, r2) if method == "pipesd_fixed" else ())) as client:
-                client.generate(PROMPTS[1], max_new_tokens=self.config.tokens_per_prompt)   # warm
+                client.generate(self.prompts[pair][1], max_new_tokens=self.config.tokens_per_prompt)   # warm
                 t0 = time.perf_counter()
-                spans = client.generate(PROMPTS[0], max_new_tokens=24, timeline=True).stats.timeline
+                spans = client.generate(self.prompts[pair][0], max_new_tokens=24, timeline=True).stats.timeline
                 self.timelines[method] = [(k, s - t0, e - t0) for k, s, e in spans]
 
     def run_tuners(self, verifier, pair: str, bar=None) -> None:
@@ -586,7 +601,7 @@ class Bench:
                   "random": partial(RandomTuner, seed=self.config.seed)}
         for name, make in makers.items():
             with self.client(verifier, pair, s1, regime, "pipesd_bo", make_tuner=make) as client:
-                self.tune(client, PROMPTS, bar)
+                self.tune(client, self.prompts[pair], bar)
                 self.tuner_runs[name] = [(list(p), 1e3 * obj) for p, obj in client.policy().tuner.evaluations]
 
     # -- the whole run -------------------------------------------------------------------------
@@ -973,9 +988,11 @@ def config_from_args(args) -> BenchConfig:
 
     for pair in cfg.pairs:
         try:
-            pair_paths(pair)
+            missing = [f for f in pair_paths(pair) if not f.is_file()]
         except PairUnavailable as exc:
             raise ValueError(str(exc)) from None
+        if missing:
+            raise ValueError(f"the {pair!r} pair's file is missing: {missing[0]}")
     for m in cfg.methods:
         if not method_known(m):
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODES)} (a controller mode may name "

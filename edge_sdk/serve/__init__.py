@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"pipesd serve: needs its extra: pip install 'pipesd[serve]' ({exc})", file=sys.stderr)
         return 2
+    from pipesd_models import PAIRS
+
     from ..client import EdgeClient
     from ..errors import PipeSDError
     from ..policies import make_policy
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                     "the drafter and your verifier session")
     if args.max_queue < 0 or args.max_body_bytes < 1024:
         return fail("--max-queue must be >= 0 and --max-body-bytes >= 1024")
-    pair, draft = (args.model, None) if args.model in ("embedded", "smollm2") else ("embedded", args.model)
+    pair, draft = (args.model, None) if args.model in PAIRS else ("embedded", args.model)
     model_id = args.served_model_name or (args.model if draft is None else Path(draft).stem)
     backend = "onnx" if draft is not None and draft.endswith(".onnx") else "llamacpp"
     try:

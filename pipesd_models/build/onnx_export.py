@@ -127,8 +127,11 @@ def export_onnx(gguf_path: Path, out: Path) -> dict:
            if k in reader.fields]
     context = int(reader.fields[f"{reader.fields['general.architecture'].contents()}.context_length"].contents())
     bos = int(reader.fields["tokenizer.ggml.bos_token_id"].contents()) if "tokenizer.ggml.bos_token_id" in reader.fields else 0
+    # Whether a prompt starts with BOS, as llama.cpp decides from the same GGUF (SmolLM2 says no).
+    add_bos = bool(reader.fields["tokenizer.ggml.add_bos_token"].contents()) \
+        if "tokenizer.ggml.add_bos_token" in reader.fields else True
     meta = {"opset": str(OPSET), "source": gguf_path.name, "source_sha256": sha256_file(gguf_path),
-            "vocab_size": str(cfg.vocab_size), "max_context": str(context), "bos": str(bos),
+            "vocab_size": str(cfg.vocab_size), "max_context": str(context), "bos": str(bos), "add_bos": str(int(add_bos)),
             "eos": json.dumps(list(dict.fromkeys(eos))), "layers": str(cfg.num_hidden_layers),
             "kv_heads": str(cfg.num_key_value_heads), "head_dim": str(head_dim)}
     model = onnx.load(str(out))

@@ -7,8 +7,11 @@ Stages (checkpointed under --work, so an interrupted build resumes):
 
 1. **Prompts**, all offline: instruction-style chat prompts written from templates and topics
    (CPython's module names and their docstrings' first sentences, general concepts and tasks),
-   and code prompts (the first lines of CPython stdlib files). A fixed hash of each prompt's
-   *topic* holds ~10% out: held-out prompts share no topic, module or file with training.
+   and code prompts (8 lines of a CPython stdlib file). Held out for evaluation, three kinds:
+   code prompts from the corpus's held-out files (none found verbatim in the training text),
+   template prompts on the ~10% of topics a fixed hash holds out (new topics, trained templates;
+   a held-out module's source may still be in the CPython text), and free-form questions written
+   for evaluation only (`EVAL_QUESTIONS`: no template, topic or text of the training prompts).
 2. **Teacher text**: the target samples an answer to every training prompt (temperature 0.7,
    top-p 0.95), through its own chat template for chat prompts; code prompts are continued.
 3. **Distillation**: the draft learns ce_weight * CE + (1 - ce_weight) * KL(target || draft) on
@@ -38,10 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import DATA_DIR, SMOLLM2_DRAFT_FILE
 from . import corpus as corpus_mod
 from .train import _lr, _optimizer
 
-DRAFT_FILE = "smollm2-draft-f16.gguf"
+DRAFT_FILE = SMOLLM2_DRAFT_FILE
 MANIFEST_KEY = "smollm2_draft"
 
 
@@ -64,7 +68,8 @@ class DraftSpec:
     code_prompts: int
     answer_tokens: int
     gen_batch: int
-    eval_prompts: int         # per kind (code, chat)
+    eval_prompts: int         # per held-out kind (code, chat_topics, chat_free)
+    eval_windows: int         # held-out CPython windows for cross-entropy
     eval_new_tokens: int
     seed: int = 2026
     max_files: int | None = None
@@ -77,12 +82,12 @@ PRESETS = {
     "full": DraftSpec(name="full", hidden=256, layers=4, heads=4, ffn=768, context=8192, window=256,
                       batch=8, steps=800, lr=2e-3, warmup=40, ce_weight=0.3,
                       chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
-                      eval_prompts=24, eval_new_tokens=96),
+                      eval_prompts=24, eval_windows=32, eval_new_tokens=96),
     # Seconds to minutes: every stage on a tiny draft (tests use it, with the real teacher).
     "smoke": DraftSpec(name="smoke", hidden=64, layers=1, heads=1, ffn=128, context=256, window=32,
                        batch=2, steps=2, lr=1e-3, warmup=1, ce_weight=0.3,
                        chat_prompts=8, code_prompts=4, answer_tokens=8, gen_batch=4,
-                       eval_prompts=2, eval_new_tokens=8, max_files=40),
+                       eval_prompts=2, eval_windows=2, eval_new_tokens=8, max_files=40),
 }
 
 
@@ -126,6 +131,23 @@ CHAT_TEMPLATES = {
 }
 
 
+# Evaluation only: free-form questions in no training template, on topics in no training list.
+EVAL_QUESTIONS = [
+    "My tomato plants have yellow leaves. What could be wrong?", "Can you suggest a name for a small coffee shop?",
+    "Write a haiku about the ocean.", "What should I pack for a weekend camping trip?",
+    "How many minutes are in a day? Show your working.", "Describe the plot of a mystery story in three sentences.",
+    "Which is healthier for breakfast, oatmeal or cereal?", "Translate 'good morning' into French and Spanish.",
+    "Write a short thank-you note to a teacher.", "Why do cats purr?", "What are the planets of the solar system?",
+    "How can I make my Python script run faster?", "Write a SQL query that counts the rows of a table named users.",
+    "What does HTTP status code 404 mean?", "Suggest a simple recipe for dinner with rice and eggs.",
+    "How do birds know where to migrate?", "Write a limerick about a programmer.",
+    "What is the boiling point of water at sea level?", "Summarise the benefits of regular exercise.",
+    "How do I center a div in CSS?", "What is the difference between weather and climate?",
+    "Write a JavaScript function that returns the square of a number.", "Who wrote Romeo and Juliet?",
+    "Explain how a bicycle stays upright.",
+]
+
+
 def _held_out(topic: str) -> bool:
     """~10% of topics, by a fixed hash: held-out prompts share no topic with the training prompts."""
     return hashlib.sha256(topic.encode()).digest()[0] < 26
@@ -145,7 +167,8 @@ def _first_sentence(text: str) -> str | None:
 
 
 def prompts(corpus, spec: DraftSpec) -> dict[str, list[dict]]:
-    """{"train": [...], "heldout": [...]}; each {"kind": "chat"|"code", "topic", "text"}."""
+    """{"train": [...], "heldout": [...]}; each {"kind", "topic", "text"}. Kinds: "chat" and "code" for
+    training; "code", "chat_topics" and "chat_free" held out (see the module docstring)."""
     rng = random.Random(spec.seed)
     train_files = list(zip(corpus.train_files, corpus.train))
     modules = sorted({Path(f).stem for f in corpus.train_files + corpus.heldout_files if not Path(f).stem.startswith("_")})
@@ -175,8 +198,13 @@ def prompts(corpus, spec: DraftSpec) -> dict[str, list[dict]]:
     # Code prompts: training ones from training files, held-out ones from the corpus's held-out files.
     train_code = snippets(train_files)
     held_code = snippets(list(zip(corpus.heldout_files, corpus.heldout)))
-    out = {"train": train_chat[:spec.chat_prompts] + train_code[:spec.code_prompts],
-           "heldout": held_chat[:spec.eval_prompts] + held_code[:spec.eval_prompts]}
+    train = train_chat[:spec.chat_prompts] + train_code[:spec.code_prompts]
+    train_text = "".join(corpus.train)
+    held_code = [p for p in held_code if p["text"] not in train_text]   # e.g. a licence header every file has
+    free = [{"kind": "chat_free", "topic": q, "text": q} for q in EVAL_QUESTIONS]
+    out = {"train": train,
+           "heldout": [{**p, "kind": "chat_topics"} for p in held_chat[:spec.eval_prompts]]
+           + free[:spec.eval_prompts] + held_code[:spec.eval_prompts]}
     return out
 
 
@@ -195,7 +223,7 @@ def load_teacher():
 
 
 def prompt_ids(tok, p: dict) -> list[int]:
-    if p["kind"] == "chat":
+    if p["kind"].startswith("chat"):
         return tok.apply_chat_template([{"role": "user", "content": p["text"]}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False)
     return tok(p["text"], add_special_tokens=False)["input_ids"]
@@ -374,15 +402,20 @@ def acceptance(target, draft, prompt_lists: list[list[int]], new_tokens: int, ks
 
 @torch.no_grad()
 def heldout_ce(target, draft, stream: np.ndarray, window: int, count: int) -> dict:
+    """Cross-entropy of both models on held-out CPython windows and their top-1 agreement, 4 windows at a
+    time (a 49k-way logits tensor of every window at once would take gigabytes)."""
     n = min(count, (len(stream) - 1) // window)
     x = torch.from_numpy(stream[: n * window].reshape(n, window).copy())
-    lt = torch.cat([target(input_ids=x[i:i + 4, :-1]).logits for i in range(0, n, 4)])
-    ld = torch.cat([draft(input_ids=x[i:i + 4, :-1]).logits for i in range(0, n, 4)])
-    labels = x[:, 1:].reshape(-1)
-    return {"target_ce": round(F.cross_entropy(lt.reshape(-1, lt.shape[-1]), labels).item(), 4),
-            "draft_ce": round(F.cross_entropy(ld.reshape(-1, ld.shape[-1]), labels).item(), 4),
-            "top1_agreement": round((lt.argmax(-1) == ld.argmax(-1)).float().mean().item(), 4),
-            "tokens": int(labels.numel())}
+    ce_t = ce_d = agree = 0.0
+    for i in range(0, n, 4):
+        inputs, labels = x[i:i + 4, :-1], x[i:i + 4, 1:].reshape(-1)
+        lt, ld = target(input_ids=inputs).logits, draft(input_ids=inputs).logits
+        ce_t += F.cross_entropy(lt.reshape(-1, lt.shape[-1]), labels, reduction="sum").item()
+        ce_d += F.cross_entropy(ld.reshape(-1, ld.shape[-1]), labels, reduction="sum").item()
+        agree += (lt.argmax(-1) == ld.argmax(-1)).sum().item()
+    tokens = n * (window - 1)
+    return {"target_ce": round(ce_t / tokens, 4), "draft_ce": round(ce_d / tokens, 4),
+            "top1_agreement": round(agree / tokens, 4), "tokens": tokens}
 
 
 # -- the build --------------------------------------------------------------------------
@@ -395,6 +428,8 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     from .export import load_gguf_torch
 
     spec = PRESETS[preset]
+    if preset != "full" and out.resolve() == DATA_DIR.resolve():
+        raise SystemExit(f"--preset {preset} would overwrite the shipped draft in {DATA_DIR}: give --out")
     torch.set_num_threads(threads)
     work = work / f"smollm2-{preset}"
     work.mkdir(parents=True, exist_ok=True)
@@ -405,6 +440,13 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     sets = prompts(corpus, spec)
     _log(f"prompts: {len(sets['train'])} train, {len(sets['heldout'])} held-out")
 
+    # The checkpoints below are reused only for the settings and prompts that made them.
+    key = hashlib.sha256(json.dumps({"spec": {k: v for k, v in spec.to_dict().items() if not k.startswith("eval")},
+                                     "train": sets["train"]}, sort_keys=True).encode()).hexdigest()
+    key_path = work / "inputs.sha256"
+    if key_path.exists() and key_path.read_text() != key:
+        raise SystemExit(f"{work} holds stages built from other settings or prompts: remove it to rebuild")
+    key_path.write_text(key)
     minutes: dict[str, float] = {}      # per stage; a resumed build keeps the times of the stages it reuses
     text_path = work / "teacher_text.json"
     if text_path.exists():
@@ -439,10 +481,11 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
 
     export_with_teacher_vocab(draft, teacher_path, out / DRAFT_FILE, spec.context)
     shipped = load_gguf_torch(out / DRAFT_FILE)
-    held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind] for kind in ("code", "chat")}
+    held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
+            for kind in ("code", "chat_topics", "chat_free")}
     quality = {kind: acceptance(teacher, shipped, ids, spec.eval_new_tokens) for kind, ids in held.items()}
-    quality["heldout_cpython"] = heldout_ce(teacher, shipped, held_stream, spec.window, 32 if preset == "full" else 2)
-    sample = held["chat"][0] + held["code"][0]
+    quality["heldout_cpython"] = heldout_ce(teacher, shipped, held_stream, spec.window, spec.eval_windows)
+    sample = held["chat_free"][0] + held["code"][0]
     quality["llamacpp_vs_torch"] = llamacpp_parity(out / DRAFT_FILE, shipped, sample)
     minutes["evaluation"] = round((time.time() - t_eval) / 60, 1)
     _log(f"quality {json.dumps(quality)}")
@@ -470,7 +513,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipesd_models.build.smollm2_draft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
+    ap.add_argument("--out", type=Path, default=DATA_DIR)
     ap.add_argument("--work", type=Path, default=Path("build/models-work"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

@@ -1,0 +1,42 @@
+"""The SmolLM2 draft builder's pure pieces (python -m pipesd_models.build.smollm2_draft): which prompts
+are held out, and the acceptance simulation that the manifest's figures come from. The build itself
+(an hour and a half) is not run in tests; tests/test_smollm2.py checks its shipped file."""
+
+def test_held_out_prompts_share_no_topic_or_file_with_training():
+    from pipesd_models.build import corpus as corpus_mod
+    from pipesd_models.build.smollm2_draft import PRESETS, prompts
+
+    corpus = corpus_mod.collect(max_files=120)
+    spec = PRESETS["smoke"]
+    sets = prompts(corpus, spec.__class__(**{**spec.to_dict(), "chat_prompts": 400, "code_prompts": 100,
+                                              "eval_prompts": 20, "max_files": 120}))
+    train_topics = {p["topic"] for p in sets["train"]}
+    assert sets["heldout"] and not train_topics & {p["topic"] for p in sets["heldout"]}
+    assert {p["kind"] for p in sets["heldout"]} == {"chat_topics", "chat_free", "code"}
+    assert {p["kind"] for p in sets["train"]} == {"chat", "code"}
+    train_texts = {p["text"] for p in sets["train"]}
+    assert not train_texts & {p["text"] for p in sets["heldout"]}
+    held_files = set(corpus.heldout_files)
+    assert all(p["topic"] in held_files for p in sets["heldout"] if p["kind"] == "code")
+    train_text = "".join(corpus.train)
+    assert not any(p["text"] in train_text for p in sets["heldout"] if p["kind"] == "code")
+
+
+def test_acceptance_simulation_counts_rounds_exactly():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipesd_models.build.smollm2_draft import acceptance
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, intermediate_size=48, pad_token_id=0, eos_token_id=None)
+    a, b = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    same = acceptance(a, a, [[1, 2, 3], [4, 5]], new_tokens=15)
+    assert same["k4"] == {"acceptance_rate": 1.0, "mean_acceptance_length": 5.0}   # 3 rounds of 4 + the bonus token
+    assert same["top1_agreement_on_greedy"] == 1.0
+    # 12 tokens: rounds of 4, 4 and a last one cut to 2 by the end, still counted as 4 drafted (conservative)
+    assert acceptance(a, a, [[1, 2, 3]], new_tokens=12)["k4"] == {"acceptance_rate": 0.8333,
+                                                                   "mean_acceptance_length": 4.333}
+    other = acceptance(a, b, [[1, 2, 3], [4, 5]], new_tokens=15)
+    assert other["k2"]["acceptance_rate"] < 1.0
