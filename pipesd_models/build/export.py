@@ -38,6 +38,21 @@ def _tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def add_llama_shape(w, cfg, context: int, rope_base: float) -> None:
+    """The hyperparameters llama.cpp reads for a Llama, f16 file type (both builders write them alike)."""
+    w.add_context_length(context)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+
 def export_gguf(model, tokenizer_vocab: tuple[list[str], list[int], list[str]], path: Path, name: str) -> None:
     cfg = model.config
     tokens, types, merges = tokenizer_vocab
@@ -45,17 +60,7 @@ def export_gguf(model, tokenizer_vocab: tuple[list[str], list[int], list[str]], 
     w.add_name(name)
     w.add_description("PipeSD embedded model, trained on CPython's standard library sources (PSF licence)")
     w.add_license("PSF-2.0 (training text); model weights built by pipesd_models.build")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    add_llama_shape(w, cfg, cfg.max_position_embeddings, 10000.0)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)

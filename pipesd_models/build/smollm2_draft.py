@@ -330,7 +330,7 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
     """GGUF f16 whose tokenizer fields (vocabulary, merges, special ids, chat template) are the teacher's own."""
     import gguf
 
-    from .export import _tensors
+    from .export import _tensors, add_llama_shape
 
     cfg = model.config
     reader = gguf.GGUFReader(str(teacher_gguf))
@@ -340,17 +340,8 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
                       "library sources (PSF licence) and the target's own answers; built by "
                       "pipesd_models.build.smollm2_draft")
     w.add_license("apache-2.0")
-    w.add_context_length(context)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    rope = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
+    add_llama_shape(w, cfg, context, rope)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
