@@ -102,6 +102,41 @@ def test_exported_draft_runs_on_llama_cpp_with_the_targets_vocabulary(tiny_smol_
     assert parity["max_abs_diff"] < 0.01 and parity["argmax_equal"] == 1.0   # the weights survive the export
 
 
+def test_a_q8_0_export_keeps_the_drafts_greedy_choices(tmp_path):
+    """The teacher-layers preset ships Q8_0 (f16 would pass 40 MB): llama.cpp on the Q8_0 file and torch on
+    the same file agree, and the quantised file stays close to the f32 weights it came from."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipesd_models.build.evaluate import llamacpp_parity
+    from pipesd_models.build.export import load_gguf_torch
+    from pipesd_models.build.smollm2_draft import export_with_teacher_vocab
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=96, max_position_embeddings=8192,
+                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    f16, q8 = tmp_path / "f16.gguf", tmp_path / "q8.gguf"
+    export_with_teacher_vocab(model, pipesd_models.smollm2_path(), f16, 8192)
+    export_with_teacher_vocab(model, pipesd_models.smollm2_path(), q8, 8192, gguf_type="q8_0")
+    import gguf
+
+    def tensor_bytes(path):
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+    assert tensor_bytes(q8) < 0.55 * tensor_bytes(f16)    # 8.5 bits a weight against 16 (norms stay f32)
+    ids = [1, 504, 3458, 28, 905, 253, 1789, 42, 17, 9]
+    assert llamacpp_parity(q8, load_gguf_torch(q8), ids)["argmax_equal"] >= 0.9
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        got = load_gguf_torch(q8)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    with pytest.raises(ValueError, match="f16 or q8_0"):
+        export_with_teacher_vocab(model, pipesd_models.smollm2_path(), tmp_path / "x.gguf", 8192, gguf_type="q4_0")
+
+
 def test_a_smollm2_vocabulary_draft_exports_to_onnx_with_its_tokenizer(tiny_smol_draft, tmp_path):
     pytest.importorskip("onnx")
     import numpy as np

@@ -1,6 +1,9 @@
 """The SmolLM2 draft builder's pure pieces (python -m pipesd_models.build.smollm2_draft): which prompts
-are held out, and the acceptance simulation that the manifest's figures come from. The build itself
+are held out, the acceptance simulation that the manifest's figures come from, the teacher-cut start. The build itself
 (an hour and a half) is not run in tests; tests/test_smollm2.py checks its shipped file."""
+
+import pytest
+
 
 def test_held_out_prompts_share_no_topic_or_file_with_training():
     from pipesd_models.build import corpus as corpus_mod
@@ -42,3 +45,29 @@ def test_acceptance_simulation_counts_rounds_exactly():
         "acceptance_rate": 0.8333, "mean_acceptance_length": 4.333}
     other = acceptance(b, runs)
     assert other["k2"]["acceptance_rate"] < 1.0
+
+
+def test_a_teacher_cut_draft_keeps_the_chosen_layers_and_everything_else():
+    import dataclasses
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipesd_models.build.smollm2_draft import PRESETS, _teacher_cut
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(cfg).eval()
+    spec = dataclasses.replace(PRESETS["teacher-layers"], hidden=32, heads=4, ffn=48, layers=2, init_layers=(0, 3))
+    draft = _teacher_cut(spec, teacher)
+    t, d = teacher.state_dict(), draft.state_dict()
+    assert draft.config.num_hidden_layers == 2 and draft.config.num_key_value_heads == 2
+    assert torch.equal(d["model.layers.1.mlp.down_proj.weight"], t["model.layers.3.mlp.down_proj.weight"])
+    assert torch.equal(d["model.layers.0.self_attn.k_proj.weight"], t["model.layers.0.self_attn.k_proj.weight"])
+    assert torch.equal(d["model.norm.weight"], t["model.norm.weight"])
+    assert draft.lm_head.weight.data_ptr() == draft.model.embed_tokens.weight.data_ptr()   # still tied
+    d["model.layers.1.mlp.down_proj.weight"].add_(1.0)     # a copy: training the draft leaves the teacher alone
+    assert not torch.equal(d["model.layers.1.mlp.down_proj.weight"], t["model.layers.3.mlp.down_proj.weight"])
+    with pytest.raises(ValueError, match="teacher's width"):
+        _teacher_cut(dataclasses.replace(spec, hidden=16), teacher)
