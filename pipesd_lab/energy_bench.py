@@ -32,7 +32,7 @@ from energy.report import markdown_table, plot, write_csv
 
 from edge_sdk.policies import MODES
 
-from .bench import PAPER_TRIGGER, PROMPTS, Bench, BenchConfig, git_commit, method_known
+from .bench import PAPER_TRIGGER, Bench, BenchConfig, git_commit, method_known
 from .scenarios import REGIMES, SCENARIOS, get_scenario
 
 DEVICE_MODELS = {"s1": "laptop", "s2": "phone", "s3": "iot", "s4": "laptop"}
@@ -65,14 +65,14 @@ class EnergyConfig:
 class _Request:
     """One measured request of `method` through `client`: the callable the harness measures."""
 
-    def __init__(self, client, method: str, tokens: int):
-        self.client, self.method, self.tokens = client, method, tokens
+    def __init__(self, client, method: str, tokens: int, prompts: list):
+        self.client, self.method, self.tokens, self.prompts = client, method, tokens, prompts
         self.i = 0
         self.link = getattr(client, "verifier", None)
         self.tpt_s: list[float] = []
 
     def __call__(self) -> Activity:
-        prompt = PROMPTS[self.i % len(PROMPTS)]
+        prompt = self.prompts[self.i % len(self.prompts)]
         self.i += 1
         up = down = None
         if self.link is not None and hasattr(self.link, "up"):
@@ -108,6 +108,7 @@ class EnergyBench:
                                   progress=False))
         verifier_cpus = bench.pin_cores()
         bench.gamma[cfg.pair] = bench.measure_gamma(cfg.pair)
+        prompts = bench.prompts[cfg.pair]      # the pair's own: chat turns interleaved for SmolLM2 pairs
         with LocalVerifier(model=cfg.pair, threads=1, cpus=verifier_cpus) as v:
             for name in cfg.scenarios:
                 scenario = get_scenario(name)
@@ -125,15 +126,15 @@ class EnergyBench:
                     paper = [m for m in cfg.methods if m in PAPER_TRIGGER]
                     if paper and r1 is None:      # the paper's trigger: BO first, as the paper did
                         clients["pipesd_bo"] = bench.client(v, cfg.pair, scenario, cfg.regime, "pipesd_bo")
-                        bench.tune(clients["pipesd_bo"], PROMPTS)
+                        bench.tune(clients["pipesd_bo"], prompts)
                         r1, r2 = clients["pipesd_bo"].policy().thresholds
                     for method in cfg.methods:
                         if method not in clients:
                             fixed = method in PAPER_TRIGGER and r1 is not None
                             clients[method] = bench.client(v, cfg.pair, scenario, cfg.regime, method,
                                                             *((r1, r2) if fixed else ()))
-                            bench.tune(clients[method], PROMPTS)      # pipesd's correction (others: none)
-                        request = _Request(clients[method], method, cfg.tokens)
+                            bench.tune(clients[method], prompts)      # pipesd's correction (others: none)
+                        request = _Request(clients[method], method, cfg.tokens, prompts)
                         m = harness.measure(request, label=f"{name} {method}")
                         row = dict(scenario=name, method=method, regime=cfg.regime, pair=cfg.pair, device=device,
                                    radio=cfg.radio, r1=r1 if method in PAPER_TRIGGER else None,
