@@ -418,7 +418,6 @@ class Decoding:
             return False
         n = len(rnd.draft)
         rnd.leaves, rnd.leaf_parents = drafts[n:], parents[n:]
-        self.stats.leaves_sent += len(rnd.leaves)
         return True
 
     def _draft_tree(self, rnd: Round) -> None:
@@ -663,6 +662,7 @@ class Decoding:
         accepted, token = rnd.chain_verdict(resp)
         self._count_round(len(rnd.draft) + len(rnd.leaves), resp.accepted,
                           accepted < len(rnd.draft) if rnd.leaves else rnd.rejected(resp))
+        self.stats.leaves_sent += len(rnd.leaves)      # here, not when drafted: like draft_n, verified rounds only
         self.stats.leaves_accepted += rnd.leaf_taken(resp)
         self.stats.leaves_kept += resp.accepted - accepted
         own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it

@@ -67,7 +67,7 @@ class GenerationStats:
     tree_rounds: int = 0           # rounds sent as a token tree (trees.py)
     tree_nodes: int = 0            # nodes those trees held (draft_n counts them too)
     tree_fallback: str = ""        # why a tree policy's rounds went as chains ("" where trees went)
-    leaves_sent: int = 0           # branch nodes sent with chains (policy.branches; counted in draft_n)
+    leaves_sent: int = 0           # branch nodes sent with the chains of verified rounds (policy.branches; in draft_n)
     leaves_accepted: int = 0       # rounds that kept a branch: the chain rejected there, the branch's token was the target's
     leaves_kept: int = 0           # branch nodes those rounds kept (more than leaves_accepted once branches are drafted)
     finish_reason: str = ""        # eos | length | stop
