@@ -525,10 +525,12 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
             for kind in ("code", "chat_topics", "chat_free")}
     greedy_path = work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens])[:16]}.json"
     if greedy_path.exists():
-        continuations = json.loads(greedy_path.read_text())
+        continuations, minutes["heldout_continuations"] = json.loads(greedy_path.read_text())
     else:
+        t0 = time.time()
         continuations = {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()}
-        greedy_path.write_text(json.dumps(continuations))
+        minutes["heldout_continuations"] = round((time.time() - t0) / 60, 1)
+        greedy_path.write_text(json.dumps([continuations, minutes["heldout_continuations"]]))
     learning_curve: list[dict] = []
 
     def curve(step: int) -> None:
