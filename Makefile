@@ -42,7 +42,7 @@ models: install
 	$(BIN)/python -m pipesd_models.build --preset full
 
 # Build a draft distilled for SmolLM2-135M-Instruct (about 2 hours on 2 cores; see docs/models.md: the
-# first build fell short of its quality bar and is not shipped). Not run in CI.
+# two builds fell short of its quality bar and are not shipped). Not run in CI.
 smollm2-draft: smollm2
 	$(BIN)/python -m pipesd_models.build.smollm2_draft --preset full
 

@@ -19,7 +19,7 @@ DRAFT_FILE = "draft-f16.gguf"
 DRAFT_ONNX_FILE = "draft.onnx"        # the same draft for onnxruntime (pipesd_models.build.onnx_export)
 TARGET_FILE = "target-f16.gguf"
 TOKENIZER_FILE = "tokenizer.json"
-SMOLLM2_DRAFT_FILE = "smollm2-draft.gguf"   # where build.smollm2_draft writes its draft (not shipped yet)
+SMOLLM2_DRAFT_FILE = "smollm2-draft.gguf"   # where build.smollm2_draft writes its draft (f16 or Q8_0; not shipped yet)
 
 
 def draft_path() -> Path:
