@@ -98,8 +98,8 @@ def smollm2_path() -> Path:
 
 
 def smollm2_draft_path() -> Path:
-    """Where the draft distilled for SmolLM2-135M-Instruct is written (GGUF f16, the target's own tokenizer
-    and chat template); no pair uses it yet."""
+    """Where the draft distilled for SmolLM2-135M-Instruct is written (GGUF f16 or Q8_0, the target's own
+    tokenizer and chat template); no pair uses it yet."""
     return DATA_DIR / SMOLLM2_DRAFT_FILE
 
 

@@ -1,6 +1,6 @@
 """The SmolLM2 draft builder's pure pieces (python -m pipesd_models.build.smollm2_draft): which prompts
 are held out, the acceptance simulation that the manifest's figures come from, the teacher-cut start. The build itself
-(an hour and a half) is not run in tests; tests/test_smollm2.py checks its shipped file."""
+(about two hours) is not run in tests; tests/test_smollm2.py checks its shipped file."""
 
 import pytest
 

