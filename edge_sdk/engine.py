@@ -433,8 +433,6 @@ class Decoding:
             drafts, parents, _ = draft_tree(self.drafter.tree(), dataclasses.replace(shape, nodes=nodes),
                                             max_depth=depth, ends=self._is_eos)
             rnd.draft, rnd.parents = drafts, tuple(parents) if drafts else ()
-            self.stats.tree_rounds += 1
-            self.stats.tree_nodes += len(drafts)
         self._spent("draft", t)
 
     def _draft_ahead(self, rnd: Round, nav: Nav) -> Round | None:
@@ -662,7 +660,11 @@ class Decoding:
         accepted, token = rnd.chain_verdict(resp)
         self._count_round(len(rnd.draft) + len(rnd.leaves), resp.accepted,
                           accepted < len(rnd.draft) if rnd.leaves else rnd.rejected(resp))
-        self.stats.leaves_sent += len(rnd.leaves)      # here, not when drafted: like draft_n, verified rounds only
+        # here, not when drafted: like draft_n, these count verified rounds as verified (a resend goes as a chain)
+        self.stats.leaves_sent += len(rnd.leaves)
+        if rnd.parents:
+            self.stats.tree_rounds += 1
+            self.stats.tree_nodes += len(rnd.draft)
         self.stats.leaves_accepted += rnd.leaf_taken(resp)
         self.stats.leaves_kept += resp.accepted - accepted
         own = nav.answered_with(resp)     # else a resend answered: the request's own times say nothing of it

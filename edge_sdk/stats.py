@@ -64,7 +64,7 @@ class GenerationStats:
     revisions: int = 0             # verify_late: times the target replaced an unverified tail
     overload_waits: int = 0        # requests the verifier refused as overloaded (429), waited out and retried
     overload_wait_s: float = 0.0   # time spent in those waits (part of wait_s)
-    tree_rounds: int = 0           # rounds sent as a token tree (trees.py)
+    tree_rounds: int = 0           # verified rounds sent as a token tree (trees.py)
     tree_nodes: int = 0            # nodes those trees held (draft_n counts them too)
     tree_fallback: str = ""        # why a tree policy's rounds went as chains ("" where trees went)
     leaves_sent: int = 0           # branch nodes sent with the chains of verified rounds (policy.branches; in draft_n)

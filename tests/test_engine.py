@@ -56,9 +56,10 @@ def test_the_toy_draft_agrees_with_its_target_often_but_not_always():
     assert 0.5 < agree / total < 0.9
 
 
-@pytest.mark.parametrize("mode", SPECULATIVE)
-def test_every_policy_equals_target_greedy(mode):
-    with Rig(latency_s=0.002) as r:      # a round trip long enough for proactive drafting (and drafting) to pay
+def _greedy_totals(mode: str, latency_s: float) -> dict:
+    """Every prompt through `mode` over a link of `latency_s`: each output must be target greedy; the
+    rounds' counts summed over the prompts."""
+    with Rig(latency_s=latency_s) as r:
         totals = dict(drafted=0, accepted=0, rollbacks=0, kept=0, discarded=0, batches=0, rounds=0, guessed=0,
                       guessed_right=0)
         for prompt in PROMPTS:
@@ -72,19 +73,31 @@ def test_every_policy_equals_target_greedy(mode):
                                    batches=s.batches_sent, rounds=s.nav_rounds, guessed=s.guesses_checked,
                                    guessed_right=s.guesses_right).items():
                 totals[key] += value
-        # A round's draft, or the guess of the target's token a round drafted ahead began with (pipelined
-        # rounds may hold the guess alone), is sometimes right and sometimes wrong.
-        right = totals["accepted"] + totals["guessed_right"]
-        wrong = totals["rollbacks"] + totals["guessed"] - totals["guessed_right"]
-        assert right > 0 and wrong > 0, "rounds should both accept and reject"
-        if mode in PROACTIVE:
-            assert totals["kept"] > 0 and totals["discarded"] > 0, "proactive rounds are kept and discarded"
-        else:
-            assert totals["kept"] == totals["discarded"] == 0
-        if mode == "pipesd_per_token":
-            assert totals["batches"] > totals["rounds"], "tokens should go up before the trigger"
-        if mode == "vanilla":
-            assert totals["drafted"] <= 4 * totals["rounds"]
+    return totals
+
+
+@pytest.mark.parametrize("mode", SPECULATIVE)
+def test_every_policy_equals_target_greedy(mode):
+    # A round trip long enough for proactive drafting (and drafting) to pay: 2 ms. Whether a round drafted
+    # ahead is kept depends on timing (the controllers decide from the costs they measure), and on a loaded
+    # machine some modes kept none of ~200 at 2 ms: then the mode runs again at 8 ms, so that the kept path
+    # is exercised (and checked lossless) on any machine.
+    totals = _greedy_totals(mode, 0.002)
+    if mode in PROACTIVE and not (totals["kept"] and totals["discarded"]):
+        totals = _greedy_totals(mode, 0.008)
+    # A round's draft, or the guess of the target's token a round drafted ahead began with (pipelined
+    # rounds may hold the guess alone), is sometimes right and sometimes wrong.
+    right = totals["accepted"] + totals["guessed_right"]
+    wrong = totals["rollbacks"] + totals["guessed"] - totals["guessed_right"]
+    assert right > 0 and wrong > 0, "rounds should both accept and reject"
+    if mode in PROACTIVE:
+        assert totals["kept"] > 0 and totals["discarded"] > 0, "proactive rounds are kept and discarded"
+    else:
+        assert totals["kept"] == totals["discarded"] == 0
+    if mode == "pipesd_per_token":
+        assert totals["batches"] > totals["rounds"], "tokens should go up before the trigger"
+    if mode == "vanilla":
+        assert totals["drafted"] <= 4 * totals["rounds"]
 
 
 @pytest.mark.parametrize("branches", [False, True])
@@ -680,3 +693,4 @@ def test_a_restart_into_a_chains_only_verifier_resends_the_round_as_a_chain(mode
         assert gen.stats.resyncs >= 1
         if mode == "tree":
             assert gen.stats.tree_rounds > 0 and gen.stats.tree_fallback == "the verifier verifies chains only"
+            assert gen.stats.tree_nodes <= gen.stats.draft_n     # counted as verified: the resent one as a chain
