@@ -531,28 +531,29 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     key_path.write_text(key)
     minutes: dict[str, float] = {}      # per stage; a resumed build keeps the times of the stages it reuses
     reused: list[str] = []              # ... and names them here
+
+    def cached(path: Path, stage: str, make):
+        """The stage's result from `path` if a build made it before (with its minutes), else made and saved."""
+        if path.exists():
+            value, minutes[stage] = json.loads(path.read_text())
+            reused.append(stage)
+            return value
+        t0 = time.time()
+        value = make()
+        minutes[stage] = round((time.time() - t0) / 60, 1)
+        _save_json(path, [value, minutes[stage]])
+        return value
+
     text_key = digest({"train": sets["train"], "answer_tokens": spec.answer_tokens, "gen_batch": spec.gen_batch,
                        "seed": spec.seed, "teacher": teacher_sha, "sampling": [TEACHER_TEMPERATURE, TEACHER_TOP_P]})
-    text_path = work.parent / f"smollm2-teacher-text-{text_key[:16]}.json"
-    if text_path.exists():
-        seqs, minutes["teacher_text"] = json.loads(text_path.read_text())
-        reused.append("teacher_text")
-    else:
-        t0 = time.time()
-        seqs = teacher_text(teacher, tok, sets["train"], spec, _log)
-        minutes["teacher_text"] = round((time.time() - t0) / 60, 1)
-        _save_json(text_path, [seqs, minutes["teacher_text"]])
+    seqs = cached(work.parent / f"smollm2-teacher-text-{text_key[:16]}.json", "teacher_text",
+                  lambda: teacher_text(teacher, tok, sets["train"], spec, _log))
     held = {kind: [prompt_ids(tok, p) for p in sets["heldout"] if p["kind"] == kind]
             for kind in ("code", "chat_topics", "chat_free")}
-    greedy_path = work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens, teacher_sha])[:16]}.json"
-    if greedy_path.exists():
-        continuations, minutes["heldout_continuations"] = json.loads(greedy_path.read_text())
-        reused.append("heldout_continuations")
-    else:
-        t0 = time.time()
-        continuations = {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()}
-        minutes["heldout_continuations"] = round((time.time() - t0) / 60, 1)
-        _save_json(greedy_path, [continuations, minutes["heldout_continuations"]])
+    continuations = cached(
+        work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens, teacher_sha])[:16]}.json",
+        "heldout_continuations",
+        lambda: {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()})
     learning_curve: list[dict] = []
 
     def curve(step: int) -> None:
