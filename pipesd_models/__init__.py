@@ -97,17 +97,15 @@ def smollm2_path() -> Path:
     return path
 
 
-def smollm2_draft_path() -> Path:
-    """Where the draft distilled for SmolLM2-135M-Instruct is written (GGUF f16 or Q8_0, the target's own
-    tokenizer and chat template); no pair uses it yet."""
-    return DATA_DIR / SMOLLM2_DRAFT_FILE
+def _known_pair(name: str) -> None:
+    if name not in PAIRS:
+        raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
 
 
 def pair_draft(name: str, draft_backend: str = "llamacpp") -> Path:
     """The draft file the edge runs for a named pair (`draft_backend` "onnx": its ONNX draft); the edge
     asks only for this, the cloud only for ``pair_target``."""
-    if name not in PAIRS:
-        raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
+    _known_pair(name)
     if draft_backend == "onnx":
         if name != "embedded":
             raise PairUnavailable(f"the {name!r} pair ships no ONNX draft; export one with python -m "
@@ -119,8 +117,7 @@ def pair_draft(name: str, draft_backend: str = "llamacpp") -> Path:
 
 def pair_target(name: str) -> Path:
     """The target file the cloud runs for a named pair."""
-    if name not in PAIRS:
-        raise PairUnavailable(f"unknown model pair {name!r}; known pairs: {', '.join(PAIRS)}")
+    _known_pair(name)
     return target_path() if name == "embedded" else smollm2_path()
 
 

@@ -453,25 +453,15 @@ def greedy_continuations(target, prompt_lists: list[list[int]], new_tokens: int)
 @torch.no_grad()
 def acceptance(draft, continuations: list[list[int]], ks=(2, 4, 8)) -> dict:
     """Greedy fixed-k speculative decoding simulated exactly along the target's greedy continuations
-    (from greedy_continuations; as pipesd_models.build.evaluate.greedy_acceptance)."""
-    counts = {k: [0, 0, 0] for k in ks}  # drafted, accepted, rounds
-    agree = total = 0
+    (from greedy_continuations; one prompt at a time, as their lengths differ), and top-1 agreement."""
+    from .evaluate import fixed_k_rounds
+
+    rows = []
     for p, *ids in continuations:
         seq = torch.tensor([ids])
-        row = (draft(input_ids=seq[:, :-1]).logits.argmax(-1) == seq[:, 1:])[0, p - 1:].numpy()
-        agree, total = agree + int(row.sum()), total + len(row)
-        for k in ks:
-            i = 0
-            while i < len(row):
-                window = row[i:i + k]
-                a = int(np.argmin(window)) if not window.all() else len(window)
-                counts[k][0] += k
-                counts[k][1] += a
-                counts[k][2] += 1
-                i += a + 1
-    out = {f"k{k}": {"acceptance_rate": round(c[1] / c[0], 4), "mean_acceptance_length": round(1 + c[1] / c[2], 3)}
-           for k, c in counts.items()}
-    out["top1_agreement_on_greedy"] = round(agree / max(1, total), 4)
+        rows.append((draft(input_ids=seq[:, :-1]).logits.argmax(-1) == seq[:, 1:])[0, p - 1:].numpy())
+    out = fixed_k_rounds(rows, ks)
+    out["top1_agreement_on_greedy"] = round(sum(int(r.sum()) for r in rows) / max(1, sum(map(len, rows))), 4)
     out["prompts"] = len(continuations)
     return out
 
