@@ -43,7 +43,7 @@ PROMPTS = [
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if {"verifier", "client"} & set(getattr(item, "fixturenames", ())):
+        if {"verifier", "client", "target_greedy"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 
@@ -58,3 +58,26 @@ def verifier():
 def client(verifier):
     with EdgeClient(verifier.url, verifier_key=verifier.public_key, threads=1) as c:
         yield c
+
+
+GREEDY_LONGEST = 48
+
+
+@pytest.fixture(scope="session")
+def target_greedy(client):
+    """``target_greedy(prompt, n)``: the target's own greedy decoding of `prompt` (``cloud_only``), its first
+    `n` <= 48 new tokens: what every lossless policy must reproduce token for token.
+
+    One 48-token run per prompt for the whole session, sliced: greedy decoding's first n tokens do not
+    depend on how many more are asked for. Several modules compare against the same prompts; each
+    used to decode them again (~12 s a module)."""
+    runs: dict[str, list[int]] = {}
+
+    def greedy(prompt: str, n: int) -> list[int]:
+        if not 0 < n <= GREEDY_LONGEST:
+            raise ValueError(f"target_greedy keeps {GREEDY_LONGEST} tokens a prompt, not {n}")
+        if prompt not in runs:
+            runs[prompt] = client.generate(prompt, max_new_tokens=GREEDY_LONGEST, mode="cloud_only").tokens
+        return runs[prompt][:n]
+
+    return greedy

@@ -14,8 +14,8 @@ MAX_NEW = 48
 
 
 @pytest.fixture(scope="module")
-def reference(client):
-    return {p: client.generate(p, max_new_tokens=MAX_NEW, mode="cloud_only").tokens for p in PROMPTS}
+def reference(target_greedy):
+    return {p: target_greedy(p, MAX_NEW) for p in PROMPTS}
 
 
 def test_reference_is_real_generation(reference):

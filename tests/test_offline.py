@@ -57,8 +57,8 @@ def test_offline_option_is_validated(verifier):
 
 
 @pytest.fixture(scope="module")
-def reference(client):
-    return {p: client.generate(p, max_new_tokens=40, mode="cloud_only").tokens for p in PROMPTS[:6]}
+def reference(target_greedy):
+    return {p: target_greedy(p, 40) for p in PROMPTS[:6]}
 
 
 def linked(verifier, profile, **kw):

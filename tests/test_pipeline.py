@@ -40,8 +40,8 @@ def test_proactive_rule_keeps_only_what_the_target_produced(seed):
 
 
 @pytest.fixture(scope="module")
-def reference(client):
-    return {p: client.generate(p, max_new_tokens=MAX_NEW, mode="cloud_only").tokens for p in PROMPTS}
+def reference(target_greedy):
+    return {p: target_greedy(p, MAX_NEW) for p in PROMPTS}
 
 
 @pytest.mark.parametrize("mode", SPECULATIVE)

@@ -56,9 +56,9 @@ def fleet():
 
 
 @pytest.fixture(scope="module")
-def references(client):
+def references(target_greedy):
     """cloud_only on the plain verifier: the target decoding alone."""
-    return {p: client.generate(p, max_new_tokens=MAX_NEW, mode="cloud_only").tokens for p in PROMPTS[:6]}
+    return {p: target_greedy(p, MAX_NEW) for p in PROMPTS[:6]}
 
 
 def generate_in_parallel(fleet, n_clients, generations, on_first_done=None):
