@@ -328,6 +328,17 @@ def earlier_bound_tpt(gamma: float, beta: float, verify: float, rtt: float, a: f
     return best
 
 
+def draft_seconds_per_token(drafter) -> float:
+    """Real seconds per drafted token of `drafter` on this machine: 64 tokens after 8 of warm-up."""
+    drafter.set_context(drafter.tokenize(PROMPTS[0]))
+    for _ in range(8):
+        drafter.next_token()
+    t = time.perf_counter()
+    for _ in range(64):
+        drafter.next_token()
+    return (time.perf_counter() - t) / 64
+
+
 @dataclass
 class BenchConfig:
     pairs: tuple[str, ...] = ("embedded",)
@@ -386,23 +397,24 @@ class Bench:
 
         return SlowedDrafter(LlamaCppDrafter(pair_paths(pair)[0], threads=1), added_s)
 
-    def measure_gamma(self, pair: str) -> float:
-        """Real seconds per drafted token of this pair's draft on this machine (1 thread)."""
+    def prepare(self, pair: str) -> None:
+        """What every run on `pair` needs, measured once: its draft's real seconds per token on this machine
+        (``gamma``, 1 thread), its vocabulary size and its prompts (chat turns between code prompts for
+        SmolLM2 pairs)."""
         drafter = self._drafter(pair, 0.0).inner
         self.vocab[pair] = drafter.vocab_size
-        self.prompts[pair] = list(PROMPTS)
-        if pair.startswith("smollm2"):     # a chat turn, then a code prompt, ..., then the other code prompts
-            template = ChatTemplate.for_drafter(drafter)
-            chats = [tuple(drafter.tokenize(template.render([{"role": "user", "content": q}]), special=True))
-                     for q in CHAT_QUESTIONS]
-            self.prompts[pair] = [p for turn in zip(chats, PROMPTS) for p in turn] + PROMPTS[len(chats):]
-        drafter.set_context(drafter.tokenize(PROMPTS[0]))
-        for _ in range(8):
-            drafter.next_token()
-        t = time.perf_counter()
-        for _ in range(64):
-            drafter.next_token()
-        return (time.perf_counter() - t) / 64
+        self.prompts[pair] = self._pair_prompts(pair, drafter)
+        self.gamma[pair] = draft_seconds_per_token(drafter)
+
+    @staticmethod
+    def _pair_prompts(pair: str, drafter) -> list:
+        if not pair.startswith("smollm2"):
+            return list(PROMPTS)
+        # a chat turn, then a code prompt, ..., then the other code prompts
+        template = ChatTemplate.for_drafter(drafter)
+        chats = [tuple(drafter.tokenize(template.render([{"role": "user", "content": q}]), special=True))
+                 for q in CHAT_QUESTIONS]
+        return [p for turn in zip(chats, PROMPTS) for p in turn] + PROMPTS[len(chats):]
 
     def client(self, verifier, pair: str, scenario: Scenario, regime: str, method: str, r1=None, r2=None,
                up_mbps: float | None = None, make_tuner=None) -> EdgeClient:
@@ -617,7 +629,7 @@ class Bench:
         bar = _progress(total, cfg.progress)
         try:
             for pair in cfg.pairs:
-                self.gamma[pair] = self.measure_gamma(pair)
+                self.prepare(pair)
                 with LocalVerifier(model=pair, threads=cfg.verifier_threads, cpus=verifier_cpus) as v, \
                         EdgeClient(v.url, verifier_key=v.public_key, pair=pair, mode="cloud_only",
                                    threads=1) as ref, contextlib.ExitStack() as padded:

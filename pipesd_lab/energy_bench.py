@@ -107,7 +107,7 @@ class EnergyBench:
                                   tokens_per_prompt=cfg.tokens, max_tune_prompts=cfg.max_tune_prompts,
                                   progress=False))
         verifier_cpus = bench.pin_cores()
-        bench.gamma[cfg.pair] = bench.measure_gamma(cfg.pair)
+        bench.prepare(cfg.pair)
         prompts = bench.prompts[cfg.pair]      # the pair's own: chat turns interleaved for SmolLM2 pairs
         with LocalVerifier(model=cfg.pair, threads=1, cpus=verifier_cpus) as v:
             for name in cfg.scenarios:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from edge_sdk import EdgeClient, LlamaCppDrafter, make_policy
 
-from .bench import BASELINES, PROMPTS, Tally, _fmt, _progress, git_commit
+from .bench import BASELINES, PROMPTS, Tally, _fmt, _progress, draft_seconds_per_token, git_commit
 from .emulation import EmulatedLink, LinkProfile, SlowedDrafter
 from .scenarios import PAPER_PAYLOAD_BYTES, get_scenario, payload_bytes
 
@@ -107,13 +107,7 @@ class _Lab:
         from pipesd_models import draft_path
 
         d = LlamaCppDrafter(draft_path(), threads=1)
-        d.set_context(d.tokenize(PROMPTS[0]))
-        for _ in range(8):
-            d.next_token()
-        t = time.perf_counter()
-        for _ in range(64):
-            d.next_token()
-        return (time.perf_counter() - t) / 64, d.vocab_size
+        return draft_seconds_per_token(d), d.vocab_size
 
     def client(self, method: str, profile: LinkProfile, draft_s: float | None) -> EdgeClient:
         from pipesd_models import draft_path

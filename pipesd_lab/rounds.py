@@ -63,7 +63,7 @@ def run_rounds(regime: str, scenario: str, method: str, prompts: int, pin: bool,
 
     bench = Bench(BenchConfig(pin=pin, progress=False, seed=seed))
     cpus = bench.pin_cores()
-    bench.gamma["embedded"] = bench.measure_gamma("embedded")
+    bench.prepare("embedded")
     generations, tokens, seconds = [], 0, 0.0
     padded = list(DEVICE_VERIFIER_ARGS) if regime == "device" else []
     with LocalVerifier(model="embedded", threads=1, cpus=cpus, extra_args=padded) as verifier:
