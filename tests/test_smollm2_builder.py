@@ -71,3 +71,44 @@ def test_a_teacher_cut_draft_keeps_the_chosen_layers_and_everything_else():
     assert not torch.equal(d["model.layers.1.mlp.down_proj.weight"], t["model.layers.3.mlp.down_proj.weight"])
     with pytest.raises(ValueError, match="teacher's width"):
         _teacher_cut(dataclasses.replace(spec, hidden=16), teacher)
+
+
+def test_a_distillation_stopped_mid_way_resumes_to_the_same_draft(tmp_path):
+    """`--hours` stops the distillation at a checkpoint and the same command resumes it: the resumed run
+    must take the same batches and end with the same weights, losses and learning curve as one never
+    stopped (a build of several sittings is the same build)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipesd_models.build.smollm2_draft import PRESETS, Mix, distill
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=48)
+    torch.manual_seed(3)
+    teacher, fresh = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).state_dict()
+    spec = dataclasses.replace(PRESETS["smoke"], window=8, batch=2, steps=7, warmup=2, curve_every=2)
+    rng = np.random.default_rng(0)
+    teacher_seqs, code = [list(rng.integers(1, 64, 40)) for _ in range(4)], rng.integers(1, 64, 300)
+
+    def run(pause=None, checkpoint=None, start=fresh):
+        draft = LlamaForCausalLM(cfg)
+        draft.load_state_dict(start)
+        curve = lambda step: {"step": step, "norm": float(draft.lm_head.weight.detach().norm())}   # noqa: E731
+        out = distill(draft, teacher, Mix(teacher_seqs, code, spec, eos=0), spec, lambda msg: None, curve,
+                      checkpoint=checkpoint, pause=pause)
+        return draft, out
+
+    whole, straight = run()
+    assert straight.finished and len(straight.losses) == 7 and [p["step"] for p in straight.curve] == [2, 4, 6]
+    ckpt = tmp_path / "distill-checkpoint.pt"
+    _, first = run(pause=lambda step: step == 3, checkpoint=ckpt)
+    assert not first.finished and len(first.losses) == 3 and ckpt.exists()
+    # Resumed from another start on purpose: everything it continues from must come from the checkpoint.
+    torch.manual_seed(4)
+    resumed, second = run(checkpoint=ckpt, start=LlamaForCausalLM(cfg).state_dict())
+    assert second.finished and second.losses == straight.losses and second.curve == straight.curve
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    assert second.seconds >= first.seconds

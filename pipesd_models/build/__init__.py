@@ -12,8 +12,9 @@ import argparse
 from pathlib import Path
 
 
-def parse_build_args(prog: str, doc: str, presets, argv=None) -> argparse.Namespace:
-    """The options both builders take: --preset, --out (the shipped data folder), --work, --threads."""
+def parse_build_args(prog: str, doc: str, presets, argv=None, more=None) -> argparse.Namespace:
+    """The options both builders take: --preset, --out (the shipped data folder), --work, --threads;
+    `more(parser)` adds a builder's own."""
     from .. import DATA_DIR
 
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,4 +22,6 @@ def parse_build_args(prog: str, doc: str, presets, argv=None) -> argparse.Namesp
     ap.add_argument("--out", type=Path, default=DATA_DIR)
     ap.add_argument("--work", type=Path, default=Path("build/models-work"))
     ap.add_argument("--threads", type=int, default=2)
+    if more is not None:
+        more(ap)
     return ap.parse_args(argv)

@@ -18,7 +18,9 @@ Stages (checkpointed under --work, so an interrupted build resumes):
    full-vocabulary teacher logits computed on the fly, half of each batch from the teacher's text
    and half from CPython's sources (as for the embedded pair). A fresh draft's embedding (tied to its
    output head) starts as the teacher's embedding projected on its top principal components; a
-   `teacher-layers` draft starts as the teacher cut to a few of its layers.
+   `teacher-layers` draft starts as the teacher cut to a few of its layers. Resumable mid-way: a
+   checkpoint every 10 minutes, and `--hours H` stops at one after H hours (exit status 75) so that
+   a long build runs in sittings; the same command resumes it.
 4. **Export** as GGUF (f16, or Q8_0 matrices: the preset's `gguf_type`) with the target's own tokenizer and
    chat template copied field by field from the target's GGUF, so the edge's vocabulary fingerprint
    matches the verifier's.
@@ -357,13 +359,48 @@ class Mix:
         return torch.stack(rows)
 
 
-def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None) -> list[float]:
+@dataclass
+class Distilled:
+    """What a distillation run leaves: per-step losses, the learning curve, the seconds it took over
+    every session of the build, and whether it reached its last step (or paused to resume later)."""
+    losses: list[float]
+    curve: list[dict]
+    seconds: float
+    finished: bool
+
+
+def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None, *, checkpoint: Path | None = None,
+            checkpoint_every_s: float = 600.0, pause=None) -> Distilled:
     """f32, not bf16 autocast: on this CPU (no AVX-512 BF16/AMX) bf16 steps ran 2x slower (measured).
-    `curve(step)` runs every spec.curve_every steps (a learning curve for the record, not model selection)."""
+    `curve(step)` runs every spec.curve_every steps and returns a point of the learning curve (for the
+    record, not model selection).
+
+    Resumable mid-way: with `checkpoint`, the draft's weights, the optimiser's moments, the batch sampler's
+    state, the losses and the curve so far are saved there every `checkpoint_every_s` seconds and whenever
+    `pause(step)` says to stop (a build's time budget). A run given an existing checkpoint continues from
+    its step; it then takes exactly the steps, and ends with exactly the weights, of a run never stopped."""
     opt = _optimizer(draft, spec.lr)
+    losses, points, start, before = [], [], 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        draft.load_state_dict(state["draft"])
+        opt.load_state_dict(state["optimizer"])
+        batches.gen.set_state(state["sampler"])
+        losses, points, start, before = state["losses"], state["curve"], state["step"], state["seconds"]
+        log(f"distillation resumes at step {start}/{spec.steps} ({before / 60:.1f} min done before)")
+
+    t0 = last_save = time.time()
+
+    def save(step: int) -> None:
+        state = {"step": step, "draft": draft.state_dict(), "optimizer": opt.state_dict(),
+                 "sampler": batches.gen.get_state(), "losses": losses, "curve": points,
+                 "seconds": before + time.time() - t0}
+        tmp = checkpoint.with_name(checkpoint.name + ".part")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)           # whole or not at all, like every other stage's file
+
     draft.train()
-    losses, t0 = [], time.time()
-    for step in range(spec.steps):
+    for step in range(start, spec.steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, spec.steps, spec.lr, spec.warmup)
         batch = batches.next()
@@ -380,15 +417,24 @@ def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None) -> l
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 20 == 0 or step == spec.steps - 1:
-            rate = (step + 1) * inputs.numel() / (time.time() - t0)
+            rate = (step + 1 - start) * inputs.numel() / (time.time() - t0)
             log(f"draft step {step + 1}/{spec.steps} loss {np.mean(losses[-20:]):.3f} "
                 f"(kl {kl.item():.3f}, ce {ce.item():.3f}; {rate:.0f} tok/s)")
         if curve and spec.curve_every and (step + 1) % spec.curve_every == 0:
             draft.eval()
-            curve(step + 1)
+            points.append(curve(step + 1))
             draft.train()
+        if step + 1 < spec.steps and checkpoint is not None:
+            if pause is not None and pause(step + 1):
+                save(step + 1)
+                draft.eval()
+                log(f"distillation paused at step {step + 1}/{spec.steps}; saved in {checkpoint}")
+                return Distilled(losses, points, before + time.time() - t0, finished=False)
+            if time.time() - last_save >= checkpoint_every_s:
+                save(step + 1)
+                last_save = time.time()
     draft.eval()
-    return losses
+    return Distilled(losses, points, before + time.time() - t0, finished=True)
 
 
 # -- export -----------------------------------------------------------------------------
@@ -486,7 +532,7 @@ def heldout_ce(target, draft, stream: np.ndarray, window: int, count: int) -> di
 
 # -- the build --------------------------------------------------------------------------
 
-def build(preset: str, out: Path, work: Path, threads: int) -> dict:
+def build(preset: str, out: Path, work: Path, threads: int, hours: float | None = None) -> dict | None:
     from transformers import LlamaForCausalLM
 
     from .. import sha256_file
@@ -544,13 +590,12 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
         work.parent / f"smollm2-heldout-greedy-{digest([held, spec.eval_new_tokens, teacher_sha])[:16]}.json",
         "heldout_continuations",
         lambda: {kind: greedy_continuations(teacher, ids, spec.eval_new_tokens) for kind, ids in held.items()})
-    learning_curve: list[dict] = []
 
-    def curve(step: int) -> None:
+    def curve(step: int) -> dict:
         point = {"step": step, **{kind: acceptance(draft, c, ks=(4,)) for kind, c in continuations.items()}}
-        learning_curve.append(point)
         _log("held-out " + ", ".join(f"{kind} top-1 {point[kind]['top1_agreement_on_greedy']:.3f} k=4 acc "
                                      f"{point[kind]['k4']['acceptance_rate']:.3f}" for kind in continuations))
+        return point
 
     def encode(texts):
         ids = []
@@ -561,19 +606,26 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     code_stream, held_stream = encode(corpus.train), encode(corpus.heldout)
     _log(f"teacher text {sum(map(len, seqs))} tokens; CPython {len(code_stream)} train, {len(held_stream)} held-out")
 
-    ckpt, losses_path = work / "draft", work / "losses.json"
+    ckpt, losses_path, mid_way = work / "draft", work / "losses.json", work / "distill-checkpoint.pt"
     if (ckpt / "config.json").exists() and losses_path.exists():     # losses.json is written last
         draft = LlamaForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
         losses, minutes["distillation"], *rest = json.loads(losses_path.read_text())
         learning_curve = rest[0] if rest else []      # builds before the curve wrote two items
         reused.append("distillation")
     else:
-        t0 = time.time()
+        if mid_way.exists():
+            reused.append("distillation (resumed mid-way)")
         draft = new_draft(spec, teacher)
-        losses = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log, curve)
-        minutes["distillation"] = round((time.time() - t0) / 60, 1)
+        deadline = None if hours is None else time.time() + hours * 3600
+        run = distill(draft, teacher, Mix(seqs, code_stream, spec, tok.eos_token_id), spec, _log, curve,
+                      checkpoint=mid_way, pause=None if deadline is None else lambda step: time.time() >= deadline)
+        if not run.finished:
+            _log(f"--hours {hours} spent: run the same command again to resume the distillation")
+            return None
+        losses, learning_curve, minutes["distillation"] = run.losses, run.curve, round(run.seconds / 60, 1)
         draft.save_pretrained(str(ckpt))
         _save_json(losses_path, [losses, minutes["distillation"], learning_curve])
+        mid_way.unlink(missing_ok=True)
     t_eval = time.time()
 
     export_with_teacher_vocab(draft, teacher_path, out / SMOLLM2_DRAFT_FILE, spec.context, spec.gguf_type)
@@ -606,10 +658,19 @@ def build(preset: str, out: Path, work: Path, threads: int) -> dict:
     return entry
 
 
+PAUSED = 75      # EX_TEMPFAIL: the --hours budget ran out mid-distillation; the same command resumes
+
+
 def main(argv=None) -> int:
-    args = parse_build_args("python -m pipesd_models.build.smollm2_draft", __doc__, PRESETS, argv)
-    build(args.preset, args.out, args.work, args.threads)
-    return 0
+    def hours_option(ap) -> None:
+        ap.add_argument("--hours", type=float, default=None,
+                        help="stop the distillation after this many hours at a checkpoint and exit with "
+                             f"status {PAUSED}; the same command resumes it (a build in several sittings)")
+
+    args = parse_build_args("python -m pipesd_models.build.smollm2_draft", __doc__, PRESETS, argv, hours_option)
+    if args.hours is not None and args.hours <= 0:
+        raise SystemExit("--hours must be positive")
+    return 0 if build(args.preset, args.out, args.work, args.threads, args.hours) is not None else PAUSED
 
 
 if __name__ == "__main__":
