@@ -17,11 +17,14 @@ like any tokens, but each node takes the rotary position of its depth and sees, 
 tree's slots, only its ancestors and itself. ``KVPool.compact`` then moves the accepted root
 path's keys down to the positions a plain sequence would give them.
 
-Bounded: at most ``max_slots`` slots, capacity at most the target's context. Slots and
-capacity grow by doubling as sessions arrive and lengthen (an idle verifier holds little).
-When every slot is taken, the least recently used session not in the current pass loses
-its slot; its next request recomputes its committed prefix (the verifier still holds the
-token ids), which is the same cost as a resync without the round trip.
+Bounded: at most ``max_slots`` slots, capacity at most the target's context, and at most
+``max_bytes`` allocated (the verifier gives the pool half its memory budget). Slots and capacity
+grow by doubling as sessions arrive and lengthen (an idle verifier holds little). Every slot has
+the same capacity, so one long session makes every slot long: where that would pass ``max_bytes``
+the pool keeps fewer slots (the sessions of the current pass first, then the most recently used)
+instead of more bytes. When every slot is taken, the least recently used session not in the
+current pass loses its slot; its next request recomputes its committed prefix (the verifier still
+holds the token ids), which is the same cost as a resync without the round trip.
 """
 
 from __future__ import annotations
@@ -93,15 +96,23 @@ def _ancestry(parents: list[int]) -> torch.Tensor:
     return seen
 
 
+class PoolFull(RuntimeError):
+    """A pass needs more slots at its length than ``max_bytes`` allows (the caller runs fewer rows at once)."""
+
+
 class KVPool:
     """Per-layer key and value stores with one slot per session (see the module docstring)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, *, max_slots: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, start_slots: int = 4, start_len: int = 128):
+                 dtype: torch.dtype = torch.float32, start_slots: int = 4, start_len: int = 128,
+                 max_bytes: int | None = None):
         if max_slots < 1:
             raise ValueError("the KV pool needs at least one slot")
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, dtype
-        self.max_slots, self.max_len = max_slots, max_len
+        self.max_slots, self.max_len, self.start_len = max_slots, max_len, min(start_len, max_len)
+        # keys and values of every layer at one position of one slot
+        self.position_bytes = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.max_bytes = max_bytes
         self.slots, self.capacity = 0, 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -109,7 +120,40 @@ class KVPool:
         self.recent: OrderedDict[int, None] = OrderedDict()
         self.free: list[int] = []
         self.evictions = 0
-        self._grow(min(start_slots, max_slots), min(start_len, max_len))
+        self._grow(max(1, min(start_slots, max_slots, self.slots_fitting(self.start_len))), self.start_len)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.slots * self.capacity * self.position_bytes
+
+    def capacity_for(self, length: int) -> int:
+        """The capacity a row of `length` positions makes the pool grow to (doubling, at most max_len)."""
+        capacity = max(self.capacity, self.start_len)
+        while capacity < length:
+            capacity *= 2
+        return min(capacity, self.max_len)
+
+    def slots_fitting(self, length: int) -> int:
+        """How many slots the pool may hold once a row reaches `length` positions."""
+        if self.max_bytes is None:
+            return self.max_slots
+        return min(self.max_slots, self.max_bytes // (self.capacity_for(length) * self.position_bytes))
+
+    def longest_row(self) -> int:
+        """The longest row one slot can hold within ``max_bytes`` (0: not even a first slot fits)."""
+        if self.max_bytes is None or self.slots_fitting(self.max_len) >= 1:
+            return self.max_len
+        capacity = self.start_len
+        while capacity * 2 * self.position_bytes <= self.max_bytes:
+            capacity *= 2
+        return capacity if capacity * self.position_bytes <= self.max_bytes else 0
+
+    def limit_bytes(self, max_bytes: int) -> None:
+        """Allocate at most `max_bytes` from now on (the verifier's budget share); gives back slots at once
+        if they already hold more (their least recently used sessions lose them)."""
+        self.max_bytes = max_bytes
+        if self.allocated_bytes > max_bytes:
+            self._reshape(max(0, self.slots_fitting(self.capacity)), self.capacity, keep=set())
 
     def _grow(self, slots: int, capacity: int) -> None:
         slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
@@ -127,15 +171,46 @@ class KVPool:
         self.free.extend(range(self.slots, slots))
         self.slots, self.capacity = slots, capacity
 
-    def reserve(self, length: int) -> None:
-        """Make room for a row reaching `length` positions (doubling, at most max_len)."""
+    def _reshape(self, slots: int, capacity: int, keep: set[int]) -> None:
+        """Fewer slots (and perhaps more capacity): the slots in `keep` survive, then the most recently
+        used, their contents moved to the first slots; the other sessions lose theirs."""
+        survivors = [s for s in self.recent if s in keep]
+        survivors += [s for s in reversed(self.recent) if s not in keep][: max(0, slots - len(survivors))]
+        for slot in [s for s in self.owners if s not in survivors]:
+            self._forget(slot)
+            self.evictions += 1
+        order = sorted(survivors)
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = torch.zeros(shape, dtype=self.dtype)
+                if order:
+                    new[: len(order), :, : self.capacity] = old[order]
+                store[i] = new
+        moved = {old: new for new, old in enumerate(order)}
+        self.owners = {moved[s]: owner for s, owner in self.owners.items()}
+        for s, owner in self.owners.items():
+            owner.cache = s
+        self.recent = OrderedDict((moved[s], None) for s in self.recent)
+        self.free = list(range(len(order), slots))
+        self.slots, self.capacity = slots, capacity
+
+    def reserve(self, length: int, keep: set[int] = frozenset()) -> None:
+        """Make room for a row reaching `length` positions (doubling, at most max_len). Within ``max_bytes``
+        the pool may keep fewer slots for that: the slots in `keep` (the pass's) keep their sessions, though
+        perhaps at other indices (read ``state.cache`` afterwards). ``PoolFull`` if even those do not fit."""
         if length > self.max_len:
             raise ValueError(f"{length} positions exceed the pool's maximum length {self.max_len}")
-        if length > self.capacity:
-            capacity = self.capacity
-            while capacity < length:
-                capacity *= 2
-            self._grow(self.slots, min(capacity, self.max_len))
+        if length <= self.capacity:
+            return
+        capacity, fitting = self.capacity_for(length), self.slots_fitting(length)
+        if fitting < max(1, len(keep)):
+            raise PoolFull(f"{max(1, len(keep))} rows of {length} positions need more than the KV pool's "
+                           f"{self.max_bytes} bytes")
+        if fitting >= self.slots:
+            self._grow(self.slots, capacity)
+        else:
+            self._reshape(fitting, capacity, keep)
 
     def holds(self, state) -> bool:
         return state.cache is not None and self.owners.get(state.cache) is state
@@ -145,8 +220,9 @@ class KVPool:
         if self.holds(state):
             self.recent.move_to_end(state.cache)
             return state.cache
-        if not self.free and self.slots < self.max_slots:
-            self._grow(min(self.slots * 2, self.max_slots), self.capacity)
+        room = self.slots_fitting(self.capacity)
+        if not self.free and self.slots < room:
+            self._grow(min(self.slots * 2, room), self.capacity)
         if self.free:
             slot = self.free.pop()
         else:
@@ -176,7 +252,8 @@ class KVPool:
 
     def view(self, slots: list[int], starts: list[int], n: int,
              trees: list[tuple[int, list[int]] | None] | None = None) -> BatchView:
-        self.reserve(max(starts) + n)
+        if max(starts) + n > self.capacity:     # reserve() first: it may move the slots of the pass
+            raise ValueError(f"a pass reaching {max(starts) + n} positions in a pool of capacity {self.capacity}")
         return BatchView(self, slots, starts, n, trees)
 
     def compact(self, state, at: int, path: list[int]) -> None:

@@ -341,20 +341,21 @@ class VerifierService:
         self._fit_budget(keep)
 
     # -- the memory budget --------------------------------------------------------------
-    def _session_bytes(self, session: Session) -> tuple[int, int, int]:
-        """(KV of its cached tokens, token ids and fixed part, staged logits rows) a session holds."""
-        kv, held, rows = 0, SESSION_BYTES + len(session.committed) * TOKEN_BYTES, 0
+    def _session_bytes(self, session: Session) -> tuple[int, int]:
+        """(token ids and fixed part, staged logits rows): what dropping the session frees. Its KV is not
+        in it: the target's pool (torch slots, llama.cpp contexts) keeps its allocation for the next one."""
+        held, rows = SESSION_BYTES + len(session.committed) * TOKEN_BYTES, 0
         if session.state is not None:
-            kv = len(session.state.tokens) * getattr(self.target, "kv_bytes_per_token", 0)
             held += len(session.state.tokens) * TOKEN_BYTES
         if session.pending is not None:
             held += session.pending.staged_bytes
             rows = session.pending.rows_bytes
-        return kv, held, rows
+        return held, rows
 
     def memory(self) -> dict[str, int]:
-        """Bytes held for sessions, by part (the budget ``max_memory_bytes`` bounds their sum): the KV of
-        cached tokens (torch; llama.cpp's is inside its contexts), token ids and sessions' fixed parts,
+        """Bytes held for sessions, by part (the budget ``max_memory_bytes`` bounds their sum): torch's KV
+        pool as allocated (every slot at the longest row's capacity; llama.cpp's KV is inside its
+        contexts), token ids and sessions' fixed parts,
         staged logits rows of unfinished rounds, early frames waiting for their predecessors (held by the
         HTTP layer), llama.cpp contexts (allocated, in use or free) and unproven handshakes."""
         cached = tokens = rows = other = 0             # the loop of _session_bytes, inlined: it runs per frame
@@ -367,7 +368,7 @@ class VerifierService:
                 tokens += len(pending.base) + len(pending.tokens)
                 rows += pending.rows_bytes
                 other += pending.q_bytes
-        kv = cached * getattr(self.target, "kv_bytes_per_token", 0)
+        kv = getattr(getattr(self.target, "pool", None), "allocated_bytes", 0)
         held = len(self.sessions) * SESSION_BYTES + (tokens + cached) * TOKEN_BYTES + other
         contexts = getattr(self.target, "held_bytes", None)
         return {"kv": kv, "sessions": held, "staged_rows": rows, "early_frames": self.extra_bytes(),
@@ -377,7 +378,8 @@ class VerifierService:
     def _fit_budget(self, keep: bytes | None = None) -> None:
         """Over the budget: drop the staged rows of unfinished rounds (least recently used sessions first;
         NAV recomputes them), then evict least recently used sessions, never `keep` (the one in use).
-        Contexts stay (they are a pool, at most half the budget), and so do early frames (they wait
+        The target's cache pool stays (torch's KV slots, llama.cpp's contexts: at most half the budget,
+        ``_fit_pool``), and so do early frames (they wait
         ``reorder_wait_s`` at most; the HTTP layer holds none past the budget)."""
         parts = self.memory()
         # Unproven handshakes have their own bound (max_pending_handshakes) and never evict a session.
@@ -399,15 +401,29 @@ class VerifierService:
             self._drop(sid, "memory")
 
     def _fit_pool(self) -> None:
-        """A target with a pool of contexts (llama.cpp) keeps them within half the budget."""
+        """The target's cache pool stays within half the budget: llama.cpp's contexts (fewer of them) or
+        torch's KV pool (fewer slots as its rows lengthen; sessions no longer than one slot can hold)."""
         pool, size = getattr(self.target, "pool", None), getattr(self.target, "context_bytes", 0)
+        half = self.settings.max_memory_bytes // 2
         if size and hasattr(pool, "max_contexts"):
-            fit = max(1, self.settings.max_memory_bytes // 2 // size)
+            fit = max(1, half // size)
             if pool.max_contexts > fit:
                 log.info("%d llama.cpp contexts of %.0f MB would take more than half the memory budget of "
                             "%.0f MB: keeping %d", pool.max_contexts, size / 2**20,
                             self.settings.max_memory_bytes / 2**20, fit)
                 pool.max_contexts = fit
+        elif hasattr(pool, "limit_bytes"):
+            pool.limit_bytes(half)
+            longest = pool.longest_row()
+            if longest < 1:
+                raise ValueError(f"a memory budget of {self.settings.max_memory_bytes / 2**20:.0f} MB leaves "
+                                 f"the KV cache less than one session of {pool.start_len} tokens needs "
+                                 f"({pool.start_len * pool.position_bytes / 2**20:.1f} MB): raise it")
+            if longest < self.max_context:
+                log.info("half the memory budget of %.0f MB holds the KV of %d tokens per session: the "
+                         "context offered is %d tokens, not %d", self.settings.max_memory_bytes / 2**20,
+                         longest, longest, self.max_context)
+                self.max_context = longest
 
     def _gauges(self) -> None:
         parts = self.memory()

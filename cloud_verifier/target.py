@@ -216,8 +216,6 @@ class TorchTarget:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, head_dim, max_slots=kv_slots,
                            max_len=self.max_context)
-        # What one cached token costs (keys and values of every layer): the memory budget counts it.
-        self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4
 
     def new_state(self) -> TargetState:
         return TargetState()          # cache: the pool slot, taken at the first forward pass
@@ -240,24 +238,35 @@ class TorchTarget:
 
     def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         """``logits`` for several sessions (distinct states) at once; a failed pass's jobs get its exception."""
+        from .kvpool import PoolFull
+
         jobs = [as_job(job) for job in jobs]
         if len({id(job.state) for job in jobs}) != len(jobs):
             raise ValueError("one forward pass takes each session at most once")
-        # No job of this call may lose its slot to another: protect the slots already held first.
+        for job in jobs:
+            if job.state.tree_at is not None:        # a tree's nodes nobody kept a path of: not a prefix
+                self.rollback(job.state, job.state.tree_at)
+        # Where each row starts (after its cached prefix; at 0 without a slot) and the passes the rows make:
+        # how long the pool's rows must be. More rows than the pool affords at that length: two calls.
+        starts = [self._start(job) for job in jobs]
+        work = sorted((len(job.tokens) - start, i, start) for i, (job, start) in enumerate(zip(jobs, starts)))
+        groups = list(_similar_lengths(work, self.pool.max_len))
+        reach = max(max(start for _, _, start in group) + group[-1][0] for group in groups)
+        fitting = self.pool.slots_fitting(reach)
+        if len(jobs) > max(1, fitting):   # as many as fit first (fewer rows never reach further)
+            first = max(1, fitting)
+            return self.logits_many(jobs[:first]) + self.logits_many(jobs[first:])
+        try:   # no job of this call may lose its slot to another: the held ones are kept, perhaps moved
+            self.pool.reserve(reach, {job.state.cache for job in jobs if self.pool.holds(job.state)})
+        except PoolFull as exc:                          # one row longer than the pool affords
+            return [exc] * len(jobs)
         keep = {job.state.cache for job in jobs if self.pool.holds(job.state)}
         for job in jobs:
             keep.add(self.pool.acquire(job.state, keep=keep))
-        work = []
-        for i, (state, tokens, first_row, parents) in enumerate(jobs):
-            if state.tree_at is not None:            # a tree's nodes nobody kept a path of: not a prefix
-                self.rollback(state, state.tree_at)
-            # Keep at least one token to run so that row `first_row` is produced by this pass; a tree's
-            # nodes always run (their cached keys sit at wire order, not at their depth's position).
-            start = min(common_prefix(state.tokens, tokens), first_row, len(tokens) - len(parents))
-            self.rollback(state, start)
-            work.append((len(tokens) - start, i, start))
+        for job, start in zip(jobs, starts):
+            self.rollback(job.state, start)
         out: list[np.ndarray | Exception] = [None] * len(jobs)
-        for group in _similar_lengths(sorted(work), self.pool.max_len):
+        for group in groups:
             try:
                 self._run(jobs, group, out)
             except Exception as exc:     # this pass failed: its sessions fail, the call's other passes stand
@@ -266,6 +275,13 @@ class TorchTarget:
                     jobs[i].state.tree_at = None
                     out[i] = exc
         return out
+
+    def _start(self, job: PassJob) -> int:
+        """Where `job`'s row starts: after its cached prefix, keeping at least one token to run so that row
+        `first_row` is produced by this pass; a tree's nodes always run (their cached keys sit at wire
+        order, not at their depth's position). A session without a slot starts at 0 (``acquire`` clears it)."""
+        cached = job.state.tokens if self.pool.holds(job.state) else ()
+        return min(common_prefix(cached, job.tokens), job.first_row, len(job.tokens) - len(job.parents))
 
     def _run(self, jobs, group, out) -> None:
         torch = self._torch
@@ -425,7 +441,6 @@ class LlamaCppTarget:
         # One context: its f16 KV cache over the whole context, plus output and compute buffers (estimated;
         # measured +190 MB for SmolLM2's 8192 positions against 189 MB of KV).
         self.context_bytes = 2 * llama_cpp.llama_model_n_layer(m) * self.max_context * kv_width * 2 + (8 << 20)
-        self.kv_bytes_per_token = 0          # inside the contexts, counted as held_bytes
         self.pool = ContextPool(self._new_context, contexts)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 

@@ -122,6 +122,67 @@ def test_a_pass_never_evicts_a_session_of_the_same_call(target):
         target.release(state)
 
 
+def test_the_pool_stays_within_its_bytes_when_one_session_grows_long():
+    """Every slot has the longest row's capacity, so one long session would make every slot long. Within
+    ``max_bytes`` the pool keeps fewer slots instead: the sessions of the pass keep theirs (their keys
+    moved, not lost), the least recently used others lose theirs, and every row stays exact."""
+    t = TorchTarget(pipesd_models.target_path(), threads=1, kv_slots=8)
+    position = t.pool.position_bytes
+    t.pool.limit_bytes(4 * 128 * position + 1)          # four slots at 128 positions, two at 256, one at 512
+    assert t.pool.longest_row() == 512 and t.pool.slots_fitting(200) == 2 and t.pool.slots_fitting(129) == 2
+    rng = np.random.default_rng(5)
+    seqs = [list(map(int, rng.integers(3, 2000, size=20))) for _ in range(4)]
+    states = [t.new_state() for _ in seqs]
+    for state, q in zip(states, seqs):                   # four short sessions fill the four slots
+        t.logits(state, q, len(q) - 1)
+    assert t.pool.slots == 4 and all(s.cache is not None for s in states)
+    # states[2] and states[3] (the most recently used) pass together, states[3] growing past 128 positions
+    long_tail = list(map(int, rng.integers(3, 2000, size=150)))
+    jobs = [(states[2], seqs[2] + [7], len(seqs[2]) - 1), (states[3], seqs[3] + long_tail, len(seqs[3]) - 1)]
+    outs = t.logits_many(jobs)
+    assert t.pool.slots == 2 and t.pool.capacity == 256 and t.pool.allocated_bytes <= t.pool.max_bytes
+    assert states[0].cache is None and states[1].cache is None and states[0].tokens == []
+    for out, (_, tokens, first) in zip(outs, jobs):
+        assert np.abs(out - full_forward(t, tokens, first)).max() < 1e-4
+    # The evicted recompute their prefix; the cached ones go on from theirs (moved to other slot indices).
+    out = t.logits(states[0], seqs[0] + [9, 10], len(seqs[0]) - 1)
+    assert np.abs(out - full_forward(t, seqs[0] + [9, 10], len(seqs[0]) - 1)).max() < 1e-4
+    tokens = seqs[3] + long_tail + [11]
+    out = t.logits(states[3], tokens, len(tokens) - 2)
+    assert np.abs(out - full_forward(t, tokens, len(tokens) - 2)).max() < 1e-4
+    # Three sessions at 256 positions do not fit at once: the call runs them in smaller passes.
+    more = [t.new_state() for _ in range(3)]
+    long_seqs = [list(map(int, rng.integers(3, 2000, size=200))) for _ in more]
+    outs = t.logits_many([(s, q, len(q) - 1) for s, q in zip(more, long_seqs)])
+    for out, q in zip(outs, long_seqs):
+        assert np.abs(out - full_forward(t, q, len(q) - 1)).max() < 1e-4
+    assert t.pool.allocated_bytes <= t.pool.max_bytes
+    # One row longer than the pool affords fails alone, with a typed error (the service caps the context
+    # at longest_row(), so a session never gets there).
+    t.pool.limit_bytes(2 * 128 * position)
+    assert t.pool.longest_row() == 256 and t.pool.allocated_bytes <= t.pool.max_bytes
+    from cloud_verifier.kvpool import PoolFull
+    too_long = t.logits_many([(t.new_state(), list(range(3, 303)), 299)])[0]
+    assert isinstance(too_long, PoolFull)
+
+
+def test_the_service_gives_the_torch_pool_half_the_budget_and_caps_the_context():
+    from cloud_verifier.service import VerifierService
+    from privacy.channel import StaticKey
+
+    t = TorchTarget(pipesd_models.target_path(), threads=1, kv_slots=64)
+    per_row = t.pool.max_len * t.pool.position_bytes               # one slot at the full 512 positions
+    service = VerifierService(t, VerifierSettings(max_memory_bytes=3 * per_row), static_key=StaticKey.generate())
+    assert t.pool.max_bytes == 3 * per_row // 2 and service.max_context == t.max_context == 512
+    assert service.memory()["kv"] == t.pool.allocated_bytes > 0
+    small = TorchTarget(pipesd_models.target_path(), threads=1, kv_slots=64)
+    service = VerifierService(small, VerifierSettings(max_memory_bytes=per_row), static_key=StaticKey.generate())
+    assert service.max_context == 256 and service.info()["max_context"] == 256    # half of 512 positions' KV
+    with pytest.raises(ValueError, match="memory budget"):
+        VerifierService(TorchTarget(pipesd_models.target_path(), threads=1),
+                        VerifierSettings(max_memory_bytes=1 << 20), static_key=StaticKey.generate())
+
+
 def test_one_pass_takes_a_session_once(target):
     state = target.new_state()
     with pytest.raises(ValueError, match="at most once"):
