@@ -126,67 +126,81 @@ class KVPool:
     def allocated_bytes(self) -> int:
         return self.slots * self.capacity * self.position_bytes
 
-    def capacity_for(self, length: int) -> int:
-        """The capacity a row of `length` positions makes the pool grow to (doubling, at most max_len)."""
-        capacity = max(self.capacity, self.start_len)
+    def _doubling(self, length: int) -> int:
+        """`start_len` doubled until it holds `length` positions, at most max_len: the capacities the pool takes."""
+        capacity = self.start_len
         while capacity < length:
             capacity *= 2
         return min(capacity, self.max_len)
 
-    def slots_fitting(self, length: int) -> int:
-        """How many slots the pool may hold once a row reaches `length` positions."""
+    def capacity_for(self, length: int) -> int:
+        """The capacity a row of `length` positions makes the pool grow to (it never grows smaller)."""
+        return max(self.capacity, self._doubling(length))
+
+    def _slots_at(self, capacity: int) -> int:
         if self.max_bytes is None:
             return self.max_slots
-        return min(self.max_slots, self.max_bytes // (self.capacity_for(length) * self.position_bytes))
+        return min(self.max_slots, self.max_bytes // (capacity * self.position_bytes))
+
+    def slots_fitting(self, length: int) -> int:
+        """How many slots the pool may hold once a row reaches `length` positions."""
+        return self._slots_at(self.capacity_for(length))
 
     def longest_row(self) -> int:
         """The longest row one slot can hold within ``max_bytes`` (0: not even a first slot fits)."""
-        if self.max_bytes is None or self.slots_fitting(self.max_len) >= 1:
-            return self.max_len
-        capacity = self.start_len
-        while capacity * 2 * self.position_bytes <= self.max_bytes:
-            capacity *= 2
-        return capacity if capacity * self.position_bytes <= self.max_bytes else 0
+        capacity = self.max_len
+        while self._slots_at(capacity) < 1 and capacity > self.start_len:
+            capacity = max(self.start_len, capacity // 2)
+        return capacity if self._slots_at(capacity) >= 1 else 0
+
+    def _held_length(self) -> int:
+        return max((len(owner.tokens) for owner in self.owners.values()), default=0)
 
     def limit_bytes(self, max_bytes: int) -> None:
-        """Allocate at most `max_bytes` from now on (the verifier's budget share); gives back slots at once
-        if they already hold more (their least recently used sessions lose them)."""
+        """Allocate at most `max_bytes` from now on (the verifier's budget share). A pool that holds more
+        already gives it back at once: its capacity back down to what its sessions need (the longest
+        ones lose their slots if even one slot of that does not fit), then fewer slots."""
         self.max_bytes = max_bytes
-        if self.allocated_bytes > max_bytes:
-            self._reshape(max(0, self.slots_fitting(self.capacity)), self.capacity, keep=set())
+        if self.allocated_bytes <= max_bytes:
+            return
+        capacity = self._doubling(self._held_length())
+        if self._slots_at(capacity) < 1:
+            capacity = self.longest_row() or self.start_len
+            for slot, owner in list(self.owners.items()):
+                if len(owner.tokens) > capacity:
+                    self._forget(slot)
+                    self.evictions += 1
+        self._reshape(min(self.slots, self._slots_at(capacity)), capacity, keep=set())
 
     def _grow(self, slots: int, capacity: int) -> None:
         slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
         if (slots, capacity) == (self.slots, self.capacity):
             return
         shape = (slots, self.kv_heads, capacity, self.head_dim)
-        for store in (self.keys, self.values):
-            for i in range(self.layers):
-                bigger = torch.zeros(shape, dtype=self.dtype)
-                if i < len(store):
-                    bigger[: self.slots, :, : self.capacity] = store[i]
-                    store[i] = bigger
-                else:
-                    store.append(bigger)
+        # Every new tensor first, then the swap: a failed allocation (out of memory) leaves the pool as it was.
+        keys, values = ([torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
+        for old, new in zip(self.keys + self.values, keys + values):
+            new[: self.slots, :, : self.capacity] = old
+        self.keys, self.values = keys, values
         self.free.extend(range(self.slots, slots))
         self.slots, self.capacity = slots, capacity
 
     def _reshape(self, slots: int, capacity: int, keep: set[int]) -> None:
-        """Fewer slots (and perhaps more capacity): the slots in `keep` survive, then the most recently
-        used, their contents moved to the first slots; the other sessions lose theirs."""
+        """Another shape (fewer slots and more capacity, or the other way round): the slots in `keep`
+        survive, then the most recently used, moved to the first slots (their rows must fit `capacity`);
+        the other sessions lose theirs. A failed allocation leaves the pool as it was."""
         survivors = [s for s in self.recent if s in keep]
         survivors += [s for s in reversed(self.recent) if s not in keep][: max(0, slots - len(survivors))]
+        order = sorted(survivors)
+        shape, width = (slots, self.kv_heads, capacity, self.head_dim), min(capacity, self.capacity)
+        keys, values = ([torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
+        if order:
+            for old, new in zip(self.keys + self.values, keys + values):
+                new[: len(order), :, :width] = old[order, :, :width]
         for slot in [s for s in self.owners if s not in survivors]:
             self._forget(slot)
             self.evictions += 1
-        order = sorted(survivors)
-        shape = (slots, self.kv_heads, capacity, self.head_dim)
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = torch.zeros(shape, dtype=self.dtype)
-                if order:
-                    new[: len(order), :, : self.capacity] = old[order]
-                store[i] = new
+        self.keys, self.values = keys, values
         moved = {old: new for new, old in enumerate(order)}
         self.owners = {moved[s]: owner for s, owner in self.owners.items()}
         for s, owner in self.owners.items():
@@ -198,10 +212,17 @@ class KVPool:
     def reserve(self, length: int, keep: set[int] = frozenset()) -> None:
         """Make room for a row reaching `length` positions (doubling, at most max_len). Within ``max_bytes``
         the pool may keep fewer slots for that: the slots in `keep` (the pass's) keep their sessions, though
-        perhaps at other indices (read ``state.cache`` afterwards). ``PoolFull`` if even those do not fit."""
+        perhaps at other indices (read ``state.cache`` afterwards). ``PoolFull`` if even those do not fit.
+
+        Short of slots because one long row made every slot long, and that row gone: the capacity comes
+        back down to what the sessions held need, for at least twice the slots."""
         if length > self.max_len:
             raise ValueError(f"{length} positions exceed the pool's maximum length {self.max_len}")
         if length <= self.capacity:
+            if self.max_bytes is not None and not self.free and self.slots < self.max_slots:
+                capacity = self._doubling(max(length, self._held_length()))
+                if capacity < self.capacity and self._slots_at(capacity) >= 2 * self.slots:
+                    self._reshape(self._slots_at(capacity), capacity, keep)
             return
         capacity, fitting = self.capacity_for(length), self.slots_fitting(length)
         if fitting < max(1, len(keep)):
@@ -228,7 +249,7 @@ class KVPool:
         else:
             slot = next((s for s in self.recent if s not in keep), None)
             if slot is None:
-                raise RuntimeError("every KV slot is in use by this pass: batch size exceeds the pool")
+                raise PoolFull("every KV slot is in use by this pass: batch size exceeds the pool")
             self._forget(slot)
             self.evictions += 1
         self.owners[slot] = state

@@ -238,8 +238,6 @@ class TorchTarget:
 
     def logits_many(self, jobs: Sequence[PassJob | tuple[TargetState, Sequence[int], int]]) -> list[np.ndarray | Exception]:
         """``logits`` for several sessions (distinct states) at once; a failed pass's jobs get its exception."""
-        from .kvpool import PoolFull
-
         jobs = [as_job(job) for job in jobs]
         if len({id(job.state) for job in jobs}) != len(jobs):
             raise ValueError("one forward pass takes each session at most once")
@@ -250,19 +248,22 @@ class TorchTarget:
         # how long the pool's rows must be. More rows than the pool affords at that length: two calls.
         starts = [self._start(job) for job in jobs]
         work = sorted((len(job.tokens) - start, i, start) for i, (job, start) in enumerate(zip(jobs, starts)))
-        groups = list(_similar_lengths(work, self.pool.max_len))
+        groups = list(_similar_lengths(work, self.pool.longest_row() or self.pool.max_len))
         reach = max(max(start for _, _, start in group) + group[-1][0] for group in groups)
         fitting = self.pool.slots_fitting(reach)
-        if len(jobs) > max(1, fitting):   # as many as fit first (fewer rows never reach further)
+        if len(jobs) > max(1, fitting):   # as many as fit first; each part regroups and checks again
             first = max(1, fitting)
             return self.logits_many(jobs[:first]) + self.logits_many(jobs[first:])
         try:   # no job of this call may lose its slot to another: the held ones are kept, perhaps moved
             self.pool.reserve(reach, {job.state.cache for job in jobs if self.pool.holds(job.state)})
-        except PoolFull as exc:                          # one row longer than the pool affords
+            keep = {job.state.cache for job in jobs if self.pool.holds(job.state)}
+            for job in jobs:
+                keep.add(self.pool.acquire(job.state, keep=keep))
+        except Exception as exc:     # PoolFull, or out of memory growing the pool (left as it was): these fail
+            for job in jobs:
+                if not self.pool.holds(job.state):
+                    job.state.tokens.clear()
             return [exc] * len(jobs)
-        keep = {job.state.cache for job in jobs if self.pool.holds(job.state)}
-        for job in jobs:
-            keep.add(self.pool.acquire(job.state, keep=keep))
         for job, start in zip(jobs, starts):
             self.rollback(job.state, start)
         out: list[np.ndarray | Exception] = [None] * len(jobs)

@@ -136,20 +136,25 @@ def test_the_pool_stays_within_its_bytes_when_one_session_grows_long():
     for state, q in zip(states, seqs):                   # four short sessions fill the four slots
         t.logits(state, q, len(q) - 1)
     assert t.pool.slots == 4 and all(s.cache is not None for s in states)
-    # states[2] and states[3] (the most recently used) pass together, states[3] growing past 128 positions
+    # states[0] and states[1] (the least recently used, in slots 3 and 2) pass together, states[1] growing
+    # past 128 positions: they keep their keys, moved to slots 0 and 1; the two others lose theirs.
+    slots_before = {states[0].cache, states[1].cache}
     long_tail = list(map(int, rng.integers(3, 2000, size=150)))
-    jobs = [(states[2], seqs[2] + [7], len(seqs[2]) - 1), (states[3], seqs[3] + long_tail, len(seqs[3]) - 1)]
+    jobs = [(states[0], seqs[0] + [7], len(seqs[0]) - 1), (states[1], seqs[1] + long_tail, len(seqs[1]) - 1)]
     outs = t.logits_many(jobs)
     assert t.pool.slots == 2 and t.pool.capacity == 256 and t.pool.allocated_bytes <= t.pool.max_bytes
-    assert states[0].cache is None and states[1].cache is None and states[0].tokens == []
+    assert {states[0].cache, states[1].cache} == {0, 1} != slots_before
+    assert states[2].cache is None and states[3].cache is None and states[2].tokens == []
     for out, (_, tokens, first) in zip(outs, jobs):
         assert np.abs(out - full_forward(t, tokens, first)).max() < 1e-4
-    # The evicted recompute their prefix; the cached ones go on from theirs (moved to other slot indices).
-    out = t.logits(states[0], seqs[0] + [9, 10], len(seqs[0]) - 1)
-    assert np.abs(out - full_forward(t, seqs[0] + [9, 10], len(seqs[0]) - 1)).max() < 1e-4
-    tokens = seqs[3] + long_tail + [11]
-    out = t.logits(states[3], tokens, len(tokens) - 2)
+    # The moved ones go on from their cached prefix (only the new tokens run); the evicted recompute theirs.
+    tokens = seqs[1] + long_tail + [11]
+    out = t.logits(states[1], tokens, len(tokens) - 2)
     assert np.abs(out - full_forward(t, tokens, len(tokens) - 2)).max() < 1e-4
+    out = t.logits(states[0], seqs[0] + [7, 8], len(seqs[0]))
+    assert np.abs(out - full_forward(t, seqs[0] + [7, 8], len(seqs[0]))).max() < 1e-4
+    out = t.logits(states[2], seqs[2] + [9, 10], len(seqs[2]) - 1)
+    assert np.abs(out - full_forward(t, seqs[2] + [9, 10], len(seqs[2]) - 1)).max() < 1e-4
     # Three sessions at 256 positions do not fit at once: the call runs them in smaller passes.
     more = [t.new_state() for _ in range(3)]
     long_seqs = [list(map(int, rng.integers(3, 2000, size=200))) for _ in more]
@@ -157,6 +162,14 @@ def test_the_pool_stays_within_its_bytes_when_one_session_grows_long():
     for out, q in zip(outs, long_seqs):
         assert np.abs(out - full_forward(t, q, len(q) - 1)).max() < 1e-4
     assert t.pool.allocated_bytes <= t.pool.max_bytes
+    # The long rows gone, short sessions short of slots get them back: the capacity comes down again.
+    for state in states + more:
+        t.release(state)
+    shorts = [t.new_state() for _ in range(4)]
+    outs = t.logits_many([(st, q[:20], 19) for st, q in zip(shorts, seqs)])
+    assert t.pool.capacity == 128 and t.pool.slots == 4 and all(st.cache is not None for st in shorts)
+    for out, q in zip(outs, seqs):
+        assert np.abs(out - full_forward(t, q[:20], 19)).max() < 1e-4
     # One row longer than the pool affords fails alone, with a typed error (the service caps the context
     # at longest_row(), so a session never gets there).
     t.pool.limit_bytes(2 * 128 * position)
@@ -164,6 +177,37 @@ def test_the_pool_stays_within_its_bytes_when_one_session_grows_long():
     from cloud_verifier.kvpool import PoolFull
     too_long = t.logits_many([(t.new_state(), list(range(3, 303)), 299)])[0]
     assert isinstance(too_long, PoolFull)
+
+
+def test_a_pool_that_cannot_allocate_fails_the_pass_and_keeps_what_it_holds(monkeypatch):
+    """Out of memory while reshaping (the pool allocates every new tensor before it moves anything): the
+    call's sessions get the error, and every session's cached keys still match its tokens."""
+    import cloud_verifier.kvpool as kvpool
+
+    t = TorchTarget(pipesd_models.target_path(), threads=1, kv_slots=8)
+    t.pool.limit_bytes(4 * 128 * t.pool.position_bytes)
+    rng = np.random.default_rng(6)
+    seqs = [list(map(int, rng.integers(3, 2000, size=20))) for _ in range(4)]
+    states = [t.new_state() for _ in seqs]
+    for state, q in zip(states, seqs):
+        t.logits(state, q, len(q) - 1)
+    calls, real_zeros = [], torch.zeros
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory (test)")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(kvpool.torch, "zeros", failing)
+    long = seqs[0] + list(map(int, rng.integers(3, 2000, size=150)))
+    outs = t.logits_many([(states[0], long, len(seqs[0]) - 1), (states[1], seqs[1] + [5], len(seqs[1]) - 1)])
+    monkeypatch.undo()
+    assert len(calls) >= 3 and all(isinstance(o, MemoryError) for o in outs)
+    assert t.pool.slots == 4 and t.pool.capacity == 128
+    for state, q in zip(states, seqs):                  # unchanged: each goes on from its cached prefix
+        out = t.logits(state, q + [7], len(q) - 1)
+        assert np.abs(out - full_forward(t, q + [7], len(q) - 1)).max() < 1e-4
 
 
 def test_the_service_gives_the_torch_pool_half_the_budget_and_caps_the_context():

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import sys
@@ -396,7 +397,10 @@ def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None, *, c
                  "sampler": batches.gen.get_state(), "losses": losses, "curve": points,
                  "seconds": before + time.time() - t0}
         tmp = checkpoint.with_name(checkpoint.name + ".part")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())          # on disk before it replaces the last one
         tmp.replace(checkpoint)           # whole or not at all, like every other stage's file
 
     draft.train()
@@ -664,7 +668,8 @@ PAUSED = 75      # EX_TEMPFAIL: the --hours budget ran out mid-distillation; the
 def main(argv=None) -> int:
     def hours_option(ap) -> None:
         ap.add_argument("--hours", type=float, default=None,
-                        help="stop the distillation after this many hours at a checkpoint and exit with "
+                        help="stop the distillation after it has run this many hours (in this sitting) at a "
+                             "checkpoint and exit with "
                              f"status {PAUSED}; the same command resumes it (a build in several sittings)")
 
     args = parse_build_args("python -m pipesd_models.build.smollm2_draft", __doc__, PRESETS, argv, hours_option)
