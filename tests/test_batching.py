@@ -210,6 +210,24 @@ def test_a_pool_that_cannot_allocate_fails_the_pass_and_keeps_what_it_holds(monk
         assert np.abs(out - full_forward(t, q + [7], len(q) - 1)).max() < 1e-4
 
 
+def test_limiting_a_grown_pool_brings_its_capacity_down_instead_of_leaving_no_slot():
+    from cloud_verifier.kvpool import KVPool
+    from cloud_verifier.target import TargetState
+
+    pool = KVPool(1, 1, 4, max_slots=8, max_len=512)
+    short, long = TargetState(), TargetState()
+    pool.acquire(short, keep=set())
+    pool.acquire(long, keep={short.cache})
+    short.tokens[:] = range(30)
+    pool.reserve(400, {short.cache, long.cache})
+    long.tokens[:] = range(400)
+    assert pool.capacity == 512
+    pool.limit_bytes(2 * 256 * pool.position_bytes - 1)     # one 512-position slot no longer fits
+    assert pool.capacity == 256 and pool.slots == 1 and pool.allocated_bytes <= pool.max_bytes
+    assert pool.holds(short) and short.tokens == list(range(30)) and not pool.holds(long) and long.tokens == []
+    assert pool.longest_row() == 256
+
+
 def test_the_service_gives_the_torch_pool_half_the_budget_and_caps_the_context():
     from cloud_verifier.service import VerifierService
     from privacy.channel import StaticKey
