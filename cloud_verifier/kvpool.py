@@ -147,11 +147,15 @@ class KVPool:
         return self._slots_at(self.capacity_for(length))
 
     def longest_row(self) -> int:
-        """The longest row one slot can hold within ``max_bytes`` (0: not even a first slot fits)."""
-        capacity = self.max_len
-        while self._slots_at(capacity) < 1 and capacity > self.start_len:
-            capacity = max(self.start_len, capacity // 2)
-        return capacity if self._slots_at(capacity) >= 1 else 0
+        """The longest row one slot can hold within ``max_bytes`` (0: not even a first slot fits): the
+        largest capacity the pool can take (start_len doubled, or max_len) that one slot of fits."""
+        longest, capacity = 0, self.start_len
+        while True:
+            if self._slots_at(capacity) >= 1:
+                longest = capacity
+            if capacity >= self.max_len:
+                return longest
+            capacity = min(2 * capacity, self.max_len)
 
     def _held_length(self) -> int:
         return max((len(owner.tokens) for owner in self.owners.values()), default=0)

@@ -226,6 +226,12 @@ def test_limiting_a_grown_pool_brings_its_capacity_down_instead_of_leaving_no_sl
     assert pool.capacity == 256 and pool.slots == 1 and pool.allocated_bytes <= pool.max_bytes
     assert pool.holds(short) and short.tokens == list(range(30)) and not pool.holds(long) and long.tokens == []
     assert pool.longest_row() == 256
+    # A context that is not start_len doubled: its rows take 128, 256 or 500 positions, never 250.
+    odd = KVPool(1, 1, 4, max_slots=8, max_len=500)
+    odd.limit_bytes(499 * odd.position_bytes)
+    assert odd.longest_row() == 256 and odd.slots_fitting(250) == 1
+    odd.limit_bytes(500 * odd.position_bytes)
+    assert odd.longest_row() == 500
 
 
 def test_the_service_gives_the_torch_pool_half_the_budget_and_caps_the_context():
