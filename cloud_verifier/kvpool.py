@@ -113,6 +113,7 @@ class KVPool:
         # keys and values of every layer at one position of one slot
         self.position_bytes = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         self.max_bytes = max_bytes
+        self._longest: tuple[int | None, int] = (-1, 0)     # (max_bytes, longest_row()) once worked out
         self.slots, self.capacity = 0, 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -148,14 +149,18 @@ class KVPool:
 
     def longest_row(self) -> int:
         """The longest row one slot can hold within ``max_bytes`` (0: not even a first slot fits): the
-        largest capacity the pool can take (start_len doubled, or max_len) that one slot of fits."""
-        longest, capacity = 0, self.start_len
-        while True:
-            if self._slots_at(capacity) >= 1:
-                longest = capacity
-            if capacity >= self.max_len:
-                return longest
-            capacity = min(2 * capacity, self.max_len)
+        largest capacity the pool can take (start_len doubled, or max_len) that one slot of fits. Read
+        on every pass, so worked out only when ``max_bytes`` changes."""
+        if self._longest[0] != self.max_bytes:
+            longest, capacity = 0, self.start_len
+            while True:
+                if self._slots_at(capacity) >= 1:
+                    longest = capacity
+                if capacity >= self.max_len:
+                    break
+                capacity = min(2 * capacity, self.max_len)
+            self._longest = (self.max_bytes, longest)
+        return self._longest[1]
 
     def _held_length(self) -> int:
         return max((len(owner.tokens) for owner in self.owners.values()), default=0)
@@ -176,16 +181,24 @@ class KVPool:
                     self.evictions += 1
         self._reshape(min(self.slots, self._slots_at(capacity)), capacity, keep=set())
 
+    def _stores(self, slots: int, capacity: int, rows: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """New key and value stores of `slots` x `capacity` holding the current stores' `rows` in their
+        first slots, in that order. Every tensor is allocated before the caller swaps anything in, so a
+        failed allocation (out of memory) leaves the pool as it was."""
+        shape, width = (slots, self.kv_heads, capacity, self.head_dim), min(capacity, self.capacity)
+        keys, values = ([torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
+        if rows:
+            kept = slice(0, len(rows)) if rows == list(range(len(rows))) else rows   # a view where slots stay
+            for old, new in zip(self.keys + self.values, keys + values):
+                new[: len(rows), :, :width] = old[kept, :, :width]
+        return keys, values
+
     def _grow(self, slots: int, capacity: int) -> None:
+        """More slots or capacity, every slot where it was."""
         slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
         if (slots, capacity) == (self.slots, self.capacity):
             return
-        shape = (slots, self.kv_heads, capacity, self.head_dim)
-        # Every new tensor first, then the swap: a failed allocation (out of memory) leaves the pool as it was.
-        keys, values = ([torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
-        for old, new in zip(self.keys + self.values, keys + values):
-            new[: self.slots, :, : self.capacity] = old
-        self.keys, self.values = keys, values
+        self.keys, self.values = self._stores(slots, capacity, list(range(self.slots)))
         self.free.extend(range(self.slots, slots))
         self.slots, self.capacity = slots, capacity
 
@@ -196,11 +209,7 @@ class KVPool:
         survivors = [s for s in self.recent if s in keep]
         survivors += [s for s in reversed(self.recent) if s not in keep][: max(0, slots - len(survivors))]
         order = sorted(survivors)
-        shape, width = (slots, self.kv_heads, capacity, self.head_dim), min(capacity, self.capacity)
-        keys, values = ([torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
-        if order:
-            for old, new in zip(self.keys + self.values, keys + values):
-                new[: len(order), :, :width] = old[order, :, :width]
+        keys, values = self._stores(slots, capacity, order)
         for slot in [s for s in self.owners if s not in survivors]:
             self._forget(slot)
             self.evictions += 1

@@ -260,9 +260,6 @@ class TorchTarget:
             for job in jobs:
                 keep.add(self.pool.acquire(job.state, keep=keep))
         except Exception as exc:     # PoolFull, or out of memory growing the pool (left as it was): these fail
-            for job in jobs:
-                if not self.pool.holds(job.state):
-                    job.state.tokens.clear()
             return [exc] * len(jobs)
         for job, start in zip(jobs, starts):
             self.rollback(job.state, start)
