@@ -108,11 +108,19 @@ PRESETS = {
 }
 
 
-def _save_json(path: Path, obj) -> None:
-    """Whole or not at all: a build killed mid-write leaves no truncated cache for the next one to trip on."""
+def _write_whole(path: Path, write) -> None:
+    """Whole or not at all, and on disk: a build killed (or a machine losing power) mid-write leaves the
+    last complete file, never a truncated one for the next build to trip on."""
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj))
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def _save_json(path: Path, obj) -> None:
+    _write_whole(path, lambda f: f.write(json.dumps(obj).encode()))
 
 
 def _log(msg: str) -> None:
@@ -396,12 +404,7 @@ def distill(draft, teacher, batches: Mix, spec: DraftSpec, log, curve=None, *, c
         state = {"step": step, "draft": draft.state_dict(), "optimizer": opt.state_dict(),
                  "sampler": batches.gen.get_state(), "losses": losses, "curve": points,
                  "seconds": before + time.time() - t0}
-        tmp = checkpoint.with_name(checkpoint.name + ".part")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())          # on disk before it replaces the last one
-        tmp.replace(checkpoint)           # whole or not at all, like every other stage's file
+        _write_whole(checkpoint, lambda f: torch.save(state, f))
 
     draft.train()
     for step in range(start, spec.steps):
