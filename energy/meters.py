@@ -145,6 +145,7 @@ class _PowerIntegral:
         self._lock = threading.Lock()
         self._joules = 0.0
         self._last = (time.perf_counter(), watts())
+        self._first = self._last[0]
         self._sampler = _Sampler(self._step, interval).start()
 
     def _step(self) -> None:
@@ -154,10 +155,13 @@ class _PowerIntegral:
             self._joules += (w0 + w) / 2 * (now - t0)
             self._last = (now, w)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(joules, seconds): the energy and the window it was integrated over, first sample to last --
+        the reading's own seconds, so that joules / seconds is the mean power sampled even when the caller
+        is late (a pause between taking its own time and stopping the sampler is outside both)."""
         self._sampler.stop()
         self._step()
-        return self._joules
+        return self._joules, self._last[0] - self._first
 
 
 def _read_int(path: Path) -> int:
@@ -343,7 +347,7 @@ class BatteryMeter:
             joules = (state["q"] - _read_int(self.path / "charge_now")) * 3.6e-3 * volts   # µAh × V -> J
             method = "battery:charge_now×voltage"
         else:
-            joules = state["power"].stop()
+            joules, seconds = state["power"].stop()
             method = f"battery:{self.kind}_now sampled every {self.poll_s:g}s"
         if joules < 0:
             raise MeterError(f"battery {self.path.name} gained charge during the measurement (plugged in?)")
@@ -400,7 +404,7 @@ class NvmlMeter:
             joules = (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - state["mj"]) / 1e3
             method = "nvml:energy counter"
         else:
-            joules = state["power"].stop()
+            joules, seconds = state["power"].stop()
             method = f"nvml:power sampled every {self.poll_s:g}s × time"
         if joules <= 0:
             raise _below_resolution(f"nvml GPU {self.index}", seconds)
