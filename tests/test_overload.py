@@ -268,13 +268,15 @@ def test_a_refusal_late_in_the_deadline_still_gets_a_whole_retry(where):
     """A request refused near the end of its NAV deadline -- an OPEN after a slow handshake, a round
     resent after a lost reply that queued before its 429 -- is waited out and retried with a whole
     deadline after the wait: under offline="fail" one refusal must not fail the generation."""
-    rig, v = refusing_rig(retry_after_s=0.1, nav_deadline_s=0.3, offline="fail")
+    # The refusal comes 0.5 s into a 0.6 s deadline and asks for 0.15 s: a retry on the old deadline would
+    # be past it; 0.1 s of slack for this thread to be scheduled on a busy machine.
+    rig, v = refusing_rig(retry_after_s=0.15, nav_deadline_s=0.6, offline="fail")
     armed = [where == "open"]
     real_open, real_verify = v.open_session, v.verify
 
     def late_refusal():
         armed[0] = False
-        time.sleep(0.25)                  # most of the 0.3 s deadline gone, then 429 + Retry-After 0.1 s
+        time.sleep(0.5)                   # most of the 0.6 s deadline gone, then 429 + Retry-After 0.15 s
         v.refused.append((where, time.monotonic()))
         return v._overloaded()
 

@@ -101,13 +101,16 @@ def test_pipelined_stats_are_reported(slow_link_client):
 
 
 def test_looked_up_guesses_on_the_real_pair_equal_target_greedy(verifier, reference):
-    """The paper's device (a 36 ms draft) on a 20 ms link: no drafted token pays, PipeSD guesses by lookup
-    -- rounds ahead answered rebased or verified on a right guess -- and stays token-identical to the target."""
+    """A slow device (a 50 ms draft, the paper's S1 device at 36 ms slowed a little further) on a 20 ms link:
+    no drafted token pays, PipeSD guesses by lookup -- rounds ahead answered rebased or verified on a right
+    guess -- and stays token-identical to the target. (At 36 ms a round trip here costs ~30 ms: close enough
+    that a verifier slowed by a busy machine could make a drafted token pay, and the test is about the
+    choice, not that boundary.)"""
     import pipesd_models
     from edge_sdk import LlamaCppDrafter
     from pipesd_lab.emulation import SlowedDrafter
 
-    drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), 0.036)
+    drafter = SlowedDrafter(LlamaCppDrafter(pipesd_models.draft_path(), threads=1), 0.050)
     link = LinkProfile(up_mbps=20, down_mbps=200, rtt_ms=20)
     with EdgeClient(verifier=EmulatedLink.http(verifier.url, link, verifier_key=verifier.public_key),
                     drafter=drafter, mode="pipesd_model") as c:
