@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -62,6 +63,15 @@ class _Budgeted:
         return min(self.evaluations, key=lambda e: e[1])[0] if self.evaluations else None
 
 
+def _quiet_gp_fits() -> None:
+    """The GP's hyper-parameter fit warns (sklearn's ConvergenceWarning) when a length scale or the noise
+    level sits on its bound -- routine with a few noisy evaluations, and nothing the app can act on, so
+    it should not reach the app's stderr. Only that warning, only from sklearn's GP module."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    warnings.filterwarnings("ignore", category=ConvergenceWarning, module=r"sklearn\.gaussian_process")
+
+
 class SkoptTuner(_Budgeted):
     def __init__(self, budget: int = 16, seed: int = 0, initial_points: int = 5,
                  bounds: tuple[tuple[float, float], tuple[float, float]] = DEFAULT_BOUNDS):
@@ -69,6 +79,8 @@ class SkoptTuner(_Budgeted):
         from skopt.learning import GaussianProcessRegressor
         from skopt.space import Real
         from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+        _quiet_gp_fits()
 
         # Matern(2.5) over (R1, R2) plus a white-noise term for measurement noise; its lower bound is
         # far below any real TPT noise, so the hyper-parameter fit does not sit on it.
@@ -376,6 +388,7 @@ class CorrectionTuner:
                 from skopt.space import Real
 
                 b = self.bound
+                _quiet_gp_fits()
                 self._optimizer = Optimizer([Real(-b, b), Real(-b, b)], base_estimator="GP", acq_func="EI",
                                             acq_func_kwargs={"xi": 0.1}, n_initial_points=3,
                                             random_state=self._seed)
