@@ -142,7 +142,8 @@ def quiet_libraries(backend: str) -> None:
     callback even with ``verbose=False`` (its warnings map to an error level in llama-cpp-python, so
     every context printed "n_ctx_seq (...) > n_ctx_train (0)"). A server's stderr is for its own
     messages; ``pipesd-verifier --verbose`` leaves all of it on. (transformers' GGUF converter draws
-    its bar with tqdm directly: the CLI silences the load's stderr for that one.)
+    its bar with tqdm directly: the CLI silences the load's stderr for that one.) The torch backend
+    reads a GGUF's vocabulary through llama.cpp, so it quiets llama.cpp too.
     """
     global _QUIET_LLAMA_LOG
     if backend == "torch":
@@ -150,7 +151,7 @@ def quiet_libraries(backend: str) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    elif backend in ("llamacpp", "llama.cpp"):
+    if backend in ("torch", "llamacpp", "llama.cpp"):
         import ctypes
 
         import llama_cpp              # imports llama-cpp-python's own callback first, so ours replaces it
@@ -160,18 +161,42 @@ def quiet_libraries(backend: str) -> None:
         llama_cpp.llama_log_set(_QUIET_LLAMA_LOG, ctypes.c_void_p(0))
 
 
-def _gguf_metadata(path: Path) -> tuple[list[str], tuple[int, ...], int]:
-    import gguf
+def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], int]:
+    """The GGUF's vocabulary (token strings as stored), its end-of-generation token ids and its trained
+    context, read through llama.cpp: from `model` if loaded already, else by a vocabulary-only load.
+    (gguf-py's reader took ~3 s for SmolLM2's 49,152 tokens, parsing every field into numpy views first;
+    llama.cpp reads the same strings in ~0.1 s.) The ids come from the GGUF's own keys, not llama.cpp's
+    guesses: llama.cpp takes a token named like an end of text for EOT where the file names none."""
+    import ctypes
 
-    reader = gguf.GGUFReader(str(path))
-    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
-    eos = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        if key in reader.fields:
-            eos.append(int(reader.fields[key].contents()))
-    arch = reader.fields["general.architecture"].contents()
-    context = int(reader.fields[f"{arch}.context_length"].contents())
-    return tokens, tuple(dict.fromkeys(eos)), context
+    import llama_cpp
+
+    own = model is None
+    if own:
+        _init_llama_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ValueError("llama.cpp cannot read its vocabulary")
+    try:
+        def value(key: str) -> str | None:
+            buf = ctypes.create_string_buffer(128)
+            n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+            return buf.value.decode() if 0 <= n < len(buf) else None
+
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8")
+                  for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+        eos = [int(v) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+               if (v := value(key)) is not None]
+        context = value(f"{value('general.architecture')}.context_length")
+        if context is None:
+            raise ValueError("the GGUF gives no context length")
+        return tokens, tuple(dict.fromkeys(eos)), int(context)
+    finally:
+        if own:
+            llama_cpp.llama_model_free(model)
 
 
 class TorchTarget:
@@ -331,6 +356,15 @@ def _similar_lengths(work: list[tuple[int, int, int]], max_len: int):
 _LLAMA_BACKEND = False               # llama_backend_init() done in this process
 
 
+def _init_llama_backend() -> None:
+    global _LLAMA_BACKEND
+    if not _LLAMA_BACKEND:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        _LLAMA_BACKEND = True
+
+
 class ContextPool:
     """At most ``max_contexts`` llama.cpp contexts over one model, created as sessions first need them.
 
@@ -414,21 +448,18 @@ class LlamaCppTarget:
                  max_context: int | None = None, verbose: bool = False, contexts: int = 8):
         import llama_cpp
 
-        global _LLAMA_BACKEND
         path = Path(path)
         self._lib, self._threads = llama_cpp, threads or max(1, (os.cpu_count() or 2) // 2)  # Llama's default
         self._model = self._batch = None
         with _loading(path, "llamacpp", "a GGUF file llama.cpp can read"):
-            self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path)
             if not verbose:
                 quiet_libraries("llamacpp")
-            if not _LLAMA_BACKEND:
-                llama_cpp.llama_backend_init()
-                _LLAMA_BACKEND = True
+            _init_llama_backend()
             self._model = llama_cpp.llama_model_load_from_file(str(path).encode(),
                                                                 llama_cpp.llama_model_default_params())
             if not self._model:
                 raise ValueError("llama.cpp could not load the model")
+            self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path, self._model)
         self.max_context = min(context, max_context or context)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.name = name or path.name

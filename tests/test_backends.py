@@ -147,3 +147,18 @@ def test_drafter_and_target_share_vocabulary(drafter):
     target = TorchTarget(pipesd_models.target_path(), threads=1)
     assert drafter.vocab_tokens == target.vocab_tokens
     assert set(target.eos_token_ids) <= drafter.eos_token_ids
+
+
+@pytest.mark.parametrize("path", [pipesd_models.target_path(), pipesd_models.draft_path()], ids=["target", "draft"])
+def test_the_vocabulary_read_through_llama_cpp_is_the_ggufs_own(path):
+    """The verifier reads a GGUF's tokens, end-of-generation ids and context through llama.cpp (fast); they
+    must be exactly what the file stores, as gguf-py reads it (the vocabulary check compares these strings)."""
+    import gguf
+
+    from cloud_verifier.target import _gguf_metadata
+
+    reader = gguf.GGUFReader(str(path))
+    tokens, eos, context = _gguf_metadata(path)
+    assert tokens == list(reader.fields["tokenizer.ggml.tokens"].contents())
+    assert eos == (int(reader.fields["tokenizer.ggml.eos_token_id"].contents()),)
+    assert context == int(reader.fields["llama.context_length"].contents())
