@@ -142,8 +142,7 @@ def quiet_libraries(backend: str) -> None:
     callback even with ``verbose=False`` (its warnings map to an error level in llama-cpp-python, so
     every context printed "n_ctx_seq (...) > n_ctx_train (0)"). A server's stderr is for its own
     messages; ``pipesd-verifier --verbose`` leaves all of it on. (transformers' GGUF converter draws
-    its bar with tqdm directly: the CLI silences the load's stderr for that one.) The torch backend
-    reads a GGUF's vocabulary through llama.cpp, so it quiets llama.cpp too.
+    its bar with tqdm directly: the CLI silences the load's stderr for that one.)
     """
     global _QUIET_LLAMA_LOG
     if backend == "torch":
@@ -151,7 +150,7 @@ def quiet_libraries(backend: str) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    if backend in ("torch", "llamacpp", "llama.cpp"):
+    elif backend in ("llamacpp", "llama.cpp"):
         import ctypes
 
         import llama_cpp              # imports llama-cpp-python's own callback first, so ours replaces it
@@ -162,11 +161,13 @@ def quiet_libraries(backend: str) -> None:
 
 
 def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], int]:
-    """The GGUF's vocabulary (token strings as stored), its end-of-generation token ids and its trained
-    context, read through llama.cpp: from `model` if loaded already, else by a vocabulary-only load.
-    (gguf-py's reader took ~3 s for SmolLM2's 49,152 tokens, parsing every field into numpy views first;
-    llama.cpp reads the same strings in ~0.1 s.) The ids come from the GGUF's own keys, not llama.cpp's
-    guesses: llama.cpp takes a token named like an end of text for EOT where the file names none."""
+    """The GGUF's vocabulary (token strings, as llama.cpp's drafters on the edge read them), its
+    end-of-generation token ids and its trained context: from `model` if llama.cpp loaded it already,
+    else by a vocabulary-only load (gguf-py's reader took ~3 s for SmolLM2's 49,152 tokens, parsing every
+    field into numpy views first; llama.cpp reads the same strings in ~0.1 s), else -- a file llama.cpp
+    cannot read, which transformers may -- by gguf-py. The ids come from the GGUF's own keys, not
+    llama.cpp's guesses: llama.cpp takes a token named like an end of text for EOT where the file names
+    none."""
     import ctypes
 
     import llama_cpp
@@ -176,9 +177,10 @@ def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], 
         _init_llama_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        with _llama_log_off(llama_cpp):      # our own read, not the model load the log is there for
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            raise ValueError("llama.cpp cannot read its vocabulary")
+            return _gguf_metadata_by_gguf_py(path)
     try:
         def value(key: str) -> str | None:
             buf = ctypes.create_string_buffer(128)
@@ -197,6 +199,35 @@ def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], 
     finally:
         if own:
             llama_cpp.llama_model_free(model)
+
+
+def _gguf_metadata_by_gguf_py(path: Path) -> tuple[list[str], tuple[int, ...], int]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    eos = [int(reader.fields[key].contents()) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if key in reader.fields]
+    arch = reader.fields["general.architecture"].contents()
+    return tokens, tuple(dict.fromkeys(eos)), int(reader.fields[f"{arch}.context_length"].contents())
+
+
+@contextmanager
+def _llama_log_off(llama_cpp):
+    """llama.cpp's log off for a moment, then as it was (whatever callback was set: llama-cpp-python's,
+    a quiet one, an app's). Not thread-safe, as llama.cpp's log state is not: for loads at start-up."""
+    global _QUIET_LLAMA_LOG
+    import ctypes
+
+    if _QUIET_LLAMA_LOG is None:
+        _QUIET_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    callback, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(data))
+    llama_cpp.llama_log_set(_QUIET_LLAMA_LOG, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(callback, data)
 
 
 class TorchTarget:
@@ -459,7 +490,12 @@ class LlamaCppTarget:
                                                                 llama_cpp.llama_model_default_params())
             if not self._model:
                 raise ValueError("llama.cpp could not load the model")
-            self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path, self._model)
+            try:
+                self.vocab_tokens, self.eos_token_ids, context = _gguf_metadata(path, self._model)
+            except BaseException:       # close() cannot free it yet (no pool): the weights would leak
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
+                raise
         self.max_context = min(context, max_context or context)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.name = name or path.name

@@ -162,3 +162,33 @@ def test_the_vocabulary_read_through_llama_cpp_is_the_ggufs_own(path):
     assert tokens == list(reader.fields["tokenizer.ggml.tokens"].contents())
     assert eos == (int(reader.fields["tokenizer.ggml.eos_token_id"].contents()),)
     assert context == int(reader.fields["llama.context_length"].contents())
+
+
+def test_the_vocabulary_read_is_silent_leaves_the_log_as_it_was_and_falls_back_to_gguf_py(monkeypatch, capfd):
+    """The read is ours, not the model load llama.cpp's log is for: nothing on stderr, and whatever log
+    callback was set before is set again after. A file llama.cpp cannot read (transformers may) is read
+    by gguf-py instead."""
+    import ctypes
+
+    import llama_cpp
+
+    from cloud_verifier import target
+
+    before, before_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(before), ctypes.byref(before_data))
+    lines: list[bytes] = []
+    app_log = llama_cpp.llama_log_callback(lambda level, text, user_data: lines.append(text))
+    llama_cpp.llama_log_set(app_log, ctypes.c_void_p(0))
+    try:
+        capfd.readouterr()
+        expected = target._gguf_metadata(pipesd_models.target_path())
+        assert capfd.readouterr().err == "" and lines == []
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(pipesd_models.target_path()).encode(), params)
+        llama_cpp.llama_model_free(model)
+        assert lines, "the app's log callback is back"
+    finally:
+        llama_cpp.llama_log_set(before, before_data)
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", lambda path, params: None)
+    assert target._gguf_metadata(pipesd_models.target_path()) == expected
