@@ -66,10 +66,11 @@ class _Budgeted:
 def _quiet_gp_fits() -> None:
     """The GP's hyper-parameter fit warns (sklearn's ConvergenceWarning) when a length scale or the noise
     level sits on its bound -- routine with a few noisy evaluations, and nothing the app can act on, so
-    it should not reach the app's stderr. Only that warning, only from sklearn's GP module."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    warnings.filterwarnings("ignore", category=ConvergenceWarning, module=r"sklearn\.gaussian_process")
+    it should not reach the app's stderr. scikit-optimize silences it with ``warnings.catch_warnings``,
+    which is not thread-safe, and the tuners fit on a background thread; a filter installed once, before
+    that thread starts, does not depend on it. Only warnings from sklearn's GP module (matched by name,
+    so that sklearn need not be imported before the tuner needs it)."""
+    warnings.filterwarnings("ignore", module=r"sklearn\.gaussian_process")
 
 
 class SkoptTuner(_Budgeted):
@@ -341,6 +342,8 @@ class CorrectionTuner:
         # The first trial is the model's own point, so the optimiser (and scikit-optimize's ~1 s import)
         # is only built on the background thread, once that trial has been scored.
         self._use_bo = importlib.util.find_spec("skopt") is not None if use_bo is None else use_bo
+        if self._use_bo:
+            _quiet_gp_fits()     # here, not on the thread that fits: a catch_warnings ending there could undo it
         self._seed = seed
         self._optimizer = None
         self.confirmations: list[tuple[tuple[float, float], float]] = []   # the re-runs of (0, 0) and the winner
@@ -388,7 +391,6 @@ class CorrectionTuner:
                 from skopt.space import Real
 
                 b = self.bound
-                _quiet_gp_fits()
                 self._optimizer = Optimizer([Real(-b, b), Real(-b, b)], base_estimator="GP", acq_func="EI",
                                             acq_func_kwargs={"xi": 0.1}, n_initial_points=3,
                                             random_state=self._seed)

@@ -119,7 +119,7 @@ def test_without_scikit_optimize_pipesd_tunes_by_grid(monkeypatch, caplog):
 def test_the_gps_convergence_warnings_never_reach_the_app():
     """scikit-optimize silences the GP fit's ConvergenceWarning with warnings.catch_warnings, which is not
     thread-safe: with the next candidate fitted on a background thread, the warning leaked to stderr now
-    and then (seen in test runs). A tuner installs a filter for that warning from sklearn's GP module only."""
+    and then (seen in test runs). A tuner installs a filter for warnings from sklearn's GP module only."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
