@@ -9,7 +9,7 @@ does), the chain controller, `pipesd` as shipped, and `pipesd` with every branch
 a runner-up sibling at every chain position (twice, as a noise gauge) and, with `--deep`, branches
 drafted four levels deep under every runner-up. If letting every branch through were faster, the
 pricing would be too strict. Prints one line per method: TPT, committed tokens per NAV round,
-branch nodes sent and kept.
+branch nodes sent, rounds whose verdict kept a branch.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     for name, tally in tallies.items():
         row = tally.row()
         print(f"{name:24s} TPT {row['tpt_ms']:6.2f} ms  committed/round {row['committed_per_round']:.2f}  "
-              f"branch nodes {row['branch_nodes']:5d}  kept {row['branches_taken']:4d}  "
+              f"branch nodes {row['branch_nodes']:5d}  rounds keeping a branch {row['branches_taken']:4d}  "
               f"lossless {'yes' if tally.mismatches == 0 else 'NO'}")
 
 

@@ -119,7 +119,7 @@ def test_battery_android_style_current_times_voltage_is_integrated(tmp_path):
     token = meter.start()
     time.sleep(0.3)
     r = meter.stop(token)
-    assert r.joules == pytest.approx(2.0 * r.seconds, rel=0.05) and r.seconds >= 0.3   # the window sampled
+    assert r.joules == pytest.approx(2.0 * r.seconds, rel=0.05) and 0.3 <= r.seconds < 1.3   # the window sampled
     assert "sampled" in r.method
 
 
@@ -183,7 +183,7 @@ def test_nvml_power_sampling_when_no_counter():
     token = meter.start()
     time.sleep(0.2)
     r = meter.stop(token)
-    assert r.joules == pytest.approx(100.0 * r.seconds, rel=0.05) and r.seconds >= 0.2
+    assert r.joules == pytest.approx(100.0 * r.seconds, rel=0.05) and 0.2 <= r.seconds < 1.2
     assert "power sampled" in r.method
 
 
