@@ -14,10 +14,11 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 demo: install
 	$(BIN)/python examples/demo.py $(ARGS)
 
-# One pytest worker per core (at most 4), a test file's tests on one worker (its module fixtures, such as a
-# verifier process, start once). The suite is mostly one busy core at a time, so 2 cores take it from ~13
-# minutes to ~8. PYTEST_ARGS="-n 0" runs it in one process.
-TEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+# One pytest worker per CPU this process may use (nproc; at most 4), a test file's tests on one worker (its
+# module fixtures, such as a verifier process, start once). The suite is mostly one busy core at a time, so
+# 2 CPUs take it from ~13 minutes to ~8. (xdist's own "-n auto" counts physical cores when psutil is
+# installed: one on a 2-vCPU hyperthreaded VM.) PYTEST_ARGS="-n 0" runs it in one process.
+TEST_WORKERS ?= -n $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 ))) --dist loadfile
 
 test: install smollm2
 	$(BIN)/python -m pytest -q $(TEST_WORKERS) $(PYTEST_ARGS)
