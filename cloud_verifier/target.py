@@ -135,6 +135,14 @@ def _loading(path: Path, backend: str, expected: str) -> Iterator[None]:
 _QUIET_LLAMA_LOG = None               # the no-op log callback, kept referenced: llama.cpp holds a pointer to it
 
 
+def _quiet_log(llama_cpp):
+    """The no-op llama.cpp log callback, made once and kept referenced (llama.cpp holds a pointer to it)."""
+    global _QUIET_LLAMA_LOG
+    if _QUIET_LLAMA_LOG is None:
+        _QUIET_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    return _QUIET_LLAMA_LOG
+
+
 def quiet_libraries(backend: str) -> None:
     """Turn off the output the backend's libraries print on their own, process-wide.
 
@@ -144,7 +152,6 @@ def quiet_libraries(backend: str) -> None:
     messages; ``pipesd-verifier --verbose`` leaves all of it on. (transformers' GGUF converter draws
     its bar with tqdm directly: the CLI silences the load's stderr for that one.)
     """
-    global _QUIET_LLAMA_LOG
     if backend == "torch":
         from transformers.utils import logging as hf_logging
 
@@ -155,9 +162,10 @@ def quiet_libraries(backend: str) -> None:
 
         import llama_cpp              # imports llama-cpp-python's own callback first, so ours replaces it
 
-        if _QUIET_LLAMA_LOG is None:
-            _QUIET_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_QUIET_LLAMA_LOG, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(_quiet_log(llama_cpp), ctypes.c_void_p(0))
+
+
+_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")   # the GGUF's end-of-generation ids
 
 
 def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], int]:
@@ -190,8 +198,7 @@ def _gguf_metadata(path: Path, model=None) -> tuple[list[str], tuple[int, ...], 
         vocab = llama_cpp.llama_model_get_vocab(model)
         tokens = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8")
                   for i in range(llama_cpp.llama_vocab_n_tokens(vocab))]
-        eos = [int(v) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-               if (v := value(key)) is not None]
+        eos = [int(v) for key in _EOS_KEYS if (v := value(key)) is not None]
         context = value(f"{value('general.architecture')}.context_length")
         if context is None:
             raise ValueError("the GGUF gives no context length")
@@ -206,8 +213,7 @@ def _gguf_metadata_by_gguf_py(path: Path) -> tuple[list[str], tuple[int, ...], i
 
     reader = gguf.GGUFReader(str(path))
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
-    eos = [int(reader.fields[key].contents()) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-           if key in reader.fields]
+    eos = [int(reader.fields[key].contents()) for key in _EOS_KEYS if key in reader.fields]
     arch = reader.fields["general.architecture"].contents()
     return tokens, tuple(dict.fromkeys(eos)), int(reader.fields[f"{arch}.context_length"].contents())
 
@@ -216,14 +222,11 @@ def _gguf_metadata_by_gguf_py(path: Path) -> tuple[list[str], tuple[int, ...], i
 def _llama_log_off(llama_cpp):
     """llama.cpp's log off for a moment, then as it was (whatever callback was set: llama-cpp-python's,
     a quiet one, an app's). Not thread-safe, as llama.cpp's log state is not: for loads at start-up."""
-    global _QUIET_LLAMA_LOG
     import ctypes
 
-    if _QUIET_LLAMA_LOG is None:
-        _QUIET_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
     callback, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
     llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(data))
-    llama_cpp.llama_log_set(_QUIET_LLAMA_LOG, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_quiet_log(llama_cpp), ctypes.c_void_p(0))
     try:
         yield
     finally:
